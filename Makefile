@@ -1,0 +1,54 @@
+# photoprep: `make run` builds the demo pipeline, `make test` runs the tests.
+# Both create .venv on a fresh machine (Python 3.11) and install what they need.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU wheel of torch lies on local disk here; plain `torch` would pull a CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: run test install install-test bench clean help
+
+help:
+	@echo "make run    - set up .venv and run the whole pipeline on the embedded demo (dvc repro)"
+	@echo "make test   - set up .venv with test extras and run pytest"
+	@echo "make bench  - run the benchmarks in bench/"
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "photoprep: $(PYTHON) not found (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip show torch >/dev/null 2>&1 || $(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@echo
+	@echo "Done. Results:"
+	@echo "  funnel:        reports/funnel.json   ($(BIN)/dvc metrics show)"
+	@echo "  duplicates:    reports/duplicates.csv, reports/duplicates.png"
+	@echo "  broken files:  reports/broken.csv"
+	@echo "  resolutions:   plots/resolutions.png ($(BIN)/dvc plots show)"
+	@echo "  dataset:       data/processed/, data/features/, data/splits/, reports/splits.json"
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/download.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/features.py
+
+clean:
+	rm -rf .photoprep

@@ -1,0 +1,61 @@
+"""Per-image work in batches, through joblib (or a Dask cluster), with a progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from joblib import Parallel, delayed, parallel_config
+from tqdm.auto import tqdm
+
+from photoprep.params import ComputeParams, UserError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    """Consecutive slices of at most `size` items."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+@contextlib.contextmanager
+def _backend(compute: ComputeParams) -> Iterator[None]:
+    if compute.backend == "joblib":
+        yield
+        return
+    try:
+        from dask.distributed import Client  # noqa: PLC0415 (optional dependency)
+    except ImportError:
+        raise UserError("compute.backend: dask needs `pip install dask[distributed]`") from None
+    with Client(compute.scheduler) if compute.scheduler else Client(processes=False) as _client:
+        with parallel_config(backend="dask"):
+            yield
+
+
+def map_batches(
+    work: Callable[..., list[R]],
+    items: Sequence[T],
+    compute: ComputeParams,
+    *args: Any,
+    desc: str = "",
+) -> list[R]:
+    """Run `work(batch, *args)` over batches of `items`; results come back flat, in input order."""
+    if not len(items):
+        return []
+    chunks = batches(items, compute.batch_size)
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=None, leave=False)
+    out: list[R] = []
+    if compute.n_jobs == 1 or len(chunks) == 1:
+        for chunk in chunks:
+            out.extend(work(chunk, *args))
+            bar.update(len(chunk))
+    else:
+        with _backend(compute):
+            runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
+            for chunk, result in zip(chunks, runner(delayed(work)(c, *args) for c in chunks), strict=True):
+                out.extend(result)
+                bar.update(len(chunk))
+    bar.close()
+    return out

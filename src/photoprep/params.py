@@ -1,0 +1,207 @@
+"""Typed parameters: `params.yaml` is loaded once into pydantic models and validated.
+
+An unknown key or a bad value stops a stage with one line naming the key path, e.g.
+``params.yaml: dedup.hash_size: must be >= 4 (got 2)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class UserError(Exception):
+    """An error the user can act on: printed as one line, no traceback, exit code 1."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComputeParams(Section):
+    n_jobs: int = Field(2, description="worker processes for per-image work; -1 uses every core")
+    batch_size: int = Field(256, ge=1, description="images per joblib task")
+    backend: Literal["joblib", "dask"] = "joblib"
+    scheduler: str | None = Field(None, description="dask scheduler address when backend is dask")
+
+    @field_validator("n_jobs")
+    @classmethod
+    def _n_jobs_not_zero(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be a positive number of workers or -1 for all cores")
+        return v
+
+
+class DownloadParams(Section):
+    concurrency: int = Field(64, ge=1, le=1024, description="requests in flight in total")
+    per_host: int = Field(64, ge=1, le=256, description="connections per host")
+    connect_timeout: float = Field(10.0, gt=0)
+    read_timeout: float = Field(30.0, gt=0)
+    retries: int = Field(4, ge=0, le=20, description="retries after the first try")
+    backoff_base: float = Field(0.5, ge=0, description="seconds; doubles each retry, with jitter")
+    backoff_max: float = Field(60.0, ge=0)
+    max_bytes: int = Field(50_000_000, ge=1, description="largest accepted file")
+    max_redirects: int = Field(5, ge=0)
+    allow_cross_host_redirects: bool = False
+    shard_mb: int = Field(256, ge=1, description="size of a shard of image bytes")
+    user_agent: str = "photoprep/0.1 (+https://github.com/photoprep)"
+    seed: int = Field(0, description="seed of the retry jitter")
+
+
+class DedupParams(Section):
+    hash: Literal["phash", "dhash", "whash", "ahash"] = "phash"
+    hash_size: int = Field(8, ge=4, le=32)
+    near_threshold: int = Field(4, ge=-1, description="max Hamming distance; -1 turns near-dedup off")
+    contact_groups: int = Field(12, ge=0, description="largest near groups drawn in the contact sheet")
+
+
+class ValidateParams(Section):
+    min_side: int = Field(32, ge=1, description="shorter side below this is too_small")
+    max_pixels: int = Field(50_000_000, ge=1, description="more pixels than this is too_many_pixels")
+
+
+class BucketRange(Section):
+    width: tuple[int, int] = (0, 1_000_000)
+    height: tuple[int, int] = (0, 1_000_000)
+
+
+class BucketKeep(Section):
+    top_k: int | None = Field(None, ge=1, description="keep the k most populated buckets")
+    ranges: list[BucketRange] | None = Field(None, description="keep buckets inside these ranges")
+
+
+class BucketParams(Section):
+    tolerance_px: int = Field(10, ge=0)
+    keep: Literal["all"] | BucketKeep = "all"
+    min_count: int = Field(1, ge=1)
+    size: tuple[int, int] = Field((64, 64), description="[H, W] of every output image")
+    fit: Literal["stretch", "pad", "crop"] = "stretch"
+    samples_per_bucket: int = Field(16, ge=0, description="images per bucket in the contact sheet")
+
+    @field_validator("size")
+    @classmethod
+    def _size_positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 8:
+            raise ValueError(f"both sides must be >= 8 (got {list(v)})")
+        return v
+
+
+class HogParams(Section):
+    orientations: int = Field(9, ge=2)
+    pixels_per_cell: tuple[int, int] = (8, 8)
+    cells_per_block: tuple[int, int] = (3, 3)
+    block_norm: Literal["L1", "L1-sqrt", "L2", "L2-Hys"] = "L2-Hys"
+    impl: Literal["numpy", "skimage", "opencv"] = "numpy"
+
+
+class FeatureParams(Section):
+    hog: HogParams = HogParams()
+    color_size: tuple[int, int] = Field((6, 10), description="[H, W] of the Cr/Cb colour map")
+    scaling: Literal["original", "standard", "none"] = Field(
+        "original", description="original: (H - 0.2) * 10 and (CrCb - 128) / 10"
+    )
+
+
+class SplitParams(Section):
+    seed: int = 42
+    ratios: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.1, "test": 0.2})
+    classes: list[str] | dict[str, str | None] | int | None = Field(
+        None, description="list: keep these; mapping: rename/merge (to null drops); int: first N classes"
+    )
+    positive: str | None = Field(None, description="one-vs-rest: this class against all others")
+    max_per_class: int | None = Field(None, ge=1)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = set(v) - {"train", "val", "test"}
+        if unknown:
+            raise ValueError(f"keys must be train, val, test (got {sorted(unknown)})")
+        if any(r < 0 for r in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError(f"must be >= 0 and sum to 1 (got {v})")
+        return v
+
+
+class Params(Section):
+    sources: list[str] = Field(default_factory=lambda: ["demo"])
+    compute: ComputeParams = ComputeParams()
+    download: DownloadParams = DownloadParams()
+    dedup: DedupParams = DedupParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    bucket: BucketParams = BucketParams()
+    features: FeatureParams = FeatureParams()
+    split: SplitParams = SplitParams()
+    # Later stages (train, evaluate, cluster) keep their sections; they are checked there.
+    train: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _sources_unique(self) -> Params:
+        if not self.sources:
+            raise ValueError("sources: list at least one source")
+        if len(set(self.sources)) != len(self.sources):
+            raise ValueError(f"sources: each source once (got {self.sources})")
+        return self
+
+    @property
+    def validate(self) -> ValidateParams:  # type: ignore[override]
+        return self.validate_
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as 'key.path: message (got value)'."""
+    loc = ".".join("validate" if part == "validate_" else str(part) for part in error["loc"])
+    msg = error["msg"]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    ctx = error.get("ctx") or {}
+    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if bound in ctx:
+            msg = f"must be {word} {ctx[bound]}"
+    if kind == "literal_error" and "expected" in ctx:
+        msg = f"must be one of {ctx['expected']}"
+    msg = msg.removeprefix("Value error, ")
+    got = error.get("input")
+    if "(got" not in msg and not isinstance(got, dict):
+        msg = f"{msg} (got {got!r})"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def parse(raw: dict[str, Any], origin: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise UserError naming the first bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"{origin}: {_describe(first)}") from None
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    if raw is not None and not isinstance(raw, dict):
+        raise UserError(f"{path}: must be a mapping of sections")
+    return parse(raw or {}, str(path))
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage entry point: user errors become one line on stderr and exit code 1."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"photoprep: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

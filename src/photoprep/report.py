@@ -1,0 +1,100 @@
+"""Reports: the counts each stage leaves behind, assembled into the funnel."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+FUNNEL_ORDER = (
+    "lines_read",
+    "malformed_lines",
+    "unique_ids",
+    "fetched",
+    "fetch_failed",
+    "exact_duplicates",
+    "near_duplicates",
+    "after_dedup",
+    "broken",
+    "valid",
+    "bucket_dropped",
+    "kept",
+)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically, keys sorted where order carries no meaning, UTF-8 kept readable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_table(table: pd.DataFrame, path: str | Path) -> None:
+    """Write a Parquet (or CSV, by suffix) table atomically, without the pandas index."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".csv":
+        table.to_csv(tmp, index=False, lineterminator="\n")
+    else:
+        table.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for key, value in part.items():
+        if isinstance(value, dict):
+            _add(total.setdefault(key, {}), value)
+        elif isinstance(value, int | float):
+            total[key] = total.get(key, 0) + value
+
+
+def _sorted_counts(counts: dict[str, Any]) -> dict[str, Any]:
+    return {k: _sorted_counts(v) if isinstance(v, dict) else v for k, v in sorted(counts.items())}
+
+
+def funnel(download: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The count after each step, summed over sources, in pipeline order; per source beneath.
+
+    `download` maps a source to its download counts; `stages` maps a later stage to its counts.
+    """
+    totals: dict[str, Any] = {}
+    for counts in download.values():
+        _add(totals, counts)
+    for counts in stages.values():
+        _add(totals, counts)
+    ordered = {key: totals.pop(key) for key in FUNNEL_ORDER if key in totals}
+    ordered.update(_sorted_counts(totals))
+    ordered["per_source"] = {name: _sorted_counts(counts) for name, counts in sorted(download.items())}
+    return ordered
+
+
+def download_counts(listed: Any, table: pd.DataFrame) -> dict[str, Any]:
+    """Funnel counts of one source: lines, malformed lines, unique ids, fetched, failed by reason."""
+    failed = table[table["status"] != "ok"]
+    return {
+        "lines_read": int(listed.lines_read),
+        "malformed_lines": int(len(listed.malformed)),
+        "unique_ids": int(len(listed.records)),
+        "repeated_id_lines": int(listed.lines_read - len(listed.malformed) - len(listed.records)),
+        "fetched": int((table["status"] == "ok").sum()),
+        "fetch_failed": int(len(failed)),
+        "fetch_failed_by_reason": {str(k): int(v) for k, v in failed["reason"].value_counts().sort_index().items()},
+    }
+
+
+def write_download_reports(name: str, listed: Any, table: pd.DataFrame, folder: Path) -> None:
+    """counts.json, malformed.csv (line numbers and reasons) and failed.csv of one source."""
+    write_json(download_counts(listed, table), folder / "counts.json")
+    write_table(listed.malformed, folder / "malformed.csv")
+    failed = table.loc[table["status"] != "ok", ["source", "id", "url", "reason", "http_status", "attempts"]]
+    write_table(failed, folder / "failed.csv")

@@ -1,0 +1,349 @@
+"""Class selection and stable, stratified train/val/test splits.
+
+Every image gets a number ``u`` in [0, 1) from a hash of its key and the split seed::
+
+    u = int.from_bytes(sha256(f"{seed}\\0{source}\\0{id}").digest()[:8], "big") / 2**64
+
+and goes to ``train`` if ``u < r_train``, to ``val`` if ``u < r_train + r_val``, else to
+``test``. Images without a label go to ``unlabeled``.
+
+Why a threshold on the hash, and not exact per-class quotas
+    The requirement is that adding images never moves an existing image to another split
+    (a test image must never become a training image in a later run). ``u`` depends only on
+    the image's own key and the seed, so the split of an image depends on nothing else in
+    the table: stability holds by construction. Exact per-class quotas (rank each class by
+    ``u`` and cut at ``round(ratio * n)``) would move the images that sit at the cut
+    whenever a class grows, so they are not used. Stratification is still by label: the
+    hashes of distinct keys behave as independent uniform draws, so within every class the
+    split sizes are binomial around the ratios (±1.4 percentage points of train for a class
+    of 1,000 at 0.7). :func:`split_report` reports the realised ratios per class.
+
+Why the hash is not salted with the label
+    Salting would give each class its own stream, but the streams are already independent
+    (distinct keys), and salting would make an image's split depend on its label: renaming
+    or merging classes, or switching to one-vs-rest, would reshuffle test images into
+    train between experiments. With the key-only hash a test image stays a test image under
+    every class selection of the same seed.
+
+``max_per_class`` keeps, per class, the N images with the smallest *second* hash (the same
+recipe salted with ``"keep"``; reusing ``u`` would keep only training images). Adding images
+can only swap in images with a smaller keep-hash, i.e. push some kept images out (counted as
+dropped); a kept image never changes split.
+
+Class order: ``SplitResult.classes`` is the final class names in natural order (``'2'``
+before ``'10'``, then case-insensitive text), and a class index is a position in that list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from photoprep.params import SplitParams, UserError
+
+SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"
+COLUMNS = ["source", "id", "sha256", "label", "row", "split"]
+DROP_REASONS = ("class_not_selected", "max_per_class")
+
+_REQUIRED = ("source", "id", "sha256", "label")
+_DIGITS = re.compile(r"(\d+)")
+
+
+@dataclass
+class SplitResult:
+    """The split table (one row per kept image, sorted by key), the classes and the drop counts."""
+
+    table: pd.DataFrame
+    classes: list[str]
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    ratios: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs by value: ``'c2' < 'c10'``; ties broken by the exact text."""
+    parts: list[tuple[int, int | str]] = []
+    for i, chunk in enumerate(_DIGITS.split(name)):
+        if not chunk:
+            continue
+        parts.append((0, int(chunk)) if i % 2 else (1, chunk.casefold()))
+    return (tuple(parts), name)
+
+
+def natural_sorted(names: Any) -> list[str]:
+    return sorted(names, key=natural_key)
+
+
+def hash_unit(seed: int, source: str, id_: str, salt: str = "") -> float:
+    """A uniform number in [0, 1) from the key (source, id), the seed and an optional salt."""
+    text = f"{seed}\0{source}\0{id_}" if not salt else f"{seed}\0{salt}\0{source}\0{id_}"
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _clean_label(value: Any) -> str | None:
+    """A label as text; None, NaN and blank text mean unlabeled. ``2.0`` (ints through NaN) reads '2'."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if value.is_integer():
+            value = int(value)
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    text = str(value).strip()
+    return text or None
+
+
+def _clean_labels(labels: pd.Series) -> pd.Series:
+    return pd.Series([_clean_label(v) for v in labels], index=labels.index, dtype=object)
+
+
+def _split_of(u: float, edges: list[tuple[str, float]]) -> str:
+    for name, upper in edges:
+        if u < upper:
+            return name
+    return edges[-1][0]
+
+
+def _edges(ratios: dict[str, float]) -> list[tuple[str, float]]:
+    """Cumulative upper bounds of the splits with a positive ratio, in train, val, test order."""
+    edges: list[tuple[str, float]] = []
+    total = 0.0
+    for name in SPLITS:
+        r = float(ratios.get(name, 0.0))
+        if r > 0:
+            total += r
+            edges.append((name, total))
+    if not edges:
+        raise UserError("split.ratios: at least one of train, val, test must be > 0")
+    # Float sums can end a hair below 1; the last split takes the remainder.
+    edges[-1] = (edges[-1][0], math.inf)
+    return edges
+
+
+# --------------------------------------------------------------------------- class selection
+
+
+def select_classes(labels: pd.Series, p: SplitParams) -> pd.Series:
+    """Apply ``split.classes`` then ``split.positive`` to labels; dropped or unlabeled -> NaN.
+
+    * ``classes`` list: keep these classes. A listed class that no image has is a UserError
+      (most often a typo).
+    * ``classes`` mapping ``old -> new``: rename, or merge several old names into one new;
+      ``old -> null`` drops the class. Classes not named in the mapping are kept as they are.
+      An old name that no image has is a UserError.
+    * ``classes`` int N: keep the first N classes in natural order (``'2'`` before ``'10'``).
+    * ``positive``: one-vs-rest after the selection: the positive class keeps its name, every
+      other kept class becomes ``f"not_{positive}"``.
+
+    The result has the index of ``labels``, dtype object, and NaN where an image has no class.
+    """
+    clean = _clean_labels(labels)
+    present = set(clean.dropna())
+    sel = p.classes
+
+    if sel is None:
+        out = clean
+    elif isinstance(sel, int) and not isinstance(sel, bool):
+        if sel < 1:
+            raise UserError(f"split.classes: a number of classes must be >= 1 (got {sel})")
+        keep = set(natural_sorted(present)[:sel])
+        out = clean.where(clean.isin(keep))
+    elif isinstance(sel, dict):
+        mapping = {str(k): (None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+                   for k, v in sel.items()}
+        missing = natural_sorted(set(mapping) - present)
+        if missing:
+            raise UserError(
+                f"split.classes: no image has class {missing[0]!r} "
+                f"(classes found: {_preview(natural_sorted(present))})"
+            )
+        out = pd.Series([mapping.get(v, v) if v is not None else None for v in clean],
+                        index=clean.index, dtype=object)
+    else:
+        wanted = [str(c) for c in sel]
+        if not wanted:
+            raise UserError("split.classes: an empty list keeps no class")
+        missing = [c for c in wanted if c not in present]
+        if missing:
+            raise UserError(
+                f"split.classes: no image has class {missing[0]!r} "
+                f"(classes found: {_preview(natural_sorted(present))})"
+            )
+        out = clean.where(clean.isin(set(wanted)))
+
+    out = out.astype(object).where(out.notna(), math.nan)
+    if p.positive is not None:
+        positive = str(p.positive)
+        kept = set(out.dropna())
+        if positive not in kept:
+            raise UserError(
+                f"split.positive: no selected image has class {positive!r} "
+                f"(classes: {_preview(natural_sorted(kept))})"
+            )
+        rest = f"not_{positive}"
+        out = out.map(lambda v: v if not isinstance(v, str) else (positive if v == positive else rest))
+        out = out.astype(object).where(out.notna(), math.nan)
+    return out
+
+
+def _preview(names: list[str], n: int = 10) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f", … ({len(names)} in all)" if len(names) > n else "") if names else "none"
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
+    """Select classes, cap each class, and assign every kept image to a split by its key's hash.
+
+    ``images`` is the processed table (``source``, ``id``, ``sha256``, ``label``, ...), aligned
+    row by row with ``images.npy``; ``row`` in the result is the position in that table, or the
+    table's own ``row`` column when it has one (for a table that was filtered first).
+    Images whose label is missing go to ``unlabeled`` whatever the class selection; images
+    whose class is not selected, or beyond ``max_per_class``, are dropped and counted.
+    """
+    missing = [c for c in _REQUIRED if c not in images.columns]
+    if missing:
+        raise UserError(f"split: the images table lacks column(s) {missing} (has {list(images.columns)})")
+
+    source = images["source"].astype(str).to_numpy(dtype=object)
+    ids = images["id"].astype(str).to_numpy(dtype=object)
+    keys = pd.DataFrame({"source": source, "id": ids})
+    dup = keys.duplicated(keep=False)
+    if dup.any():
+        first = keys[dup].iloc[0]
+        raise UserError(
+            f"split: key (source={first['source']!r}, id={first['id']!r}) appears "
+            f"{int(((keys.source == first['source']) & (keys.id == first['id'])).sum())} times in the images table"
+        )
+
+    if "row" in images.columns:
+        rows = pd.to_numeric(images["row"], errors="raise").astype("int64").to_numpy()
+    else:
+        rows = pd.RangeIndex(len(images)).to_numpy(dtype="int64")
+
+    raw = _clean_labels(images["label"].reset_index(drop=True))
+    selected = select_classes(raw, p).reset_index(drop=True)
+    unlabeled = raw.isna().to_numpy()
+    not_selected = (~unlabeled) & selected.isna().to_numpy()
+
+    table = pd.DataFrame({
+        "source": source,
+        "id": ids,
+        "sha256": images["sha256"].map(lambda v: None if _clean_label(v) is None else str(v)).to_numpy(dtype=object),
+        "label": selected.map(lambda v: v if isinstance(v, str) else None).to_numpy(dtype=object),
+        "row": rows,
+    })
+    table = table[~not_selected].reset_index(drop=True)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    dropped["class_not_selected"] = int(not_selected.sum())
+
+    if p.max_per_class is not None and len(table):
+        keep_u = [hash_unit(p.seed, s, i, salt="keep") for s, i in zip(table["source"], table["id"])]
+        table["_keep_u"] = keep_u
+        labeled = table["label"].notna()
+        # Rank within each class by the keep-hash; ties (never in practice) break by key.
+        order = table[labeled].sort_values(["label", "_keep_u", "source", "id"], kind="mergesort")
+        rank = order.groupby("label", sort=False).cumcount()
+        over = rank[rank >= p.max_per_class].index
+        dropped["max_per_class"] = int(len(over))
+        table = table.drop(index=over).drop(columns="_keep_u").reset_index(drop=True)
+
+    edges = _edges(p.ratios)
+    split = [
+        _split_of(hash_unit(p.seed, s, i), edges) if isinstance(lab, str) else UNLABELED
+        for s, i, lab in zip(table["source"], table["id"], table["label"])
+    ]
+    table["split"] = split
+    table = table.sort_values(["source", "id"], kind="mergesort").reset_index(drop=True)
+    table = table[COLUMNS]
+    table["row"] = table["row"].astype("int64")
+
+    classes = natural_sorted(set(table["label"].dropna()))
+    ratios = {name: float(p.ratios.get(name, 0.0)) for name in SPLITS}
+    return SplitResult(table=table, classes=classes, dropped=dropped, ratios=ratios, seed=p.seed)
+
+
+def split_tables(result: SplitResult) -> dict[str, pd.DataFrame]:
+    """The table cut by split: ``{'train': ..., 'val': ..., 'test': ..., 'unlabeled': ...}``."""
+    t = result.table
+    return {name: t[t["split"] == name].reset_index(drop=True) for name in (*SPLITS, UNLABELED)}
+
+
+def fingerprint(table: pd.DataFrame) -> str:
+    """sha256 hex of the sorted (source, id, sha256, label) rows: order-independent, content-sensitive."""
+    rows = [
+        (str(s), str(i), _clean_label(h), _clean_label(lab))
+        for s, i, h, lab in zip(table["source"], table["id"], table["sha256"], table["label"])
+    ]
+    rows.sort(key=lambda r: (r[0], r[1], r[2] is None, r[2] or "", r[3] is None, r[3] or ""))
+    text = json.dumps([list(r) for r in rows], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_report(result: SplitResult) -> dict:
+    """Counts per split and class, realised per-class ratios, fingerprints, drops, seed and ratios.
+
+    ``counts`` has every class for train, val and test (zeros included); ``unlabeled`` appears in
+    ``totals`` and ``fingerprints`` only. ``realised`` is, per class, the fraction of its
+    labelled images in each split, to compare with ``ratios``.
+    """
+    parts = split_tables(result)
+    counts: dict[str, dict[str, int]] = {}
+    for name in SPLITS:
+        per_class = parts[name]["label"].value_counts()
+        counts[name] = {c: int(per_class.get(c, 0)) for c in result.classes}
+    realised: dict[str, dict[str, float]] = {}
+    for c in result.classes:
+        n = sum(counts[name][c] for name in SPLITS)
+        realised[c] = {name: round(counts[name][c] / n, 6) if n else 0.0 for name in SPLITS}
+    overall_n = sum(len(parts[name]) for name in SPLITS)
+    return {
+        "classes": list(result.classes),
+        "counts": counts,
+        "totals": {name: int(len(parts[name])) for name in (*SPLITS, UNLABELED)},
+        "realised": realised,
+        "realised_overall": {
+            name: round(len(parts[name]) / overall_n, 6) if overall_n else 0.0 for name in SPLITS
+        },
+        "fingerprints": {name: fingerprint(parts[name]) for name in (*SPLITS, UNLABELED)},
+        "dropped": {k: int(v) for k, v in result.dropped.items()},
+        "seed": result.seed,
+        "ratios": dict(result.ratios),
+    }
+
+
+def attach_labels(images: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Labels from the sources' labels.csv (columns source, id, label) fill `label`.
+
+    A label file wins over a label the manifest carried (a folder's class, a csv column),
+    because it is the more deliberate statement; images named in neither stay unlabeled.
+    """
+    table = images.copy()
+    if "label" not in table.columns:
+        table["label"] = None
+    if labels.empty:
+        return table
+    given = labels.drop_duplicates(["source", "id"]).set_index(["source", "id"])["label"]
+    keys = pd.MultiIndex.from_frame(table[["source", "id"]])
+    from_file = given.reindex(keys).to_numpy()
+    table["label"] = np.where(pd.isna(from_file), table["label"].to_numpy(dtype=object), from_file)
+    return table

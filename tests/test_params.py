@@ -1,0 +1,52 @@
+"""params.yaml is validated once, and bad values read as one line naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from photoprep import params
+from photoprep.params import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_load_with_the_demo_enabled():
+    loaded = params.load(REPO / "params.yaml")
+    assert loaded.sources == ["demo"]
+    assert loaded.bucket.size == (64, 64)
+    assert loaded.validate.min_side == 32
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"dedup": {"hash_size": 2}}, "params.yaml: dedup.hash_size: must be >= 4 (got 2)"),
+        ({"dedup": {"hash": "md5"}}, "params.yaml: dedup.hash: must be one of 'phash', 'dhash', 'whash' or 'ahash' (got 'md5')"),
+        ({"dedup": {"colour": 1}}, "params.yaml: dedup.colour: unknown key"),
+        ({"validate": {"min_side": 0}}, "params.yaml: validate.min_side: must be >= 1 (got 0)"),
+        ({"split": {"ratios": {"train": 0.5, "test": 0.2}}}, "params.yaml: split.ratios: must be >= 0 and sum to 1"),
+        ({"compute": {"n_jobs": 0}}, "params.yaml: compute.n_jobs: must be a positive number"),
+        ({"sources": []}, "sources: list at least one source"),
+    ],
+)
+def test_bad_value_names_the_key_path(raw, message):
+    with pytest.raises(UserError) as caught:
+        params.parse(raw)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        params.load(tmp_path / "params.yaml")
+
+
+def test_stage_with_bad_params_exits_1_with_one_line_and_no_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("dedup:\n  hash_size: 2\n")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "validate.py")], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip() == "photoprep: params.yaml: dedup.hash_size: must be >= 4 (got 2)"

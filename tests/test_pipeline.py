@@ -1,0 +1,95 @@
+"""End to end: real `dvc repro` and `dvc exp run` on a temporary copy of this repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.pop("PHOTOPREP_CACHE", None)
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def _decodes(repo: Path) -> list[dict]:
+    log = repo / ".photoprep" / "cache" / "decodes.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git + DVC copy of the working tree, with the demo pipeline run once."""
+    repo = tmp_path_factory.mktemp("repo")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    for line in (
+        ["git", "init", "-q"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+    ):
+        _run(line, repo)
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    _run(["dvc", "repro"], repo)
+    return repo
+
+
+def test_repro_builds_the_demo_funnel(demo_repo: Path) -> None:
+    funnel = json.loads((demo_repo / "reports" / "funnel.json").read_text())
+    expected = json.loads((demo_repo / "pipeline" / "sources" / "demo" / "expected.json").read_text())
+    assert funnel["malformed_lines"] == expected["malformed_lines"]
+    assert funnel["unique_ids"] == expected["unique_ids"]
+    assert funnel["fetch_failed_by_reason"] == {"not_found": expected["missing"]}
+    assert funnel["exact_duplicates"] == expected["exact_duplicates"]
+    assert funnel["near_duplicates"] == expected["near_duplicates"]
+    assert funnel["broken_by_reason"] == expected["broken"]
+    assert funnel["valid"] == expected["valid_unique_images"]
+    assert sum(funnel["split"].values()) == funnel["kept"]
+
+
+def test_second_repro_runs_nothing(demo_repo: Path) -> None:
+    before = len(_decodes(demo_repo))
+    out = _run(["dvc", "repro"], demo_repo)
+    assert "Running stage" not in out
+    assert len(_decodes(demo_repo)) == before
+
+
+def test_near_threshold_experiment_decodes_nothing_again(demo_repo: Path) -> None:
+    before = len(_decodes(demo_repo))
+    out = _run(["dvc", "exp", "run", "-S", "dedup.near_threshold=6"], demo_repo)
+    assert "Running stage 'dedup'" in out
+    assert "download@demo" not in out.split("Running stage")[-1] or "Running stage 'download@demo'" not in out
+    new = _decodes(demo_repo)[before:]
+    assert new, "the dedup stage ran, so it logged its decodes"
+    assert all(entry["decoded"] == 0 for entry in new), new
+
+
+def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) -> None:
+    out = _run(["dvc", "exp", "run", "-S", "bucket.size=[32,32]"], demo_repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert {"bucket", "features", "split", "funnel"} <= ran
+    assert not ran & {"download@demo", "dedup", "validate"}
+    images = pd.read_parquet(demo_repo / "data" / "processed" / "images.parquet")
+    import numpy as np
+
+    assert np.load(demo_repo / "data" / "processed" / "images.npy", mmap_mode="r").shape == (len(images), 32, 32, 3)
