@@ -69,7 +69,7 @@ def probe_images(
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
     most once per (hash, hash_size, max_pixels, decoder code); later calls read the memo.
     """
-    settings = {"hash": hash_name, "hash_size": hash_size, "max_pixels": max_pixels}
+    settings = {"hash": hash_name, "hash_size": hash_size, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
     cache = memo.Memo("probe", memo.fingerprint(settings, decode))
     todo = cache.missing(list(table["sha256"]))
     if todo:
@@ -96,7 +96,7 @@ def resized_pixels(
     namespace: str = "pixels",
 ) -> np.ndarray:
     """uint8 N x H x W x 3 pixels of each row, resized to `size` ([H, W]) by `fit`; memoized."""
-    settings = {"size": list(size), "fit": fit, "max_pixels": max_pixels}
+    settings = {"size": list(size), "fit": fit, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
     cache = memo.Memo(namespace, memo.fingerprint(settings, decode))
     todo = cache.missing(list(table["sha256"]))
     if todo:
