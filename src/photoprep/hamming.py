@@ -1,0 +1,497 @@
+"""Near-duplicate search over perceptual hashes by Hamming distance.
+
+Hashes are rows of a uint8 array (N x B bytes, most significant bit first, as imagehash prints them).
+`near_duplicate_pairs` finds every pair within a threshold without comparing all pairs:
+
+1. Identical hashes are merged first (unique rows), so a large cluster of identical hashes (blank or
+   dark images) costs nothing beyond its size; `NearPairs.expand` restores input-level pairs.
+2. Multi-index (pigeonhole) search: the bits are dealt into ``m >= t + 1`` chunks. Two hashes that differ
+   in at most ``t`` bits differ in at most ``t`` chunks, so they agree exactly on at least ``m - t``
+   chunks, i.e. on at least one of the ``C(m, t)`` *keys* made of ``m - t`` chunks. For each key the
+   unique hashes are bucketed by key value (one sort), pairs within a bucket are candidates, and each
+   candidate is verified with a popcount.
+3. A pair usually shares several keys; it is kept only by the first key (in lexicographic order of
+   chunk combinations) it agrees on, so no global de-duplication of candidates is needed.
+
+``m`` is chosen per input from a cost model whose candidate counts are measured on a fixed random
+sample of the hashes, so clustered (skewed) data gets more, narrower-keyed chunks than random data.
+Candidates are generated and verified in bounded batches, so memory stays bounded however large a
+bucket is. Results do not depend on sort stability or sample luck: output is exact and sorted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+
+__all__ = [
+    "NearPairs",
+    "SearchStats",
+    "brute_force_pairs",
+    "near_duplicate_pairs",
+    "near_duplicate_search",
+    "pack_hashes",
+]
+
+# Candidate pairs generated and verified per batch: bounds peak memory (~100 MB for 64-bit hashes).
+_BATCH_PAIRS = 1 << 21
+# Rows of the fixed random sample used to measure how many candidates each chunking would produce.
+_SAMPLE_ROWS = 20_000
+# Cost model, in seconds: per hash per key (hash the key, sort, find buckets) and per candidate pair
+# (generate, gather, popcount), measured on 1M 64-bit hashes. Only their ratio matters for choosing
+# the chunking, and a wrong ratio only costs time, never correctness.
+_COST_PER_ROW_KEY = 3.5e-8
+_COST_PER_CANDIDATE = 5.5e-8
+# Never use more keys than this (each key is a full pass over the hashes).
+_MAX_KEYS = 5_000
+# Pairs of brute-force distances computed per block (bounds its memory).
+_BRUTE_BLOCK = 1 << 22
+# Found pairs are packed into one int64 each while (distinct hashes)^2 * (threshold + 1) stays below this.
+_PACK_LIMIT = 2**63
+
+_U64 = np.uint64
+_GOLDEN = _U64(0x9E3779B97F4A7C15)  # odd multiplier for key hashing (2^64 / golden ratio)
+
+
+@dataclass(frozen=True)
+class NearPairs:
+    """Near-duplicate pairs over the distinct hashes of an input, expandable to input-level pairs."""
+
+    unique: np.ndarray  # uint8 U x B: the distinct hashes, in lexicographic byte order
+    inverse: np.ndarray  # int64 N: row of `unique` for each input hash
+    pairs: np.ndarray  # int64 M x 3: (u, v, distance) over rows of `unique`, u < v, 1 <= d <= t, sorted
+
+    def expand(self) -> np.ndarray:
+        """All input-level pairs (i, j, distance), i < j, sorted by (i, j); identical hashes give 0.
+
+        Exactly what brute force over all input pairs gives. May be large for big identical groups.
+        """
+        return _expand_pairs(self.inverse, len(self.unique), self.pairs)
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    """Figures about one search, for benchmarks and diagnostics."""
+
+    n_hashes: int
+    n_unique: int
+    n_bits: int
+    threshold: int
+    n_chunks: int  # m: chunks the bits are dealt into (0: no search needed, or all pairs compared)
+    n_keys: int  # C(m, t): keys of m - t chunks, one bucketing pass each
+    candidates: int  # candidate pairs generated over all keys (each verified by popcount)
+    estimated_candidates: float  # what the cost model expected, from the sample
+    pairs: int  # distinct-hash pairs found
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A chunking: which bits form each chunk, and the keys (chunk combinations) to bucket on."""
+
+    chunk_masks: np.ndarray  # uint64 m x W: bits of each chunk, in the word layout of `_to_columns`
+    keys: tuple[tuple[int, ...], ...]  # combinations of m - t chunk indices, lexicographic order
+    estimated_candidates: float
+
+
+def pack_hashes(hex_hashes: Sequence[str]) -> np.ndarray:
+    """imagehash hex strings (all the same length) -> uint8 array N x B (B = bytes per hash).
+
+    Bits keep imagehash's order (most significant first); an odd number of hex digits is padded
+    with a leading zero nibble, which changes no distance.
+    """
+    if len(hex_hashes) == 0:
+        return np.zeros((0, 0), dtype=np.uint8)
+    width = len(hex_hashes[0])
+    if width == 0 or any(len(h) != width for h in hex_hashes):
+        raise ValueError("pack_hashes: all hex hashes must be non-empty and of the same length")
+    pad = "0" if width % 2 else ""
+    try:
+        raw = bytes.fromhex(pad + pad.join(hex_hashes)) if pad else bytes.fromhex("".join(hex_hashes))
+    except ValueError as err:
+        raise ValueError(f"pack_hashes: not a hex string ({err})") from None
+    n_bytes = (width + 1) // 2
+    if len(raw) != len(hex_hashes) * n_bytes:  # fromhex skips whitespace
+        raise ValueError("pack_hashes: hex hashes must not contain whitespace")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(len(hex_hashes), n_bytes).copy()
+
+
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> NearPairs:
+    """All pairs within `threshold` bits, found with a multi-index (pigeonhole) search, never all pairs.
+
+    (The one exception: when the threshold is so large for the hash size that every pigeonhole
+    chunking would generate more candidates than there are pairs, all pairs are compared, in batches.)
+    """
+    return near_duplicate_search(hashes, threshold)[0]
+
+
+def near_duplicate_search(hashes: np.ndarray, threshold: int) -> tuple[NearPairs, SearchStats]:
+    """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count)."""
+    hashes = _check_hashes(hashes, threshold)
+    n_bits = hashes.shape[1] * 8
+    columns = _to_columns(hashes)
+    first, inverse = _unique_rows(columns)
+    unique_columns = columns[:, first]
+    unique = _read_only(hashes[first])
+    n_unique = len(first)
+
+    pairs = np.zeros((0, 3), dtype=np.int64)
+    n_chunks = n_keys = candidates = 0
+    estimated = 0.0
+    # Distinct hashes are >= 1 bit apart, so threshold 0 (or fewer than 2 of them) needs no search.
+    if threshold > 0 and n_unique >= 2:
+        plan = _choose_plan(unique_columns, threshold, n_bits)
+        pairs, candidates = _search(unique_columns, threshold, plan)
+        n_chunks, n_keys, estimated = len(plan.chunk_masks), len(plan.keys), plan.estimated_candidates
+    result = NearPairs(unique=unique, inverse=_read_only(inverse), pairs=_read_only(pairs))
+    stats = SearchStats(
+        n_hashes=len(hashes),
+        n_unique=n_unique,
+        n_bits=n_bits,
+        threshold=threshold,
+        n_chunks=n_chunks,
+        n_keys=n_keys,
+        candidates=candidates,
+        estimated_candidates=estimated,
+        pairs=len(pairs),
+    )
+    return result, stats
+
+
+def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """Reference: (i, j, distance) for all i < j within threshold, by comparing every pair.
+
+    Vectorised over blocks of rows; sorted by (i, j). Quadratic: for tests and benchmarks.
+    """
+    hashes = _check_hashes(hashes, threshold)
+    columns = _to_columns(hashes)
+    n = columns.shape[1]
+    found = []
+    block = max(1, _BRUTE_BLOCK // max(1, n * len(columns)))
+    for start in range(0, max(0, n - 1), block):
+        stop = min(start + block, n - 1)
+        # Rows start .. stop - 1 against every row after `start`, as a (block x rest) matrix.
+        dist = _distances(columns[:, start:stop, None], columns[:, None, start + 1 :])
+        # flatnonzero + divmod: several times faster than a 2-D nonzero when hits are rare.
+        rows, cols = np.divmod(np.flatnonzero(dist <= threshold), dist.shape[1])
+        # Column c stands for row start + 1 + c: keep j > i, i.e. c >= r (few hits, so filter after).
+        right = cols >= rows
+        rows, cols = rows[right], cols[right]
+        found.append(np.stack([rows + start, cols + start + 1, dist[rows, cols]], axis=1).astype(np.int64))
+    return np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+
+
+# --- input handling -------------------------------------------------------------------------------
+
+
+def _check_hashes(hashes: np.ndarray, threshold: int) -> np.ndarray:
+    """Validate a uint8 N x B hash array and a threshold in [0, 8B - 1]; return the array, C-ordered."""
+    hashes = np.asarray(hashes)
+    if hashes.ndim != 2 or hashes.dtype != np.uint8:
+        raise ValueError(f"hashes must be a uint8 array N x B (got {hashes.dtype} {hashes.shape})")
+    if hashes.shape[1] == 0 and hashes.shape[0] > 0:
+        raise ValueError("hashes must have at least one byte each")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, np.integer)):
+        raise ValueError(f"threshold must be an int (got {threshold!r})")
+    max_threshold = hashes.shape[1] * 8 - 1
+    # An empty input may have no byte width at all (pack_hashes([])): any threshold >= 0 is fine.
+    if threshold < 0 or (hashes.shape[1] > 0 and threshold > max_threshold):
+        raise ValueError(f"threshold must be in [0, {max_threshold}] for {hashes.shape[1]}-byte hashes")
+    return np.ascontiguousarray(hashes)
+
+
+def _to_columns(hashes: np.ndarray) -> np.ndarray:
+    """uint8 N x B -> uint64 W x N: word w of every hash is the contiguous row w (fast 1-D gathers).
+
+    Words are big-endian and zero-padded on the right, so numeric word order is lexicographic byte
+    order (unique rows sort as np.unique's do) and padding bits never differ.
+    """
+    n, n_bytes = hashes.shape
+    n_words = max(1, -(-n_bytes // 8))
+    padded = np.zeros((n, n_words * 8), dtype=np.uint8)
+    padded[:, :n_bytes] = hashes
+    return np.ascontiguousarray(padded.view(">u8").astype(_U64).T)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """The array, marked read-only (results are shared, frozen values)."""
+    array.setflags(write=False)
+    return array
+
+
+# --- popcount and distances -----------------------------------------------------------------------
+
+_HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")
+_BYTE_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)  # numpy < 2
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Bits set in each uint64 element (uint8 result, same shape)."""
+    if _HAS_BITWISE_COUNT:  # numpy >= 2: a single vectorised instruction per word
+        return np.bitwise_count(x)
+    as_bytes = np.ascontiguousarray(x).view(np.uint8).reshape(*x.shape, 8)
+    return _BYTE_POPCOUNT[as_bytes].sum(axis=-1, dtype=np.uint8)
+
+
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distances between word arrays W x ... (broadcast) -> (...), an unsigned integer type."""
+    dist = _popcount(a[0] ^ b[0])
+    if len(a) > 1:
+        # Word by word rather than a reduction over a short last axis, which numpy does slowly.
+        dist = dist.astype(np.uint16 if len(a) * 64 < 1 << 16 else np.uint32)
+        for word_a, word_b in zip(a[1:], b[1:]):
+            dist += _popcount(word_a ^ word_b)
+    return dist
+
+
+# --- unique rows ----------------------------------------------------------------------------------
+
+
+def _unique_rows(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """An input row for each distinct hash (in sorted hash order) and, per input row, its unique row."""
+    n = columns.shape[1]
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if len(columns) == 1:
+        order = np.argsort(columns[0])  # not stable: any representative of identical rows will do
+    else:
+        order = np.lexsort(columns[::-1])  # lexsort's last key is the primary one
+    ordered = columns[:, order]
+    new = np.ones(n, dtype=bool)
+    new[1:] = np.any(ordered[:, 1:] != ordered[:, :-1], axis=0)
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    return order[new].astype(np.int64), inverse
+
+
+# --- chunking plan --------------------------------------------------------------------------------
+
+
+def _chunk_masks(n_bits: int, n_words: int, n_chunks: int) -> np.ndarray:
+    """uint64 m x W masks dealing bit i (MSB-first) to chunk i % m.
+
+    Dealing rather than cutting contiguous runs spreads bits of each region of the hash (e.g. the low
+    DCT frequencies of a phash, which are more predictable) over all chunks.
+    """
+    masks = np.zeros((n_chunks, n_words), dtype=_U64)
+    for bit in range(n_bits):
+        word, offset = divmod(bit, 64)
+        masks[bit % n_chunks, word] |= _U64(1) << _U64(63 - offset)
+    return masks
+
+
+def _key_values(columns: np.ndarray, key_mask: np.ndarray) -> np.ndarray:
+    """uint64 per hash: a hash of its bits under `key_mask` (equal bits -> equal value).
+
+    Different bits can collide, which only adds candidates that verification rejects.
+    """
+    value = np.zeros(columns.shape[1], dtype=_U64)
+    for w in np.flatnonzero(key_mask):
+        # Multiplying by an odd constant is a bijection whose top bits depend on every input bit, and
+        # `_buckets` keeps the top bits; for one word (64-bit hashes) equal values mean equal bits.
+        value ^= columns[w] & key_mask[w]
+        value *= _GOLDEN
+    return value
+
+
+def _key_mask(chunk_masks: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+    """Union of the masks of the chunks in `key` (uint64 W)."""
+    return np.bitwise_or.reduce(chunk_masks[list(key)], axis=0)
+
+
+def _sample_rows(n: int) -> np.ndarray:
+    """A fixed (seeded) random sample of row indices, all rows when few: estimates are deterministic."""
+    if n <= _SAMPLE_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, size=_SAMPLE_ROWS, replace=False))
+
+
+def _colliding_pairs(values: np.ndarray) -> int:
+    """Number of pairs of equal elements in a uint64 array."""
+    counts = np.unique(values, return_counts=True)[1].astype(np.int64)
+    return int((counts * (counts - 1) // 2).sum())
+
+
+def _choose_plan(columns: np.ndarray, threshold: int, n_bits: int) -> _Plan:
+    """The chunking with the lowest modelled cost, candidate counts measured on a sample.
+
+    More chunks mean wider keys (fewer candidates per key) but more keys (more passes); start at the
+    plain pigeonhole m = t + 1 and stop once the passes alone cost more than the best plan found.
+    When the threshold is so large for the hash size that every chunking costs more than comparing all
+    pairs (tiny keys), the plan is one empty key: a single bucket, i.e. all pairs, still in batches.
+    """
+    n = columns.shape[1]
+    all_pairs = n * (n - 1) / 2
+    empty = np.zeros((0, len(columns)), dtype=_U64)
+    best_cost = n * _COST_PER_ROW_KEY + all_pairs * _COST_PER_CANDIDATE
+    best = _Plan(chunk_masks=empty, keys=((),), estimated_candidates=all_pairs)
+    sample = columns[:, _sample_rows(n)]
+    for n_chunks in range(threshold + 1, n_bits + 1):
+        n_keys = math.comb(n_chunks, threshold)
+        pass_cost = n_keys * n * _COST_PER_ROW_KEY
+        if pass_cost >= best_cost or n_keys > _MAX_KEYS:
+            break
+        masks = _chunk_masks(n_bits, len(columns), n_chunks)
+        keys = tuple(combinations(range(n_chunks), n_chunks - threshold))
+        estimate = sum(_estimate_key_candidates(sample, n, _key_mask(masks, key)) for key in keys)
+        cost = pass_cost + estimate * _COST_PER_CANDIDATE
+        if cost < best_cost:
+            best_cost, best = cost, _Plan(chunk_masks=masks, keys=keys, estimated_candidates=estimate)
+    return best
+
+
+def _estimate_key_candidates(sample: np.ndarray, n: int, key_mask: np.ndarray) -> float:
+    """Expected same-key pairs among n hashes, scaled up from the pairs colliding in `sample`."""
+    s = sample.shape[1]
+    measured = _colliding_pairs(_key_values(sample, key_mask)) * (n * (n - 1)) / (s * (s - 1))
+    # A key of b bits does no better than uniform hashes do: a floor against a lucky small sample.
+    uniform = n * (n - 1) / 2 * 2.0 ** -int(_popcount(key_mask).sum())
+    return max(measured, uniform)
+
+
+# --- the search -----------------------------------------------------------------------------------
+
+
+def _search(columns: np.ndarray, threshold: int, plan: _Plan) -> tuple[np.ndarray, int]:
+    """(u, v, distance) rows, u < v, sorted, for distinct hashes `columns`; and the candidate count."""
+    n = columns.shape[1]
+    index_bits = max(1, (n - 1).bit_length())
+    rows = np.arange(n, dtype=_U64)
+    # Found pairs are kept as one int64 code each, (u * n + v) * (t + 1) + d, when that fits: a third
+    # of the memory of M x 3 rows, and a plain sort orders them. Each pair comes from exactly one key,
+    # so sorting is the only post-processing needed.
+    span = threshold + 1
+    packable = n * n * span < _PACK_LIMIT
+    found: list[np.ndarray] = []
+    candidates = 0
+    for key_number, key in enumerate(plan.keys):
+        values = _key_values(columns, _key_mask(plan.chunk_masks, key))
+        packed, positions, counts = _buckets(values, rows, index_bits)
+        for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
+            candidates += len(a)
+            row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
+            u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
+            found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+    if not packable:  # over ~10^9 distinct hashes: sort (u, v, d) rows instead
+        pairs = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+        return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], candidates
+    codes = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    del found
+    codes.sort()
+    pairs = np.empty((len(codes), 3), dtype=np.int64)
+    pairs[:, 2] = codes % span
+    codes //= span
+    pairs[:, 0], pairs[:, 1] = np.divmod(codes, n)
+    return pairs, candidates
+
+
+def _buckets(values: np.ndarray, rows: np.ndarray, index_bits: int) -> tuple[np.ndarray, ...]:
+    """Rows sorted into buckets by key value, and the positions that have later bucket mates.
+
+    Returns the sorted packed array (key hash in the top 64 - index_bits bits, row in the rest), the
+    positions p that share a bucket with p + 1, and for each such p how many later positions share it.
+    Packing lets a plain sort (faster than argsort) do the bucketing; truncating the key hash only
+    adds rare candidates, which verification rejects.
+    """
+    index_mask = _U64((1 << index_bits) - 1)
+    packed = (values & ~index_mask) | rows
+    packed.sort()
+    # Same bucket <=> the packed values differ only in their row bits.
+    positions = np.flatnonzero((packed[1:] ^ packed[:-1]) <= index_mask)
+    # Consecutive positions form one bucket; a bucket's last member is its last position + 1.
+    run_start = np.ones(len(positions), dtype=bool)
+    run_start[1:] = positions[1:] != positions[:-1] + 1
+    run_last = np.append(positions[:-1][run_start[1:]], positions[-1:])
+    counts = run_last[np.cumsum(run_start) - 1] + 1 - positions
+    return packed, positions, counts
+
+
+def _unpack_rows(packed: np.ndarray, index_bits: int) -> np.ndarray:
+    """Row numbers from packed (key hash, row) values."""
+    return (packed & _U64((1 << index_bits) - 1)).astype(np.int64)
+
+
+def _run_pairs(
+    positions: np.ndarray, counts: np.ndarray, batch: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Position pairs (p, p + 1 .. p + counts[p]) in batches of about `batch` pairs.
+
+    A single position with more than `batch` partners is its own batch, so memory stays O(batch + N)
+    however big a bucket is.
+    """
+    ends = np.cumsum(counts)
+    start = 0
+    while start < len(positions):
+        base = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, base + batch, side="right")))
+        yield _expand_run_pairs(positions[start:stop], counts[start:stop])
+        start = stop
+
+
+def _expand_run_pairs(positions: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(p, p + 1 .. p + count) for each position p, flattened."""
+    first = np.repeat(positions, counts)
+    # k-th pair overall: second = p + 1 + (k - pairs before p's run).
+    second = np.repeat(positions + 1 - (np.cumsum(counts) - counts), counts)
+    second += np.arange(len(second))
+    return first, second
+
+
+def _verify(
+    columns: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: int, plan: _Plan, key_number: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidates (a, b) within threshold that key `key_number` owns: int64 arrays u < v, distance."""
+    dist = _distances([word[a] for word in columns], [word[b] for word in columns])
+    near = np.flatnonzero(dist <= threshold)
+    # Few candidates survive the threshold: only they need the per-chunk ownership test.
+    xor = columns[:, a[near]] ^ columns[:, b[near]]
+    owned = _owned_by_key(xor, plan.chunk_masks, plan.keys[key_number])
+    near = near[owned]
+    a, b = a[near], b[near]
+    return np.minimum(a, b), np.maximum(a, b), dist[near].astype(np.int64)
+
+
+def _owned_by_key(xor: np.ndarray, chunk_masks: np.ndarray, key: tuple[int, ...]) -> np.ndarray:
+    """Whether `key` is the first key (lexicographically) each pair agrees on; `xor`: W x pairs.
+
+    Keys are combinations in lexicographic order, so a pair's first key is made of the m - t smallest
+    chunks it agrees on: the pair must agree on every chunk of `key` (which also rejects key-hash
+    collisions) and disagree on every other chunk below the key's last one.
+    """
+    owned = np.ones(xor.shape[1], dtype=bool)
+    members = set(key)
+    for chunk in range(max(key, default=-1) + 1):  # the empty key (all pairs) owns every pair
+        agrees = ~np.any(xor & chunk_masks[chunk][:, None], axis=0)
+        owned &= agrees if chunk in members else ~agrees
+    return owned
+
+
+# --- expansion to input-level pairs ---------------------------------------------------------------
+
+
+def _expand_pairs(inverse: np.ndarray, n_unique: int, pairs: np.ndarray) -> np.ndarray:
+    """Input-level (i, j, distance) rows from unique-level pairs plus identical-hash groups."""
+    n = len(inverse)
+    members = np.argsort(inverse, kind="stable")  # input rows grouped by unique row, ascending
+    sizes = np.bincount(inverse, minlength=n_unique)
+    starts = np.cumsum(sizes) - sizes
+
+    # Identical hashes: every pair inside each group of input rows, distance 0.
+    later = (starts + sizes)[inverse[members]] - 1 - np.arange(n)
+    p, q = _expand_run_pairs(np.flatnonzero(later), later[later > 0])
+    same = np.stack([members[p], members[q], np.zeros(len(p), dtype=np.int64)], axis=1)
+
+    # Distinct near hashes: the cross product of the two groups of each pair.
+    u, v, dist = pairs[:, 0], pairs[:, 1], pairs[:, 2]
+    cross = sizes[u] * sizes[v]
+    pair_of = np.repeat(np.arange(len(pairs)), cross)
+    k = np.arange(int(cross.sum())) - np.repeat(np.cumsum(cross) - cross, cross)
+    i = members[starts[u[pair_of]] + k // sizes[v[pair_of]]]
+    j = members[starts[v[pair_of]] + k % sizes[v[pair_of]]]
+    near = np.stack([np.minimum(i, j), np.maximum(i, j), dist[pair_of]], axis=1)
+
+    result = np.concatenate([same, near]).astype(np.int64)
+    return result[np.argsort(result[:, 0] * n + result[:, 1], kind="stable")]
