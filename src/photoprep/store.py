@@ -1,0 +1,320 @@
+"""The sharded blob store: image bytes appended to a few tar shards, indexed by sha256.
+
+A source's fetched bytes live in ``data/raw/<source>/shard-<16 hex>.tar``. DVC then tracks a
+handful of large files instead of 100k small ones, and no file name ever comes from an id
+(members are named by their sha256), so no id can write outside the store.
+
+- Shards are uncompressed ustar archives with deterministic headers (mtime 0, uid/gid 0,
+  empty uname/gname, mode 0o644), so ``tar tf shard-*.tar`` lists the sha256 of each blob.
+- Byte-identical blobs are stored once: the writer indexes the shards already on disk.
+- Blobs are written as they are added, in the order added, each once (no copy held in
+  memory); a shard is named from a hash of its member list, which fixes its bytes. The
+  same sequence of blobs always gives the same files.
+- Writes are atomic: a shard is built in a temporary file in the same folder and renamed
+  into place when full or flushed. Existing shards are never modified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+import tempfile
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+SHARD_GLOB = "shard-*.tar"
+SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_BLOCK = tarfile.BLOCKSIZE  # 512
+_RECORD = tarfile.RECORDSIZE  # 10240: archives end on a record boundary, like tar(1) writes them
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Where a blob's bytes lie: shard file name, offset of the data in it, and size."""
+
+    shard: str
+    offset: int
+    size: int
+
+
+def index_shards(directory: Path) -> dict[str, BlobRef]:
+    """sha256 -> BlobRef of every blob in the finished shards of `directory`."""
+    refs: dict[str, BlobRef] = {}
+    directory = Path(directory)
+    if not directory.is_dir():
+        return refs
+    for path in sorted(directory.glob(SHARD_GLOB)):
+        if not SHARD_NAME.fullmatch(path.name):
+            continue
+        with tarfile.open(path, mode="r:") as archive:
+            for member in archive:
+                if member.isfile() and _SHA256.fullmatch(member.name):
+                    refs.setdefault(member.name, BlobRef(path.name, member.offset_data, member.size))
+    return refs
+
+
+def _tarfile_header(sha256: str, size: int) -> bytes:
+    """The 512-byte ustar header of one blob, as tarfile writes it."""
+    info = tarfile.TarInfo(sha256)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+
+
+_HEADER_TEMPLATE = _tarfile_header("0" * 64, 0)
+_MAX_OCTAL_SIZE = 8**11 - 1  # what the 12-byte size field holds
+
+
+def _member_header(sha256: str, size: int) -> bytes:
+    """The ustar header of one blob: the same bytes on every machine and run.
+
+    Only the name, the size and the checksum differ between blobs, so they are patched into
+    a template (tarfile builds each header from scratch, some 70 us apiece).
+    """
+    if len(sha256) != 64 or size > _MAX_OCTAL_SIZE:
+        return _tarfile_header(sha256, size)
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0:64] = sha256.encode("ascii")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _padding(size: int, unit: int) -> bytes:
+    """Zero bytes that bring `size` up to a multiple of `unit`."""
+    return b"\0" * (-size % unit)
+
+
+class _OpenShard:
+    """A shard being written: a temporary file in the store folder, renamed when closed."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.fd, self.tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tar", dir=directory)
+        self.position = 0
+        self.payload = 0
+        self.members: dict[str, tuple[int, int]] = {}  # sha256 -> (data offset, size), in order
+
+    def append(self, sha256: str, data: bytes) -> None:
+        header = _member_header(sha256, len(data))
+        self.members[sha256] = (self.position + len(header), len(data))
+        self._write(header, data, _padding(len(data), _BLOCK))
+        self.payload += len(data)
+
+    def close(self) -> str:
+        """Finish the archive, make it durable, rename it after its content; its file name."""
+        self._write(b"\0" * (2 * _BLOCK))  # end-of-archive marker
+        self._write(_padding(self.position, _RECORD))
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        name = f"shard-{self._content_hash()[:16]}.tar"
+        final = self.directory / name
+        if final.exists():
+            # Same name, same member list, hence the same bytes: keep the existing shard untouched.
+            os.unlink(self.tmp)
+        else:
+            os.replace(self.tmp, final)
+            _fsync_directory(self.directory)
+        return name
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+    def _content_hash(self) -> str:
+        # The archive's bytes are a function of its member list (names, sizes, order), and each
+        # name is the sha256 of the data: hashing that list names the content without reading
+        # hundreds of MB again.
+        listing = "".join(f"{sha256} {size}\n" for sha256, (_, size) in self.members.items())
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    def _write(self, *chunks: bytes) -> None:
+        total = sum(len(c) for c in chunks)
+        written = os.writev(self.fd, chunks)  # one syscall, no copy into a buffer
+        if written < total:
+            rest = b"".join(chunks)[written:]
+            while rest:
+                rest = rest[os.write(self.fd, rest) :]
+        self.position += total
+
+
+class ShardWriter:
+    """Appends blobs to shards in `directory`, in the order added, at most `shard_bytes` of payload each.
+
+    A blob whose bytes the store already holds (in a shard on disk or in this run) is skipped.
+    Each blob is written at once to a temporary shard file; a full shard is closed (renamed
+    to ``shard-<hash of its member list>.tar``) and the next one begun. The same sequence of
+    blobs gives byte-identical shards, so a caller that adds in a fixed order (the fetcher
+    adds in record order, whatever order responses arrive in) gets deterministic shards.
+    `known` is the index of blobs already stored; by default the shards in `directory` are
+    read for it. Leaving the `with` block flushes, unless an exception is on its way out:
+    then the shard being written is removed (shards closed before stay; each is complete).
+    Temporary files a killed run left behind are removed when a writer starts, so they never
+    end up in a DVC output: one writer per folder at a time. Not thread-safe: call it from
+    one thread (the fetcher's event loop).
+    """
+
+    def __init__(self, directory: Path, shard_bytes: int, known: dict[str, BlobRef] | None = None):
+        if shard_bytes < 1:
+            raise ValueError(f"shard_bytes must be >= 1 (got {shard_bytes})")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(_TMP_PREFIX + "*"):
+            leftover.unlink()
+        self.shard_bytes = shard_bytes
+        self._refs: dict[str, BlobRef] = dict(index_shards(self.directory) if known is None else known)
+        self._open: _OpenShard | None = None
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.flush()
+        else:
+            self.discard()
+
+    def add(self, data: bytes, sha256: str | None = None) -> str:
+        """Store `data` unless the store already holds it; return its sha256.
+
+        Its BlobRef is known once its shard is closed (`flush`). `sha256` is trusted when
+        given (the caller has just hashed the bytes).
+        """
+        if sha256 is None:
+            sha256 = hashlib.sha256(data).hexdigest()
+        shard = self._open
+        if sha256 in self._refs or (shard is not None and sha256 in shard.members):
+            return sha256
+        if shard is not None and shard.members and shard.payload + len(data) > self.shard_bytes:
+            self._close_shard()
+            shard = None
+        if shard is None:
+            shard = self._open = _OpenShard(self.directory)
+        try:
+            shard.append(sha256, data)
+        except BaseException:
+            self.discard()
+            raise
+        return sha256
+
+    def flush(self) -> dict[str, BlobRef]:
+        """Close the shard being written; the refs of every blob the store holds."""
+        if self._open is not None:
+            self._close_shard()
+        return dict(self._refs)
+
+    def discard(self) -> None:
+        """Remove the shard being written (its blobs are forgotten); closed shards stay."""
+        if self._open is not None:
+            shard, self._open = self._open, None
+            shard.discard()
+
+    def _close_shard(self) -> None:
+        shard, self._open = self._open, None
+        assert shard is not None
+        try:
+            name = shard.close()
+        except BaseException:
+            shard.discard()
+            raise
+        for sha256, (offset, size) in shard.members.items():
+            self._refs[sha256] = BlobRef(name, offset, size)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pread_exact(fd: int, offset: int, size: int) -> bytes:
+    """Exactly `size` bytes at `offset`, or ValueError when the file is shorter."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        part = os.pread(fd, size - got, offset + got)
+        if not part:
+            raise ValueError(f"blob at offset {offset} (size {size}) runs past the end of its shard")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class BlobReader:
+    """Reads blobs back from the shards in `directory`; thread-safe, keeps shards open."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read(self, shard: str, offset: int, size: int) -> bytes:
+        """The `size` bytes at `offset` of `shard` (a shard file name, never a path)."""
+        return _pread_exact(self._fd(shard), offset, size)
+
+    def close(self) -> None:
+        """Close every open shard."""
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is not None:
+            return fd
+        if not SHARD_NAME.fullmatch(shard):
+            # A table is data; a shard name that is not ours must not become a path.
+            raise ValueError(f"not a shard name: {shard!r}")
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                fd = os.open(self.directory / shard, os.O_RDONLY)
+                self._fds[shard] = fd
+        return fd
+
+
+def read_blobs(directory: Path, refs: Iterable[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes of each (shard, offset, size) in `refs`, in the order given."""
+    refs = list(refs)
+    # Reading in file order is kinder to disks; the answer keeps the caller's order.
+    order = sorted(range(len(refs)), key=lambda i: (refs[i][0], refs[i][1]))
+    out: list[bytes] = [b""] * len(refs)
+    with BlobReader(directory) as reader:
+        for i in order:
+            shard, offset, size = refs[i]
+            out[i] = reader.read(shard, int(offset), int(size))
+    return out

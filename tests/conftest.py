@@ -1,0 +1,239 @@
+"""Shared fixtures.
+
+- `cdn`, `other_cdn`: real HTTP servers on 127.0.0.1 (each its own port, hence its own host)
+  serving payloads by id at ``/photo/<url-quoted id>``, with faults injected on demand and a
+  log of the requests each id received.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote
+
+import pytest
+
+# -- loopback CDN ------------------------------------------------------------------------
+
+
+@dataclass
+class _Payload:
+    data: bytes
+    content_type: str
+    chunked: bool
+
+
+@dataclass
+class _Fault:
+    """What the next `times` requests for an id get instead of the payload (None: all of them)."""
+
+    kind: str  # status | slow | truncate | redirect
+    times: int | None
+    status: int = 0
+    seconds: float = 0.0
+    headers: tuple[tuple[str, str], ...] = ()
+    location: str = ""
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the default 5 drops SYNs when a fetcher opens many connections at once
+
+
+class LoopbackCDN:
+    """A threaded HTTP/1.1 server on 127.0.0.1 that serves `add`-ed payloads at /photo/<id>.
+
+    Faults apply in the order they were added, each to its next `times` requests for the id.
+    Unknown ids get 404. Every request is logged (arrival time, id) before it is answered.
+    """
+
+    def __init__(self) -> None:
+        self._payloads: dict[str, _Payload] = {}
+        self._faults: dict[str, list[_Fault]] = {}
+        self._log: list[tuple[float, str, dict[str, str]]] = []  # (arrival, id, request headers)
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
+        self._server.daemon_threads = True  # a handler asleep in a `slow` fault must not block teardown
+        self._server.handle_error = lambda request, address: None  # clients hang up on purpose here
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
+
+    def __enter__(self) -> LoopbackCDN:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    @property
+    def url_template(self) -> str:
+        """``http://127.0.0.1:PORT/photo/{id}``; fill `{id}` URL-quoted, as `url()` does."""
+        return f"http://127.0.0.1:{self.port}/photo/{{id}}"
+
+    def url(self, id_: str) -> str:
+        """The URL of an id: the template with the id quoted (slashes too)."""
+        return self.url_template.format(id=quote(id_, safe=""))
+
+    # faults and payloads
+
+    def add(self, id_: str, data: bytes, content_type: str = "image/jpeg", chunked: bool = False) -> None:
+        """Serve `data` for `id_` (with Content-Length, or chunked without it)."""
+        self._payloads[id_] = _Payload(data, content_type, chunked)
+
+    def fail(
+        self, id_: str, status: int = 500, times: int | None = 1, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer `status` (with `headers`) to the next `times` requests."""
+        self._add_fault(id_, _Fault("status", times, status=status, headers=tuple((headers or {}).items())))
+
+    def retry_after(self, id_: str, seconds: float | str, times: int | None = 1, status: int = 429) -> None:
+        """Answer `status` with ``Retry-After: seconds`` (a number or an HTTP date)."""
+        self.fail(id_, status=status, times=times, headers={"Retry-After": str(seconds)})
+
+    def slow(self, id_: str, seconds: float, times: int | None = 1) -> None:
+        """Wait `seconds` before answering the next `times` requests."""
+        self._add_fault(id_, _Fault("slow", times, seconds=seconds))
+
+    def truncate(self, id_: str, times: int | None = 1) -> None:
+        """Announce the full Content-Length, send half the body, hang up."""
+        self._add_fault(id_, _Fault("truncate", times))
+
+    def redirect(self, id_: str, to_url: str, times: int | None = None, status: int = 302) -> None:
+        """Redirect requests for `id_` to `to_url` (absolute or relative)."""
+        self._add_fault(id_, _Fault("redirect", times, status=status, location=to_url))
+
+    # the request log
+
+    def requests_for(self, id_: str) -> int:
+        """How many requests `id_` has received."""
+        with self._lock:
+            return sum(1 for _, logged, _ in self._log if logged == id_)
+
+    def request_log(self) -> list[tuple[float, str]]:
+        """(time.monotonic() at arrival, id) of every request, in arrival order."""
+        with self._lock:
+            return [(arrival, logged) for arrival, logged, _ in self._log]
+
+    def headers_for(self, id_: str) -> list[dict[str, str]]:
+        """The request headers of each request for `id_`."""
+        with self._lock:
+            return [headers for _, logged, headers in self._log if logged == id_]
+
+    def heal(self) -> None:
+        """Drop every fault: from now on each id gets its payload (or 404)."""
+        with self._lock:
+            self._faults.clear()
+
+    @property
+    def total_requests(self) -> int:
+        with self._lock:
+            return len(self._log)
+
+    # internals
+
+    def _add_fault(self, id_: str, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.setdefault(id_, []).append(fault)
+
+    def _next_fault(self, id_: str, headers: dict[str, str]) -> _Fault | None:
+        """Log the request; the fault it gets, if any (and count it down)."""
+        with self._lock:
+            self._log.append((time.monotonic(), id_, headers))
+            for fault in self._faults.get(id_, []):
+                if fault.times is None:
+                    return fault
+                if fault.times > 0:
+                    fault.times -= 1
+                    return fault
+        return None
+
+
+def _handler_for(cdn: LoopbackCDN) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as a CDN would
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            id_ = unquote(path.removeprefix("/photo/")) if path.startswith("/photo/") else ""
+            fault = cdn._next_fault(id_, dict(self.headers.items()))
+            try:
+                self._answer(id_, fault)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client gave up (a timeout test): fine
+
+        def _answer(self, id_: str, fault: _Fault | None) -> None:
+            if fault is not None and fault.kind == "slow":
+                time.sleep(fault.seconds)
+            if fault is not None and fault.kind == "status":
+                self._send(fault.status, b"<html><body>error</body></html>", "text/html", fault.headers)
+                return
+            if fault is not None and fault.kind == "redirect":
+                self._send(fault.status, b"", "text/plain", (("Location", fault.location),))
+                return
+            payload = cdn._payloads.get(id_)
+            if payload is None:
+                self._send(404, b"<html><body>not found</body></html>", "text/html")
+            elif fault is not None and fault.kind == "truncate":
+                self._send(200, payload.data, payload.content_type, cut=len(payload.data) // 2)
+            elif payload.chunked:
+                self._send_chunked(payload)
+            else:
+                self._send(200, payload.data, payload.content_type)
+
+        def _send(
+            self,
+            status: int,
+            body: bytes,
+            content_type: str,
+            headers: tuple[tuple[str, str], ...] = (),
+            cut: int | None = None,
+        ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers:
+                self.send_header(name, value)
+            self.end_headers()
+            if cut is None:
+                self.wfile.write(body)
+            else:
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+
+        def _send_chunked(self, payload: _Payload) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", payload.content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            step = 16 * 1024
+            for start in range(0, len(payload.data), step):
+                part = payload.data[start : start + step]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+
+    return Handler
+
+
+@pytest.fixture
+def cdn() -> Iterator[LoopbackCDN]:
+    """A loopback CDN; see LoopbackCDN."""
+    with LoopbackCDN() as server:
+        yield server
+
+
+@pytest.fixture
+def other_cdn() -> Iterator[LoopbackCDN]:
+    """A second loopback CDN on another port: another host for redirect tests."""
+    with LoopbackCDN() as server:
+        yield server
