@@ -10,7 +10,7 @@ def test_funnel_sums_sources_and_keeps_pipeline_order(tmp_path):
     }
     stages = {"dedup": {"exact_duplicates": 1, "near_duplicates": 0}, "validate": {"valid": 3, "broken": 0}}
     funnel = report.funnel(download, stages)
-    assert list(funnel)[:5] == ["lines_read", "unique_ids", "fetched", "fetch_failed", "exact_duplicates"]
+    assert list(funnel)[:5] == ["lines_read", "unique_ids", "fetched", "fetch_failed", "fetch_failed_by_reason"]
     assert funnel["lines_read"] == 10
     assert funnel["fetch_failed_by_reason"] == {"http_404": 1}
     assert list(funnel["per_source"]) == ["a", "b"]

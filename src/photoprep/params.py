@@ -127,6 +127,90 @@ class SplitParams(Section):
         return v
 
 
+class TrainParams(Section):
+    model: Literal["smallcnn", "convnet", "alexnet", "googlenet", "resnet", "mlp"] = Field(
+        "smallcnn", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
+    )
+    width: int | None = Field(
+        None, ge=4, le=1024,
+        description="base channels (image models) or hidden units (mlp); null: the model's default",
+    )
+    depth: int | None = Field(
+        None, ge=1, le=12,
+        description="conv blocks (convnet), residual blocks per stage (resnet), hidden layers (mlp); null: default",
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="before the classifier (convnet, alexnet, googlenet, mlp)")
+    activation: Literal["relu", "sigmoid"] = Field("relu", description="convnet and mlp only")
+    init_from: str | None = Field(None, description="local checkpoint (a model.pt or a state dict) to start from")
+    freeze: int = Field(0, ge=0, description="freeze the first N blocks (layers) of the model")
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(0.003, gt=0, le=10, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(True, description="sgd only")
+    weight_decay: float = Field(5e-4, ge=0, description="not applied to biases and batch norm")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["none", "step", "cosine", "onecycle"] = "onecycle"
+    step_size: int = Field(10, ge=1, description="epochs between decays (schedule: step)")
+    gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule: step)")
+    epochs: int = Field(12, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=2, le=65_536)
+    augment: list[Literal["flip", "crop", "translate", "colour"]] = Field(
+        default_factory=lambda: ["translate"],
+        description="flip: mirror left-right (not for digits or text); crop: zero-padded random crop; "
+        "translate: random shift with edge pixels repeated; colour: shuffle RGB channels and invert",
+    )
+    image_size: tuple[int, int] | None = Field(
+        None, description="[H, W] the model sees: images are resized on the device; null keeps bucket.size"
+    )
+    normalize: Literal["dataset", "image"] = Field(
+        "dataset", description="dataset: the train split's mean and std per channel; image: each image's own"
+    )
+    shift_px: int = Field(4, ge=0, le=64, description="largest shift of crop and translate, in pixels")
+    early_stopping: int = Field(5, ge=0, description="stop after this many epochs without a better val score; 0: off")
+    monitor: Literal["val_loss", "val_accuracy"] = Field(
+        "val_accuracy", description="picks the best model and drives early stopping (ties: lower val loss)"
+    )
+    resume: bool = Field(False, description="continue from the last checkpoint when it matches params and data")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (never on the CPU)")
+    channels_last: bool = Field(True, description="NHWC memory format for image models")
+    deterministic: bool = Field(False, description="deterministic algorithms on CUDA (CPU runs always are)")
+    seed: int = 0
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not (16 <= min(v) and max(v) <= 512):
+            raise ValueError(f"both sides must be between 16 and 512 (got {list(v)})")
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: list[str]) -> list[str]:
+        if "crop" in v and "translate" in v:
+            raise ValueError("crop and translate both shift the image: choose one")
+        if len(set(v)) != len(v):
+            raise ValueError(f"each augmentation once (got {v})")
+        return v
+
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_needs_init(cls, v: int, info) -> int:  # noqa: ANN001 (pydantic's ValidationInfo)
+        if v and not info.data.get("init_from"):
+            raise ValueError(f"freezing layers needs train.init_from, a trained checkpoint (got {v})")
+        return v
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(256, ge=1, le=65_536)
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "cpu", description="cpu makes metrics bit-reproducible (verify compares with tolerance 0)"
+    )
+    samples: int = Field(40, ge=0, le=1000, description="test images in reports/predictions.png")
+    misclassified: int = Field(40, ge=0, le=1000, description="most images in reports/misclassified.png")
+    top_k: int = Field(5, ge=2, le=100, description="top-k accuracy, reported when there are >= 2k classes")
+
+
 class Params(Section):
     sources: list[str] = Field(default_factory=lambda: ["demo"])
     compute: ComputeParams = ComputeParams()
@@ -136,9 +220,8 @@ class Params(Section):
     bucket: BucketParams = BucketParams()
     features: FeatureParams = FeatureParams()
     split: SplitParams = SplitParams()
-    # Later stages (train, evaluate, cluster) keep their sections; they are checked there.
-    train: dict[str, Any] | None = None
-    evaluate: dict[str, Any] | None = None
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

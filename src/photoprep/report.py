@@ -12,16 +12,21 @@ import pandas as pd
 FUNNEL_ORDER = (
     "lines_read",
     "malformed_lines",
+    "repeated_id_lines",
     "unique_ids",
     "fetched",
     "fetch_failed",
+    "fetch_failed_by_reason",
     "exact_duplicates",
     "near_duplicates",
     "after_dedup",
     "broken",
+    "broken_by_reason",
     "valid",
     "bucket_dropped",
     "kept",
+    "kept_per_bucket",
+    "split",
 )
 
 
@@ -73,6 +78,7 @@ def funnel(download: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]
     for counts in stages.values():
         _add(totals, counts)
     ordered = {key: totals.pop(key) for key in FUNNEL_ORDER if key in totals}
+    ordered = {k: _sorted_counts(v) if isinstance(v, dict) else v for k, v in ordered.items()}
     ordered.update(_sorted_counts(totals))
     ordered["per_source"] = {name: _sorted_counts(counts) for name, counts in sorted(download.items())}
     return ordered
