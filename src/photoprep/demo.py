@@ -1,0 +1,278 @@
+"""The embedded demo source: scikit-learn's digits rendered as photos, with the real defects.
+
+`render_demo(out_dir)` writes `photos.txt`, `labels.csv`, `expected.json` and one file per id
+in `cdn/` (file name = id, no extension, like a CDN path). Everything is deterministic: two
+renders are byte-identical.
+
+Plain upscaled 8x8 digits collide under perceptual hashing, so each digit is drawn on its
+own smooth colour background (a gradient and a soft blob) at a small random offset, and a
+rendering whose hash comes within `MIN_DISTANCE` bits of one already drawn is drawn again
+with the next random background. The hash checked is the pipeline's own (`decode.probe`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from photoprep import decode, hamming
+
+NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
+MIN_DISTANCE = 12           # phash bits between any two distinct images (checked on render)
+NEAR_MAX = 3                # an injected near duplicate stays within this many bits
+N_EXACT = 30
+N_NEAR = 20
+N_TRUNCATED = 6
+N_ZERO = 3
+N_TOO_SMALL = 2
+N_MISSING = 2
+
+HTML_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>\n"
+    "<body><h1>502 Bad Gateway</h1><p>The photo service is unavailable (request {n}).</p></body></html>\n"
+)
+JSON_ERROR = '{"error": "rate limited", "status": 429, "retry_after": 30}\n'
+SOURCE_YAML = """\
+# The embedded demo: scikit-learn's digits rendered as photos, with the real collection's defects.
+# Regenerate (byte for byte) with: photoprep demo pipeline/sources/demo
+format: heobs
+manifest: photos.txt
+url: "cdn/{id}"        # a path relative to this folder; goes through the same fetcher as https:// URLs
+labels: labels.csv
+"""
+
+
+def demo_id(kind: str, index: int) -> str:
+    """A stable UUID for the index-th image of a kind."""
+    return str(uuid.uuid5(NAMESPACE, f"{kind}-{index}"))
+
+
+def _size_of(index: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(height, width): a third 64x64, a third 96x96, a third 200 wide and 120..165 high."""
+    kind = index % 3
+    if kind == 0:
+        return 64, 64
+    if kind == 1:
+        return 96, 96
+    return 120 + 5 * int(rng.integers(0, 10)), 200
+
+
+def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth colour field: a gradient between two random colours plus a soft blob."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (np.cos(angle) * x / w + np.sin(angle) * y / h)
+    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    img = c0 + (c1 - c0) * t[..., None]
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    radius = rng.uniform(0.2, 0.6) * max(h, w)
+    blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * radius**2))
+    img += rng.uniform(-120, 120, 3) * blob[..., None]
+    return np.clip(img, 0, 255)
+
+
+def _draw(digit: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """One digit (8x8, 0..16) drawn smoothly on a background, slightly off centre."""
+    img = _background(h, w, rng)
+    side = int(min(h, w) * rng.uniform(0.62, 0.78))
+    glyph = Image.fromarray((digit / 16 * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    alpha = np.asarray(glyph, np.float32)[..., None] / 255
+    slack_y, slack_x = h - side, w - side
+    top = int(np.clip(slack_y / 2 + rng.uniform(-0.3, 0.3) * slack_y, 0, slack_y))
+    left = int(np.clip(slack_x / 2 + rng.uniform(-0.3, 0.3) * slack_x, 0, slack_x))
+    patch = img[top : top + side, left : left + side]
+    luma = float(patch.mean())
+    ink = rng.uniform(0, 60, 3) if luma > 128 else rng.uniform(195, 255, 3)
+    img[top : top + side, left : left + side] = patch * (1 - alpha) + ink * alpha
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _encode(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if fmt == "PNG":
+        image.save(out, format="PNG", optimize=False)
+    else:
+        image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def _hash(data: bytes) -> np.ndarray:
+    return hamming.pack_hashes([decode.probe(data)["hash"]])[0]
+
+
+class _Spread:
+    """The packed hashes drawn so far, to keep every new one far from all of them."""
+
+    def __init__(self) -> None:
+        self.hashes = np.zeros((0, 8), np.uint8)
+
+    def distance_to_all(self, packed: np.ndarray) -> np.ndarray:
+        return np.unpackbits(np.bitwise_xor(self.hashes, packed), axis=1).sum(axis=1)
+
+    def far_enough(self, packed: np.ndarray) -> bool:
+        return not len(self.hashes) or int(self.distance_to_all(packed).min()) >= MIN_DISTANCE
+
+    def add(self, packed: np.ndarray) -> None:
+        self.hashes = np.vstack([self.hashes, packed])
+
+
+def _render_distinct(
+    digit: np.ndarray, h: int, w: int, fmt: str, rng: np.random.Generator, spread: _Spread
+) -> tuple[np.ndarray, bytes]:
+    for _ in range(200):
+        pixels = _draw(digit, h, w, rng)
+        data = _encode(pixels, fmt)
+        packed = _hash(data)
+        if spread.far_enough(packed):
+            spread.add(packed)
+            return pixels, data
+    raise RuntimeError("could not draw a rendering far enough from the others")
+
+
+def _near_copy(pixels: np.ndarray, original: bytes, variant: int) -> bytes:
+    """A re-encoded (even variants) or slightly resized (odd variants) copy."""
+    if variant % 2 == 0:
+        return _encode(pixels, "JPEG", quality=70)
+    h, w = pixels.shape[:2]
+    smaller = Image.fromarray(pixels).resize((w - max(2, w // 48), h - max(2, h // 48)), Image.Resampling.LANCZOS)
+    return _encode(np.asarray(smaller), "JPEG", quality=88)
+
+
+def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
+    """Render the demo source into `out_dir` (replacing its cdn/); return the injected counts."""
+    out_dir = Path(out_dir)
+    digits = load_digits()
+    n = len(digits.images) if limit is None else min(limit, len(digits.images))
+    rng = np.random.default_rng(seed)
+    spread = _Spread()
+    files: dict[str, bytes] = {}
+    labels: dict[str, str] = {}
+    titles: dict[str, int] = {}
+    pixels_of: dict[str, np.ndarray] = {}
+    for i in range(n):
+        h, w = _size_of(i, rng)
+        fmt = "PNG" if i % 9 == 0 else "JPEG"
+        pixels, data = _render_distinct(digits.images[i], h, w, fmt, rng, spread)
+        rid = demo_id("digit", i)
+        files[rid], labels[rid], titles[rid], pixels_of[rid] = data, str(digits.target[i]), i, pixels
+    originals = [k for k in files if not files[k].startswith(b"\x89PNG")]
+    order = rng.permutation(len(originals))
+    exact_of = [originals[j] for j in order[:N_EXACT]]
+    near_pool = [originals[j] for j in order[N_EXACT:]]
+    kinds: dict[str, dict] = {"exact": {}, "near": {}, "broken": {}, "missing": []}
+    for k, original in enumerate(exact_of):
+        rid = demo_id("copy", k)
+        files[rid], labels[rid], titles[rid] = files[original], labels[original], titles[original]
+        kinds["exact"][rid] = original
+    near_distances = []
+    for original in near_pool:
+        if len(kinds["near"]) == N_NEAR:
+            break
+        k = len(kinds["near"])
+        data = _near_copy(pixels_of[original], files[original], k)
+        distance = int(np.unpackbits(np.bitwise_xor(_hash(data), _hash(files[original]))).sum())
+        if distance > NEAR_MAX:
+            continue
+        rid = demo_id("near", k)
+        files[rid], labels[rid], titles[rid] = data, labels[original], titles[original]
+        kinds["near"][rid] = original
+        near_distances.append(distance)
+    for k in range(N_TRUNCATED):
+        source = originals[int(order[-1 - k])]
+        rid = demo_id("truncated", k)
+        full = _encode(_draw(digits.images[titles[source]], 96, 96, rng), "JPEG")
+        files[rid], labels[rid], titles[rid] = full[: int(len(full) * 0.6)], labels[source], titles[source]
+        kinds["broken"][rid] = "truncated"
+    broken_payloads = [("zero", b"", "zero_bytes")] * N_ZERO + [
+        ("html", HTML_PAGE.format(n=k).encode(), "not_an_image") for k in range(3)
+    ] + [("json", JSON_ERROR.encode(), "not_an_image")]
+    for k, (kind, data, reason) in enumerate(broken_payloads):
+        rid = demo_id(kind, k)
+        files[rid], labels[rid], titles[rid] = data, str(digits.target[k]), k
+        kinds["broken"][rid] = reason
+    for k in range(N_TOO_SMALL):
+        rid = demo_id("small", k)
+        _, data = _render_distinct(digits.images[k], 16, 16, "PNG", rng, spread)
+        files[rid], labels[rid], titles[rid] = data, str(digits.target[k]), k
+        kinds["broken"][rid] = "too_small"
+    for k in range(N_MISSING):
+        rid = demo_id("missing", k)
+        titles[rid] = k
+        kinds["missing"].append(rid)
+
+    lines = _manifest_lines(titles, labels, rng)
+    _write(out_dir, files, labels, lines)
+    broken_counts: dict[str, int] = {}
+    for reason in kinds["broken"].values():
+        broken_counts[reason] = broken_counts.get(reason, 0) + 1
+    expected = {
+        "digits": n,
+        "lines": len(lines),
+        "malformed_lines": 2,
+        "unique_ids": len(titles),
+        "missing": N_MISSING,
+        "fetched": len(files),
+        "exact_duplicates": len(kinds["exact"]),
+        "near_duplicates": len(kinds["near"]),
+        "broken": dict(sorted(broken_counts.items())),
+        "valid_unique_images": n,
+        "min_distinct_phash_distance": _min_distance(spread.hashes),
+        "max_near_phash_distance": max(near_distances, default=0),
+        "ids": kinds,
+    }
+    (out_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
+    return {k: v for k, v in expected.items() if k != "ids"}
+
+
+def _min_distance(packed: np.ndarray) -> int:
+    best = 64
+    for i in range(len(packed) - 1):
+        d = np.unpackbits(np.bitwise_xor(packed[i + 1 :], packed[i]), axis=1).sum(axis=1)
+        best = min(best, int(d.min()))
+    return best
+
+
+def _manifest_lines(titles: dict[str, int], labels: dict[str, str], rng: np.random.Generator) -> list[str]:
+    """Two lines per id (vie, fra), shuffled, plus two malformed lines."""
+    lines = []
+    for rid, number in titles.items():
+        digit = labels.get(rid, "?")
+        lines.append(f"{rid} | Chữ số {digit} ({number}) | vie")
+        lines.append(f"{rid} | Chiffre {digit} — n° {number} | fra")
+    lines = [lines[j] for j in rng.permutation(len(lines))]
+    lines.insert(len(lines) // 3, "d2b7c9f0-0000-4000-8000-000000000000 | Ảnh không có ngôn ngữ")
+    lines.insert(2 * len(lines) // 3, " | Ảnh không có mã | vie")
+    return lines
+
+
+def _write(out_dir: Path, files: dict[str, bytes], labels: dict[str, str], lines: list[str]) -> None:
+    cdn = out_dir / "cdn"
+    if cdn.exists():
+        shutil.rmtree(cdn)
+    cdn.mkdir(parents=True)
+    for rid, data in files.items():
+        (cdn / rid).write_bytes(data)
+    text = "\ufeff" + "\r\n".join(lines[:10]) + "\r\n\r\n" + "\n".join(lines[10:]) + "\n\n"
+    (out_dir / "photos.txt").write_bytes(text.encode("utf-8"))
+    rows = ["id,label"] + [f"{rid},{labels[rid]}" for rid in sorted(labels)]
+    (out_dir / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (out_dir / "source.yaml").write_text(SOURCE_YAML, encoding="utf-8")
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "pipeline/sources/demo")
+    print(json.dumps(render_demo(out), indent=2))
+
+
+if __name__ == "__main__":
+    main()
