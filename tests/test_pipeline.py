@@ -87,7 +87,8 @@ def test_near_threshold_experiment_decodes_nothing_again(demo_repo: Path) -> Non
 def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) -> None:
     out = _run(["dvc", "exp", "run", "-S", "bucket.size=[32,32]"], demo_repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert {"bucket", "features", "split", "funnel"} <= ran
+    # split and funnel read only the table of kept images, which a new size leaves unchanged.
+    assert {"bucket", "features"} <= ran
     assert not ran & {"download@demo", "dedup", "validate"}
     images = pd.read_parquet(demo_repo / "data" / "processed" / "images.parquet")
     import numpy as np

@@ -129,7 +129,7 @@ class SplitParams(Section):
 
 class TrainParams(Section):
     model: Literal["smallcnn", "convnet", "alexnet", "googlenet", "resnet", "mlp"] = Field(
-        "smallcnn", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
+        "convnet", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
     )
     width: int | None = Field(
         None, ge=4, le=1024,
@@ -144,7 +144,7 @@ class TrainParams(Section):
     init_from: str | None = Field(None, description="local checkpoint (a model.pt or a state dict) to start from")
     freeze: int = Field(0, ge=0, description="freeze the first N blocks (layers) of the model")
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(0.003, gt=0, le=10, description="peak learning rate")
+    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
     weight_decay: float = Field(5e-4, ge=0, description="not applied to biases and batch norm")
@@ -152,10 +152,10 @@ class TrainParams(Section):
     schedule: Literal["none", "step", "cosine", "onecycle"] = "onecycle"
     step_size: int = Field(10, ge=1, description="epochs between decays (schedule: step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule: step)")
-    epochs: int = Field(12, ge=1, le=10_000)
-    batch_size: int = Field(64, ge=2, le=65_536)
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=2, le=65_536)
     augment: list[Literal["flip", "crop", "translate", "colour"]] = Field(
-        default_factory=lambda: ["translate"],
+        default_factory=lambda: ["translate", "colour"],
         description="flip: mirror left-right (not for digits or text); crop: zero-padded random crop; "
         "translate: random shift with edge pixels repeated; colour: shuffle RGB channels and invert",
     )
@@ -163,7 +163,7 @@ class TrainParams(Section):
         None, description="[H, W] the model sees: images are resized on the device; null keeps bucket.size"
     )
     normalize: Literal["dataset", "image"] = Field(
-        "dataset", description="dataset: the train split's mean and std per channel; image: each image's own"
+        "image", description="dataset: the train split's mean and std per channel; image: each image's own"
     )
     shift_px: int = Field(4, ge=0, le=64, description="largest shift of crop and translate, in pixels")
     early_stopping: int = Field(5, ge=0, description="stop after this many epochs without a better val score; 0: off")
