@@ -9,7 +9,8 @@ def main() -> None:
     p = params.load()
     table = pd.read_parquet("data/processed/images.parquet")
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
-    table = split.attach_labels(table, labels)
+    members = pd.read_parquet("data/interim/dedup.parquet", columns=["source", "id", "label", "group"])
+    table = split.attach_labels(table, labels, members, priority=p.sources)
     result = split.assign_splits(table, p.split)
     for name in ("train", "val", "test", "unlabeled"):
         part = result.table[result.table["split"] == name].reset_index(drop=True)

@@ -333,3 +333,21 @@ def test_label_file_fills_and_overrides_manifest_labels():
     unchanged = attach_labels(images, labels.iloc[:0])["label"]
     assert unchanged.isna().tolist() == [False, True, False]
     assert list(unchanged.dropna()) == ["cat", "dog"]
+
+
+def test_a_later_source_relabels_the_duplicate_that_dedup_kept():
+    from photoprep.split import attach_labels
+
+    kept = pd.DataFrame({"source": ["coll", "coll"], "id": ["a", "b"], "label": [None, "cat"], "group": [0, 1]})
+    members = pd.DataFrame({
+        "source": ["coll", "review", "coll", "review", "other"],
+        "id": ["a", "dog/a.png", "b", "bird/b.png", "x"],
+        "label": [None, "dog", "cat", "bird", "fish"],
+        "group": [0, 0, 1, 1, -1],
+    })
+    none = pd.DataFrame({"source": [], "id": [], "label": []})
+    out = attach_labels(kept, none, members, priority=["coll", "review"])
+    assert list(out["label"]) == ["dog", "bird"]
+    # Listed first, the review source loses to the collection's own label where it has one.
+    out = attach_labels(kept, none, members, priority=["review", "coll"])
+    assert list(out["label"]) == ["dog", "cat"]

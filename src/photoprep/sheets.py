@@ -15,7 +15,7 @@ def contact_sheet(
     rows: list[list[tuple[np.ndarray, str]]],
     titles: list[str],
     path: str | Path,
-    title_width: int = 160,
+    title_width: int = 110,
 ) -> None:
     """Draw each row's (thumbnail, caption) pairs after its title and save a PNG.
 
@@ -70,7 +70,7 @@ def draw_near_groups(groups: list, raw_dir: Path, p: object, path: str | Path) -
             label = "kept" if member.dup_of == "" else f"{member.dup_reason} d={member.dup_distance}"
             cells.append((thumbs[start + offset], label))
         start += len(group)
-        titles.append(f"group {group['group'].iloc[0]} ({len(group)})")
+        titles.append(f"group {group['group'].iloc[0]}: {len(group)}")
         rows.append(cells)
     contact_sheet(rows, titles, path)
 

@@ -331,19 +331,46 @@ def split_report(result: SplitResult) -> dict:
     }
 
 
-def attach_labels(images: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+def _member_labels(members: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
+    """Each member's label: its labels.csv entry, else what its manifest carried."""
+    given = labels.drop_duplicates(["source", "id"]).set_index(["source", "id"])["label"]
+    from_file = given.reindex(pd.MultiIndex.from_frame(members[["source", "id"]])).to_numpy()
+    own = members["label"].to_numpy(dtype=object) if "label" in members else np.full(len(members), None)
+    return pd.Series(np.where(pd.isna(from_file), own, from_file), index=members.index)
+
+
+def attach_labels(
+    images: pd.DataFrame,
+    labels: pd.DataFrame,
+    members: pd.DataFrame | None = None,
+    priority: list[str] | None = None,
+) -> pd.DataFrame:
     """Labels from the sources' labels.csv (columns source, id, label) fill `label`.
 
     A label file wins over a label the manifest carried (a folder's class, a csv column),
-    because it is the more deliberate statement; images named in neither stay unlabeled.
+    because it is the more deliberate statement. With `members` (every record with its
+    duplicate `group`) a kept image also takes the label of its duplicates: the member from
+    the source latest in `priority` wins, so a reviewed folder source listed after the
+    collection relabels the images it holds, even though dedup kept the original.
     """
     table = images.copy()
     if "label" not in table.columns:
         table["label"] = None
-    if labels.empty:
+    table["label"] = _member_labels(table, labels).to_numpy()
+    if members is None or "group" not in table.columns:
         return table
-    given = labels.drop_duplicates(["source", "id"]).set_index(["source", "id"])["label"]
-    keys = pd.MultiIndex.from_frame(table[["source", "id"]])
-    from_file = given.reindex(keys).to_numpy()
-    table["label"] = np.where(pd.isna(from_file), table["label"].to_numpy(dtype=object), from_file)
+    members = members[members["group"] >= 0].copy()
+    members["label"] = _member_labels(members, labels).to_numpy()
+    members = members[members["label"].notna() & (members["label"].astype(str) != "")]
+    rank = {name: i for i, name in enumerate(priority or [])}
+    members["_rank"] = members["source"].map(rank).fillna(-1)
+    kept_keys = set(zip(table["source"], table["id"], strict=True))
+    members["_kept"] = [(s, i) in kept_keys for s, i in zip(members["source"], members["id"], strict=True)]
+    best = (
+        members.sort_values(["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True])
+        .drop_duplicates("group")
+        .set_index("group")["label"]
+    )
+    from_group = best.reindex(table["group"]).to_numpy()
+    table["label"] = np.where(pd.isna(from_group), table["label"].to_numpy(dtype=object), from_group)
     return table
