@@ -94,3 +94,17 @@ def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) ->
     import numpy as np
 
     assert np.load(demo_repo / "data" / "processed" / "images.npy", mmap_mode="r").shape == (len(images), 32, 32, 3)
+
+
+def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    _run(["photoprep", "export", "--split", "test", "--format", "npz", str(tmp_path / "test.npz")], demo_repo)
+    with np.load(tmp_path / "test.npz", allow_pickle=False) as saved:
+        test = pd.read_parquet(demo_repo / "data" / "splits" / "test.parquet")
+        assert saved["images"].shape[0] == len(test)
+        assert set(saved["labels"]) <= set(range(10))
+    _run(["photoprep", "export", "--split", "train", str(tmp_path / "train")], demo_repo)
+    assert len(list((tmp_path / "train").glob("*/*.png"))) == len(
+        pd.read_parquet(demo_repo / "data" / "splits" / "train.parquet")
+    )
