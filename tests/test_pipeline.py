@@ -50,7 +50,15 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         _run(line, repo)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    _run(["dvc", "repro"], repo)
+    # One epoch keeps CI short; the default training is exercised by `make run` and its targets
+    # by the train tests.
+    params = (repo / "params.yaml").read_text().replace("  epochs: 20", "  epochs: 1", 1)
+    (repo / "params.yaml").write_text(params)
+    for line in (
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "one epoch"],
+        ["dvc", "repro"],
+    ):
+        _run(line, repo)
     return repo
 
 
@@ -108,3 +116,27 @@ def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, t
     assert len(list((tmp_path / "train").glob("*/*.png"))) == len(
         pd.read_parquet(demo_repo / "data" / "splits" / "train.parquet")
     )
+
+
+def test_train_experiment_reruns_train_and_evaluate_only(demo_repo: Path) -> None:
+    out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], demo_repo)
+    ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+    assert ran == {"train", "evaluate"}
+    shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], demo_repo)
+    assert "accuracy" in shown and "train.epochs" in shown
+
+
+def test_verify_passes_on_the_pipeline_state_and_fails_on_a_tampered_metric(demo_repo: Path) -> None:
+    _run(["photoprep", "verify"], demo_repo)
+    path = demo_repo / "metrics" / "eval.json"
+    original = path.read_text()
+    metrics = json.loads(original)
+    metrics["accuracy"] = round(metrics["accuracy"] - 0.01, 6)
+    path.write_text(json.dumps(metrics, indent=2))
+    try:
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        done = subprocess.run(["photoprep", "verify"], cwd=demo_repo, env=env, capture_output=True, text=True)
+        assert done.returncode != 0
+        assert "accuracy" in done.stdout + done.stderr
+    finally:
+        path.write_text(original)

@@ -40,6 +40,14 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"rendered the demo source into {args.out}: {counts}")
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from photoprep import verify
+
+    code = verify.verify(retrain=args.retrain, tolerance=args.tolerance)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="photoprep", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out", nargs="?", default="pipeline/sources/demo")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    ver = sub.add_parser(
+        "verify", help="re-evaluate the committed model on the committed test split and compare metrics"
+    )
+    ver.add_argument("--retrain", action="store_true", help="also re-run training on the CPU and compare")
+    ver.add_argument("--tolerance", type=float, default=None, help="largest metric difference (0 on CPU)")
+    ver.set_defaults(func=_verify)
     return parser
 
 

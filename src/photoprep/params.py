@@ -139,20 +139,24 @@ class TrainParams(Section):
         None, ge=1, le=12,
         description="conv blocks (convnet), residual blocks per stage (resnet), hidden layers (mlp); null: default",
     )
-    dropout: float = Field(0.0, ge=0, lt=1, description="before the classifier (convnet, alexnet, googlenet, mlp)")
+    dropout: float = Field(
+        0.2, ge=0, lt=1, description="before the classifier (convnet, alexnet, googlenet, mlp)"
+    )
     activation: Literal["relu", "sigmoid"] = Field("relu", description="convnet and mlp only")
     init_from: str | None = Field(None, description="local checkpoint (a model.pt or a state dict) to start from")
     freeze: int = Field(0, ge=0, description="freeze the first N blocks (layers) of the model")
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
-    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate")
+    lr: float | None = Field(
+        None, gt=0, le=10, description="peak learning rate; null: the model's (mlp 0.001, others 0.01)"
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
     weight_decay: float = Field(5e-4, ge=0, description="not applied to biases and batch norm")
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
     schedule: Literal["none", "step", "cosine", "onecycle"] = "onecycle"
     step_size: int = Field(10, ge=1, description="epochs between decays (schedule: step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule: step)")
-    epochs: int = Field(15, ge=1, le=10_000)
+    epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=2, le=65_536)
     augment: list[Literal["flip", "crop", "translate", "colour"]] = Field(
         default_factory=lambda: ["translate", "colour"],
@@ -160,12 +164,12 @@ class TrainParams(Section):
         "translate: random shift with edge pixels repeated; colour: shuffle RGB channels and invert",
     )
     image_size: tuple[int, int] | None = Field(
-        None, description="[H, W] the model sees: images are resized on the device; null keeps bucket.size"
+        (32, 32), description="[H, W] the model sees: images are resized on the device; null keeps bucket.size"
     )
     normalize: Literal["dataset", "image"] = Field(
         "image", description="dataset: the train split's mean and std per channel; image: each image's own"
     )
-    shift_px: int = Field(4, ge=0, le=64, description="largest shift of crop and translate, in pixels")
+    shift_px: int = Field(6, ge=0, le=64, description="largest shift of crop and translate, in stored pixels")
     early_stopping: int = Field(5, ge=0, description="stop after this many epochs without a better val score; 0: off")
     monitor: Literal["val_loss", "val_accuracy"] = Field(
         "val_accuracy", description="picks the best model and drives early stopping (ties: lower val loss)"
@@ -211,6 +215,58 @@ class EvaluateParams(Section):
     top_k: int = Field(5, ge=2, le=100, description="top-k accuracy, reported when there are >= 2k classes")
 
 
+class ClusterParams(Section):
+    n_clusters: int = Field(10, ge=2, le=10_000, description="clusters of DEC and of both k-means baselines")
+    blocks: list[Literal["hog", "color"]] = Field(
+        default_factory=lambda: ["hog", "color"],
+        description="feature blocks clustered (data/features/features.json says where each lies)",
+    )
+    center: bool = Field(True, description="subtract each column's mean before the paper's scaling")
+    dims: list[int] = Field(
+        default_factory=lambda: [500, 500, 2000, 10],
+        description="encoder widths after the input; the last is the embedding (the decoder mirrors them)",
+    )
+    pretrain: Literal["end_to_end", "layerwise"] = Field(
+        "end_to_end", description="layerwise: each layer pair as a denoising autoencoder first, then end to end"
+    )
+    pretrain_epochs: int = Field(40, ge=0, le=100_000, description="end-to-end epochs of the autoencoder")
+    layer_epochs: int = Field(10, ge=1, le=100_000, description="epochs per layer pair (pretrain: layerwise)")
+    dropout: float = Field(0.2, ge=0, lt=1, description="input dropout while pretraining: a denoising autoencoder")
+    pretrain_lr: float = Field(3e-4, gt=0, le=10, description="Adam(W) learning rate of the pretraining")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay of the pretraining")
+    batch_size: int = Field(256, ge=2, le=65_536)
+    alpha: float = Field(1.0, gt=0, le=1000, description="degrees of freedom of the Student's t kernel")
+    lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate of the KL refinement")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the KL refinement")
+    update_interval: int | None = Field(
+        None, ge=1, description="refinement batches between target updates; null: one pass over the data"
+    )
+    tol: float = Field(0.001, ge=0, le=1, description="stop when fewer than this share of assignments change")
+    max_iter: int = Field(2000, ge=0, le=10_000_000, description="most refinement batches")
+    kmeans_n_init: int = Field(10, ge=10, le=1000, description="k-means restarts (both baselines and DEC's start)")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads of torch; null: its default (CPU runs match bit for bit "
+        "at the same count)"
+    )
+    seed: int = 0
+    sheet_images: int = Field(8, ge=1, le=100, description="images nearest to and farthest from each centre")
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if not v or len(v) > 8 or min(v) < 1:
+            raise ValueError(f"1 to 8 layer widths, each >= 1 (got {v})")
+        return v
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"name hog and/or color, each once (got {v})")
+        return v
+
+
 class Params(Section):
     sources: list[str] = Field(default_factory=lambda: ["demo"])
     compute: ComputeParams = ComputeParams()
@@ -222,6 +278,7 @@ class Params(Section):
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    cluster: ClusterParams = ClusterParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

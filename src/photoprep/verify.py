@@ -1,0 +1,209 @@
+"""`photoprep verify`: does the committed model still give the committed metrics?
+
+Checks, from the repository root:
+
+1. the test split's fingerprint: ``data/splits/test.parquet`` (recomputed), ``reports/splits.json``,
+   the model's metadata and ``metrics/eval.json`` must all name the same split;
+2. re-evaluation: the committed model on the committed test split, on the CPU, must give
+   every figure of ``metrics/eval.json`` within the tolerance;
+3. with ``retrain``: training again on the CPU (into a temporary folder) from the model's own
+   params must give the same metrics, and, when the model was trained on the CPU and the
+   tolerance is zero, bit-identical weights.
+
+The tolerance defaults to zero where the committed figures came from the CPU (CPU runs are
+bit-reproducible for one torch version and CPU kind; the retraining uses the thread count the
+model was trained with) and to a small one where they came from CUDA. Differences are printed as a
+diff; the exit code is 0 when everything matches, 1 when something differs, 2 when a file
+needed for the check is missing or unreadable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from photoprep import evaluate, params, train
+from photoprep.params import TrainParams, UserError
+
+CUDA_EVAL_TOLERANCE = 1e-4  # fp32 kernels differ between devices in the last bits
+CUDA_RETRAIN_TOLERANCE = 0.02  # another device's training lands on other weights
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as ``{"a.b.c": leaf}``."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def compare_metrics(committed: dict[str, Any], now: dict[str, Any], tolerance: float) -> list[str]:
+    """One diff line per figure that differs by more than ``tolerance`` (text must be equal)."""
+    a, b = flatten(committed), flatten(now)
+    lines = []
+    for key in sorted(a.keys() | b.keys()):
+        if key not in b:
+            lines.append(f"- {key}: {a[key]!r} (committed; not produced now)")
+        elif key not in a:
+            lines.append(f"+ {key}: {b[key]!r} (produced now; not committed)")
+        else:
+            x, y = a[key], b[key]
+            numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (x, y))
+            if numbers:
+                both_nan = math.isnan(x) and math.isnan(y)
+                if not both_nan and not abs(x - y) <= tolerance:
+                    gap = abs(x - y)
+                    lines.append(f"~ {key}: committed {x!r}, now {y!r} (|diff| {gap:.6g} > {tolerance:g})")
+            elif x != y:
+                lines.append(f"~ {key}: committed {x!r}, now {y!r}")
+    return lines
+
+
+def _short(fp: str | None) -> str:
+    return (fp or "<none>")[:16]
+
+
+def _read_json(path: Path) -> Any:
+    if not path.exists():
+        raise UserError(f"{path} not found (run `dvc repro`, or `dvc pull`, first)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _eval_device(root: Path) -> str:
+    perf_path = root / "metrics/perf.json"
+    if not perf_path.exists():
+        return "cpu"
+    device = str(json.loads(perf_path.read_text(encoding="utf-8")).get("evaluate", {}).get("device", "cpu"))
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def verify(retrain: bool = False, tolerance: float | None = None, *, root: str | Path = ".") -> int:
+    """Re-check the committed model and metrics; print a diff; return the exit code (0, 1 or 2)."""
+    root = Path(root)
+    try:
+        return _verify(root, retrain, tolerance)
+    except UserError as exc:
+        print(f"photoprep verify: {exc}")
+        return 2
+
+
+def _verify(root: Path, retrain: bool, tolerance: float | None) -> int:
+    p = params.load(root / "params.yaml")
+    committed = _read_json(root / "metrics/eval.json")
+    splits = _read_json(root / "reports/splits.json")
+    model, meta = train.load_model(root / "models/model.pt")
+    failures: list[str] = []
+
+    # 1. one test split everywhere
+    if not splits.get("fingerprints", {}).get("test"):
+        raise UserError("reports/splits.json has no test fingerprint")
+    test = _load_test_unchecked(root, meta)
+    names = {
+        "data/splits/test.parquet": test.fingerprint,
+        "reports/splits.json": splits["fingerprints"]["test"],
+        "models/model.pt metadata": (meta.get("fingerprints") or {}).get("test"),
+        "metrics/eval.json": committed.get("test_fingerprint"),
+    }
+    if len(set(names.values())) != 1:
+        failures.append("test split fingerprints differ:")
+        failures += [f"    {name}: {_short(fp)}" for name, fp in names.items()]
+
+    # 2. the committed model, evaluated again on the CPU
+    eval_tol = tolerance
+    if eval_tol is None:
+        eval_tol = 0.0 if _eval_device(root) == "cpu" else CUDA_EVAL_TOLERANCE
+    cpu_eval = p.evaluate.model_copy(update={"device": "cpu"})
+    now = evaluate.evaluate(model, meta, test, cpu_eval).metrics
+    diff = compare_metrics(committed, now, eval_tol)
+    if diff:
+        failures.append(
+            f"metrics/eval.json differs from a re-evaluation of models/model.pt (tolerance {eval_tol:g}):"
+        )
+        failures += [f"    {line}" for line in diff]
+
+    current = {k: v for k, v in p.train.model_dump(mode="json").items() if k != "resume"}
+    trained_with = {k: v for k, v in meta["params"].items() if k != "resume"}
+    changed = sorted(k for k in current.keys() | trained_with.keys() if current.get(k) != trained_with.get(k))
+    if changed:
+        failures.append("params.yaml's train section is not what models/model.pt was trained with:")
+        failures += [
+            f"    ~ train.{k}: model {trained_with.get(k)!r}, params.yaml {current.get(k)!r}" for k in changed
+        ]
+
+    # 3. train again on the CPU and compare
+    if retrain:
+        failures += _retrain(root, meta, committed, p.evaluate, tolerance)
+
+    if failures:
+        print("photoprep verify: FAILED")
+        for line in failures:
+            print(f"  {line}")
+        return 1
+    checked = len(flatten(committed))
+    print(
+        f"photoprep verify: ok: {checked} figures of metrics/eval.json reproduced (tolerance {eval_tol:g}), "
+        f"test split {_short(test.fingerprint)}" + (", retrained on the CPU" if retrain else "")
+    )
+    return 0
+
+
+def _retrain(
+    root: Path, meta: dict[str, Any], committed: dict[str, Any], eval_params: Any, tolerance: float | None
+) -> list[str]:
+    on_cpu = meta.get("trained_on") == "cpu"
+    tol = tolerance if tolerance is not None else (0.0 if on_cpu else CUDA_RETRAIN_TOLERANCE)
+    changes: dict[str, Any] = {"device": "cpu", "resume": False}
+    init_from = meta["params"].get("init_from")
+    if init_from and not Path(init_from).is_absolute():
+        changes["init_from"] = str(root / init_from)  # the stage ran from the repository root
+    p = TrainParams.model_validate(meta["params"] | changes)
+    data = train.load_data(p, root / "data", root / "reports/splits.json")
+    print(f"photoprep verify: retraining {p.model} on the CPU ({p.epochs} epochs at most)...")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(int(meta.get("cpu_threads") or threads))
+        with tempfile.TemporaryDirectory(prefix="photoprep-verify-") as tmp:
+            result = train.fit(data, p, checkpoint_dir=Path(tmp) / "checkpoints")
+    finally:
+        torch.set_num_threads(threads)
+    model, fresh_meta = _as_model(result)
+    test = _load_test_unchecked(root, fresh_meta)
+    now = evaluate.evaluate(model, fresh_meta, test, eval_params.model_copy(update={"device": "cpu"})).metrics
+    failures = []
+    diff = compare_metrics(committed, now, tol)
+    if diff:
+        failures.append(f"retraining on the CPU gives other metrics (tolerance {tol:g}):")
+        failures += [f"    {line}" for line in diff]
+    if on_cpu and tol == 0:
+        state, _ = train.read_model_file(root / "models/model.pt")
+        fresh = result.state_dict
+        differ = sorted(k for k in state if k not in fresh or not torch.equal(state[k], fresh[k]))
+        if differ:
+            failures.append(
+                f"retraining on the CPU gives other weights: {len(differ)} of {len(state)} tensors differ"
+            )
+            failures += [f"    ~ {k}" for k in differ[:10]]
+    return failures
+
+
+def _load_test_unchecked(root: Path, meta: dict[str, Any]) -> train.SplitData:
+    """The test split with its recomputed fingerprint, compared by the caller, not here."""
+    report = json.loads((root / "reports/splits.json").read_text(encoding="utf-8"))
+    if [str(c) for c in report["classes"]] != list(meta["classes"]):
+        raise UserError("the model's classes differ from reports/splits.json's")
+    return train.load_split("test", meta["input"], list(meta["classes"]), root / "data")
+
+
+def _as_model(result: train.TrainResult) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from photoprep import models
+
+    model = models.build_model(**result.meta["architecture"])
+    model.load_state_dict(result.state_dict)
+    return model.eval(), result.meta
