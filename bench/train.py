@@ -73,7 +73,9 @@ def bench_one(
     pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
     mean, std = train.input_stats(pixels[:512])
-    batches = train.Batches(pixels, labels, device, mean, std, p.channels_last, resident)
+    batches = train.Batches(
+        pixels, labels, device, mean, std, p.channels_last, resident, per_image=p.normalize == "image"
+    )
     model, optimizer, scaler, criterion, amp = _setup(model_name, size, device, p)
     model.train()
     generator = torch.Generator().manual_seed(0)

@@ -303,6 +303,18 @@ def test_batches_normalise_to_channels_last_float(data):
     assert torch.equal(y, torch.from_numpy(data.train.labels[:64]))
 
 
+def test_staged_batches_equal_resident_batches(data):
+    """The path for a split too big for the GPU (gather into two host buffers in turn)."""
+    mean, std = train.input_stats(data.train.inputs)
+    args = (data.train.inputs, data.train.labels, torch.device("cpu"), mean, std)
+    resident, staged = train.Batches(*args, resident=True), train.Batches(*args, resident=False)
+    assert not staged.resident
+    a = list(resident.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
+    b = list(staged.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
+    assert len(a) == len(b) == len(data.train) // 48
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
 @pytest.mark.parametrize("schedule", ["none", "step", "cosine", "onecycle"])
 def test_learning_rate_schedules(schedule):
     p = tiny(schedule=schedule, lr=0.1, step_size=2, gamma=0.5, epochs=4)

@@ -186,7 +186,8 @@ class Batches:
 
     ``resident``: keep the whole split on the CUDA device (None: when it fits in a quarter of
     the free memory; otherwise each batch is gathered on the host into one of two pinned
-    buffers and copied asynchronously). On the CPU the split is always resident. An epoch's
+    buffers and copied asynchronously). On the CPU, None means resident; False takes the
+    staging path too, without pinning (so that the path can be tested without a GPU). An epoch's
     order and random draws are made on the CPU at its start and moved to the device at once,
     so no step waits on a small host-to-device copy.
     """
@@ -214,11 +215,11 @@ class Batches:
         if cuda and resident is None:
             free, _ = torch.cuda.mem_get_info(device)
             resident = x.numel() * x.element_size() <= free // 4
-        self.resident = bool(resident) if cuda else True
+        self.resident = resident is not False
         if cuda and self.resident:
             x = x.to(device)
-        elif cuda:
-            self._staging = [torch.empty((0,), dtype=x.dtype).pin_memory() for _ in range(2)]
+        elif not self.resident:
+            self._staging = [self._host_buffer((0,), x.dtype) for _ in range(2)]
             self._copied: list[torch.cuda.Event | None] = [None, None]
             self._turn = 0
         self.x = x
@@ -233,6 +234,10 @@ class Batches:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def _host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=dtype)
+        return buf.pin_memory() if self.device.type == "cuda" else buf
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -276,9 +281,11 @@ class Batches:
             self._copied[k].synchronize()
         n, row = len(idx), self.x[0].numel()
         if self._staging[k].numel() < n * row:
-            self._staging[k] = torch.empty((n, *self.x.shape[1:]), dtype=self.x.dtype).pin_memory()
+            self._staging[k] = self._host_buffer((n, *self.x.shape[1:]), self.x.dtype)
         buf = self._staging[k].view(-1)[: n * row].view(n, *self.x.shape[1:])
         torch.index_select(self.x, 0, idx, out=buf)
+        if self.device.type != "cuda":
+            return buf.clone()  # the buffer is refilled two batches later
         out = buf.to(self.device, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
