@@ -41,6 +41,8 @@ run: install
 	@echo "  broken files:  reports/broken.csv"
 	@echo "  resolutions:   plots/resolutions.png ($(BIN)/dvc plots show)"
 	@echo "  dataset:       data/processed/, data/features/, data/splits/, reports/splits.json"
+	@echo "  model:         models/model.pt; metrics/eval.json (test split), metrics/perf.json, dvclive/"
+	@echo "  predictions:   reports/predictions.png, reports/misclassified.png, plots/confusion.csv"
 
 test: install-test
 	$(BIN)/python -m pytest -q
