@@ -51,6 +51,7 @@ bench: install
 	$(BIN)/python bench/download.py
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf .photoprep
