@@ -183,7 +183,7 @@ def split_pixels(test: SplitData, data_dir: str | Path = "data") -> np.ndarray:
     return np.asarray(images[test.table["row"].to_numpy(dtype=np.int64)])
 
 
-def _thumb(pixels: np.ndarray) -> np.ndarray:
+def thumb(pixels: np.ndarray) -> np.ndarray:
     factor = max(1, math.ceil(THUMB_MIN / min(pixels.shape[:2])))
     return np.repeat(np.repeat(pixels, factor, 0), factor, 1) if factor > 1 else pixels
 
@@ -202,7 +202,7 @@ def draw_predictions(
     rows, titles = [], []
     for start in range(0, len(picks), GRID_COLUMNS):
         chunk = picks[start : start + GRID_COLUMNS]
-        rows.append([(_thumb(images[i]), f"{classes[predicted[i]]}:{classes[labels[i]]}") for i in chunk])
+        rows.append([(thumb(images[i]), f"{classes[predicted[i]]}:{classes[labels[i]]}") for i in chunk])
         titles.append(f"{int((predicted[chunk] == labels[chunk]).sum())}/{len(chunk)} right")
     sheets.contact_sheet(rows, titles, path, title_width=80)
 
@@ -222,6 +222,6 @@ def draw_misclassified(
         mine = wrong[labels[wrong] == k]
         for start in range(0, len(mine), GRID_COLUMNS):
             chunk = mine[start : start + GRID_COLUMNS]
-            rows.append([(_thumb(images[i]), f"{classes[predicted[i]]}:{name}") for i in chunk])
+            rows.append([(thumb(images[i]), f"{classes[predicted[i]]}:{name}") for i in chunk])
             titles.append(f"true {name}")
     sheets.contact_sheet(rows, titles, path, title_width=80)

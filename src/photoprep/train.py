@@ -89,7 +89,7 @@ def read_splits_report(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _array_path(kind: str, data_dir: Path) -> Path:
+def input_array_path(kind: str, data_dir: Path) -> Path:
     return data_dir / ("features/features.npy" if kind == "features" else "processed/images.npy")
 
 
@@ -107,7 +107,7 @@ def load_split(
     """
     data_dir = Path(data_dir)
     table_path = data_dir / "splits" / f"{name}.parquet"
-    array_path = _array_path(kind, data_dir)
+    array_path = input_array_path(kind, data_dir)
     for path in (table_path, array_path):
         if not path.exists():
             raise UserError(f"{path} not found (run the earlier stages first: dvc repro)")
@@ -123,8 +123,13 @@ def load_split(
     if unknown:
         raise UserError(f"{table_path}: label {unknown[0]!r} is not a class of reports/splits.json")
     labels = np.array([index[str(v)] for v in table["label"]], dtype=np.int64)
+    inputs = gather_rows(kind, table["row"].to_numpy(dtype=np.int64), array_path, table_path)
+    return SplitData(name, table, inputs, labels, fp)
+
+
+def gather_rows(kind: str, rows: np.ndarray, array_path: Path, table_path: Path | str) -> np.ndarray:
+    """Rows ``rows`` of images.npy (uint8 N x H x W x 3) or features.npy (float32 N x D), in that order."""
     array = np.load(array_path, mmap_mode="r")
-    rows = table["row"].to_numpy(dtype=np.int64)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(array)):
         raise UserError(f"{table_path}: row {int(rows.max())} is outside {array_path} ({len(array)} rows)")
     # One gather in sorted order reads the memory map sequentially; then back to table order.
@@ -135,7 +140,7 @@ def load_split(
         raise UserError(f"{array_path}: expected uint8 N x H x W x 3 (got {inputs.dtype} {inputs.shape})")
     if kind == "features":
         inputs = inputs.astype(np.float32, copy=False)
-    return SplitData(name, table, inputs, labels, fp)
+    return inputs
 
 
 def load_data(
