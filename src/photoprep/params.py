@@ -215,6 +215,27 @@ class EvaluateParams(Section):
     top_k: int = Field(5, ge=2, le=100, description="top-k accuracy, reported when there are >= 2k classes")
 
 
+class PredictParams(Section):
+    splits: list[Literal["unlabeled", "train", "val", "test"]] = Field(
+        default_factory=lambda: ["unlabeled", "test"],
+        description="splits the model labels; a labelled one (test) shows how right its confident predictions are",
+    )
+    top_k: int = Field(3, ge=1, le=100, description="classes kept per image, most probable first")
+    min_confidence: float = Field(
+        0.9, ge=0, le=1, description="the threshold metrics/predict.json reports coverage and accuracy at"
+    )
+    batch_size: int = Field(256, ge=1, le=65_536)
+    device: Literal["auto", "cuda", "cpu"] = Field("cpu", description="cpu makes predictions bit-reproducible")
+    per_class: int = Field(10, ge=0, le=100, description="most confident images per class in reports/predicted.png")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"name one or more splits, each once (got {v})")
+        return v
+
+
 class ClusterParams(Section):
     n_clusters: int = Field(10, ge=2, le=10_000, description="clusters of DEC and of both k-means baselines")
     blocks: list[Literal["hog", "color"]] = Field(
@@ -239,7 +260,8 @@ class ClusterParams(Section):
     lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate of the KL refinement")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the KL refinement")
     update_interval: int | None = Field(
-        None, ge=1, description="refinement batches between target updates; null: one pass over the data"
+        None, ge=1, description="refinement batches between target updates; null: one pass over the data, "
+        "at least 20 batches"
     )
     tol: float = Field(0.001, ge=0, le=1, description="stop when fewer than this share of assignments change")
     max_iter: int = Field(2000, ge=0, le=10_000_000, description="most refinement batches")
@@ -279,6 +301,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     cluster: ClusterParams = ClusterParams()
+    predict: PredictParams = PredictParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
