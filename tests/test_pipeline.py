@@ -50,9 +50,13 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ):
         _run(line, repo)
     (repo / "dvc.lock").unlink(missing_ok=True)
-    # One epoch keeps CI short; the default training is exercised by `make run` and its targets
-    # by the train tests.
-    params = (repo / "params.yaml").read_text().replace("  epochs: 20", "  epochs: 1", 1)
+    # One epoch and a short DEC keep CI short; the defaults are exercised by `make run` and their
+    # targets by the train and cluster tests.
+    params = (repo / "params.yaml").read_text()
+    for default, short in (("  epochs: 20", "  epochs: 1"), ("  pretrain_epochs: 40", "  pretrain_epochs: 2"),
+                           ("  max_iter: 2000", "  max_iter: 60")):
+        assert params.count(default) == 1, default
+        params = params.replace(default, short)
     (repo / "params.yaml").write_text(params)
     for line in (
         ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "one epoch"],
@@ -73,6 +77,40 @@ def test_repro_builds_the_demo_funnel(demo_repo: Path) -> None:
     assert funnel["broken_by_reason"] == expected["broken"]
     assert funnel["valid"] == expected["valid_unique_images"]
     assert sum(funnel["split"].values()) == funnel["kept"]
+
+
+def test_repro_clusters_every_kept_image_beside_both_baselines(demo_repo: Path) -> None:
+    metrics = json.loads((demo_repo / "metrics" / "cluster.json").read_text())
+    funnel = json.loads((demo_repo / "reports" / "funnel.json").read_text())
+    assert metrics["n_images"] == funnel["kept"] == metrics["n_labeled"]
+    assert set(metrics["methods"]) == {"kmeans_features", "kmeans_embedding", "dec"}
+    for scores in metrics["methods"].values():
+        assert set(scores) == {"accuracy", "nmi", "ari"}
+        assert scores["accuracy"] > 0.2, "ten balanced digits: chance is 0.1"
+    assert metrics["kmeans"]["n_init"] >= 10
+    table = pd.read_parquet(demo_repo / "data" / "clusters.parquet")
+    assert len(table) == funnel["kept"] and set(table["cluster"]) == set(range(metrics["n_clusters"]))
+    page = (demo_repo / "reports" / "clusters.html").read_text()
+    sheets = sorted(p.name for p in (demo_repo / "reports" / "clusters").glob("cluster-*.png"))
+    assert len(sheets) == metrics["n_clusters"]
+    assert all(f'src="clusters/{name}"' in page for name in sheets)
+
+
+def test_repro_predicts_with_top3_and_review_exports_only_the_confident(demo_repo: Path, tmp_path: Path) -> None:
+    table = pd.read_parquet(demo_repo / "data" / "predictions.parquet")
+    test = pd.read_parquet(demo_repo / "data" / "splits" / "test.parquet")
+    assert len(table) == len(test), "the demo has no unlabeled image: predict labels test to calibrate"
+    probs = table[["probability_1", "probability_2", "probability_3"]].to_numpy()
+    assert (probs[:, :-1] >= probs[:, 1:]).all() and (probs.sum(axis=1) <= 1 + 1e-6).all()
+    assert (table["prediction"] == table["class_1"]).all()
+    threshold = float(table["probability"].median())
+    out = tmp_path / "confident"
+    _run(["photoprep", "review", "export", "--by", "prediction", "--min-confidence", str(threshold), str(out)],
+         demo_repo)
+    exported = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").glob("*/*"))
+    sure = table[table["probability"] >= threshold]
+    assert len(exported) == len(sure) < len(table)
+    assert sorted(p.split("/")[0] for p in exported) == sorted(sure["prediction"])
 
 
 def test_second_repro_runs_nothing(demo_repo: Path) -> None:
@@ -118,10 +156,10 @@ def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, t
     )
 
 
-def test_train_experiment_reruns_train_and_evaluate_only(demo_repo: Path) -> None:
+def test_train_experiment_reruns_train_evaluate_and_predict_only(demo_repo: Path) -> None:
     out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], demo_repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate"}
+    assert ran == {"train", "evaluate", "predict"}
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], demo_repo)
     assert "accuracy" in shown and "train.epochs" in shown
 
@@ -140,3 +178,53 @@ def test_verify_passes_on_the_pipeline_state_and_fails_on_a_tampered_metric(demo
         assert "accuracy" in done.stdout + done.stderr
     finally:
         path.write_text(original)
+
+
+def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: Path, tmp_path: Path) -> None:
+    """The review loop: export the clusters, rename, move and delete files, add the folder as a source."""
+    import csv
+
+    import yaml
+
+    def labels() -> dict[tuple[str, str], str | None]:
+        t = pd.concat(pd.read_parquet(p) for p in sorted((demo_repo / "data" / "splits").glob("*.parquet")))
+        return {(s, i): (None if pd.isna(lab) else lab) for s, i, lab in zip(t["source"], t["id"], t["label"])}
+
+    before = labels()
+    out = demo_repo / "pipeline" / "sources" / "reviewed"
+    _run(["photoprep", "review", "export", "--by", "cluster", str(out)], demo_repo)
+    rows = list(csv.DictReader(open(out / "review.csv", encoding="utf-8")))
+    images = out / "images"
+    # The reviewer names each cluster after its majority label, merging the clusters of one class ...
+    frame = pd.DataFrame(rows).assign(folder=lambda f: f["file"].str.split("/").str[1])
+    majority = frame.groupby("folder")["label"].agg(lambda s: s.value_counts().index[0])
+    for folder in sorted(images.iterdir()):
+        target = images / majority[folder.name]
+        target.mkdir(exist_ok=True)
+        for f in folder.iterdir():
+            f.rename(target / f.name)
+        folder.rmdir()
+    # ... moves five images of a 3 to 8 (a decision the pipeline must respect), and deletes five.
+    threes = [r for r in rows if r["label"] == "3"]
+    moved, deleted = threes[:5], threes[5:10]
+    (images / "8").mkdir(exist_ok=True)
+    for r in moved:
+        name = r["file"].rsplit("/", 1)[1]
+        next(images.glob(f"*/{name}")).rename(images / "8" / name)
+    for r in deleted:
+        next(images.glob(f"*/{r['file'].rsplit('/', 1)[1]}")).unlink()
+    expected = {(r["source"], r["id"]): f.parent.name
+                for r in rows for f in images.glob(f"*/{r['file'].rsplit('/', 1)[1]}")}
+
+    params = yaml.safe_load((demo_repo / "params.yaml").read_text(encoding="utf-8"))
+    params["sources"] = ["demo", "reviewed"]
+    (demo_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    out_text = _run(["dvc", "repro", "split"], demo_repo)
+    assert "Running stage 'download@reviewed'" in out_text
+    after = labels()
+
+    assert set(after) == set(before), "each reviewed image is an exact copy of one the dataset holds"
+    assert len(expected) == len(rows) - len(deleted)
+    assert {key: after[key] for key in expected} == expected
+    assert all(after[(r["source"], r["id"])] == "8" for r in moved)
+    assert all(after[(r["source"], r["id"])] == "3" for r in deleted), "a deleted file keeps the old label"
