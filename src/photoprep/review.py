@@ -23,8 +23,9 @@ Why the original bytes
     stage puts the two in one group (an exact duplicate, whatever ``dedup.near_threshold``
     says) and keeps one. A re-encoded or resized copy would be only a near duplicate, and one
     beyond the threshold would enter the dataset twice, possibly once in train and once in
-    test. Which copy is kept, and so whose label counts, is the split stage's rule for labels
-    within a duplicate group (see the report that came with this module).
+    test. Whose label counts is the split stage's rule for a duplicate group
+    (:func:`photoprep.split.attach_labels`): the member from the source listed last in ``sources``
+    wins, so a review listed after the sources it reviews relabels their images.
 
 File names are ``<source>__<id>-<hash>.<ext>`` (:func:`photoprep.export.file_name`, with the
 extension of the image's format): only ``[A-Za-z0-9._-]``, unique per key, the same in every
