@@ -9,17 +9,17 @@
     batch 256, refinement to tol 0.001 with a target update per pass) through
     ``photoprep.cluster.fit_dec``: pretraining seconds per epoch, k-means in the embedding, and the
     refinement to convergence (iterations, target updates, seconds). On the CPU only ``--epochs``
-    pretraining epochs run (default 1: 40 take some 20 minutes at 100k on 2 cores), and
-    ``projected_default_s`` adds 40 epochs at the measured rate to the rest; on CUDA the default 40
-    run (override with ``--epochs``).
+    pretraining epochs run (default 1: the default 100 take over an hour at 100k on 2 cores), and
+    ``projected_default_s`` adds the default epochs at the measured rate to the rest; on CUDA the
+    default epochs run (override with ``--epochs``).
 (b) Quality, on ``--digits`` images (default 20,000): scikit-learn's 1,797 digits each drawn about
     eleven times by the demo's own renderer (``photoprep.demo._draw``: a random smooth colour
     background, a random glyph size and offset, three frame sizes), stretched to 64 x 64 as the
     bucket stage does, then ``photoprep.features.compute_features`` with the default params.
     ``photoprep.cluster.cluster_features`` with ``blocks: [hog]`` (the demo's params.yaml; the
     colour map is noise here) and ``--digit-epochs`` pretraining epochs (default 10 on the CPU: with
-    11x the demo's images an epoch is 11x the demo's steps; 40 on CUDA) scores the three methods:
-    k-means on the features, k-means on the pretrained embedding (DEC's start) and DEC.
+    11x the demo's images, 10 epochs are as many steps as the demo's 100; the default on CUDA) scores
+    the three methods: k-means on the features, k-means on the pretrained embedding (DEC's start) and DEC.
 
 Figures are single runs (DEC is deterministic for a seed); wall-clock seconds are from
 ``time.perf_counter``. ``--json`` prints one JSON object of figures only.

@@ -53,7 +53,7 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One epoch and a short DEC keep CI short; the defaults are exercised by `make run` and their
     # targets by the train and cluster tests.
     params = (repo / "params.yaml").read_text()
-    for default, short in (("  epochs: 20", "  epochs: 1"), ("  pretrain_epochs: 40", "  pretrain_epochs: 2"),
+    for default, short in (("  epochs: 20", "  epochs: 1"), ("  pretrain_epochs: 100", "  pretrain_epochs: 2"),
                            ("  max_iter: 2000", "  max_iter: 60")):
         assert params.count(default) == 1, default
         params = params.replace(default, short)

@@ -250,7 +250,7 @@ class ClusterParams(Section):
     pretrain: Literal["end_to_end", "layerwise"] = Field(
         "end_to_end", description="layerwise: each layer pair as a denoising autoencoder first, then end to end"
     )
-    pretrain_epochs: int = Field(40, ge=0, le=100_000, description="end-to-end epochs of the autoencoder")
+    pretrain_epochs: int = Field(100, ge=0, le=100_000, description="end-to-end epochs of the autoencoder")
     layer_epochs: int = Field(10, ge=1, le=100_000, description="epochs per layer pair (pretrain: layerwise)")
     dropout: float = Field(0.2, ge=0, lt=1, description="input dropout while pretraining: a denoising autoencoder")
     pretrain_lr: float = Field(3e-4, gt=0, le=10, description="Adam(W) learning rate of the pretraining")
