@@ -43,6 +43,9 @@ run: install
 	@echo "  dataset:       data/processed/, data/features/, data/splits/, reports/splits.json"
 	@echo "  model:         models/model.pt; metrics/eval.json (test split), metrics/perf.json, dvclive/"
 	@echo "  predictions:   reports/predictions.png, reports/misclassified.png, plots/confusion.csv"
+	@echo "  labelling:     data/predictions.parquet, metrics/predict.json, reports/predicted.png"
+	@echo "  clusters:      reports/clusters.html, metrics/cluster.json (DEC beside two k-means baselines)"
+	@echo "  review:        $(BIN)/photoprep review export --by cluster review/   (see README: the review loop)"
 
 test: install-test
 	$(BIN)/python -m pytest -q
@@ -52,6 +55,7 @@ bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf .photoprep
