@@ -6,7 +6,9 @@
     one image after another (photoprep.features.reference_features does the features);
 (b) photoprep path: JPEG decoded at reduced scale (``Image.draft``) and resized to 64x64, then
     photoprep.features.compute_features, in batches; with n_jobs=2 each worker decodes its own
-    batch, so decoding runs in parallel too. The decoder is photoprep.decode.resized_rgb when
+    batch, so decoding runs in parallel too. As in the pipeline (photoprep.images), the bytes lie
+    in a tar shard written by photoprep.store and each batch reads its own from (shard, offset,
+    size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is photoprep.decode.resized_rgb when
     that module exists, else the bench's own ``_bench_decode`` (figure ``decoder`` says which).
 
 The images are photo-like JPEGs (skimage.data photos, rescaled to 640x480 .. 1024x768, cropped,
@@ -25,8 +27,10 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import cv2
 import joblib
@@ -36,6 +40,7 @@ from PIL import Image
 
 from photoprep.features import compute_features, reference_features
 from photoprep.params import FeatureParams
+from photoprep.store import ShardWriter, read_blobs
 
 SIZE = (64, 64)  # [H, W] of the images the features are computed on
 FRAMES = [(640, 480), (800, 600), (1024, 768), (480, 640), (768, 1024)]  # (W, H)
@@ -102,19 +107,35 @@ def seed_path(blobs: list[bytes], p: FeatureParams) -> np.ndarray:
 
 
 def decode_and_featurise(blobs: list[bytes], p: FeatureParams) -> np.ndarray:
-    """One batch of photoprep's path: reduced-scale decode of every image, then its features."""
+    """Reduced-scale decode of every image, then its features."""
     decode, _ = _decoder()
     images = np.stack([decode(b, SIZE, "stretch") for b in blobs])
     return compute_features(images, p, n_jobs=1, batch_size=len(images))[0]
 
 
-def photoprep_path(blobs: list[bytes], p: FeatureParams, n_jobs: int, batch_size: int) -> np.ndarray:
+def read_and_featurise(store_dir: Path, refs: list[tuple[str, int, int]], p: FeatureParams) -> np.ndarray:
+    """One batch of photoprep's path: its bytes read from the shard store, decoded, featurised."""
+    return decode_and_featurise(read_blobs(store_dir, refs), p)
+
+
+def store_blobs(blobs: list[bytes], directory: Path) -> list[tuple[str, int, int]]:
+    """Write ``blobs`` to a shard store in ``directory``; the (shard, offset, size) of each."""
+    with ShardWriter(directory, shard_bytes=256 << 20) as writer:
+        shas = [writer.add(b) for b in blobs]
+    refs = writer.flush()
+    return [(refs[s].shard, refs[s].offset, refs[s].size) for s in shas]
+
+
+def photoprep_path(
+    store_dir: Path, refs: list[tuple[str, int, int]], p: FeatureParams, n_jobs: int, batch_size: int
+) -> np.ndarray:
     """photoprep's path over all images, batches in ``n_jobs`` joblib workers."""
-    batches = [blobs[s : s + batch_size] for s in range(0, len(blobs), batch_size)]
+    batches = [refs[s : s + batch_size] for s in range(0, len(refs), batch_size)]
     if n_jobs == 1:
-        parts = [decode_and_featurise(b, p) for b in batches]
+        parts = [read_and_featurise(store_dir, b, p) for b in batches]
     else:
-        parts = joblib.Parallel(n_jobs=n_jobs)(joblib.delayed(decode_and_featurise)(b, p) for b in batches)
+        work = joblib.delayed(read_and_featurise)
+        parts = joblib.Parallel(n_jobs=n_jobs)(work(store_dir, b, p) for b in batches)
     return np.concatenate(parts)
 
 
@@ -125,19 +146,22 @@ def _timed(run: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def measure(n: int, repeats: int, batch_size: int) -> dict[str, object]:
+def measure(n: int, repeats: int, batch_size: int, store_dir: Path) -> dict[str, object]:
     """Images/s of the seed path and of photoprep's path with 1 and 2 workers."""
     p = FeatureParams()
     blobs = make_jpegs(n)
+    refs = store_blobs(blobs, store_dir)
+    if len(set(refs)) != n:
+        raise SystemExit("bench: two generated JPEGs are byte-identical; the store would keep one")
     runs: dict[str, Callable[[], object]] = {
         "seed": lambda: seed_path(blobs, p),
-        "photoprep_n_jobs_1": lambda: photoprep_path(blobs, p, 1, batch_size),
-        "photoprep_n_jobs_2": lambda: photoprep_path(blobs, p, 2, batch_size),
+        "photoprep_n_jobs_1": lambda: photoprep_path(store_dir, refs, p, 1, batch_size),
+        "photoprep_n_jobs_2": lambda: photoprep_path(store_dir, refs, p, 2, batch_size),
     }
     # Warm up: imports, caches, and the loky workers (their start-up is not per-image work).
     seed_path(blobs[:4], p)
-    photoprep_path(blobs[:8], p, 1, batch_size)
-    photoprep_path(blobs[: 4 * batch_size], p, 2, batch_size)
+    photoprep_path(store_dir, refs[:8], p, 1, batch_size)
+    photoprep_path(store_dir, refs[: 4 * batch_size], p, 2, batch_size)
     load_before = os.getloadavg()[0]
     # Interleaved, so that a burst of other load on the machine hits every path alike.
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
@@ -191,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per joblib task")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args(argv)
-    figures = measure(args.n, args.repeats, args.batch_size)
+    with tempfile.TemporaryDirectory(prefix="photoprep-bench-") as store_dir:
+        figures = measure(args.n, args.repeats, args.batch_size, Path(store_dir))
     if args.json:
         print(json.dumps(figures))
         return
