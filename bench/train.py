@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from photoprep import models, train
+from photoprep import devices, models, train
 from photoprep.params import TrainParams
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = torch.device("cpu")
     figures: dict[str, object] = {
-        "cpu": {"device": train.device_name(cpu), "batch_size": args.batch_size, "images_per_s": {}}
+        "cpu": {"device": devices.device_name(cpu), "batch_size": args.batch_size, "images_per_s": {}}
     }
     for name in args.models:
         for size in args.sizes:
@@ -146,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             figures["cpu"]["images_per_s"][f"{name}@{size}"] = rate
             if not args.json:
-                print(f"{train.device_name(cpu)}: {name} {size}x{size}: {rate:.0f} images/s", flush=True)
+                print(f"{devices.device_name(cpu)}: {name} {size}x{size}: {rate:.0f} images/s", flush=True)
 
     if torch.cuda.is_available():
         gpu = torch.device("cuda")
         steps, warmup = args.steps * 5, args.warmup * 3
         bs = args.cuda_batch_size
-        cuda: dict[str, object] = {"device": train.device_name(gpu), "batch_size": bs}
+        cuda: dict[str, object] = {"device": devices.device_name(gpu), "batch_size": bs}
         for name in args.models:
             for size in args.sizes:
                 resident = bench_one(name, size, gpu, args.cuda_n, steps, warmup, args.repeats, True, bs)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 if not args.json:
                     print(
-                        f"{train.device_name(gpu)}: {name} {size}x{size}: real {resident:.0f} images/s "
+                        f"{devices.device_name(gpu)}: {name} {size}x{size}: real {resident:.0f} images/s "
                         f"(split on the GPU), {pinned:.0f} (pinned host batches), synthetic {synthetic:.0f}; "
                         f"ratio {resident / synthetic:.2f} / {pinned / synthetic:.2f}",
                         flush=True,

@@ -65,7 +65,10 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 
+from photoprep.devices import device_name, pick_device
 from photoprep.params import ClusterParams, UserError
+from photoprep.split import read_labels
+from photoprep.train import atomic_save
 
 # Before MKL's first call (see "Determinism" above); an explicit setting in the environment wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -242,20 +245,6 @@ def purity(labels: Sequence[Any], clusters: Sequence[int]) -> pd.DataFrame:
 # --------------------------------------------------------------------------- helpers
 
 
-def pick_device(choice: str) -> torch.device:
-    """``cpu``, ``cuda`` (a user error without CUDA), or ``auto``: CUDA when there is one."""
-    available = torch.cuda.is_available()
-    if choice == "cuda" and not available:
-        raise UserError("cluster.device: cuda, but no CUDA device is available (use auto or cpu)")
-    return torch.device("cuda" if choice in ("cuda", "auto") and available else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 @contextlib.contextmanager
 def deterministic(device: torch.device, seed: int, threads: int | None = None) -> Iterator[None]:
     """Deterministic algorithms, a seeded global RNG and a fixed thread count, all restored on exit."""
@@ -286,7 +275,7 @@ def run_kmeans(x: np.ndarray, n_clusters: int, n_init: int, seed: int) -> KMeans
 
 @torch.no_grad()
 def embed(encoder: nn.Module, x: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
-    """Embedding of every row of ``x`` (on its device), in chunks, in eval mode."""
+    """``encoder`` (any module) on every row of ``x`` (on its device), in chunks, in eval mode."""
     was_training = encoder.training
     encoder.eval()
     out = torch.cat([encoder(x[s : s + chunk]) for s in range(0, len(x), chunk)]) if len(x) else x[:, :0]
@@ -361,9 +350,8 @@ def pretrain_autoencoder(
             losses = _fit_layer_pair(enc, dec, h, not last, i > 0, p, generator, cpu_generator)
             history += [{"phase": f"layer{i + 1}", "epoch": e + 1, "loss": loss} for e, loss in enumerate(losses)]
             log(f"layer {i + 1}/{len(pairs)}: loss {losses[-1]:.4f}")
-            with torch.no_grad():
-                h = torch.cat([enc(h[s : s + _CHUNK]) for s in range(0, len(h), _CHUNK)])
-                h = F.relu(h) if not last else h
+            h = embed(enc, h)
+            h = F.relu(h) if not last else h
         del h
     opt = _adam(model.parameters(), p)
     batches = _batches(len(x), p.batch_size, cpu_generator)
@@ -413,10 +401,9 @@ def refine(
     converged = False
     model.train()
     while True:
-        with torch.no_grad():
-            q = torch.cat([model(x[s : s + _CHUNK]) for s in range(0, n, _CHUNK)])
-            target = target_distribution(q)
-            hard = q.argmax(dim=1).cpu()
+        q = embed(model, x)
+        target = target_distribution(q)
+        hard = q.argmax(dim=1).cpu()
         changed = float((hard != previous).float().mean()) if n else 0.0
         previous = hard
         history.append({"iteration": it, "kl": loss_sum / loss_n if loss_n else None, "changed": changed})
@@ -459,6 +446,17 @@ class ClusterResult:
     perf: dict[str, Any] = field(default_factory=dict)
 
 
+@torch.no_grad()
+def _hard_assign(model: DEC, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Each scaled row's cluster, its q for that cluster (confidence) and its distance to the centre."""
+    z = embed(model.encoder, x)
+    q = soft_assign(z, model.centres, model.alpha)
+    hard = q.argmax(dim=1)
+    confidence = q.max(dim=1).values.cpu().numpy().astype(np.float64)
+    distance = (z - model.centres[hard]).pow(2).sum(dim=1).sqrt().cpu().numpy().astype(np.float64)
+    return hard, confidence, distance
+
+
 def _by_size(assignments: np.ndarray, k: int) -> np.ndarray:
     """Permutation ``new_of_old``: clusters ranked by size (largest first), ties by their first row."""
     sizes = np.bincount(assignments, minlength=k)
@@ -498,7 +496,7 @@ def fit_dec(x_np: np.ndarray, mean: np.ndarray, scale: float, p: ClusterParams, 
     ``mean`` and ``scale`` (from :func:`scale_inputs`) are stored in the model, so that
     :func:`assign` can take raw feature rows.
     """
-    device = pick_device(p.device)
+    device = pick_device(p.device, "cluster.device")
     perf: dict[str, Any] = {}
     with deterministic(device, p.seed, p.threads):
         perf["device"] = device_name(device)
@@ -527,14 +525,10 @@ def fit_dec(x_np: np.ndarray, mean: np.ndarray, scale: float, p: ClusterParams, 
         refinement = refine(model, x, km_embedding.labels_, p, cpu_generator, log)
         perf["refine_s"] = time.perf_counter() - t0
 
+        hard, confidence, distance = _hard_assign(model, x)
+        hard_np = hard.cpu().numpy().astype(np.int64)
+        new_of_old = _by_size(hard_np, p.n_clusters)
         with torch.no_grad():
-            z = embed(model.encoder, x)
-            q = soft_assign(z, model.centres, p.alpha)
-            hard = q.argmax(dim=1)
-            confidence = q.max(dim=1).values.cpu().numpy().astype(np.float64)
-            distance = (z - model.centres[hard]).pow(2).sum(dim=1).sqrt().cpu().numpy().astype(np.float64)
-            hard_np = hard.cpu().numpy().astype(np.int64)
-            new_of_old = _by_size(hard_np, p.n_clusters)
             model.centres.copy_(model.centres[torch.as_tensor(np.argsort(new_of_old), device=device)])
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         del x
@@ -561,7 +555,7 @@ def cluster_features(
     n = len(features)
     if len(keys) != n:
         raise UserError(f"cluster: {n} feature rows but {len(keys)} keys")
-    if n < p.n_clusters:
+    if n < p.n_clusters:  # before the scaling, which has nothing to average over an empty set
         raise UserError(f"cluster.n_clusters: {p.n_clusters} clusters but only {n} images")
     label_array = np.array(
         [None if lab is None or (isinstance(lab, float) and math.isnan(lab)) else str(lab)
@@ -572,7 +566,7 @@ def cluster_features(
         raise UserError(f"cluster: {n} feature rows but {len(label_array)} labels")
 
     x_np, mean, scale = scale_inputs(select_blocks(features, info, p.blocks), p.center)
-    pick_device(p.device)  # a missing GPU stops the run before k-means takes its time
+    pick_device(p.device, "cluster.device")  # a missing GPU stops the run before k-means takes its time
     perf: dict[str, Any] = {"device": None, "n_images": n, "input_dim": int(x_np.shape[1])}
 
     t0 = time.perf_counter()
@@ -648,23 +642,14 @@ def cluster_features(
 
 def labels_for(keys: pd.DataFrame, splits_dir: str | Path) -> list[str | None]:
     """Each key's label in the split tables (train, val, test, unlabeled), None when it has none."""
-    frames = []
-    for path in sorted(Path(splits_dir).glob("*.parquet")):
-        frames.append(pd.read_parquet(path, columns=["source", "id", "label"]))
-    if not frames:
-        return [None] * len(keys)
-    known = pd.concat(frames).drop_duplicates(["source", "id"]).set_index(["source", "id"])["label"]
+    known = read_labels(splits_dir).set_index(["source", "id"])["label"]
     found = known.reindex(pd.MultiIndex.from_frame(keys[["source", "id"]].astype(str)))
     return [None if pd.isna(v) else str(v) for v in found.to_numpy()]
 
 
 def save_model(result: ClusterResult, path: str | Path) -> None:
     """``{"format", "state_dict", "meta"}`` with torch.save, atomically; loads with weights_only=True."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"format": MODEL_FORMAT, "state_dict": result.state_dict, "meta": result.meta}, tmp)
-    os.replace(tmp, path)
+    atomic_save({"format": MODEL_FORMAT, "state_dict": result.state_dict, "meta": result.meta}, Path(path))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DEC, dict[str, Any]]:
@@ -685,17 +670,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[DE
 def assign(model: DEC, meta: dict[str, Any], features: np.ndarray, info: dict[str, Any]) -> pd.DataFrame:
     """Cluster, confidence and distance to its centre of new feature rows, with a trained model."""
     x = select_blocks(features, info, meta["blocks"])
-    device = model.centres.device
-    xt = (torch.from_numpy(x).to(device) - model.input_mean) * model.input_scale
-    z = embed(model.encoder, xt)
-    q = soft_assign(z, model.centres, model.alpha)
-    hard = q.argmax(dim=1)
-    distance = (z - model.centres[hard]).pow(2).sum(dim=1).sqrt()
-    return pd.DataFrame({
-        "cluster": hard.cpu().numpy().astype(np.int64),
-        "confidence": q.max(dim=1).values.cpu().numpy().astype(np.float64),
-        "distance": distance.cpu().numpy().astype(np.float64),
-    })
+    xt = (torch.from_numpy(x).to(model.centres.device) - model.input_mean) * model.input_scale
+    hard, confidence, distance = _hard_assign(model, xt)
+    return pd.DataFrame({"cluster": hard.cpu().numpy().astype(np.int64), "confidence": confidence,
+                         "distance": distance})
 
 
 def history_tables(result: ClusterResult) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -19,7 +19,7 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from photoprep import sheets, train
+from photoprep import devices, sheets, train
 from photoprep.params import EvaluateParams, UserError
 from photoprep.train import SplitData
 
@@ -65,14 +65,6 @@ def load_test(
             f"{test.fingerprint[:12]}): re-run the train stage"
         )
     return test
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("evaluate.device: cuda, but no CUDA device is available (use auto or cpu)")
-    if choice == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
 
 
 def predict(
@@ -147,7 +139,7 @@ def metrics_of(
 
 def evaluate(model: nn.Module, meta: dict[str, Any], test: SplitData, p: EvaluateParams) -> Evaluation:
     """Predict every test image and score the predictions."""
-    device = pick_device(p.device)
+    device = devices.pick_device(p.device, "evaluate.device")
     logits, seconds = predict(model, meta, test.inputs, p.batch_size, device)
     classes = list(meta["classes"])
     parameters = sum(t.numel() for t in model.parameters())
@@ -155,7 +147,7 @@ def evaluate(model: nn.Module, meta: dict[str, Any], test: SplitData, p: Evaluat
     predicted = logits.argmax(1) if len(logits) else np.zeros(0, np.int64)
     names = np.array(classes, dtype=object)
     confusion = pd.DataFrame({"actual": names[test.labels], "predicted": names[predicted]})
-    return Evaluation(metrics, confusion, predicted, seconds, train.device_name(device))
+    return Evaluation(metrics, confusion, predicted, seconds, devices.device_name(device))
 
 
 def perf_report(result: Evaluation, train_perf: dict[str, Any] | None, batch_size: int) -> dict[str, Any]:

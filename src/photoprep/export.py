@@ -21,6 +21,7 @@ export leaves no half-written output. An existing non-empty target is a UserErro
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -31,7 +32,9 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -118,15 +121,15 @@ def _check_inputs(split_table: pd.DataFrame, images: np.ndarray, classes: list[s
     return rows, labels
 
 
-def _claim(target: Path, overwrite: bool) -> None:
+def _claim(target: Path, overwrite: bool, who: str = "export") -> None:
     """Refuse a target that holds something, unless overwriting."""
     if not target.exists() and not target.is_symlink():
         return
     if target.is_dir() and not target.is_symlink():
         if any(target.iterdir()) and not overwrite:
-            raise UserError(f"export: {target} is not empty (pass overwrite=True to replace it)")
+            raise UserError(f"{who}: {target} is not empty (use --overwrite, or overwrite=True, to replace it)")
     elif not overwrite:
-        raise UserError(f"export: {target} already exists (pass overwrite=True to replace it)")
+        raise UserError(f"{who}: {target} already exists (use --overwrite, or overwrite=True, to replace it)")
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -136,6 +139,22 @@ def _replace(tmp: Path, target: Path) -> None:
     elif target.is_dir():
         shutil.rmtree(target)
     os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def folder_in_place(target: Path, overwrite: bool, who: str = "export") -> Iterator[Path]:
+    """A new empty folder beside ``target`` to write in; when the block ends well it replaces
+    ``target`` (refused up front if that holds something, unless ``overwrite``), else it is removed."""
+    _claim(target, overwrite, who)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        _replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # --------------------------------------------------------------------------- formats
@@ -220,16 +239,8 @@ def export_split(split_table: pd.DataFrame, images: np.ndarray, out: Path, fmt: 
         target = out
         if target.exists() and not target.is_dir():
             raise UserError(f"export: {target} is a file, not a folder")
-        _claim(target, overwrite)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        with folder_in_place(target, overwrite) as tmp:
             _write_imagefolder(tmp, table, images, rows, labels, classes)
-            os.chmod(tmp, 0o755)
-            _replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     target = _npz_target(out, table)

@@ -29,9 +29,8 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from photoprep import evaluate, sheets, train
+from photoprep import devices, evaluate, sheets, train
 from photoprep.params import PredictParams, UserError
-from photoprep.split import fingerprint as split_fingerprint
 
 DECIMALS = 6
 THRESHOLDS = np.round(np.arange(0, 100) / 100, 2)  # 0.00, 0.01, ... 0.99
@@ -59,15 +58,10 @@ def load_rows(
     if [str(c) for c in report["classes"]] != list(meta["classes"]):
         raise UserError(f"models/model.pt was trained on classes {meta['classes'][:5]}..., reports/splits.json "
                         f"has {report['classes'][:5]}...: re-run the train stage")
+    fingerprints = report.get("fingerprints") or {}
     frames = []
     for name in splits:
-        path = data_dir / "splits" / f"{name}.parquet"
-        if not path.exists():
-            raise UserError(f"{path} not found (run the split stage first: dvc repro split)")
-        table = pd.read_parquet(path)
-        expected = (report.get("fingerprints") or {}).get(name)
-        if expected is not None and split_fingerprint(table) != expected:
-            raise UserError(f"{path} does not match its fingerprint in reports/splits.json: re-run the split stage")
+        table, _ = train.read_split_table(data_dir / "splits" / f"{name}.parquet", fingerprints.get(name))
         frames.append(table.assign(split=name)[["source", "id", "row", "split", "label"]])
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=["source", "id", "row", "split", "label"])
@@ -96,11 +90,11 @@ def prediction_table(rows: pd.DataFrame, logits: np.ndarray, classes: list[str],
     names = np.asarray(classes, dtype=object)
     table = rows.reset_index(drop=True).copy()
     table["row"] = table["row"].astype("int64")
-    table["prediction"] = names[index[:, 0]] if len(table) else pd.Series(dtype=object)
-    table["probability"] = np.round(prob[:, 0], DECIMALS) if len(table) else pd.Series(dtype=float)
+    table["prediction"] = names[index[:, 0]]
+    table["probability"] = np.round(prob[:, 0], DECIMALS)
     for j in range(k):
-        table[f"class_{j + 1}"] = names[index[:, j]] if len(table) else pd.Series(dtype=object)
-        table[f"probability_{j + 1}"] = np.round(prob[:, j], DECIMALS) if len(table) else pd.Series(dtype=float)
+        table[f"class_{j + 1}"] = names[index[:, j]]
+        table[f"probability_{j + 1}"] = np.round(prob[:, j], DECIMALS)
     return table
 
 
@@ -150,7 +144,7 @@ def predict_splits(
 ) -> Predictions:
     """The model's top-k predictions over ``p.splits``, their summary and the confidence curve."""
     rows, inputs = load_rows(list(p.splits), meta, data_dir, splits_report)
-    device = evaluate.pick_device(p.device)
+    device = devices.pick_device(p.device, "predict.device")
     if len(rows):
         logits, seconds = evaluate.predict(model, meta, inputs, p.batch_size, device)
     else:

@@ -30,13 +30,18 @@ FUNNEL_ORDER = (
 )
 
 
-def write_json(data: Any, path: str | Path) -> None:
-    """Write JSON atomically, keys sorted where order carries no meaning, UTF-8 kept readable."""
+def write_text(text: str, path: str | Path) -> None:
+    """Write UTF-8 text atomically (a reader sees the old file or the new one, never half)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically, keys sorted where order carries no meaning, UTF-8 kept readable."""
+    write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", path)
 
 
 def read_json(path: str | Path) -> Any:

@@ -41,8 +41,6 @@ import csv
 import hashlib
 import html
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +50,10 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from photoprep import export, sheets
+from photoprep import export, report, sheets
 from photoprep.fetch import target_of
 from photoprep.params import UserError
+from photoprep.split import natural_sorted, read_labels
 from photoprep.store import BlobReader
 
 BY = ("cluster", "prediction")
@@ -148,7 +147,6 @@ def write_cluster_index(
     ``summary`` is :func:`photoprep.cluster.purity`'s table; links are relative to ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     k = len(summary)
     def esc(text: str) -> str:  # text between tags: quotes may stay as they are
         return html.escape(text, quote=False)
@@ -195,9 +193,7 @@ def write_cluster_index(
             parts.append(f'<img src="{_href(sheet, path)}" alt="contact sheet of {name}">')
         parts.append("</section>")
     parts.append("</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    report.write_text("\n".join(parts) + "\n", path)
 
 
 # --------------------------------------------------------------------------- export
@@ -246,8 +242,6 @@ def _groups(by: str, data_dir: Path) -> tuple[pd.DataFrame, dict[Any, str]]:
     predicted = table["prediction"].astype(str)
     out = pd.DataFrame({"source": table["source"].astype(str), "id": table["id"].astype(str),
                         "group": predicted, "score": table["probability"].astype(float), "distance": np.nan})
-    from photoprep.split import natural_sorted
-
     return out, export.class_folders(natural_sorted(set(predicted)))
 
 
@@ -255,14 +249,6 @@ def _require(table: pd.DataFrame, columns: Sequence[str], path: Path) -> None:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise UserError(f"review: {path} lacks column(s) {missing} (has {list(table.columns)})")
-
-
-def _current_labels(data_dir: Path) -> pd.DataFrame:
-    frames = [pd.read_parquet(p, columns=["source", "id", "label", "split"])
-              for p in sorted((data_dir / "splits").glob("*.parquet"))]
-    if not frames:
-        return pd.DataFrame(columns=["source", "id", "label", "split"])
-    return pd.concat(frames, ignore_index=True).drop_duplicates(["source", "id"])
 
 
 def _local_original(url: Any, source_dir: Path, sha256: str) -> str | None:
@@ -275,14 +261,6 @@ def _local_original(url: Any, source_dir: Path, sha256: str) -> str | None:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return os.path.abspath(target.path) if digest.hexdigest() == sha256 else None
-
-
-def _check_target(out: Path, overwrite: bool) -> None:
-    if out.is_symlink() or out.is_file():
-        if not overwrite:
-            raise UserError(f"review: {out} already exists (use --overwrite, or overwrite=True, to replace it)")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"review: {out} is not empty (use --overwrite, or overwrite=True, to replace it)")
 
 
 def export_review(
@@ -325,7 +303,7 @@ def export_review(
     if stale:
         raise UserError(f"review: {stale} images of the {by} table are not in {images_path} "
                         "(the two come from different runs: run dvc repro)")
-    table = table.drop(columns="_merge").merge(_current_labels(data_dir), on=["source", "id"], how="left")
+    table = table.drop(columns="_merge").merge(read_labels(data_dir / "splits"), on=["source", "id"], how="left")
 
     skipped: dict[str, int] = {}
     if splits is not None:
@@ -341,21 +319,9 @@ def export_review(
     table = table.sort_values(["folder", "distance", "score", "source", "id"],
                               ascending=[True, True, False, True, True], kind="mergesort").reset_index(drop=True)
 
-    _check_target(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     result = ReviewExport(out=out, skipped=skipped)
-    try:
+    with export.folder_in_place(out, overwrite, "review") as tmp:
         _write_folder(tmp, table, by, mode, data_dir / "raw", sources_dir, result)
-        os.chmod(tmp, 0o755)
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.is_dir():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

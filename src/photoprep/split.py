@@ -41,6 +41,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -286,6 +287,16 @@ def split_tables(result: SplitResult) -> dict[str, pd.DataFrame]:
     """The table cut by split: ``{'train': ..., 'val': ..., 'test': ..., 'unlabeled': ...}``."""
     t = result.table
     return {name: t[t["split"] == name].reset_index(drop=True) for name in (*SPLITS, UNLABELED)}
+
+
+def read_labels(splits_dir: str | Path) -> pd.DataFrame:
+    """``source, id, label, split`` of every image in the split tables of ``splits_dir``, one row per key
+    (``split`` is the table's name; ``label`` None where an image has none)."""
+    frames = [pd.read_parquet(path, columns=["source", "id", "label"]).assign(split=path.stem)
+              for path in sorted(Path(splits_dir).glob("*.parquet"))]
+    if not frames:
+        return pd.DataFrame(columns=["source", "id", "label", "split"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates(["source", "id"])
 
 
 def fingerprint(table: pd.DataFrame) -> str:

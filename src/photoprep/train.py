@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from photoprep import models
+from photoprep import devices, models
+from photoprep.devices import device_name
 from photoprep.params import TrainParams, UserError
 from photoprep.split import fingerprint as split_fingerprint
 
@@ -108,16 +109,9 @@ def load_split(
     data_dir = Path(data_dir)
     table_path = data_dir / "splits" / f"{name}.parquet"
     array_path = input_array_path(kind, data_dir)
-    for path in (table_path, array_path):
-        if not path.exists():
-            raise UserError(f"{path} not found (run the earlier stages first: dvc repro)")
-    table = pd.read_parquet(table_path)
-    fp = split_fingerprint(table)
-    if expected_fingerprint is not None and fp != expected_fingerprint:
-        raise UserError(
-            f"{table_path} does not match its fingerprint in reports/splits.json "
-            f"({fp[:12]} != {expected_fingerprint[:12]}): re-run the split stage"
-        )
+    if not array_path.exists():
+        raise UserError(f"{array_path} not found (run the earlier stages first: dvc repro)")
+    table, fp = read_split_table(table_path, expected_fingerprint)
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(table["label"].astype(str)) - set(index))
     if unknown:
@@ -125,6 +119,20 @@ def load_split(
     labels = np.array([index[str(v)] for v in table["label"]], dtype=np.int64)
     inputs = gather_rows(kind, table["row"].to_numpy(dtype=np.int64), array_path, table_path)
     return SplitData(name, table, inputs, labels, fp)
+
+
+def read_split_table(table_path: Path, expected_fingerprint: str | None = None) -> tuple[pd.DataFrame, str]:
+    """A split table and its fingerprint, which must equal ``expected_fingerprint`` when given."""
+    if not table_path.exists():
+        raise UserError(f"{table_path} not found (run the earlier stages first: dvc repro)")
+    table = pd.read_parquet(table_path)
+    fp = split_fingerprint(table)
+    if expected_fingerprint is not None and fp != expected_fingerprint:
+        raise UserError(
+            f"{table_path} does not match its fingerprint in reports/splits.json "
+            f"({fp[:12]} != {expected_fingerprint[:12]}): re-run the split stage"
+        )
+    return table, fp
 
 
 def gather_rows(kind: str, rows: np.ndarray, array_path: Path, table_path: Path | str) -> np.ndarray:
@@ -378,23 +386,13 @@ def augment_images(x: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def pick_device(choice: str) -> torch.device:
-    """``cpu``, ``cuda`` (a user error without CUDA), or ``auto``: CUDA when there is one, else
-    the CPU with one warning on stderr."""
-    available = torch.cuda.is_available()
-    if choice == "cuda":
-        if not available:
-            raise UserError("train.device: cuda, but no CUDA device is available (use auto or cpu)")
-        return torch.device("cuda")
-    if choice == "auto" and not available:
+    """:func:`photoprep.devices.pick_device` for ``train.device``, and with ``auto`` on a machine
+    without CUDA one warning on stderr: training is where the CPU costs most."""
+    device = devices.pick_device(choice, "train.device")
+    if choice == "auto" and device.type == "cpu":
         print("photoprep: warning: no CUDA device found; training on the CPU (train.device: auto)",
               file=sys.stderr)
-    return torch.device("cuda" if choice == "auto" and available else "cpu")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    return device
 
 
 def _configure(device: torch.device, p: TrainParams) -> None:
@@ -479,7 +477,7 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
+def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically. Saved through a buffer: torch names the archive's inner folder
     after the file, so equal objects give equal bytes wherever they are written."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -492,7 +490,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def save_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> None:
     """``{"state_dict", "meta"}`` with torch.save, atomically. ``meta`` must be plain types."""
-    _atomic_save({"format": MODEL_FORMAT, "state_dict": state_dict, "meta": meta}, Path(path))
+    atomic_save({"format": MODEL_FORMAT, "state_dict": state_dict, "meta": meta}, Path(path))
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -638,7 +636,7 @@ class _Trainer:
         return rng
 
     def save_last(self, path: Path, key: str, progress: _Progress) -> None:
-        _atomic_save(
+        atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
                 "key": key,
@@ -784,7 +782,7 @@ def fit(
             progress.best_state = _cpu_state(model)
             progress.since_best = 0
             if ckpt_dir is not None:
-                _atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": progress.best_state},
+                atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": progress.best_state},
                              ckpt_dir / "best.pt")
         else:
             progress.since_best += 1
