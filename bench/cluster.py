@@ -1,4 +1,5 @@
-"""Benchmark: DEC (photoprep.cluster) time to convergence, and what it finds in a larger rendering of the digits.
+"""Benchmark: DEC (photoprep.learn.cluster) time to convergence, and what it finds in a larger
+rendering of the digits.
 
     python bench/cluster.py [--sizes 10000 100000] [--devices cpu cuda] [--epochs N] [--max-iter N]
                             [--digits 20000] [--digit-epochs N] [--json]
@@ -7,16 +8,16 @@
     ten Gaussian clusters in a 32-dimensional latent space mapped linearly into 3036 dimensions,
     plus noise (fixed seed). For each size and device, DEC with the default params (d-500-500-2000-10,
     batch 256, refinement to tol 0.001 with a target update per pass) through
-    ``photoprep.cluster.fit_dec``: pretraining seconds per epoch, k-means in the embedding, and the
+    ``photoprep.learn.cluster.fit_dec``: pretraining seconds per epoch, k-means in the embedding, and the
     refinement to convergence (iterations, target updates, seconds). On the CPU only ``--epochs``
     pretraining epochs run (default 1: the default 100 take over an hour at 100k on 2 cores), and
     ``projected_default_s`` adds the default epochs at the measured rate to the rest; on CUDA the
     default epochs run (override with ``--epochs``).
 (b) Quality, on ``--digits`` images (default 20,000): scikit-learn's 1,797 digits each drawn about
-    eleven times by the demo's own renderer (``photoprep.demo._draw``: a random smooth colour
+    eleven times by the demo's own renderer (``photoprep.demo.draw_digit``: a random smooth colour
     background, a random glyph size and offset, three frame sizes), stretched to 64 x 64 as the
-    bucket stage does, then ``photoprep.features.compute_features`` with the default params.
-    ``photoprep.cluster.cluster_features`` with ``blocks: [hog]`` (the demo's params.yaml; the
+    bucket stage does, then ``photoprep.images.features.compute_features`` with the default params.
+    ``photoprep.learn.cluster.cluster_features`` with ``blocks: [hog]`` (the demo's params.yaml; the
     colour map is noise here) and ``--digit-epochs`` pretraining epochs (default 10 on the CPU: with
     11x the demo's images, 10 epochs are as many steps as the demo's 100; the default on CUDA) scores
     the three methods: k-means on the features, k-means on the pretrained embedding (DEC's start) and DEC.
@@ -40,8 +41,9 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from photoprep import cluster, demo
-from photoprep.features import compute_features
+from photoprep import demo
+from photoprep.images.features import compute_features
+from photoprep.learn import cluster
 from photoprep.params import ClusterParams, FeatureParams
 
 DIM = 3036
@@ -59,7 +61,8 @@ def _say(args: argparse.Namespace, line: str) -> None:
 
 
 def synthetic_features(n: int, seed: int = 0, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` float32 vectors of ``DIM``: k Gaussian clusters in a latent space, mapped linearly, plus noise."""
+    """``n`` float32 vectors of ``DIM``: k Gaussian clusters in a latent space, mapped linearly,
+    plus noise."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(0, 1.0, (k, LATENT)).astype(np.float32)
     mixing = (rng.normal(0, 1.0, (LATENT, DIM)) / math.sqrt(LATENT)).astype(np.float32)
@@ -68,7 +71,9 @@ def synthetic_features(n: int, seed: int = 0, k: int = 10) -> tuple[np.ndarray, 
     for start in range(0, n, 20_000):
         part = truth[start : start + 20_000]
         latent = centres[part] + rng.normal(0, 1.2, (len(part), LATENT)).astype(np.float32)
-        x[start : start + len(part)] = latent @ mixing + rng.normal(0, 0.5, (len(part), DIM)).astype(np.float32)
+        x[start : start + len(part)] = latent @ mixing + rng.normal(0, 0.5, (len(part), DIM)).astype(
+            np.float32
+        )
     return x, truth
 
 
@@ -92,8 +97,9 @@ def time_dec(n: int, device: str, epochs: int, max_iter: int) -> dict:
         "refine_iterations": fit.refinement.iterations,
         "target_updates": fit.refinement.updates,
         "converged": fit.refinement.converged,
-        "measured_s": round(scale_s + fit.perf["pretrain_s"] + fit.perf["kmeans_embedding_s"]
-                            + fit.perf["refine_s"], 3),
+        "measured_s": round(
+            scale_s + fit.perf["pretrain_s"] + fit.perf["kmeans_embedding_s"] + fit.perf["refine_s"], 3
+        ),
         "projected_default_s": round(DEFAULT_EPOCHS * per_epoch + rest, 1),
         "synthetic_accuracy": round(cluster.unsupervised_accuracy(truth, fit.clusters), 4),
     }
@@ -110,8 +116,8 @@ def _render_chunk(start: int, stop: int, seed: int) -> tuple[np.ndarray, np.ndar
     labels = np.empty(stop - start, dtype=np.int64)
     for k, i in enumerate(range(start, stop)):
         which = i % len(digits.images)
-        h, w = demo._size_of(i, rng)
-        pixels = demo._draw(digits.images[which], h, w, rng)
+        h, w = demo.size_of(i, rng)
+        pixels = demo.draw_digit(digits.images[which], h, w, rng)
         images[k] = cv2.resize(pixels, (SIZE[1], SIZE[0]), interpolation=cv2.INTER_AREA)
         labels[k] = digits.target[which]
     return images, labels
@@ -145,9 +151,12 @@ def digits_quality(n: int, device: str, epochs: int, n_jobs: int) -> dict:
         "methods": result.metrics["methods"],
         "dec": {k: result.metrics["dec"][k] for k in ("iterations", "target_updates", "converged")},
         "seconds": {
-            "render": round(render_s, 1), "features": round(features_s, 1),
-            "kmeans_features": round(perf["kmeans_features_s"], 1), "pretrain": round(perf["pretrain_s"], 1),
-            "kmeans_embedding": round(perf["kmeans_embedding_s"], 1), "refine": round(perf["refine_s"], 1),
+            "render": round(render_s, 1),
+            "features": round(features_s, 1),
+            "kmeans_features": round(perf["kmeans_features_s"], 1),
+            "pretrain": round(perf["pretrain_s"], 1),
+            "kmeans_embedding": round(perf["kmeans_embedding_s"], 1),
+            "refine": round(perf["refine_s"], 1),
         },
     }
 
@@ -157,17 +166,39 @@ def digits_quality(n: int, device: str, epochs: int, n_jobs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000],
-                        help="synthetic set sizes to time (none: skip the timing)")
-    parser.add_argument("--devices", nargs="+", choices=["cpu", "cuda"], default=None,
-                        help="default: cpu, and cuda when there is one")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help=f"pretraining epochs timed (default: 1 on the CPU, {DEFAULT_EPOCHS} on CUDA)")
-    parser.add_argument("--max-iter", type=int, default=ClusterParams().max_iter, help="most refinement batches")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000],
+        help="synthetic set sizes to time (none: skip the timing)",
+    )
+    parser.add_argument(
+        "--devices",
+        nargs="+",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="default: cpu, and cuda when there is one",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"pretraining epochs timed (default: 1 on the CPU, {DEFAULT_EPOCHS} on CUDA)",
+    )
+    parser.add_argument(
+        "--max-iter", type=int, default=ClusterParams().max_iter, help="most refinement batches"
+    )
     parser.add_argument("--digits", type=int, default=20_000, help="rendered digits to cluster (0: skip)")
-    parser.add_argument("--digit-epochs", type=int, default=None,
-                        help=f"pretraining epochs on the digits (default: 10 on the CPU, {DEFAULT_EPOCHS} on CUDA)")
-    parser.add_argument("--n-jobs", type=int, default=min(2, os.cpu_count() or 1), help="render/feature workers")
+    parser.add_argument(
+        "--digit-epochs",
+        type=int,
+        default=None,
+        help=f"pretraining epochs on the digits (default: 10 on the CPU, {DEFAULT_EPOCHS} on CUDA)",
+    )
+    parser.add_argument(
+        "--n-jobs", type=int, default=min(2, os.cpu_count() or 1), help="render/feature workers"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
@@ -182,17 +213,27 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.sizes:
             row = time_dec(n, device, epochs, args.max_iter)
             rows.append(row)
-            _say(args, f"{device} n={n}: {row['pretrain_s_per_epoch']} s/epoch, refine {row['refine_s']} s "
-                       f"({row['refine_iterations']} batches, {row['target_updates']} updates, converged "
-                       f"{row['converged']}); default run projected {row['projected_default_s']} s")
+            _say(
+                args,
+                f"{device} n={n}: {row['pretrain_s_per_epoch']} s/epoch, refine {row['refine_s']} s "
+                f"({row['refine_iterations']} batches, {row['target_updates']} updates, converged "
+                f"{row['converged']}); default run projected {row['projected_default_s']} s",
+            )
         figures["timing"][device] = rows
     if args.digits:
         device = "cuda" if "cuda" in devices else "cpu"
-        epochs = args.digit_epochs if args.digit_epochs is not None else (10 if device == "cpu" else DEFAULT_EPOCHS)
+        epochs = (
+            args.digit_epochs
+            if args.digit_epochs is not None
+            else (10 if device == "cpu" else DEFAULT_EPOCHS)
+        )
         figures["digits"] = digits_quality(args.digits, device, epochs, args.n_jobs)
         for name, s in figures["digits"]["methods"].items():
-            _say(args, f"digits n={args.digits} {name}: accuracy {s['accuracy']:.3f}, NMI {s['nmi']:.3f}, "
-                       f"ARI {s['ari']:.3f}")
+            _say(
+                args,
+                f"digits n={args.digits} {name}: accuracy {s['accuracy']:.3f}, NMI {s['nmi']:.3f}, "
+                f"ARI {s['ari']:.3f}",
+            )
         _say(args, f"digits seconds: {figures['digits']['seconds']}")
     figures["total_s"] = round(time.perf_counter() - t_all, 1)
     if args.json:

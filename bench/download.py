@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from photoprep.fetch import fetch_all
+from photoprep.ingest.fetch import fetch_all
 from photoprep.params import DownloadParams
 
 LATENCY_S = 0.05

@@ -3,12 +3,13 @@
     python bench/features.py [--n 300] [--repeats 3] [--batch-size 32] [--json]
 
 (a) seed path: full PIL decode, convert RGB, resize to 64x64, skimage hog, cv2 colour map,
-    one image after another (photoprep.features.reference_features does the features);
+    one image after another (photoprep.images.features.reference_features does the features);
 (b) photoprep path: JPEG decoded at reduced scale (``Image.draft``) and resized to 64x64, then
-    photoprep.features.compute_features, in batches; with n_jobs=2 each worker decodes its own
+    photoprep.images.features.compute_features, in batches; with n_jobs=2 each worker decodes its own
     batch, so decoding runs in parallel too. As in the pipeline (photoprep.images), the bytes lie
     in a tar shard written by photoprep.store and each batch reads its own from (shard, offset,
-    size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is photoprep.decode.resized_rgb when
+    size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is
+    photoprep.images.decode.resized_rgb when
     that module exists, else the bench's own ``_bench_decode`` (figure ``decoder`` says which).
 
 The images are photo-like JPEGs (skimage.data photos, rescaled to 640x480 .. 1024x768, cropped,
@@ -38,9 +39,9 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from photoprep.features import compute_features, reference_features
+from photoprep.images.features import compute_features, reference_features
+from photoprep.ingest.store import ShardWriter, read_blobs
 from photoprep.params import FeatureParams
-from photoprep.store import ShardWriter, read_blobs
 
 SIZE = (64, 64)  # [H, W] of the images the features are computed on
 FRAMES = [(640, 480), (800, 600), (1024, 768), (480, 640), (768, 1024)]  # (W, H)
@@ -85,12 +86,12 @@ def _bench_decode(data: bytes, size: tuple[int, int], fit: str = "stretch") -> n
 
 
 def _decoder() -> tuple[Callable[[bytes, tuple[int, int], str], np.ndarray], str]:
-    """photoprep.decode.resized_rgb when that module exists, else the bench's own decoder."""
+    """photoprep.images.decode.resized_rgb when that module exists, else the bench's own decoder."""
     try:
-        from photoprep.decode import resized_rgb
+        from photoprep.images.decode import resized_rgb
     except ImportError:
         return _bench_decode, "bench._bench_decode (photoprep.decode absent)"
-    return resized_rgb, "photoprep.decode.resized_rgb"
+    return resized_rgb, "photoprep.images.decode.resized_rgb"
 
 
 def _seed_decode(data: bytes) -> np.ndarray:

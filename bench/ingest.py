@@ -11,7 +11,7 @@ time.process_time over whole passes (median of the repeats, divided by the image
 
 - naive: ``Image.open().verify()``, then a full ``load()``, then ``imagehash.phash`` on a
   full decode: what a validate-then-dedup script does;
-- probe: ``photoprep.decode.probe`` (header checks, one reduced-scale grey decode of the
+- probe: ``photoprep.images.decode.probe`` (header checks, one reduced-scale grey decode of the
   whole stream, normalisation, phash);
 - components, to place the two: full decode, full decode + phash, draft decode alone.
 
@@ -38,11 +38,18 @@ import numpy as np
 from PIL import Image
 from skimage import data as samples
 
-from photoprep import decode
+from photoprep.images import decode
 
 BENCH_DIR = Path(__file__).resolve().parent
 SOURCES = (
-    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "retina",
+    "cat",
 )
 
 
@@ -101,7 +108,7 @@ def full_decode_phash(blob: bytes) -> str:
         return str(imagehash.phash(im))
 
 
-DRAFT_SIDE = decode._hash_side(8)  # the probe's draft target for hash_size 8
+DRAFT_SIDE = decode.hash_side(8)  # the probe's draft target for hash_size 8
 
 
 def draft_decode(blob: bytes) -> None:
@@ -160,12 +167,23 @@ def hash_agreement(blobs: list[bytes]) -> dict:
     ours = [probe(blob) for blob in blobs]
     copies = [_near_copy(blob) for blob in blobs]
     return {
-        "probe_vs_full": _stats(np.array([_phash_distance(h, f) for h, f in zip(ours, full)])),
-        "full_luma_vs_full": _stats(np.array([_full_luma_phash(b) - f for b, f in zip(blobs, full)])),
-        "near_copy_probe": _stats(np.array([_phash_distance(probe(c), imagehash.hex_to_hash(h))
-                                            for c, h in zip(copies, ours)])),
-        "near_copy_full": _stats(np.array([imagehash.phash(Image.open(io.BytesIO(c))) - f
-                                           for c, f in zip(copies, full)])),
+        "probe_vs_full": _stats(np.array([_phash_distance(h, f) for h, f in zip(ours, full, strict=False)])),
+        "full_luma_vs_full": _stats(
+            np.array([_full_luma_phash(b) - f for b, f in zip(blobs, full, strict=False)])
+        ),
+        "near_copy_probe": _stats(
+            np.array(
+                [
+                    _phash_distance(probe(c), imagehash.hex_to_hash(h))
+                    for c, h in zip(copies, ours, strict=False)
+                ]
+            )
+        ),
+        "near_copy_full": _stats(
+            np.array(
+                [imagehash.phash(Image.open(io.BytesIO(c))) - f for c, f in zip(copies, full, strict=False)]
+            )
+        ),
     }
 
 
@@ -246,8 +264,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=200, help="images in part 1")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per method")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--near-sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
-                        help="hash counts for part 2; none skips it")
+    parser.add_argument(
+        "--near-sizes",
+        type=int,
+        nargs="*",
+        default=[10_000, 100_000, 1_000_000],
+        help="hash counts for part 2; none skips it",
+    )
     parser.add_argument("--threshold", type=int, default=4, help="Hamming threshold of part 2")
     args = parser.parse_args(argv)
 

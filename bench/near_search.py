@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from photoprep.hamming import brute_force_pairs, near_duplicate_search
+from photoprep.images.hamming import brute_force_pairs, near_duplicate_search
 
 HASH_BYTES = 8
 BRUTE_FORCE_SIZE = 10_000

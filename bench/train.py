@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from photoprep import devices, models, train
+from photoprep.learn import devices, models, train
 from photoprep.params import TrainParams
 
 
@@ -44,7 +44,7 @@ def _setup(model_name: str, size: int, device: torch.device, p: TrainParams):
     if p.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(model, p)
-    amp = train._amp_dtype(device, p.amp)
+    amp = train.amp_dtype(device, p.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     return model, optimizer, scaler, nn.CrossEntropyLoss(), amp
 
@@ -64,8 +64,15 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, repeats: in
 
 
 def bench_one(
-    model_name: str, size: int, device: torch.device, n: int, steps: int, warmup: int, repeats: int,
-    resident: bool | None = True, batch_size: int = 64,
+    model_name: str,
+    size: int,
+    device: torch.device,
+    n: int,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    resident: bool | None = True,
+    batch_size: int = 64,
 ) -> float:
     """Images/s of training steps through the real batch path (uint8 split -> device -> steps)."""
     p = TrainParams(model=model_name, device=device.type, batch_size=batch_size)

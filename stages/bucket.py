@@ -1,27 +1,27 @@
 """bucket: group resolutions, keep the chosen buckets, resize them to one size."""
 
-from pathlib import Path
-
 import pandas as pd
 
-from photoprep import bucket, images, params, report, sheets
+from photoprep import errors, io, params
+from photoprep.images import bucket, probe, sheets
+from photoprep.layout import PATHS
 
 
 def main() -> None:
     p = params.load()
-    result = bucket.assign_buckets(pd.read_parquet("data/interim/valid.parquet"), p.bucket)
+    result = bucket.assign_buckets(pd.read_parquet(PATHS.valid_table), p.bucket)
     kept = result.table[result.table["kept"]].reset_index(drop=True)
-    pixels = images.resized_pixels(
-        kept, Path("data/raw"), p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute
+    pixels = probe.resized_pixels(
+        kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute
     )
-    images.write_array(pixels, "data/processed/images.npy")
-    report.write_table(kept.assign(row=range(len(kept))), "data/processed/images.parquet")
-    report.write_table(result.resolutions, "plots/resolutions.csv")
-    bucket.plot_resolutions(result, "plots/resolutions.png")
+    io.write_array(pixels, PATHS.images_array)
+    io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)
+    io.write_table(result.resolutions, PATHS.resolutions_csv)
+    bucket.plot_resolutions(result, PATHS.resolutions_png)
     samples = bucket.sample_rows(result.table, p.bucket.samples_per_bucket)
-    sheets.draw_bucket_samples(samples, pixels, "reports/buckets.png")
-    report.write_json(bucket.bucket_counts(result), "reports/counts/bucket.json")
+    sheets.draw_bucket_samples(samples, pixels, PATHS.buckets_png)
+    io.write_json(bucket.bucket_counts(result), PATHS.stage_counts("bucket"))
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

@@ -1,33 +1,35 @@
 """cluster: DEC on the feature vectors of every kept image; metrics beside two k-means baselines."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from photoprep import cluster, params, report, review
+from photoprep import errors, io, params
+from photoprep.layout import PATHS
+from photoprep.learn import cluster
+from photoprep.review import clusters as review_pages
 
 
 def main() -> None:
     p = params.load().cluster
-    features = np.load("data/features/features.npy", mmap_mode="r")
-    info = json.loads(Path("data/features/features.json").read_text(encoding="utf-8"))
-    keys = pd.read_parquet("data/features/features.parquet", columns=["source", "id", "row"])
-    labels = cluster.labels_for(keys, "data/splits")
+    features = np.load(PATHS.features_array, mmap_mode="r")
+    info = io.read_json(PATHS.features_info)
+    keys = pd.read_parquet(PATHS.features_table, columns=["source", "id", "row"])
+    labels = cluster.labels_for(keys, PATHS.splits_dir)
     result = cluster.cluster_features(features, info, keys, labels, p)
-    report.write_table(result.table, "data/clusters.parquet")
-    cluster.save_model(result, "models/dec.pt")
-    report.write_json(result.metrics, "metrics/cluster.json")
-    report.write_json(result.perf, "reports/cluster_perf.json")
+    io.write_table(result.table, PATHS.clusters_table)
+    cluster.save_model(result, PATHS.dec_model)
+    io.write_json(result.metrics, PATHS.cluster_metrics)
+    io.write_json(result.perf, PATHS.cluster_perf)
     pretrain, refine = cluster.history_tables(result)
-    report.write_table(pretrain, "plots/cluster_pretrain.csv")
-    report.write_table(refine, "plots/cluster_refine.csv")
-    images = np.load("data/processed/images.npy", mmap_mode="r")
-    sheets = review.draw_cluster_sheets(result.table, images, labels, "reports/clusters", p.sheet_images, p.n_clusters)
-    review.write_cluster_index(cluster.purity(labels, result.table["cluster"]), sheets, "reports/clusters.html",
-                               result.metrics)
+    io.write_table(pretrain, PATHS.cluster_pretrain_csv)
+    io.write_table(refine, PATHS.cluster_refine_csv)
+    images = np.load(PATHS.images_array, mmap_mode="r")
+    sheets = review_pages.draw_cluster_sheets(
+        result.table, images, labels, PATHS.cluster_sheets_dir, p.sheet_images, p.n_clusters
+    )
+    purity = cluster.purity(labels, result.table["cluster"])
+    review_pages.write_cluster_index(purity, sheets, PATHS.clusters_html, result.metrics)
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

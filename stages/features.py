@@ -3,18 +3,20 @@
 import numpy as np
 import pandas as pd
 
-from photoprep import features, images, params, report
+from photoprep import errors, io, params
+from photoprep.images import features
+from photoprep.layout import PATHS
 
 
 def main() -> None:
     p = params.load()
-    pixels = np.load("data/processed/images.npy", mmap_mode="r")
-    table = pd.read_parquet("data/processed/images.parquet", columns=["source", "id", "row"])
+    pixels = np.load(PATHS.images_array, mmap_mode="r")
+    table = pd.read_parquet(PATHS.images_table, columns=["source", "id", "row"])
     matrix, info = features.compute_features(pixels, p.features, p.compute.n_jobs, p.compute.batch_size)
-    images.write_array(matrix.astype(np.float32), "data/features/features.npy")
-    report.write_table(table, "data/features/features.parquet")
-    report.write_json(info, "data/features/features.json")
+    io.write_array(matrix.astype(np.float32), PATHS.features_array)
+    io.write_table(table, PATHS.features_table)
+    io.write_json(info, PATHS.features_info)
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

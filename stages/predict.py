@@ -2,20 +2,22 @@
 
 import numpy as np
 
-from photoprep import params, predict, report, train
+from photoprep import errors, io, params
+from photoprep.layout import PATHS
+from photoprep.learn import predict, train
 
 
 def main() -> None:
     p = params.load().predict
-    model, meta = train.load_model("models/model.pt")
-    result = predict.predict_splits(model, meta, p, "data", "reports/splits.json")
-    report.write_table(result.table, "data/predictions.parquet")
-    report.write_json(result.metrics, "metrics/predict.json")
-    report.write_table(result.curve, "plots/confidence.csv")
-    images = np.load("data/processed/images.npy", mmap_mode="r")
-    predict.draw_by_class(result.table, images, list(meta["classes"]), p.per_class, "reports/predicted.png")
+    model, meta = train.load_model(PATHS.model)
+    result = predict.predict_splits(model, meta, p, "data", PATHS.splits_report)
+    io.write_table(result.table, PATHS.predictions_table)
+    io.write_json(result.metrics, PATHS.predict_metrics)
+    io.write_table(result.curve, PATHS.confidence_csv)
+    images = np.load(PATHS.images_array, mmap_mode="r")
+    predict.draw_by_class(result.table, images, list(meta["classes"]), p.per_class, PATHS.predicted_png)
     print(f"predict: {len(result.table)} images of {', '.join(p.splits)} in {result.seconds:.1f} s")
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

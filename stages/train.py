@@ -1,17 +1,19 @@
 """train: fit the model on the train split; val picks the best epoch and stops training early."""
 
-from photoprep import params, report, train
+from photoprep import errors, io, params
+from photoprep.layout import PATHS
+from photoprep.learn import train
 
 
 def main() -> None:
     p = params.load().train
-    data = train.load_data(p, "data", "reports/splits.json")
-    log = train.LiveLog("dvclive")
-    result = train.fit(data, p, checkpoint_dir="models/checkpoints", on_epoch=log)
+    data = train.load_data(p, "data", PATHS.splits_report)
+    log = train.LiveLog(PATHS.live_dir)
+    result = train.fit(data, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log)
     log.close(result)
-    train.save_model(result.state_dict, result.meta, "models/model.pt")
-    report.write_json(result.perf, "reports/train_perf.json")
+    train.save_model(result.state_dict, result.meta, PATHS.model)
+    io.write_json(result.perf, PATHS.train_perf)
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

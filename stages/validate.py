@@ -2,16 +2,18 @@
 
 import pandas as pd
 
-from photoprep import params, report, validate
+from photoprep import errors, io, params
+from photoprep.images import validate
+from photoprep.layout import PATHS
 
 
 def main() -> None:
     p = params.load().validate
-    checked = validate.validate_images(pd.read_parquet("data/interim/dedup.parquet"), p)
-    report.write_table(checked, "data/interim/valid.parquet")
-    report.write_table(validate.broken_report(checked), "reports/broken.csv")
-    report.write_json(validate.validate_counts(checked), "reports/counts/validate.json")
+    checked = validate.validate_images(pd.read_parquet(PATHS.dedup_table), p)
+    io.write_table(checked, PATHS.valid_table)
+    io.write_table(validate.broken_report(checked), PATHS.broken_csv)
+    io.write_json(validate.validate_counts(checked), PATHS.stage_counts("validate"))
 
 
 if __name__ == "__main__":
-    params.run_stage(main)
+    errors.run_stage(main)

@@ -3,19 +3,21 @@
 import pandas as pd
 import pytest
 
-from photoprep import bucket
+from photoprep.images import bucket
 from photoprep.params import BucketKeep, BucketParams, BucketRange
 
 
 def _valid(sizes: list[tuple[int, int]]) -> pd.DataFrame:
-    return pd.DataFrame({
-        "source": "s",
-        "id": [f"{i:04d}" for i in range(len(sizes))],
-        "sha256": [f"{i:064x}" for i in range(len(sizes))],
-        "width": [w for w, _ in sizes],
-        "height": [h for _, h in sizes],
-        "valid": True,
-    })
+    return pd.DataFrame(
+        {
+            "source": "s",
+            "id": [f"{i:04d}" for i in range(len(sizes))],
+            "sha256": [f"{i:064x}" for i in range(len(sizes))],
+            "width": [w for w, _ in sizes],
+            "height": [h for _, h in sizes],
+            "valid": True,
+        }
+    )
 
 
 SIZES = [(64, 64)] * 5 + [(96, 96)] * 3 + [(200, h) for h in range(120, 170, 5)] + [(640, 480)]
@@ -23,8 +25,11 @@ SIZES = [(64, 64)] * 5 + [(96, 96)] * 3 + [(200, h) for h in range(120, 170, 5)]
 
 def test_sizes_within_tolerance_chain_into_one_bucket():
     result = bucket.assign_buckets(_valid(SIZES), BucketParams())
-    assert dict(zip(result.buckets["bucket"], result.buckets["count"])) == {
-        "200x120..200x165": 10, "64x64": 5, "96x96": 3, "640x480": 1,
+    assert dict(zip(result.buckets["bucket"], result.buckets["count"], strict=False)) == {
+        "200x120..200x165": 10,
+        "64x64": 5,
+        "96x96": 3,
+        "640x480": 1,
     }
     assert result.table["kept"].all()
 

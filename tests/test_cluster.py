@@ -11,12 +11,22 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from photoprep import cluster, params
-from photoprep.params import ClusterParams, UserError
+from photoprep import params
+from photoprep.errors import UserError
+from photoprep.learn import cluster
+from photoprep.params import ClusterParams
 
 # Small and quick: 8x8 digits as 64 features, a small autoencoder, a few epochs.
-FAST = {"dims": [64, 32, 8], "pretrain_epochs": 15, "batch_size": 64, "max_iter": 150, "kmeans_n_init": 10,
-        "device": "cpu", "threads": 1, "pretrain_lr": 1e-3}
+FAST = {
+    "dims": [64, 32, 8],
+    "pretrain_epochs": 15,
+    "batch_size": 64,
+    "max_iter": 150,
+    "kmeans_n_init": 10,
+    "device": "cpu",
+    "threads": 1,
+    "pretrain_lr": 1e-3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +90,7 @@ def test_hungarian_accuracy_is_one_for_a_permuted_labelling() -> None:
 
 def test_hungarian_accuracy_counts_the_best_one_to_one_mapping() -> None:
     truth = ["a"] * 6 + ["b"] * 4
-    pred = [7] * 5 + [9] + [9] * 3 + [7]       # 7 -> a (5 right), 9 -> b (3 right)
+    pred = [7] * 5 + [9] + [9] * 3 + [7]  # 7 -> a (5 right), 9 -> b (3 right)
     assert cluster.unsupervised_accuracy(truth, pred) == pytest.approx(0.8)
     # a third cluster can map to no class: its members count as wrong
     assert cluster.unsupervised_accuracy(["a", "a", "b", "b"], [0, 1, 2, 2]) == pytest.approx(0.75)
@@ -135,7 +145,7 @@ def test_two_cpu_runs_are_identical(run, digits) -> None:
 
 _FRESH_PROCESS_RUN = """
 import hashlib, numpy as np, pandas as pd, torch
-from photoprep import cluster
+from photoprep.learn import cluster
 from photoprep.params import ClusterParams
 x = np.random.default_rng(0).normal(0, 1, (1797, 2916)).astype(np.float32)  # the demo's shapes
 keys = pd.DataFrame({"source": "s", "id": [str(i) for i in range(len(x))], "row": range(len(x))})
@@ -151,8 +161,16 @@ print(torch.get_num_threads(), digest.hexdigest())
 def test_two_fresh_processes_with_every_thread_give_the_same_weights() -> None:
     # MKL's multi-threaded sgemm varies from run to run unless its strict mode is set before its
     # first call: importing photoprep.cluster sets it. Seen on 2 cores: about 1 run in 2 differed.
-    outputs = [subprocess.run([sys.executable, "-c", _FRESH_PROCESS_RUN], capture_output=True, text=True,
-                              check=True, timeout=600).stdout for _ in range(2)]
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", _FRESH_PROCESS_RUN],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        ).stdout
+        for _ in range(2)
+    ]
     assert outputs[0] == outputs[1]
 
 
@@ -161,15 +179,23 @@ def test_a_run_leaves_torch_global_state_as_it_found_it(digits) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
-    cluster.cluster_features(features[:100], {}, keys[:100], labels[:100],
-                             ClusterParams(**{**FAST, "pretrain_epochs": 1, "max_iter": 5}), log=None)
+    cluster.cluster_features(
+        features[:100],
+        {},
+        keys[:100],
+        labels[:100],
+        ClusterParams(**{**FAST, "pretrain_epochs": 1, "max_iter": 5}),
+        log=None,
+    )
     assert torch.equal(torch.rand(3), expected)
     assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_layerwise_pretraining_runs(digits) -> None:
     features, keys, labels = digits
-    p = ClusterParams(**{**FAST, "pretrain": "layerwise", "layer_epochs": 2, "pretrain_epochs": 2, "max_iter": 20})
+    p = ClusterParams(
+        **{**FAST, "pretrain": "layerwise", "layer_epochs": 2, "pretrain_epochs": 2, "max_iter": 20}
+    )
     result = cluster.cluster_features(features[:200], {}, keys[:200], labels[:200], p, log=None)
     phases = result.pretrain_history["phase"].unique().tolist()
     assert phases == ["layer1", "layer2", "layer3", "end_to_end"]

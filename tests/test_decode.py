@@ -24,7 +24,7 @@ from PIL import Image, ImageFile, ImageOps
 from skimage import data as samples
 from sklearn.datasets import load_digits
 
-from photoprep.decode import (
+from photoprep.images.decode import (
     PROBE_FIELDS,
     REASONS,
     ImageRejected,
@@ -132,8 +132,13 @@ def test_a_good_jpeg_gives_the_full_record():
     record = probe(astronaut_jpeg())
     assert tuple(record) == PROBE_FIELDS
     assert record == {
-        "format": "JPEG", "width": 512, "height": 512, "mode": "RGB",
-        "valid": True, "reason": "", "hash": record["hash"],
+        "format": "JPEG",
+        "width": 512,
+        "height": 512,
+        "mode": "RGB",
+        "valid": True,
+        "reason": "",
+        "hash": record["hash"],
     }
     assert len(record["hash"]) == 16 and int(record["hash"], 16) >= 0
 
@@ -145,10 +150,17 @@ def test_probe_is_deterministic_and_batches_agree():
     assert probe_many(payloads, "phash", 8, 50_000_000) == first
 
 
-@pytest.mark.parametrize(("name", "size", "hex_len"), [
-    ("phash", 8, 16), ("dhash", 8, 16), ("ahash", 8, 16), ("whash", 8, 16),
-    ("phash", 16, 64), ("whash", 16, 64),
-])
+@pytest.mark.parametrize(
+    ("name", "size", "hex_len"),
+    [
+        ("phash", 8, 16),
+        ("dhash", 8, 16),
+        ("ahash", 8, 16),
+        ("whash", 8, 16),
+        ("phash", 16, 64),
+        ("whash", 16, 64),
+    ],
+)
 def test_each_hash_kind_and_size(name, size, hex_len):
     record = probe(astronaut_jpeg(), hash_name=name, hash_size=size)
     assert record["valid"] and len(record["hash"]) == hex_len
@@ -182,7 +194,13 @@ def test_same_picture_as_png_and_jpeg_hashes_alike():
 
 def test_empty_payload_is_zero_bytes():
     assert probe(b"") | {"hash": ""} == {
-        "format": "", "width": 0, "height": 0, "mode": "", "valid": False, "reason": "zero_bytes", "hash": "",
+        "format": "",
+        "width": 0,
+        "height": 0,
+        "mode": "",
+        "valid": False,
+        "reason": "zero_bytes",
+        "hash": "",
     }
 
 
@@ -190,12 +208,16 @@ def _not_images() -> dict[str, bytes]:
     pixels, descr = digits()
     return {
         "html": b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body><h1>Not Found</h1>"
-        + descr.encode()[:500] + b"</body></html>",
+        + descr.encode()[:500]
+        + b"</body></html>",
         "json": json.dumps({"error": "rate limited", "digit": pixels[0].tolist()}).encode(),
         "svg": (
             '<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="64" height="64">'
-            + "".join(f'<rect x="{x}" y="{y}" width="8" height="8" fill="#{v:02x}{v:02x}{v:02x}"/>'
-                      for (y, x), v in np.ndenumerate(pixels[0]) if v)
+            + "".join(
+                f'<rect x="{x}" y="{y}" width="8" height="8" fill="#{v:02x}{v:02x}{v:02x}"/>'
+                for (y, x), v in np.ndenumerate(pixels[0])
+                if v
+            )
             + "</svg>"
         ).encode(),
         "text": descr.encode(),
@@ -325,7 +347,12 @@ def test_float_image_is_unsupported():
 
 def test_every_reason_is_listed():
     assert set(REASONS) == {
-        "zero_bytes", "not_an_image", "truncated", "corrupt", "too_many_pixels", "unsupported",
+        "zero_bytes",
+        "not_an_image",
+        "truncated",
+        "corrupt",
+        "too_many_pixels",
+        "unsupported",
     }
 
 
@@ -337,8 +364,13 @@ def test_bomb_is_rejected_from_its_header():
     assert len(bomb) < 100_000
     record = probe(bomb)
     assert record | {"hash": ""} == {
-        "format": "PNG", "width": 20_000, "height": 20_000, "mode": "1",
-        "valid": False, "reason": "too_many_pixels", "hash": "",
+        "format": "PNG",
+        "width": 20_000,
+        "height": 20_000,
+        "mode": "1",
+        "valid": False,
+        "reason": "too_many_pixels",
+        "hash": "",
     }
     with pytest.raises(ImageRejected) as rejected:
         resized_rgb(bomb, (64, 64))
@@ -375,7 +407,7 @@ def test_bombs_are_rejected_without_allocating_their_pixels(tmp_path):
     script = textwrap.dedent(f"""
         import json, pathlib
         from PIL import Image
-        from photoprep.decode import probe, resized_rgb, ImageRejected
+        from photoprep.images.decode import probe, resized_rgb, ImageRejected
         folder = pathlib.Path({str(tmp_path)!r})
 
         def rss_mb(field):
@@ -465,14 +497,22 @@ def _sixteen_bit_png() -> bytes:
 
 UNUSUAL = {
     # name: (payload builder, format, mode as stored, (width, height))
-    "cmyk_jpeg": (lambda: encode(Image.fromarray(astronaut()).convert("CMYK"), "JPEG", quality=95),
-                  "JPEG", "CMYK", (512, 512)),
+    "cmyk_jpeg": (
+        lambda: encode(Image.fromarray(astronaut()).convert("CMYK"), "JPEG", quality=95),
+        "JPEG",
+        "CMYK",
+        (512, 512),
+    ),
     "16bit_png": (_sixteen_bit_png, "PNG", "I;16", (512, 512)),
     "palette_transparency_png": (lambda: _palette_with_transparency()[0], "PNG", "P", (451, 300)),
     "rgba_png": (lambda: _rgba()[0], "PNG", "RGBA", (500, 500)),
     "grey_png": (lambda: encode(camera(), "PNG"), "PNG", "L", (512, 512)),
-    "grey_alpha_png": (lambda: encode(Image.fromarray(np.dstack([camera(), camera()]), "LA"), "PNG"),
-                       "PNG", "LA", (512, 512)),
+    "grey_alpha_png": (
+        lambda: encode(Image.fromarray(np.dstack([camera(), camera()]), "LA"), "PNG"),
+        "PNG",
+        "LA",
+        (512, 512),
+    ),
     "bilevel_png": (lambda: encode(Image.fromarray(digit(5) > 100), "PNG"), "PNG", "1", (64, 64)),
     "grey_jpeg": (lambda: encode(camera(), "JPEG"), "JPEG", "L", (512, 512)),
     "progressive_jpeg": (lambda: encode(coffee(), "JPEG", progressive=True), "JPEG", "RGB", (600, 400)),

@@ -2,12 +2,12 @@
 
 import pandas as pd
 
-from photoprep import dedup
+from photoprep.images import dedup
 from photoprep.params import DedupParams
 
 A = "f0f0f0f0f0f0f0f0"
-A_NEAR = "f0f0f0f0f0f0f0f3"    # 2 bits from A
-A_FAR = "f0f0f0f0f0f00f0f"     # 16 bits from A
+A_NEAR = "f0f0f0f0f0f0f0f3"  # 2 bits from A
+A_FAR = "f0f0f0f0f0f00f0f"  # 16 bits from A
 B = "0123456789abcdef"
 
 
@@ -17,8 +17,18 @@ def _images(rows: list[tuple]) -> pd.DataFrame:
     for row in rows:
         rid, sha, h, w, hh, *rest = row
         status, valid = rest if rest else ("ok", True)
-        out.append({"source": "s", "id": rid, "sha256": sha, "hash": h, "width": w, "height": hh,
-                    "status": status, "valid": valid})
+        out.append(
+            {
+                "source": "s",
+                "id": rid,
+                "sha256": sha,
+                "hash": h,
+                "width": w,
+                "height": hh,
+                "status": status,
+                "valid": valid,
+            }
+        )
     return pd.DataFrame(out)
 
 
@@ -48,14 +58,16 @@ def test_minus_one_turns_near_dedup_off_but_exact_stays():
 
 
 def test_chains_join_one_group_and_broken_or_failed_rows_stay_out():
-    images = _images([
-        ("a", "1", "0000000000000000", 64, 64),
-        ("b", "2", "0000000000000007", 64, 64),   # 3 from a
-        ("c", "3", "000000000000003f", 64, 64),   # 3 from b, 6 from a
-        ("d", "4", "", 0, 0, "ok", False),         # broken: validate reports it
-        ("e", "4", "", 0, 0, "ok", False),         # the same broken bytes: not a duplicate either
-        ("f", None, None, None, None, "failed", None),
-    ])
+    images = _images(
+        [
+            ("a", "1", "0000000000000000", 64, 64),
+            ("b", "2", "0000000000000007", 64, 64),  # 3 from a
+            ("c", "3", "000000000000003f", 64, 64),  # 3 from b, 6 from a
+            ("d", "4", "", 0, 0, "ok", False),  # broken: validate reports it
+            ("e", "4", "", 0, 0, "ok", False),  # the same broken bytes: not a duplicate either
+            ("f", None, None, None, None, "failed", None),
+        ]
+    )
     table = dedup.find_duplicates(images, DedupParams(near_threshold=3)).table.set_index("id")
     assert table.loc[["a", "b", "c"], "group"].nunique() == 1
     assert list(table.loc[["b", "c"], "dup_of"]) == ["s/a", "s/a"]
@@ -75,7 +87,9 @@ def test_result_does_not_depend_on_input_order():
 
 
 def test_duplicates_report_has_one_row_per_group_member():
-    images = _images([("a", "x", A, 64, 64), ("b", "x", A, 64, 64), ("c", "y", A_NEAR, 32, 32), ("d", "z", B, 8, 8)])
+    images = _images(
+        [("a", "x", A, 64, 64), ("b", "x", A, 64, 64), ("c", "y", A_NEAR, 32, 32), ("d", "z", B, 8, 8)]
+    )
     table = dedup.find_duplicates(images, DedupParams()).table
     report = dedup.duplicate_groups(table)
     assert list(report["id"]) == ["a", "b", "c"]

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from photoprep import decode, demo, hamming, manifest, sources
+from photoprep import demo
+from photoprep.images import decode, hamming
+from photoprep.ingest import manifest, sources
 
 DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo"
 EXPECTED = json.loads((DEMO / "expected.json").read_text())
@@ -96,6 +98,10 @@ def test_rendering_is_deterministic(tmp_path):
     assert one == two
 
     def digest(root: Path) -> dict[str, str]:
-        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
 
     assert digest(tmp_path / "a") == digest(tmp_path / "b")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from test_train import make_workspace, one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep import evaluate, train
+from photoprep.learn import evaluate, train
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = """\
@@ -40,7 +40,11 @@ WALL_CLOCK_WORDS = ("second", "time", "per_s", "throughput", "device")
 def run_stage(name: str, cwd: Path) -> subprocess.CompletedProcess:
     done = subprocess.run(
         [sys.executable, str(REPO / "stages" / f"{name}.py")],
-        cwd=cwd, capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
     )
     assert done.returncode == 0, done.stderr
     return done

@@ -12,12 +12,25 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from photoprep.export import class_folders, export_split, file_name, safe_component
-from photoprep.params import UserError
+from photoprep.dataset.export import class_folders, export_split, file_name, safe_component
+from photoprep.errors import UserError
 
 H, W = 12, 10
-HOSTILE_IDS = ["../../etc/passwd", "/abs/path", "a/b\\c", "..", ".", "", "CON", "x" * 300, "ünï cødé ☃",
-               "dup", "DUP", "a:b*c?d", "nul\0byte"]
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "/abs/path",
+    "a/b\\c",
+    "..",
+    ".",
+    "",
+    "CON",
+    "x" * 300,
+    "ünï cødé ☃",
+    "dup",
+    "DUP",
+    "a:b*c?d",
+    "nul\0byte",
+]
 
 
 @pytest.fixture
@@ -31,15 +44,19 @@ def arrays() -> np.ndarray:
     return imgs
 
 
-def split_table(ids: list[str], labels: list[str | None], rows: list[int], source: str = "src") -> pd.DataFrame:
-    return pd.DataFrame({
-        "source": source,
-        "id": ids,
-        "sha256": [f"{r:064x}" for r in rows],
-        "label": labels,
-        "row": rows,
-        "split": "train",
-    })
+def split_table(
+    ids: list[str], labels: list[str | None], rows: list[int], source: str = "src"
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "source": source,
+            "id": ids,
+            "sha256": [f"{r:064x}" for r in rows],
+            "label": labels,
+            "row": rows,
+            "split": "train",
+        }
+    )
 
 
 def all_files(root: Path) -> list[Path]:
@@ -56,7 +73,7 @@ def test_imagefolder_writes_readable_pngs_in_class_folders(tmp_path, arrays):
     assert out == tmp_path / "train"
     pngs = [p for p in all_files(out) if p.suffix == ".png"]
     assert sorted(p.parent.name for p in pngs) == ["_unlabeled", "cat", "cat", "dog"]
-    manifest = list(csv.DictReader(open(out / "manifest.csv", encoding="utf-8")))
+    manifest = list(csv.DictReader((out / "manifest.csv").read_text(encoding="utf-8").splitlines()))
     assert len(manifest) == 4
     for rec in manifest:
         path = out / rec["file"]
@@ -88,7 +105,7 @@ def test_hostile_ids_stay_inside_the_folder_and_never_collide(tmp_path, arrays):
 
 def test_file_names_are_deterministic_and_keyed_on_the_exact_key():
     assert file_name("s", "a/b") == file_name("s", "a/b")
-    assert file_name("s", "a/b") != file_name("s", "a_b")   # same cleaned text, different hash
+    assert file_name("s", "a/b") != file_name("s", "a_b")  # same cleaned text, different hash
     assert file_name("s", "a") != file_name("t", "a")
     assert safe_component("../../x") == "x"
     assert safe_component("..") == "x"
@@ -101,7 +118,9 @@ def test_hostile_class_names_get_safe_distinct_folders(tmp_path, arrays):
     assert len({f.casefold() for f in folders.values()} | {"_unlabeled"}) == len(classes) + 1
     for f in folders.values():
         assert "/" not in f and ".." not in f and not f.startswith(".")
-    t = split_table([f"i{k}" for k in range(len(classes))] + ["u"], classes + [None], list(range(len(classes) + 1)))
+    t = split_table(
+        [f"i{k}" for k in range(len(classes))] + ["u"], [*classes, None], list(range(len(classes) + 1))
+    )
     out = export_split(t, arrays, tmp_path / "out", "imagefolder", classes)
     dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
     assert len(dirs) == len(classes) + 1 and "_unlabeled" in dirs

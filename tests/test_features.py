@@ -13,17 +13,18 @@ from skimage.color import rgb2gray
 from skimage.feature import hog
 from sklearn.datasets import load_digits
 
-from photoprep.features import (
-    _angle_bins,
-    _orientation_bins,
+from photoprep.errors import UserError
+from photoprep.images.features import (
+    angle_bins,
     color_map_batch,
     compute_features,
     feature_info,
     gray_batch,
     hog_batch,
+    orientation_bins,
     reference_features,
 )
-from photoprep.params import FeatureParams, HogParams, UserError
+from photoprep.params import FeatureParams, HogParams
 
 TOL = 1e-5
 NORMS = ["L1", "L1-sqrt", "L2", "L2-Hys"]
@@ -256,7 +257,7 @@ def test_empty_input_gives_empty_matrix():
 
 
 def test_images_too_small_is_a_user_error():
-    with pytest.raises(UserError, match="features.hog: .*too small"):
+    with pytest.raises(UserError, match=r"features.hog: .*too small"):
         compute_features(np.zeros((2, 16, 16, 3), dtype=np.uint8), FeatureParams())
 
 
@@ -268,7 +269,7 @@ def test_bad_images_are_a_user_error():
 def test_opencv_impl_is_a_clear_user_error():
     p = FeatureParams(hog=HogParams(impl="opencv"))
     images = _crops(2, (64, 64))
-    with pytest.raises(UserError, match="features.hog.impl: opencv"):
+    with pytest.raises(UserError, match=r"features.hog.impl: opencv"):
         compute_features(images, p)
     with pytest.raises(UserError, match="opencv"):
         hog_batch(gray_batch(images), p.hog)
@@ -325,23 +326,23 @@ def test_angle_bins_follow_skimage_edges_to_the_last_bit(n):
         for _ in range(30):
             x = np.nextafter(x, direction)
             angles.append(x)
-    angle = np.concatenate(angles + [np.array([0.0, 180.0, 179.99999999999997])])
+    angle = np.concatenate([*angles, np.array([0.0, 180.0, 179.99999999999997])])
     angle = angle[(angle >= 0) & (angle <= 180)]
     # skimage: pixel in bin i iff not (angle >= start_i or angle < end_i).
     expected = np.full(angle.shape, n)
     for i in range(n):
         inside = (angle < 180.0 / n * (i + 1)) & (angle >= 180.0 / n * i)
         expected[inside] = i
-    assert np.array_equal(_angle_bins(angle, n), expected)
+    assert np.array_equal(angle_bins(angle, n), expected)
 
 
 def test_orientation_bins_wrap_like_skimage_modulo():
     rng = np.random.default_rng(5)
     tiny = [0.0, -0.0, 1e-300, -1e-300, 1e-17, -1e-17]
-    specials = np.array([(r, c) for r in tiny + [1.0, -1.0] for c in tiny + [1.0, -1.0]]).T
+    specials = np.array([(r, c) for r in [*tiny, 1.0, -1.0] for c in [*tiny, 1.0, -1.0]]).T
     g_row = np.concatenate([specials[0], rng.normal(size=5000), rng.normal(size=500) * 1e-16])
     g_col = np.concatenate([specials[1], rng.normal(size=5000), -np.abs(rng.normal(size=500))])
     angle = np.rad2deg(np.arctan2(g_row, g_col)) % 180  # skimage's expression
     for n in (4, 7, 9):
         expected = np.searchsorted(180.0 / n * np.arange(1, n + 1), angle, side="right")
-        assert np.array_equal(_orientation_bins(g_row, g_col, n), expected)
+        assert np.array_equal(orientation_bins(g_row, g_col, n), expected)

@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 from yarl import URL
 
-from photoprep.fetch import RESULT_COLUMNS, _same_host, fetch_all, fetch_counts, parse_retry_after
+from photoprep.ingest.fetch import RESULT_COLUMNS, fetch_all, fetch_counts, parse_retry_after, same_host
+from photoprep.ingest.store import SHARD_NAME, read_blobs
 from photoprep.params import DownloadParams
-from photoprep.store import SHARD_NAME, read_blobs
 
 # Timeouts generous enough for a busy test machine; backoff short enough for a fast suite.
 FAST = DownloadParams(
@@ -369,10 +369,10 @@ def test_cross_host_redirect_is_followed_when_allowed(cdn, other_cdn, tmp_path):
 
 
 def test_an_upgrade_to_https_on_the_same_hostname_is_the_same_host():
-    assert _same_host(URL("http://cdn.example.org/photo/1"), URL("https://cdn.example.org/photo/1"))
-    assert not _same_host(URL("https://cdn.example.org/photo/1"), URL("http://cdn.example.org/photo/1"))
-    assert not _same_host(URL("http://cdn.example.org:8080/a"), URL("https://cdn.example.org/a"))
-    assert not _same_host(URL("http://cdn.example.org/a"), URL("http://img.example.org/a"))
+    assert same_host(URL("http://cdn.example.org/photo/1"), URL("https://cdn.example.org/photo/1"))
+    assert not same_host(URL("https://cdn.example.org/photo/1"), URL("http://cdn.example.org/photo/1"))
+    assert not same_host(URL("http://cdn.example.org:8080/a"), URL("https://cdn.example.org/a"))
+    assert not same_host(URL("http://cdn.example.org/a"), URL("http://img.example.org/a"))
 
 
 def test_redirect_loop_is_too_many_redirects(cdn, tmp_path):

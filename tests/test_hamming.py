@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from photoprep import hamming
-from photoprep.hamming import (
+from photoprep.images import hamming
+from photoprep.images.hamming import (
     NearPairs,
     brute_force_pairs,
     near_duplicate_pairs,

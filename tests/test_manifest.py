@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from photoprep.manifest import (
+from photoprep.errors import UserError
+from photoprep.ingest.manifest import (
     MALFORMED_COLUMNS,
     RECORD_COLUMNS,
     Manifest,
@@ -16,8 +17,7 @@ from photoprep.manifest import (
     read_manifest,
     url_for,
 )
-from photoprep.params import UserError
-from photoprep.sources import SourceConfig, load_source
+from photoprep.ingest.sources import SourceConfig, load_source
 
 REPO = Path(__file__).resolve().parents[1]
 CDN = "https://cdn.example.org/photo/{id}"
@@ -143,7 +143,7 @@ def test_same_id_and_language_twice_keeps_the_first_title_and_counts_both(tmp_pa
 
 
 def test_titles_json_keeps_non_ascii_and_sorts_languages(tmp_path: Path) -> None:
-    m = read_manifest(source(tmp_path, "heobs", "a1 | 東京 | jpn\na1 | Tokyo | eng\na1 | \"Q\" | fra\n"))
+    m = read_manifest(source(tmp_path, "heobs", 'a1 | 東京 | jpn\na1 | Tokyo | eng\na1 | "Q" | fra\n'))
     assert m.records.loc[0, "titles"] == '{"eng": "Tokyo", "fra": "\\"Q\\"", "jpn": "東京"}'
 
 
@@ -302,7 +302,7 @@ def test_csv_with_url_column_only_uses_the_url_as_id(tmp_path: Path) -> None:
 
 
 def test_csv_with_id_column_and_template_builds_quoted_urls(tmp_path: Path) -> None:
-    text = "id,label,title\nb 2,dog,x\na/1,cat,\"Quoted, with comma\"\nc3,,Cee\n"
+    text = 'id,label,title\nb 2,dog,x\na/1,cat,"Quoted, with comma"\nc3,,Cee\n'
     m = read_manifest(source(tmp_path, "csv", text, url="https://h/{id}.jpg"))
     assert_counts_add_up(m)
     assert m.records["id"].tolist() == ["a/1", "c3"]
@@ -328,8 +328,14 @@ def test_csv_custom_column_names(tmp_path: Path) -> None:
     )
     m = read_manifest(cfg)
     assert m.records.drop(columns="titles").to_dict("records") == [
-        {"source": "src", "id": "A1", "url": "https://h/a.jpg", "label": "shoe",
-         "first_line": 2, "n_lines": 1}
+        {
+            "source": "src",
+            "id": "A1",
+            "url": "https://h/a.jpg",
+            "label": "shoe",
+            "first_line": 2,
+            "n_lines": 1,
+        }
     ]
     assert titles(m, "A1") == {"und": "Red shoe"}
 
@@ -390,14 +396,28 @@ def make_folder(tmp_path: Path, files: list[str]) -> SourceConfig:
 def test_folder_of_class_subfolders(tmp_path: Path) -> None:
     cfg = make_folder(
         tmp_path,
-        ["dog/b.jpg", "cat/a.jpg", "cat/z.png", "dog/.DS_Store", ".git/config", "cat/notes.txt",
-         "dog/IMG 001.jpg", "cat/nested/c.jpg", "README.md"],
+        [
+            "dog/b.jpg",
+            "cat/a.jpg",
+            "cat/z.png",
+            "dog/.DS_Store",
+            ".git/config",
+            "cat/notes.txt",
+            "dog/IMG 001.jpg",
+            "cat/nested/c.jpg",
+            "README.md",
+        ],
     )
     (cfg.manifest_path / "empty_class").mkdir()
     m = read_manifest(cfg)
     assert_counts_add_up(m)
     assert m.records["id"].tolist() == [
-        "cat/a.jpg", "cat/nested/c.jpg", "cat/notes.txt", "cat/z.png", "dog/IMG 001.jpg", "dog/b.jpg"
+        "cat/a.jpg",
+        "cat/nested/c.jpg",
+        "cat/notes.txt",
+        "cat/z.png",
+        "dog/IMG 001.jpg",
+        "dog/b.jpg",
     ]
     assert m.records["label"].tolist() == ["cat"] * 4 + ["dog"] * 2
     assert m.records["url"].tolist()[0] == "images/cat/a.jpg"

@@ -3,7 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from photoprep import memo, sniff
+from photoprep.images import memo
+from photoprep.ingest import sniff
 
 
 def test_rows_and_arrays_come_back_in_the_order_asked(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from photoprep import models
+from photoprep.learn import models
 
 
 @pytest.mark.parametrize("size", [32, 64, 96])

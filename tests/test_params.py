@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from photoprep import params
-from photoprep.params import UserError
+from photoprep.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,10 +23,16 @@ def test_repository_params_load_with_the_demo_enabled():
     ("raw", "message"),
     [
         ({"dedup": {"hash_size": 2}}, "params.yaml: dedup.hash_size: must be >= 4 (got 2)"),
-        ({"dedup": {"hash": "md5"}}, "params.yaml: dedup.hash: must be one of 'phash', 'dhash', 'whash' or 'ahash' (got 'md5')"),
+        (
+            {"dedup": {"hash": "md5"}},
+            "params.yaml: dedup.hash: must be one of 'phash', 'dhash', 'whash' or 'ahash' (got 'md5')",
+        ),
         ({"dedup": {"colour": 1}}, "params.yaml: dedup.colour: unknown key"),
         ({"validate": {"min_side": 0}}, "params.yaml: validate.min_side: must be >= 1 (got 0)"),
-        ({"split": {"ratios": {"train": 0.5, "test": 0.2}}}, "params.yaml: split.ratios: must be >= 0 and sum to 1"),
+        (
+            {"split": {"ratios": {"train": 0.5, "test": 0.2}}},
+            "params.yaml: split.ratios: must be >= 0 and sum to 1",
+        ),
         ({"compute": {"n_jobs": 0}}, "params.yaml: compute.n_jobs: must be a positive number"),
         ({"sources": []}, "sources: list at least one source"),
     ],

@@ -36,9 +36,13 @@ def _decodes(repo: Path) -> list[dict]:
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git + DVC copy of the working tree, with the demo pipeline run once."""
     repo = tmp_path_factory.mktemp("repo")
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -53,8 +57,11 @@ def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One epoch and a short DEC keep CI short; the defaults are exercised by `make run` and their
     # targets by the train and cluster tests.
     params = (repo / "params.yaml").read_text()
-    for default, short in (("  epochs: 20", "  epochs: 1"), ("  pretrain_epochs: 100", "  pretrain_epochs: 2"),
-                           ("  max_iter: 2000", "  max_iter: 60")):
+    for default, short in (
+        ("  epochs: 20", "  epochs: 1"),
+        ("  pretrain_epochs: 100", "  pretrain_epochs: 2"),
+        ("  max_iter: 2000", "  max_iter: 60"),
+    ):
         assert params.count(default) == 1, default
         params = params.replace(default, short)
     (repo / "params.yaml").write_text(params)
@@ -96,7 +103,9 @@ def test_repro_clusters_every_kept_image_beside_both_baselines(demo_repo: Path) 
     assert all(f'src="clusters/{name}"' in page for name in sheets)
 
 
-def test_repro_predicts_with_top3_and_review_exports_only_the_confident(demo_repo: Path, tmp_path: Path) -> None:
+def test_repro_predicts_with_top3_and_review_exports_only_the_confident(
+    demo_repo: Path, tmp_path: Path
+) -> None:
     table = pd.read_parquet(demo_repo / "data" / "predictions.parquet")
     test = pd.read_parquet(demo_repo / "data" / "splits" / "test.parquet")
     assert len(table) == len(test), "the demo has no unlabeled image: predict labels test to calibrate"
@@ -105,8 +114,10 @@ def test_repro_predicts_with_top3_and_review_exports_only_the_confident(demo_rep
     assert (table["prediction"] == table["class_1"]).all()
     threshold = float(table["probability"].median())
     out = tmp_path / "confident"
-    _run(["photoprep", "review", "export", "--by", "prediction", "--min-confidence", str(threshold), str(out)],
-         demo_repo)
+    _run(
+        ["photoprep", "review", "export", "--by", "prediction", "--min-confidence", str(threshold), str(out)],
+        demo_repo,
+    )
     exported = sorted(p.relative_to(out / "images").as_posix() for p in (out / "images").glob("*/*"))
     sure = table[table["probability"] >= threshold]
     assert len(exported) == len(sure) < len(table)
@@ -139,7 +150,12 @@ def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) ->
     images = pd.read_parquet(demo_repo / "data" / "processed" / "images.parquet")
     import numpy as np
 
-    assert np.load(demo_repo / "data" / "processed" / "images.npy", mmap_mode="r").shape == (len(images), 32, 32, 3)
+    assert np.load(demo_repo / "data" / "processed" / "images.npy", mmap_mode="r").shape == (
+        len(images),
+        32,
+        32,
+        3,
+    )
 
 
 def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, tmp_path: Path) -> None:
@@ -188,12 +204,15 @@ def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: P
 
     def labels() -> dict[tuple[str, str], str | None]:
         t = pd.concat(pd.read_parquet(p) for p in sorted((demo_repo / "data" / "splits").glob("*.parquet")))
-        return {(s, i): (None if pd.isna(lab) else lab) for s, i, lab in zip(t["source"], t["id"], t["label"])}
+        return {
+            (s, i): (None if pd.isna(lab) else lab)
+            for s, i, lab in zip(t["source"], t["id"], t["label"], strict=False)
+        }
 
     before = labels()
     out = demo_repo / "pipeline" / "sources" / "reviewed"
     _run(["photoprep", "review", "export", "--by", "cluster", str(out)], demo_repo)
-    rows = list(csv.DictReader(open(out / "review.csv", encoding="utf-8")))
+    rows = list(csv.DictReader((out / "review.csv").read_text(encoding="utf-8").splitlines()))
     images = out / "images"
     # The reviewer names each cluster after its majority label, merging the clusters of one class ...
     frame = pd.DataFrame(rows).assign(folder=lambda f: f["file"].str.split("/").str[1])
@@ -213,8 +232,11 @@ def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: P
         next(images.glob(f"*/{name}")).rename(images / "8" / name)
     for r in deleted:
         next(images.glob(f"*/{r['file'].rsplit('/', 1)[1]}")).unlink()
-    expected = {(r["source"], r["id"]): f.parent.name
-                for r in rows for f in images.glob(f"*/{r['file'].rsplit('/', 1)[1]}")}
+    expected = {
+        (r["source"], r["id"]): f.parent.name
+        for r in rows
+        for f in images.glob(f"*/{r['file'].rsplit('/', 1)[1]}")
+    }
 
     params = yaml.safe_load((demo_repo / "params.yaml").read_text(encoding="utf-8"))
     params["sources"] = ["demo", "reviewed"]

@@ -12,9 +12,11 @@ import pytest
 from test_evaluate import PARAMS, run_stage, shared_pipeline
 from test_train import one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep import predict, report, train
-from photoprep.params import PredictParams, UserError
-from photoprep.split import fingerprint
+from photoprep import io
+from photoprep.dataset.split import fingerprint
+from photoprep.errors import UserError
+from photoprep.learn import predict, train
+from photoprep.params import PredictParams
 
 PREDICT = """\
 predict:
@@ -30,10 +32,10 @@ def _with_unlabeled(root: Path) -> None:
     """Turn the val split into unlabeled images (labels dropped), as the real collection mostly is."""
     val = pd.read_parquet(root / "data/splits/val.parquet")
     unlabeled = val.assign(label=None, split="unlabeled")
-    report.write_table(unlabeled, root / "data/splits/unlabeled.parquet")
+    io.write_table(unlabeled, root / "data/splits/unlabeled.parquet")
     splits = json.loads((root / "reports/splits.json").read_text())
     splits["fingerprints"]["unlabeled"] = fingerprint(unlabeled)
-    report.write_json(splits, root / "reports/splits.json")
+    io.write_json(splits, root / "reports/splits.json")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,9 @@ def test_the_stage_writes_top3_for_unlabeled_and_test_images(ws: Path) -> None:
     assert (probs.sum(axis=1) <= 1 + 1e-5).all()
     classes = table[["class_1", "class_2", "class_3"]].to_numpy()
     assert all(len(set(row)) == 3 for row in classes)
-    assert (table["prediction"] == table["class_1"]).all() and (table["probability"] == table["probability_1"]).all()
+    assert (table["prediction"] == table["class_1"]).all() and (
+        table["probability"] == table["probability_1"]
+    ).all()
     assert (ws / "reports/predicted.png").stat().st_size > 0
 
 
@@ -74,7 +78,8 @@ def test_the_test_rows_agree_with_the_evaluation(ws: Path) -> None:
     assert metrics["splits"]["test"]["confident"] == int(sure.sum())
     if sure.any():
         assert metrics["splits"]["test"]["confident_accuracy"] == round(
-            float((test["prediction"] == test["label"])[sure].mean()), 6)
+            float((test["prediction"] == test["label"])[sure].mean()), 6
+        )
 
 
 def test_the_confidence_curve_trades_coverage_for_accuracy(ws: Path) -> None:
@@ -87,7 +92,12 @@ def test_the_confidence_curve_trades_coverage_for_accuracy(ws: Path) -> None:
 
 
 def test_a_second_run_is_byte_identical(ws: Path) -> None:
-    outputs = ("data/predictions.parquet", "metrics/predict.json", "plots/confidence.csv", "reports/predicted.png")
+    outputs = (
+        "data/predictions.parquet",
+        "metrics/predict.json",
+        "plots/confidence.csv",
+        "reports/predicted.png",
+    )
     before = {name: (ws / name).read_bytes() for name in outputs}
     run_stage("predict", ws)
     assert {name: (ws / name).read_bytes() for name in outputs} == before
@@ -97,7 +107,7 @@ def test_a_stale_split_table_is_refused(ws: Path, tmp_path: Path) -> None:
     root = tmp_path / "ws"
     shutil.copytree(ws, root)
     unlabeled = pd.read_parquet(root / "data/splits/unlabeled.parquet")
-    report.write_table(unlabeled.iloc[1:], root / "data/splits/unlabeled.parquet")
+    io.write_table(unlabeled.iloc[1:], root / "data/splits/unlabeled.parquet")
     model, meta = train.load_model(root / "models/model.pt")
     with pytest.raises(UserError, match="fingerprint"):
         predict.predict_splits(model, meta, PredictParams(), root / "data", root / "reports/splits.json")
@@ -119,6 +129,11 @@ def test_no_image_to_label_gives_an_empty_table_and_empty_counts() -> None:
     table = predict.prediction_table(rows, np.zeros((0, 2), np.float32), ["a", "b"], k=3)
     assert len(table) == 0 and "probability_2" in table.columns
     summary = predict.summarise(table, ["a", "b"], ["unlabeled"], 0.9)
-    assert summary["splits"]["unlabeled"] == {"images": 0, "confident": 0, "coverage": None,
-                                              "mean_probability": None, "predicted": {"a": 0, "b": 0}}
+    assert summary["splits"]["unlabeled"] == {
+        "images": 0,
+        "confident": 0,
+        "coverage": None,
+        "mean_probability": None,
+        "predicted": {"a": 0, "b": 0},
+    }
     assert predict.confidence_curve(table)["coverage"].isna().all()

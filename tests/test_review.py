@@ -14,9 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from photoprep import cluster, manifest, review, sources
-from photoprep.params import UserError
-from photoprep.store import ShardWriter
+from photoprep.errors import UserError
+from photoprep.ingest import manifest, sources
+from photoprep.ingest.store import ShardWriter
+from photoprep.learn import cluster
+from photoprep.review import clusters
+from photoprep.review import export as review
 
 REPO = Path(__file__).resolve().parents[1]
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -36,7 +39,7 @@ def project(tmp_path: Path) -> Path:
     root = tmp_path / "project"
     src = root / "pipeline" / "sources"
     (src / "local" / "cdn").mkdir(parents=True)
-    (src / "local" / "source.yaml").write_text('format: urls\nmanifest: list.txt\n')
+    (src / "local" / "source.yaml").write_text("format: urls\nmanifest: list.txt\n")
     ids = {"local": [f"l{i}" for i in range(6)], "remote": ["r/0", "../r 1", "r2"]}
     rows = []
     for source, names in ids.items():
@@ -53,37 +56,65 @@ def project(tmp_path: Path) -> Path:
             if row["source"] == source:
                 sha = hashlib.sha256(row["data"]).hexdigest()
                 ref = refs[sha]
-                row.update(sha256=sha, shard=ref.shard, offset=ref.offset, size=ref.size, format="PNG",
-                           url=f"cdn/{row['id']}" if source == "local" else f"https://cdn.example/{row['id']}")
+                row.update(
+                    sha256=sha,
+                    shard=ref.shard,
+                    offset=ref.offset,
+                    size=ref.size,
+                    format="PNG",
+                    url=f"cdn/{row['id']}" if source == "local" else f"https://cdn.example/{row['id']}",
+                )
     table = pd.DataFrame(rows).drop(columns="data")
     table["label"] = None
     table["row"] = range(len(table))
     (root / "data" / "processed").mkdir(parents=True)
     table.to_parquet(root / "data" / "processed" / "images.parquet")
-    np.save(root / "data" / "processed" / "images.npy",
-            np.stack([np.asarray(Image.open(io.BytesIO(r["data"])).resize((16, 16))) for r in rows]))
+    np.save(
+        root / "data" / "processed" / "images.npy",
+        np.stack([np.asarray(Image.open(io.BytesIO(r["data"])).resize((16, 16))) for r in rows]),
+    )
     labels = ["a", "a", "b", "b", None, "c", "a", None, "c"]
-    split = pd.DataFrame({"source": table["source"], "id": table["id"], "sha256": table["sha256"],
-                          "label": labels, "row": table["row"],
-                          "split": ["train" if lab else "unlabeled" for lab in labels]})
+    split = pd.DataFrame(
+        {
+            "source": table["source"],
+            "id": table["id"],
+            "sha256": table["sha256"],
+            "label": labels,
+            "row": table["row"],
+            "split": ["train" if lab else "unlabeled" for lab in labels],
+        }
+    )
     (root / "data" / "splits").mkdir()
     for name, part in split.groupby("split"):
         part.to_parquet(root / "data" / "splits" / f"{name}.parquet")
-    clusters = pd.DataFrame({"source": table["source"], "id": table["id"], "row": table["row"],
-                             "cluster": [0, 0, 1, 1, 2, 2, 0, 1, 2],
-                             "confidence": [0.9, 0.8, 0.7, 0.95, 0.5, 0.6, 0.99, 0.3, 0.85],
-                             "distance": [0.1, 0.2, 0.3, 0.05, 0.5, 0.4, 0.01, 0.9, 0.2]})
+    clusters = pd.DataFrame(
+        {
+            "source": table["source"],
+            "id": table["id"],
+            "row": table["row"],
+            "cluster": [0, 0, 1, 1, 2, 2, 0, 1, 2],
+            "confidence": [0.9, 0.8, 0.7, 0.95, 0.5, 0.6, 0.99, 0.3, 0.85],
+            "distance": [0.1, 0.2, 0.3, 0.05, 0.5, 0.4, 0.01, 0.9, 0.2],
+        }
+    )
     clusters.to_parquet(root / "data" / "clusters.parquet")
     return root
 
 
 def _export(project: Path, out: Path, **kwargs) -> review.ReviewExport:
-    return review.export_review(kwargs.pop("by", "cluster"), out, data_dir=project / "data",
-                                sources_dir=project / "pipeline" / "sources", **kwargs)
+    return review.export_review(
+        kwargs.pop("by", "cluster"),
+        out,
+        data_dir=project / "data",
+        sources_dir=project / "pipeline" / "sources",
+        **kwargs,
+    )
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- export layout
@@ -98,7 +129,10 @@ def test_export_by_cluster_is_a_folder_source_of_the_original_bytes(project: Pat
     listed = manifest.read_manifest(cfg)
     assert listed.malformed.empty and len(listed.records) == 9
     assert set(listed.records["label"]) == {"cluster-00", "cluster-01", "cluster-02"}
-    by_file = {r["file"]: r for r in csv.DictReader(open(root / "reviewed" / "review.csv", encoding="utf-8"))}
+    by_file = {
+        r["file"]: r
+        for r in csv.DictReader((root / "reviewed" / "review.csv").read_text(encoding="utf-8").splitlines())
+    }
     images = pd.read_parquet(project / "data" / "processed" / "images.parquet").set_index(["source", "id"])
     for rel, row in by_file.items():
         data = (root / "reviewed" / rel).read_bytes()
@@ -122,7 +156,7 @@ def test_file_names_are_safe_unique_and_the_same_in_every_export(project: Path, 
 
 def test_review_csv_lists_each_folder_nearest_first(project: Path, tmp_path: Path) -> None:
     _export(project, tmp_path / "out")
-    rows = list(csv.DictReader(open(tmp_path / "out" / "review.csv", encoding="utf-8")))
+    rows = list(csv.DictReader((tmp_path / "out" / "review.csv").read_text(encoding="utf-8").splitlines()))
     firsts = [r for r in rows if r["file"].startswith("images/cluster-00/")]
     assert [r["id"] for r in firsts] == ["r/0", "l0", "l1"]
     assert {r["label"] for r in firsts} == {"a"}
@@ -156,12 +190,18 @@ def test_min_confidence_and_splits_choose_what_is_exported(project: Path, tmp_pa
 
 
 def test_export_by_prediction_makes_one_folder_per_predicted_class(project: Path, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="predictions.parquet not found"):
+    with pytest.raises(UserError, match=r"predictions.parquet not found"):
         _export(project, tmp_path / "out", by="prediction")
     images = pd.read_parquet(project / "data" / "processed" / "images.parquet")
-    pd.DataFrame({"source": images["source"], "id": images["id"], "row": images["row"],
-                  "prediction": ["cat", "cat", "dog", "dog", "dog", "a/b", "cat", "dog", "cat"],
-                  "probability": np.linspace(0.5, 0.9, 9)}).to_parquet(project / "data" / "predictions.parquet")
+    pd.DataFrame(
+        {
+            "source": images["source"],
+            "id": images["id"],
+            "row": images["row"],
+            "prediction": ["cat", "cat", "dog", "dog", "dog", "a/b", "cat", "dog", "cat"],
+            "probability": np.linspace(0.5, 0.9, 9),
+        }
+    ).to_parquet(project / "data" / "predictions.parquet")
     result = _export(project, tmp_path / "out", by="prediction", min_confidence=0.6)
     assert set(result.folders) == {"cat", "dog", review.export.class_folders(["a/b"])["a/b"]}
     assert result.folders["cat"] == 2 and result.skipped == {"below_confidence": 2}
@@ -200,21 +240,30 @@ def test_bad_arguments_are_user_errors(project: Path, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- sheets and index
 
 
-def test_cluster_sheets_and_index_link_relatively_and_load_nothing_else(project: Path, tmp_path: Path) -> None:
+def test_cluster_sheets_and_index_link_relatively_and_load_nothing_else(
+    project: Path, tmp_path: Path
+) -> None:
     table = pd.read_parquet(project / "data" / "clusters.parquet")
     images = np.load(project / "data" / "processed" / "images.npy", mmap_mode="r")
     labels = ["a", "a", "b", "b", None, "c", "b", None, "c"]
     reports = tmp_path / "reports"
     (reports / "clusters").mkdir(parents=True)
     (reports / "clusters" / "cluster-07.png").write_bytes(b"a sheet of an earlier run")
-    sheets = review.draw_cluster_sheets(table, images, labels, reports / "clusters", per_row=2, n_clusters=3)
+    sheets = clusters.draw_cluster_sheets(
+        table, images, labels, reports / "clusters", per_row=2, n_clusters=3
+    )
     assert sorted(p.name for p in (reports / "clusters").iterdir()) == [
-        "cluster-00.png", "cluster-01.png", "cluster-02.png"]
+        "cluster-00.png",
+        "cluster-01.png",
+        "cluster-02.png",
+    ]
     with Image.open(sheets[0]) as sheet:
         assert sheet.size[1] > 2 * 16  # two rows: nearest, farthest
     summary = cluster.purity(labels, table["cluster"])
     page = reports / "clusters.html"
-    review.write_cluster_index(summary, sheets, page, {"methods": {"dec": {"accuracy": 1, "nmi": 1, "ari": 1}}})
+    clusters.write_cluster_index(
+        summary, sheets, page, {"methods": {"dec": {"accuracy": 1, "nmi": 1, "ari": 1}}}
+    )
     text = page.read_text(encoding="utf-8")
     sources_ = re.findall(r'(?:src|href)="([^"]+)"', text)
     images_ = [s for s in sources_ if s.endswith(".png")]
@@ -229,12 +278,24 @@ def test_the_cli_exports_and_says_what_it_skipped(project: Path, tmp_path: Path,
     from photoprep import cli
 
     out = tmp_path / "review"
-    base = ["review", "export", "--data", str(project / "data"), "--sources", str(project / "pipeline" / "sources")]
+    base = [
+        "review",
+        "export",
+        "--data",
+        str(project / "data"),
+        "--sources",
+        str(project / "pipeline" / "sources"),
+    ]
     cli.main([*base, "--by", "cluster", "--min-confidence", "0.8", str(out)])
     said = capsys.readouterr().out
     assert "wrote 5 images in 3 folders" in said and "skipped 4 below confidence" in said
     assert sorted(p.parent.name for p in (out / "images").glob("*/*")) == [
-        "cluster-00", "cluster-00", "cluster-00", "cluster-01", "cluster-02"]
+        "cluster-00",
+        "cluster-00",
+        "cluster-00",
+        "cluster-01",
+        "cluster-02",
+    ]
     with pytest.raises(SystemExit) as exited:
         cli.main([*base, "--by", "cluster", str(out)])
     assert exited.value.code == 1

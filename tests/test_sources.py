@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from photoprep.params import UserError
-from photoprep.sources import SourceConfig, list_sources, load_labels, load_source
+from photoprep.errors import UserError
+from photoprep.ingest.sources import SourceConfig, list_sources, load_labels, load_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,8 @@ def test_conflicting_labels_name_the_id_and_both_lines(tmp_path: Path) -> None:
     with pytest.raises(UserError) as err:
         load_labels(cfg)
     assert str(err.value) == (
-        "source 'x': labels " + (tmp_path / "x/labels.csv").as_posix()
+        "source 'x': labels "
+        + (tmp_path / "x/labels.csv").as_posix()
         + ": id 'a1' has label 'cat' on line 2 and 'dog' on line 5"
     )
 

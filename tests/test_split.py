@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from photoprep.params import SplitParams, UserError
-from photoprep.split import (
+from photoprep.dataset.split import (
     SplitResult,
     assign_splits,
     fingerprint,
@@ -21,30 +20,41 @@ from photoprep.split import (
     split_report,
     split_tables,
 )
+from photoprep.errors import UserError
+from photoprep.params import SplitParams
 
 LABELS = [f"c{i}" for i in range(10)]
 
 
-def images_table(n: int, *, start: int = 0, labels: list[str] = LABELS, source: str = "src",
-                 unlabeled_every: int = 0) -> pd.DataFrame:
+def images_table(
+    n: int, *, start: int = 0, labels: list[str] = LABELS, source: str = "src", unlabeled_every: int = 0
+) -> pd.DataFrame:
     """A synthetic processed table: keys src/img00000.., labels cycling, rows = positions."""
     ids = [f"img{i:05d}" for i in range(start, start + n)]
     lab = [labels[i % len(labels)] for i in range(start, start + n)]
     if unlabeled_every:
-        lab = [None if (i % unlabeled_every == 0) else v for i, v in zip(range(start, start + n), lab)]
-    return pd.DataFrame({
-        "source": source,
-        "id": ids,
-        "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
-        "label": lab,
-        "bucket": "64x64",
-        "width": 64,
-        "height": 64,
-    })
+        lab = [
+            None if (i % unlabeled_every == 0) else v
+            for i, v in zip(range(start, start + n), lab, strict=False)
+        ]
+    return pd.DataFrame(
+        {
+            "source": source,
+            "id": ids,
+            "sha256": [hashlib.sha256(i.encode()).hexdigest() for i in ids],
+            "label": lab,
+            "bucket": "64x64",
+            "width": 64,
+            "height": 64,
+        }
+    )
 
 
 def split_of(result: SplitResult) -> dict[tuple[str, str], str]:
-    return {(s, i): sp for s, i, sp in zip(result.table["source"], result.table["id"], result.table["split"])}
+    return {
+        (s, i): sp
+        for s, i, sp in zip(result.table["source"], result.table["id"], result.table["split"], strict=False)
+    }
 
 
 # --------------------------------------------------------------------------- stability
@@ -79,11 +89,11 @@ def test_split_depends_on_key_and_seed_only_not_on_label_or_neighbours():
 
 
 def test_the_hash_is_the_documented_recipe():
-    digest = hashlib.sha256("42\0src\0img00001".encode()).digest()
+    digest = hashlib.sha256(b"42\0src\0img00001").digest()
     assert hash_unit(42, "src", "img00001") == int.from_bytes(digest[:8], "big") / 2**64
     t = images_table(50)
     r = assign_splits(t, SplitParams(seed=42, ratios={"train": 0.7, "val": 0.1, "test": 0.2}))
-    for s, i, sp in zip(r.table["source"], r.table["id"], r.table["split"]):
+    for s, i, sp in zip(r.table["source"], r.table["id"], r.table["split"], strict=False):
         u = hash_unit(42, s, i)
         assert sp == ("train" if u < 0.7 else "val" if u < 0.8 else "test")
 
@@ -149,7 +159,7 @@ def test_class_list_keeps_only_those_classes_and_counts_the_rest():
 
 
 def test_class_list_naming_an_unknown_class_is_a_user_error():
-    with pytest.raises(UserError, match="split.classes: no image has class 'cat'"):
+    with pytest.raises(UserError, match=r"split.classes: no image has class 'cat'"):
         assign_splits(images_table(100), SplitParams(classes=["c1", "cat"]))
 
 
@@ -162,9 +172,13 @@ def test_class_mapping_renames_and_merges_and_keeps_unmapped():
 
 def test_class_mapping_to_null_drops_the_class():
     # params.py types the mapping as dict[str, str]; build it unvalidated to exercise null drops.
-    p = SplitParams.model_construct(classes={"c0": None, "c1": "one"}, seed=42,
-                                    ratios={"train": 0.7, "val": 0.1, "test": 0.2},
-                                    positive=None, max_per_class=None)
+    p = SplitParams.model_construct(
+        classes={"c0": None, "c1": "one"},
+        seed=42,
+        ratios={"train": 0.7, "val": 0.1, "test": 0.2},
+        positive=None,
+        max_per_class=None,
+    )
     r = assign_splits(images_table(100), p)
     assert "c0" not in r.classes and "one" in r.classes and "c1" not in r.classes
     assert r.dropped["class_not_selected"] == 10
@@ -208,7 +222,7 @@ def test_positive_after_class_selection():
     r = assign_splits(t, SplitParams(classes=["c1", "c2", "c3"], positive="c2"))
     assert r.classes == ["c2", "not_c2"]
     assert len(r.table) == 30 and r.dropped["class_not_selected"] == 70
-    with pytest.raises(UserError, match="split.positive"):
+    with pytest.raises(UserError, match=r"split.positive"):
         assign_splits(t, SplitParams(classes=["c1", "c2"], positive="c5"))
 
 
@@ -252,7 +266,9 @@ def test_table_columns_sort_and_rows_point_into_the_arrays():
     r = assign_splits(t, SplitParams())
     assert list(r.table.columns) == ["source", "id", "sha256", "label", "row", "split"]
     assert r.table["row"].dtype == np.int64
-    assert list(zip(r.table["source"], r.table["id"])) == sorted(zip(r.table["source"], r.table["id"]))
+    assert list(zip(r.table["source"], r.table["id"], strict=False)) == sorted(
+        zip(r.table["source"], r.table["id"], strict=False)
+    )
     for _, row in r.table.iterrows():
         assert t.loc[row["row"], "id"] == row["id"]
 
@@ -325,7 +341,7 @@ def test_split_report_is_json_and_consistent():
 
 
 def test_label_file_fills_and_overrides_manifest_labels():
-    from photoprep.split import attach_labels
+    from photoprep.dataset.split import attach_labels
 
     images = pd.DataFrame({"source": ["s", "s", "s"], "id": ["a", "b", "c"], "label": ["cat", None, "dog"]})
     labels = pd.DataFrame({"source": ["s", "s"], "id": ["b", "c"], "label": ["bird", "cow"]})
@@ -336,15 +352,19 @@ def test_label_file_fills_and_overrides_manifest_labels():
 
 
 def test_a_later_source_relabels_the_duplicate_that_dedup_kept():
-    from photoprep.split import attach_labels
+    from photoprep.dataset.split import attach_labels
 
-    kept = pd.DataFrame({"source": ["coll", "coll"], "id": ["a", "b"], "label": [None, "cat"], "group": [0, 1]})
-    members = pd.DataFrame({
-        "source": ["coll", "review", "coll", "review", "other"],
-        "id": ["a", "dog/a.png", "b", "bird/b.png", "x"],
-        "label": [None, "dog", "cat", "bird", "fish"],
-        "group": [0, 0, 1, 1, -1],
-    })
+    kept = pd.DataFrame(
+        {"source": ["coll", "coll"], "id": ["a", "b"], "label": [None, "cat"], "group": [0, 1]}
+    )
+    members = pd.DataFrame(
+        {
+            "source": ["coll", "review", "coll", "review", "other"],
+            "id": ["a", "dog/a.png", "b", "bird/b.png", "x"],
+            "label": [None, "dog", "cat", "bird", "fish"],
+            "group": [0, 0, 1, 1, -1],
+        }
+    )
     none = pd.DataFrame({"source": [], "id": [], "label": []})
     out = attach_labels(kept, none, members, priority=["coll", "review"])
     assert list(out["label"]) == ["dog", "bird"]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from photoprep import store
-from photoprep.store import BlobReader, BlobRef, ShardWriter, index_shards, read_blobs
+from photoprep.ingest import store
+from photoprep.ingest.store import BlobReader, BlobRef, ShardWriter, index_shards, read_blobs
 
 
 def blobs(n: int, size: int = 1000, seed: int = 0) -> list[bytes]:
@@ -228,7 +228,7 @@ def test_index_of_an_empty_or_missing_folder_is_empty(tmp_path):
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 76_543, 8**11 - 1])
 def test_member_headers_are_what_tarfile_writes(size):
     name = sha(str(size).encode())
-    assert store._member_header(name, size) == store._tarfile_header(name, size)
+    assert store.member_header(name, size) == store.tarfile_header(name, size)
 
 
 def test_temporary_files_left_by_a_killed_run_are_removed_by_the_next_writer(tmp_path):

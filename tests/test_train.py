@@ -20,9 +20,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep import report, train
-from photoprep.params import FeatureParams, SplitParams, TrainParams, UserError
-from photoprep.split import assign_splits, split_report
+from photoprep import io
+from photoprep.dataset.split import assign_splits, split_report
+from photoprep.errors import UserError
+from photoprep.learn import train
+from photoprep.params import FeatureParams, SplitParams, TrainParams
 
 # --------------------------------------------------------------------------- data
 
@@ -51,9 +53,13 @@ def render_digits(n: int | None = None, size: int = 32, seed: int = 0) -> tuple[
         while np.linalg.norm(ink - mean_bg) < 150:
             ink = rng.uniform(0, 255, 3)
         side = int(rng.integers(int(size * 0.55), int(size * 0.75) + 1))
-        alpha = np.asarray(
-            Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR), np.float64
-        )[..., None] / 255.0
+        alpha = (
+            np.asarray(
+                Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BILINEAR),
+                np.float64,
+            )[..., None]
+            / 255.0
+        )
         jitter = int(size * 0.08)
         top = (size - side) // 2 + int(rng.integers(-jitter, jitter + 1))
         left = (size - side) // 2 + int(rng.integers(-jitter, jitter + 1))
@@ -68,35 +74,46 @@ def render_digits(n: int | None = None, size: int = 32, seed: int = 0) -> tuple[
 def make_workspace(root: Path, n: int | None = 600, size: int = 32, features: bool = False) -> Path:
     """A folder laid out as the pipeline leaves it before the train stage, built from digits."""
     pixels, labels = render_digits(n, size)
-    table = pd.DataFrame({
-        "source": "digits",
-        "id": [f"{i:05d}" for i in range(len(labels))],
-        "sha256": [hashlib.sha256(p.tobytes()).hexdigest() for p in pixels],
-        "label": [str(v) for v in labels],
-    })
+    table = pd.DataFrame(
+        {
+            "source": "digits",
+            "id": [f"{i:05d}" for i in range(len(labels))],
+            "sha256": [hashlib.sha256(p.tobytes()).hexdigest() for p in pixels],
+            "label": [str(v) for v in labels],
+        }
+    )
     (root / "data/processed").mkdir(parents=True, exist_ok=True)
     np.save(root / "data/processed/images.npy", pixels)
-    report.write_table(table.assign(row=range(len(table))), root / "data/processed/images.parquet")
+    io.write_table(table.assign(row=range(len(table))), root / "data/processed/images.parquet")
     result = assign_splits(table, SplitParams())
     for name in ("train", "val", "test", "unlabeled"):
         part = result.table[result.table["split"] == name].reset_index(drop=True)
-        report.write_table(part, root / f"data/splits/{name}.parquet")
-    report.write_json(split_report(result), root / "reports/splits.json")
+        io.write_table(part, root / f"data/splits/{name}.parquet")
+    io.write_json(split_report(result), root / "reports/splits.json")
     if features:
-        from photoprep.features import compute_features
+        from photoprep.images.features import compute_features
 
         matrix, info = compute_features(pixels, FeatureParams())
         (root / "data/features").mkdir(parents=True, exist_ok=True)
         np.save(root / "data/features/features.npy", matrix.astype(np.float32))
-        report.write_json(info, root / "data/features/features.json")
+        io.write_json(info, root / "data/features/features.json")
     return root
 
 
 def tiny(**changes) -> TrainParams:
     """Fast CPU settings: the default model (convnet) at width 8, a few epochs, small batches,
     no dropout or label smoothing (they slow down learning this small)."""
-    base = {"model": "convnet", "width": 8, "epochs": 3, "batch_size": 16, "lr": 0.02, "device": "cpu",
-            "early_stopping": 0, "dropout": 0.0, "label_smoothing": 0.0}
+    base = {
+        "model": "convnet",
+        "width": 8,
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 0.02,
+        "device": "cpu",
+        "early_stopping": 0,
+        "dropout": 0.0,
+        "label_smoothing": 0.0,
+    }
     return TrainParams.model_validate(base | changes)
 
 
@@ -312,7 +329,7 @@ def test_staged_batches_equal_resident_batches(data):
     a = list(resident.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
     b = list(staged.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
     assert len(a) == len(b) == len(data.train) // 48
-    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=False))
 
 
 @pytest.mark.parametrize("schedule", ["none", "step", "cosine", "onecycle"])

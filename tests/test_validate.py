@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from photoprep import validate
+from photoprep.images import validate
 from photoprep.params import ValidateParams
 
 
@@ -15,18 +15,28 @@ def _deduped() -> pd.DataFrame:
         ("dup", "s/ok", "", 640, 480),
         ("failed", "", None, None, None),
     ]
-    return pd.DataFrame({
-        "source": "s", "id": [r[0] for r in rows], "url": "u",
-        "status": ["ok"] * 5 + ["failed"], "fetch_reason": [""] * 5 + ["http_404"],
-        "dup_of": [r[1] for r in rows], "decode_reason": [r[2] for r in rows],
-        "width": [r[3] for r in rows], "height": [r[4] for r in rows],
-        "format": "JPEG", "mode": "RGB", "mime": "image/jpeg", "size": 10,
-    })
+    return pd.DataFrame(
+        {
+            "source": "s",
+            "id": [r[0] for r in rows],
+            "url": "u",
+            "status": ["ok"] * 5 + ["failed"],
+            "fetch_reason": [""] * 5 + ["http_404"],
+            "dup_of": [r[1] for r in rows],
+            "decode_reason": [r[2] for r in rows],
+            "width": [r[3] for r in rows],
+            "height": [r[4] for r in rows],
+            "format": "JPEG",
+            "mode": "RGB",
+            "mime": "image/jpeg",
+            "size": 10,
+        }
+    )
 
 
 def test_each_remaining_image_gets_a_verdict_and_a_reason():
     checked = validate.validate_images(_deduped(), ValidateParams(min_side=32, max_pixels=50_000_000))
-    verdicts = dict(zip(checked["id"], checked["reason"]))
+    verdicts = dict(zip(checked["id"], checked["reason"], strict=False))
     assert verdicts == {"ok": "", "small": "too_small", "huge": "too_many_pixels", "trunc": "truncated"}
     assert list(checked["valid"]) == [True, False, False, False]
 
@@ -34,6 +44,8 @@ def test_each_remaining_image_gets_a_verdict_and_a_reason():
 def test_counts_and_report_keep_every_rejected_image():
     checked = validate.validate_images(_deduped(), ValidateParams())
     assert validate.validate_counts(checked) == {
-        "broken": 3, "broken_by_reason": {"too_many_pixels": 1, "too_small": 1, "truncated": 1}, "valid": 1,
+        "broken": 3,
+        "broken_by_reason": {"too_many_pixels": 1, "too_small": 1, "truncated": 1},
+        "valid": 1,
     }
     assert list(validate.broken_report(checked)["id"]) == ["small", "huge", "trunc"]

@@ -10,7 +10,7 @@ import pytest
 from test_evaluate import shared_pipeline
 from test_train import one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep.verify import compare_metrics, verify
+from photoprep.learn.verify import compare_metrics, verify
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from photoprep import params
-from photoprep.params import UserError
+from photoprep.errors import UserError
 
 
 def _check_params(args: argparse.Namespace) -> None:
@@ -21,7 +21,7 @@ def _export(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
-    from photoprep import export
+    from photoprep.dataset import export
 
     split_path = Path(args.data) / "splits" / f"{args.split}.parquet"
     if not split_path.exists():
@@ -34,17 +34,27 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _review_export(args: argparse.Namespace) -> None:
-    from photoprep import review
+    from photoprep.review import export as review
 
     done = review.export_review(
-        args.by, Path(args.out), data_dir=args.data, sources_dir=args.sources, min_confidence=args.min_confidence,
-        mode=args.mode, splits=args.split or None, overwrite=args.overwrite,
+        args.by,
+        Path(args.out),
+        data_dir=args.data,
+        sources_dir=args.sources,
+        min_confidence=args.min_confidence,
+        mode=args.mode,
+        splits=args.split or None,
+        overwrite=args.overwrite,
     )
     skipped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in done.skipped.items() if n)
-    print(f"wrote {done.files} images in {len(done.folders)} folders to {done.out} "
-          f"({done.copied} copied, {done.linked} linked{'; skipped ' + skipped if skipped else ''})")
-    print(f"review them, then copy {done.out} to pipeline/sources/<name>/ and add <name> to `sources` "
-          "in params.yaml (see its source.yaml)")
+    print(
+        f"wrote {done.files} images in {len(done.folders)} folders to {done.out} "
+        f"({done.copied} copied, {done.linked} linked{'; skipped ' + skipped if skipped else ''})"
+    )
+    print(
+        f"review them, then copy {done.out} to pipeline/sources/<name>/ and add <name> to `sources` "
+        "in params.yaml (see its source.yaml)"
+    )
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -55,7 +65,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from photoprep import verify
+    from photoprep.learn import verify
 
     code = verify.verify(retrain=args.retrain, tolerance=args.tolerance)
     if code:
@@ -82,18 +92,31 @@ def build_parser() -> argparse.ArgumentParser:
     rev = sub.add_parser("review", help="review clusters or predictions as folders, and bring them back")
     rev_sub = rev.add_subparsers(dest="review_command", required=True)
     rexp = rev_sub.add_parser(
-        "export", help="one folder per cluster or predicted class: a folder source once reviewed",
+        "export",
+        help="one folder per cluster or predicted class: a folder source once reviewed",
         description="Write the images one folder per DEC cluster (data/clusters.parquet) or per predicted "
         "class (data/predictions.parquet), with a source.yaml and review.csv. Rename, move and delete files, "
         "then add the folder under pipeline/sources/ and to `sources`: its folders become labels.",
     )
     rexp.add_argument("--by", required=True, choices=["cluster", "prediction"])
-    rexp.add_argument("--min-confidence", type=float, default=None,
-                      help="only images whose DEC confidence or predicted probability is at least this")
-    rexp.add_argument("--split", action="append", choices=["train", "val", "test", "unlabeled"],
-                      help="only images of this split (repeatable; default: every image in the table)")
-    rexp.add_argument("--mode", default="copy", choices=["copy", "symlink"],
-                      help="symlink: link to local originals (folder and file sources) instead of copying")
+    rexp.add_argument(
+        "--min-confidence",
+        type=float,
+        default=None,
+        help="only images whose DEC confidence or predicted probability is at least this",
+    )
+    rexp.add_argument(
+        "--split",
+        action="append",
+        choices=["train", "val", "test", "unlabeled"],
+        help="only images of this split (repeatable; default: every image in the table)",
+    )
+    rexp.add_argument(
+        "--mode",
+        default="copy",
+        choices=["copy", "symlink"],
+        help="symlink: link to local originals (folder and file sources) instead of copying",
+    )
     rexp.add_argument("--data", default="data", help="the pipeline's data folder")
     rexp.add_argument("--sources", default="pipeline/sources", help="where the sources live")
     rexp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

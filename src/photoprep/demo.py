@@ -18,16 +18,17 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep import decode, hamming
+from photoprep.images import decode, hamming
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
-MIN_DISTANCE = 12           # phash bits between any two distinct images (checked on render)
-NEAR_MAX = 3                # an injected near duplicate stays within this many bits
+MIN_DISTANCE = 12  # phash bits between any two distinct images (checked on render)
+NEAR_MAX = 3  # an injected near duplicate stays within this many bits
 N_EXACT = 30
 N_NEAR = 20
 N_TRUNCATED = 6
@@ -55,7 +56,7 @@ def demo_id(kind: str, index: int) -> str:
     return str(uuid.uuid5(NAMESPACE, f"{kind}-{index}"))
 
 
-def _size_of(index: int, rng: np.random.Generator) -> tuple[int, int]:
+def size_of(index: int, rng: np.random.Generator) -> tuple[int, int]:
     """(height, width): a third 64x64, a third 96x96, a third 200 wide and 120..165 high."""
     kind = index % 3
     if kind == 0:
@@ -69,7 +70,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """A smooth colour field: a gradient between two random colours plus a soft blob."""
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(0, 2 * np.pi)
-    t = (np.cos(angle) * x / w + np.sin(angle) * y / h)
+    t = np.cos(angle) * x / w + np.sin(angle) * y / h
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
     c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     img = c0 + (c1 - c0) * t[..., None]
@@ -80,11 +81,13 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255)
 
 
-def _draw(digit: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+def draw_digit(digit: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """One digit (8x8, 0..16) drawn smoothly on a background, slightly off centre."""
     img = _background(h, w, rng)
     side = int(min(h, w) * rng.uniform(0.62, 0.78))
-    glyph = Image.fromarray((digit / 16 * 255).astype(np.uint8)).resize((side, side), Image.Resampling.BICUBIC)
+    glyph = Image.fromarray((digit / 16 * 255).astype(np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC
+    )
     alpha = np.asarray(glyph, np.float32)[..., None] / 255
     slack_y, slack_x = h - side, w - side
     top = int(np.clip(slack_y / 2 + rng.uniform(-0.3, 0.3) * slack_y, 0, slack_y))
@@ -130,7 +133,7 @@ def _render_distinct(
     digit: np.ndarray, h: int, w: int, fmt: str, rng: np.random.Generator, spread: _Spread
 ) -> tuple[np.ndarray, bytes]:
     for _ in range(200):
-        pixels = _draw(digit, h, w, rng)
+        pixels = draw_digit(digit, h, w, rng)
         data = _encode(pixels, fmt)
         packed = _hash(data)
         if spread.far_enough(packed):
@@ -144,7 +147,9 @@ def _near_copy(pixels: np.ndarray, original: bytes, variant: int) -> bytes:
     if variant % 2 == 0:
         return _encode(pixels, "JPEG", quality=70)
     h, w = pixels.shape[:2]
-    smaller = Image.fromarray(pixels).resize((w - max(2, w // 48), h - max(2, h // 48)), Image.Resampling.LANCZOS)
+    smaller = Image.fromarray(pixels).resize(
+        (w - max(2, w // 48), h - max(2, h // 48)), Image.Resampling.LANCZOS
+    )
     return _encode(np.asarray(smaller), "JPEG", quality=88)
 
 
@@ -160,7 +165,7 @@ def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     titles: dict[str, int] = {}
     pixels_of: dict[str, np.ndarray] = {}
     for i in range(n):
-        h, w = _size_of(i, rng)
+        h, w = size_of(i, rng)
         fmt = "PNG" if i % 9 == 0 else "JPEG"
         pixels, data = _render_distinct(digits.images[i], h, w, fmt, rng, spread)
         rid = demo_id("digit", i)
@@ -169,7 +174,7 @@ def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     order = rng.permutation(len(originals))
     exact_of = [originals[j] for j in order[:N_EXACT]]
     near_pool = [originals[j] for j in order[N_EXACT:]]
-    kinds: dict[str, dict] = {"exact": {}, "near": {}, "broken": {}, "missing": []}
+    kinds: dict[str, Any] = {"exact": {}, "near": {}, "broken": {}, "missing": []}
     for k, original in enumerate(exact_of):
         rid = demo_id("copy", k)
         files[rid], labels[rid], titles[rid] = files[original], labels[original], titles[original]
@@ -190,12 +195,14 @@ def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     for k in range(N_TRUNCATED):
         source = originals[int(order[-1 - k])]
         rid = demo_id("truncated", k)
-        full = _encode(_draw(digits.images[titles[source]], 96, 96, rng), "JPEG")
+        full = _encode(draw_digit(digits.images[titles[source]], 96, 96, rng), "JPEG")
         files[rid], labels[rid], titles[rid] = full[: int(len(full) * 0.6)], labels[source], titles[source]
         kinds["broken"][rid] = "truncated"
-    broken_payloads = [("zero", b"", "zero_bytes")] * N_ZERO + [
-        ("html", HTML_PAGE.format(n=k).encode(), "not_an_image") for k in range(3)
-    ] + [("json", JSON_ERROR.encode(), "not_an_image")]
+    broken_payloads = (
+        [("zero", b"", "zero_bytes")] * N_ZERO
+        + [("html", HTML_PAGE.format(n=k).encode(), "not_an_image") for k in range(3)]
+        + [("json", JSON_ERROR.encode(), "not_an_image")]
+    )
     for k, (kind, data, reason) in enumerate(broken_payloads):
         rid = demo_id(kind, k)
         files[rid], labels[rid], titles[rid] = data, str(digits.target[k]), k

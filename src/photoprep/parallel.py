@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
-from photoprep.params import ComputeParams, UserError
+from photoprep.errors import UserError
+from photoprep.params import ComputeParams
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -26,12 +27,12 @@ def _backend(compute: ComputeParams) -> Iterator[None]:
         yield
         return
     try:
-        from dask.distributed import Client  # noqa: PLC0415 (optional dependency)
+        from dask.distributed import Client
     except ImportError:
         raise UserError("compute.backend: dask needs `pip install dask[distributed]`") from None
-    with Client(compute.scheduler) if compute.scheduler else Client(processes=False) as _client:
-        with parallel_config(backend="dask"):
-            yield
+    client = Client(compute.scheduler) if compute.scheduler else Client(processes=False)
+    with client, parallel_config(backend="dask"):
+        yield
 
 
 def map_batches(

@@ -6,17 +6,13 @@ An unknown key or a bad value stops a stage with one line naming the key path, e
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class UserError(Exception):
-    """An error the user can act on: printed as one line, no traceback, exit code 1."""
+from photoprep.errors import UserError, describe_validation_error
 
 
 class Section(BaseModel):
@@ -132,18 +128,26 @@ class TrainParams(Section):
         "convnet", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
     )
     width: int | None = Field(
-        None, ge=4, le=1024,
+        None,
+        ge=4,
+        le=1024,
         description="base channels (image models) or hidden units (mlp); null: the model's default",
     )
     depth: int | None = Field(
-        None, ge=1, le=12,
-        description="conv blocks (convnet), residual blocks per stage (resnet), hidden layers (mlp); null: default",
+        None,
+        ge=1,
+        le=12,
+        description=(
+            "conv blocks (convnet), residual blocks per stage (resnet), hidden layers (mlp); null: default"
+        ),
     )
     dropout: float = Field(
         0.2, ge=0, lt=1, description="before the classifier (convnet, alexnet, googlenet, mlp)"
     )
     activation: Literal["relu", "sigmoid"] = Field("relu", description="convnet and mlp only")
-    init_from: str | None = Field(None, description="local checkpoint (a model.pt or a state dict) to start from")
+    init_from: str | None = Field(
+        None, description="local checkpoint (a model.pt or a state dict) to start from"
+    )
     freeze: int = Field(0, ge=0, description="freeze the first N blocks (layers) of the model")
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float | None = Field(
@@ -159,24 +163,31 @@ class TrainParams(Section):
     epochs: int = Field(20, ge=1, le=10_000)
     batch_size: int = Field(32, ge=2, le=65_536)
     augment: list[Literal["flip", "crop", "translate", "colour"]] = Field(
-        default_factory=lambda: ["translate", "colour"],
+        default=["translate", "colour"],
         description="flip: mirror left-right (not for digits or text); crop: zero-padded random crop; "
         "translate: random shift with edge pixels repeated; colour: shuffle RGB channels and invert",
     )
     image_size: tuple[int, int] | None = Field(
-        (32, 32), description="[H, W] the model sees: images are resized on the device; null keeps bucket.size"
+        (32, 32),
+        description="[H, W] the model sees: images are resized on the device; null keeps bucket.size",
     )
     normalize: Literal["dataset", "image"] = Field(
         "image", description="dataset: the train split's mean and std per channel; image: each image's own"
     )
     shift_px: int = Field(6, ge=0, le=64, description="largest shift of crop and translate, in stored pixels")
-    early_stopping: int = Field(5, ge=0, description="stop after this many epochs without a better val score; 0: off")
+    early_stopping: int = Field(
+        5, ge=0, description="stop after this many epochs without a better val score; 0: off"
+    )
     monitor: Literal["val_loss", "val_accuracy"] = Field(
         "val_accuracy", description="picks the best model and drives early stopping (ties: lower val loss)"
     )
-    resume: bool = Field(False, description="continue from the last checkpoint when it matches params and data")
+    resume: bool = Field(
+        False, description="continue from the last checkpoint when it matches params and data"
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    amp: Literal["bf16", "fp16", "off"] = Field("bf16", description="mixed precision on CUDA (never on the CPU)")
+    amp: Literal["bf16", "fp16", "off"] = Field(
+        "bf16", description="mixed precision on CUDA (never on the CPU)"
+    )
     channels_last: bool = Field(True, description="NHWC memory format for image models")
     deterministic: bool = Field(False, description="deterministic algorithms on CUDA (CPU runs always are)")
     seed: int = 0
@@ -184,7 +195,7 @@ class TrainParams(Section):
     @field_validator("image_size")
     @classmethod
     def _image_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (16 <= min(v) and max(v) <= 512):
+        if v is not None and not (min(v) >= 16 and max(v) <= 512):
             raise ValueError(f"both sides must be between 16 and 512 (got {list(v)})")
         return v
 
@@ -199,7 +210,7 @@ class TrainParams(Section):
 
     @field_validator("freeze")
     @classmethod
-    def _freeze_needs_init(cls, v: int, info) -> int:  # noqa: ANN001 (pydantic's ValidationInfo)
+    def _freeze_needs_init(cls, v: int, info) -> int:
         if v and not info.data.get("init_from"):
             raise ValueError(f"freezing layers needs train.init_from, a trained checkpoint (got {v})")
         return v
@@ -217,16 +228,22 @@ class EvaluateParams(Section):
 
 class PredictParams(Section):
     splits: list[Literal["unlabeled", "train", "val", "test"]] = Field(
-        default_factory=lambda: ["unlabeled", "test"],
-        description="splits the model labels; a labelled one (test) shows how right its confident predictions are",
+        default=["unlabeled", "test"],
+        description=(
+            "splits the model labels; a labelled one (test) shows how right its confident predictions are"
+        ),
     )
     top_k: int = Field(3, ge=1, le=100, description="classes kept per image, most probable first")
     min_confidence: float = Field(
         0.9, ge=0, le=1, description="the threshold metrics/predict.json reports coverage and accuracy at"
     )
     batch_size: int = Field(256, ge=1, le=65_536)
-    device: Literal["auto", "cuda", "cpu"] = Field("cpu", description="cpu makes predictions bit-reproducible")
-    per_class: int = Field(10, ge=0, le=100, description="most confident images per class in reports/predicted.png")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "cpu", description="cpu makes predictions bit-reproducible"
+    )
+    per_class: int = Field(
+        10, ge=0, le=100, description="most confident images per class in reports/predicted.png"
+    )
 
     @field_validator("splits")
     @classmethod
@@ -239,7 +256,7 @@ class PredictParams(Section):
 class ClusterParams(Section):
     n_clusters: int = Field(10, ge=2, le=10_000, description="clusters of DEC and of both k-means baselines")
     blocks: list[Literal["hog", "color"]] = Field(
-        default_factory=lambda: ["hog", "color"],
+        default=["hog", "color"],
         description="feature blocks clustered (data/features/features.json says where each lies)",
     )
     center: bool = Field(True, description="subtract each column's mean before the paper's scaling")
@@ -248,11 +265,14 @@ class ClusterParams(Section):
         description="encoder widths after the input; the last is the embedding (the decoder mirrors them)",
     )
     pretrain: Literal["end_to_end", "layerwise"] = Field(
-        "end_to_end", description="layerwise: each layer pair as a denoising autoencoder first, then end to end"
+        "end_to_end",
+        description="layerwise: each layer pair as a denoising autoencoder first, then end to end",
     )
     pretrain_epochs: int = Field(100, ge=0, le=100_000, description="end-to-end epochs of the autoencoder")
     layer_epochs: int = Field(10, ge=1, le=100_000, description="epochs per layer pair (pretrain: layerwise)")
-    dropout: float = Field(0.2, ge=0, lt=1, description="input dropout while pretraining: a denoising autoencoder")
+    dropout: float = Field(
+        0.2, ge=0, lt=1, description="input dropout while pretraining: a denoising autoencoder"
+    )
     pretrain_lr: float = Field(3e-4, gt=0, le=10, description="Adam(W) learning rate of the pretraining")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay of the pretraining")
     batch_size: int = Field(256, ge=2, le=65_536)
@@ -260,16 +280,22 @@ class ClusterParams(Section):
     lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate of the KL refinement")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum of the KL refinement")
     update_interval: int | None = Field(
-        None, ge=1, description="refinement batches between target updates; null: one pass over the data, "
-        "at least 20 batches"
+        None,
+        ge=1,
+        description="refinement batches between target updates; null: one pass over the data, "
+        "at least 20 batches",
     )
     tol: float = Field(0.001, ge=0, le=1, description="stop when fewer than this share of assignments change")
     max_iter: int = Field(2000, ge=0, le=10_000_000, description="most refinement batches")
-    kmeans_n_init: int = Field(10, ge=10, le=1000, description="k-means restarts (both baselines and DEC's start)")
+    kmeans_n_init: int = Field(
+        10, ge=10, le=1000, description="k-means restarts (both baselines and DEC's start)"
+    )
     device: Literal["auto", "cuda", "cpu"] = "auto"
     threads: int | None = Field(
-        None, ge=1, le=1024, description="CPU threads of torch; null: its default (CPU runs match bit for bit "
-        "at the same count)"
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads of torch; null: its default (CPU runs match bit for bit at the same count)",
     )
     seed: int = 0
     sheet_images: int = Field(8, ge=1, le=100, description="images nearest to and farthest from each centre")
@@ -318,33 +344,13 @@ class Params(Section):
         return self.validate_
 
 
-def _describe(error: dict[str, Any]) -> str:
-    """One pydantic error as 'key.path: message (got value)'."""
-    loc = ".".join("validate" if part == "validate_" else str(part) for part in error["loc"])
-    msg = error["msg"]
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{loc}: unknown key"
-    ctx = error.get("ctx") or {}
-    for bound, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if bound in ctx:
-            msg = f"must be {word} {ctx[bound]}"
-    if kind == "literal_error" and "expected" in ctx:
-        msg = f"must be one of {ctx['expected']}"
-    msg = msg.removeprefix("Value error, ")
-    got = error.get("input")
-    if "(got" not in msg and not isinstance(got, dict):
-        msg = f"{msg} (got {got!r})"
-    return f"{loc}: {msg}" if loc else msg
-
-
 def parse(raw: dict[str, Any], origin: str = "params.yaml") -> Params:
     """Validate a params mapping; raise UserError naming the first bad key."""
     try:
         return Params.model_validate(raw or {})
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise UserError(f"{origin}: {_describe(first)}") from None
+        raise UserError(f"{origin}: {describe_validation_error(first)}") from None
 
 
 def load(path: str | Path = "params.yaml") -> Params:
@@ -359,12 +365,3 @@ def load(path: str | Path = "params.yaml") -> Params:
     if raw is not None and not isinstance(raw, dict):
         raise UserError(f"{path}: must be a mapping of sections")
     return parse(raw or {}, str(path))
-
-
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage entry point: user errors become one line on stderr and exit code 1."""
-    try:
-        main()
-    except UserError as exc:
-        print(f"photoprep: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from photoprep.io import write_json, write_table
 
 FUNNEL_ORDER = (
     "lines_read",
@@ -28,36 +28,6 @@ FUNNEL_ORDER = (
     "kept_per_bucket",
     "split",
 )
-
-
-def write_text(text: str, path: str | Path) -> None:
-    """Write UTF-8 text atomically (a reader sees the old file or the new one, never half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(data: Any, path: str | Path) -> None:
-    """Write JSON atomically, keys sorted where order carries no meaning, UTF-8 kept readable."""
-    write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", path)
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def write_table(table: pd.DataFrame, path: str | Path) -> None:
-    """Write a Parquet (or CSV, by suffix) table atomically, without the pandas index."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".csv":
-        table.to_csv(tmp, index=False, lineterminator="\n")
-    else:
-        table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -94,12 +64,14 @@ def download_counts(listed: Any, table: pd.DataFrame) -> dict[str, Any]:
     failed = table[table["status"] != "ok"]
     return {
         "lines_read": int(listed.lines_read),
-        "malformed_lines": int(len(listed.malformed)),
-        "unique_ids": int(len(listed.records)),
+        "malformed_lines": len(listed.malformed),
+        "unique_ids": len(listed.records),
         "repeated_id_lines": int(listed.lines_read - len(listed.malformed) - len(listed.records)),
         "fetched": int((table["status"] == "ok").sum()),
-        "fetch_failed": int(len(failed)),
-        "fetch_failed_by_reason": {str(k): int(v) for k, v in failed["reason"].value_counts().sort_index().items()},
+        "fetch_failed": len(failed),
+        "fetch_failed_by_reason": {
+            str(k): int(v) for k, v in failed["reason"].value_counts().sort_index().items()
+        },
     }
 
 

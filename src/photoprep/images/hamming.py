@@ -17,6 +17,10 @@ Hashes are rows of a uint8 array (N x B bytes, most significant bit first, as im
 sample of the hashes, so clustered (skewed) data gets more, narrower-keyed chunks than random data.
 Candidates are generated and verified in bounded batches, so memory stays bounded however large a
 bucket is. Results do not depend on sort stability or sample luck: output is exact and sorted.
+
+Why one module
+    The search, its cost model and the brute-force reference it is checked against belong
+    together: the guarantee (exact, every pair within the threshold) is stated and tested here.
 """
 
 from __future__ import annotations
@@ -242,7 +246,7 @@ def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if len(a) > 1:
         # Word by word rather than a reduction over a short last axis, which numpy does slowly.
         dist = dist.astype(np.uint16 if len(a) * 64 < 1 << 16 else np.uint32)
-        for word_a, word_b in zip(a[1:], b[1:]):
+        for word_a, word_b in zip(a[1:], b[1:], strict=True):
             dist += _popcount(word_a ^ word_b)
     return dist
 
@@ -444,7 +448,7 @@ def _verify(
     columns: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: int, plan: _Plan, key_number: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidates (a, b) within threshold that key `key_number` owns: int64 arrays u < v, distance."""
-    dist = _distances([word[a] for word in columns], [word[b] for word in columns])
+    dist = _distances(columns[:, a], columns[:, b])
     near = np.flatnonzero(dist <= threshold)
     # Few candidates survive the threshold: only they need the per-chunk ownership test.
     xor = columns[:, a[near]] ^ columns[:, b[near]]

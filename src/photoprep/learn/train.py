@@ -39,10 +39,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from photoprep import devices, models
-from photoprep.devices import device_name
-from photoprep.params import TrainParams, UserError
-from photoprep.split import fingerprint as split_fingerprint
+from photoprep.dataset.split import fingerprint as split_fingerprint
+from photoprep.errors import UserError
+from photoprep.io import write_bytes
+from photoprep.learn import devices, models
+from photoprep.learn.devices import device_name
+from photoprep.params import TrainParams
 
 MODEL_FORMAT = "photoprep.model/1"
 CHECKPOINT_FORMAT = "photoprep.checkpoint/1"
@@ -386,12 +388,14 @@ def augment_images(x: torch.Tensor, draws: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def pick_device(choice: str) -> torch.device:
-    """:func:`photoprep.devices.pick_device` for ``train.device``, and with ``auto`` on a machine
+    """:func:`photoprep.learn.devices.pick_device` for ``train.device``, and with ``auto`` on a machine
     without CUDA one warning on stderr: training is where the CPU costs most."""
     device = devices.pick_device(choice, "train.device")
     if choice == "auto" and device.type == "cpu":
-        print("photoprep: warning: no CUDA device found; training on the CPU (train.device: auto)",
-              file=sys.stderr)
+        print(
+            "photoprep: warning: no CUDA device found; training on the CPU (train.device: auto)",
+            file=sys.stderr,
+        )
     return device
 
 
@@ -409,7 +413,7 @@ def _configure(device: torch.device, p: TrainParams) -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def _amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     if device.type != "cuda" or amp == "off":
         return None
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
@@ -480,12 +484,9 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save, atomically. Saved through a buffer: torch names the archive's inner folder
     after the file, so equal objects give equal bytes wherever they are written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes(buffer.getvalue(), path)
 
 
 def save_model(state_dict: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> None:
@@ -518,7 +519,7 @@ def _checkpoint_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"train.init_from: {path} not found (a local checkpoint; nothing is downloaded)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+    except Exception as exc:
         raise UserError(f"train.init_from: {path} is not a checkpoint ({type(exc).__name__})") from None
     for key in ("state_dict", "model"):
         if isinstance(blob, dict) and isinstance(blob.get(key), dict):
@@ -660,8 +661,10 @@ class _Trainer:
             print(f"photoprep: no checkpoint at {path}; training from the start", file=sys.stderr)
             return None
         if ckpt["key"] != key:
-            print(f"photoprep: warning: {path} was made with other params or data; training from the start",
-                  file=sys.stderr)
+            print(
+                f"photoprep: warning: {path} was made with other params or data; training from the start",
+                file=sys.stderr,
+            )
             return None
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -719,11 +722,13 @@ def fit(
     """
     device = pick_device(p.device)
     _configure(device, p)
-    amp = _amp_dtype(device, p.amp)
+    amp = amp_dtype(device, p.amp)
     has_val = len(data.val) > 0
     if not has_val:
-        print("photoprep: warning: the val split is empty; keeping the last epoch, no early stopping",
-              file=sys.stderr)
+        print(
+            "photoprep: warning: the val split is empty; keeping the last epoch, no early stopping",
+            file=sys.stderr,
+        )
 
     model, arch, transfer, frozen = _build_model(p, data)
     model = model.to(device)
@@ -735,8 +740,12 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
 
     mean, std = input_stats(data.train.inputs)
-    prep = {"channels_last": p.channels_last, "resident": resident, "per_image": p.normalize == "image",
-            "size": arch["input_size"]}
+    prep = {
+        "channels_last": p.channels_last,
+        "resident": resident,
+        "per_image": p.normalize == "image",
+        "size": arch["input_size"],
+    }
     train_b = Batches(data.train.inputs, data.train.labels, device, mean, std, **prep)
     val_b = Batches(data.val.inputs, data.val.labels, device, mean, std, **prep)
     batch_size = min(p.batch_size, len(train_b))
@@ -782,8 +791,10 @@ def fit(
             progress.best_state = _cpu_state(model)
             progress.since_best = 0
             if ckpt_dir is not None:
-                atomic_save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": progress.best_state},
-                             ckpt_dir / "best.pt")
+                atomic_save(
+                    {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": progress.best_state},
+                    ckpt_dir / "best.pt",
+                )
         else:
             progress.since_best += 1
         progress.stopped_early = has_val and 0 < p.early_stopping <= progress.since_best
@@ -792,8 +803,11 @@ def fit(
         if on_epoch is not None:
             on_epoch(dict(record))
         if progress.stopped_early:
-            print(f"photoprep: early stop after epoch {epoch}: "
-                  f"no better {p.monitor} for {p.early_stopping} epochs", file=sys.stderr)
+            print(
+                f"photoprep: early stop after epoch {epoch}: "
+                f"no better {p.monitor} for {p.early_stopping} epochs",
+                file=sys.stderr,
+            )
 
     best = progress.best
     meta = {

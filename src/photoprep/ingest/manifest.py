@@ -13,10 +13,10 @@ Formats (`source.yaml: format`):
   already known with a different url or label is reported, not merged.
 - ``urls``: one URL per line (http, https or file); the id is the URL; ``#`` starts a comment line.
 - ``folder``: ``<manifest>/<class>/<file>``; the id is ``<class>/<file>`` (forward slashes;
-  files in deeper sub-folders keep their path and belong to the top class), the label is the class, the url is the file's path relative to the source folder. Every
-  regular file is listed (validation rejects what is not an image); hidden names are
-  skipped; a file outside a class folder is reported. "Line" numbers are positions in the
-  sorted list of files.
+  files in deeper sub-folders keep their path and belong to the top class), the label is the
+  class, the url is the file's path relative to the source folder. Every regular file is
+  listed (validation rejects what is not an image); hidden names are skipped; a file outside
+  a class folder is reported. "Line" numbers are positions in the sorted list of files.
 
 Every url is a URL reference: absolute (``https://``, ``file://``) or relative to the source
 folder, with each path segment percent-quoted. The fetcher resolves it and unquotes it; since
@@ -30,6 +30,10 @@ so the 144,564-line heobs manifest takes about a second.
 
 Counting rule: ``lines_read == records.n_lines.sum() + len(malformed)``; ``lines_read``
 counts non-blank data lines (not a CSV header, not a comment line; files for ``folder``).
+
+Why one module
+    Every format ends in the same record table with the same malformed-line rules (line
+    numbers, reasons, the repeated-id merge); one reader per format would repeat those rules.
 """
 
 from __future__ import annotations
@@ -46,8 +50,8 @@ from urllib.parse import quote, urlsplit
 
 import pandas as pd
 
-from photoprep.params import UserError
-from photoprep.sources import URL_SCHEMES, SourceConfig
+from photoprep.errors import UserError
+from photoprep.ingest.sources import URL_SCHEMES, SourceConfig
 
 RECORD_COLUMNS = ["source", "id", "url", "titles", "label", "first_line", "n_lines"]
 MALFORMED_COLUMNS = ["source", "line_no", "line", "reason"]
@@ -185,7 +189,9 @@ class _Records:
         ids = sorted(self.by_id)
         recs = [self.by_id[i] for i in ids]
         if template is not None:
-            urls = [r[2] if r[2] is not None else url_for(template, i) for i, r in zip(ids, recs)]
+            urls = [
+                r[2] if r[2] is not None else url_for(template, i) for i, r in zip(ids, recs, strict=True)
+            ]
         else:
             urls = [r[2] for r in recs]
         return pd.DataFrame(
@@ -332,9 +338,7 @@ def _table_columns(cfg: SourceConfig, header: list[str]) -> dict[str, int | None
     }
     has = ", ".join(header)
     if col["id"] is None and col["url"] is None:
-        raise UserError(
-            f"{_where(cfg)}: needs a column {cfg.id_column!r} or {cfg.url_column!r} (has: {has})"
-        )
+        raise UserError(f"{_where(cfg)}: needs a column {cfg.id_column!r} or {cfg.url_column!r} (has: {has})")
     if col["url"] is None and cfg.url is None:
         raise UserError(
             f"{_where(cfg)}: no column {cfg.url_column!r} and no url template in source.yaml (has: {has})"

@@ -23,7 +23,8 @@ import numpy as np
 import skimage.color
 import skimage.feature
 
-from photoprep.params import FeatureParams, HogParams, UserError
+from photoprep.errors import UserError
+from photoprep.params import FeatureParams, HogParams
 
 # skimage's block normalisation constant (``_hog_normalize_block(..., eps=1e-5)``).
 _EPS = 1e-5
@@ -87,7 +88,7 @@ def _hog_skimage(gray: np.ndarray, p: HogParams) -> np.ndarray:
     """skimage.feature.hog one image at a time."""
     shape = hog_shape(gray.shape[1:], p)
     dtype = _float_dtype(gray.dtype)
-    out = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
+    out: np.ndarray = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
     for i, image in enumerate(gray):
         out[i] = _skimage_hog(image, p)
     return out
@@ -128,7 +129,7 @@ def _hog_numpy(gray: np.ndarray, p: HogParams) -> np.ndarray:
     """Vectorised skimage.feature.hog over a batch, a few images at a time."""
     shape = hog_shape(gray.shape[1:], p)
     dtype = _float_dtype(gray.dtype)
-    out = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
+    out: np.ndarray = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
     # Small chunks keep the float64 temporaries in cache: about 2x faster than whole batches.
     for s in range(0, len(gray), _HOG_CHUNK):
         g_row, g_col = _gradients(gray[s : s + _HOG_CHUNK].astype(dtype, copy=False))
@@ -158,17 +159,17 @@ def _by_cell_pixel(a: np.ndarray, cell: tuple[int, int], cells: tuple[int, int])
     return a.transpose(2, 4, 0, 1, 3).reshape(c_row * c_col, -1)
 
 
-def _orientation_bins(g_row: np.ndarray, g_col: np.ndarray, n: int) -> np.ndarray:
+def orientation_bins(g_row: np.ndarray, g_col: np.ndarray, n: int) -> np.ndarray:
     """skimage's orientation bin of each gradient (``n``: in no bin)."""
     degrees = np.rad2deg(np.arctan2(g_row, g_col))
     # skimage takes ``degrees % 180``; np.remainder is slow, and for degrees in [-180, 180]
     # this gives the same roundings (negative: +180; exactly 180: 0).
     angle = degrees + 180.0 * (degrees < 0)
     angle -= 180.0 * (degrees >= 180)
-    return _angle_bins(angle, n)
+    return angle_bins(angle, n)
 
 
-def _angle_bins(angle: np.ndarray, n: int) -> np.ndarray:
+def angle_bins(angle: np.ndarray, n: int) -> np.ndarray:
     """Bin ``i`` with ``(180. / n) * i <= angle < (180. / n) * (i + 1)`` of angles in [0, 180], else ``n``.
 
     The edges are formed exactly as skimage's Cython code forms them, in double; an angle at or
@@ -199,7 +200,7 @@ def _cell_histograms(g_row: np.ndarray, g_col: np.ndarray, p: HogParams) -> np.n
     # pixel in 6, which moves a float32 total below only if it sits on a rounding tie: at most
     # one float32 ulp of a cell, about 1e-8 in the output (none seen in the tests).
     magnitude = np.sqrt(g_col * g_col + g_row * g_row)
-    bins = _orientation_bins(g_row, g_col, n)
+    bins = orientation_bins(g_row, g_col, n)
 
     n_cells = g_row.shape[1]
     # One float32 accumulator per (cell, bin), plus a discard slot for bin n.
@@ -338,7 +339,7 @@ def compute_features(
         work = (joblib.delayed(_batch_features)(images[s : s + batch_size], p) for s in starts)
         parts = joblib.Parallel(n_jobs=n_jobs)(work)
     features = np.empty((len(images), info["dim"]), dtype=np.float32)
-    for s, part in zip(starts, parts):
+    for s, part in zip(starts, parts, strict=True):
         features[s : s + len(part)] = part
     if p.scaling == "standard" and len(features):
         info["standard"] = {"ddof": 0, "constant_columns": _standardise(features)}

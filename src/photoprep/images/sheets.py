@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
+
+from photoprep.io import write_with
 
 CAPTION_PX = 14
 GAP = 4
+
+
+def _save_png(sheet: Image.Image, path: str | Path) -> None:
+    write_with(path, lambda tmp: sheet.save(tmp, format="PNG", optimize=False))
 
 
 def contact_sheet(
@@ -21,13 +28,11 @@ def contact_sheet(
 
     Thumbnails are uint8 H x W x 3 arrays of one size. An empty sheet says so instead.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     font = ImageFont.load_default()
     if not rows or not any(rows):
         sheet = Image.new("RGB", (420, 40), "white")
         ImageDraw.Draw(sheet).text((GAP, 12), "nothing to show", fill="black", font=font)
-        sheet.save(path, optimize=False)
+        _save_png(sheet, path)
         return
     th, tw = next(r for r in rows if r)[0][0].shape[:2]
     cell_w, cell_h = tw + GAP, th + CAPTION_PX + GAP
@@ -41,28 +46,23 @@ def contact_sheet(
             x = title_width + c * cell_w
             sheet.paste(Image.fromarray(np.ascontiguousarray(pixels)), (x, y))
             draw.text((x, y + th + 1), caption[: max(4, tw // 6)], fill="black", font=font)
-    sheet.save(path, optimize=False)
+    _save_png(sheet, path)
 
 
 THUMB = (96, 96)
 MAX_PER_ROW = 10
 
 
-def draw_near_groups(groups: list, raw_dir: Path, p: object, path: str | Path) -> None:
+def draw_near_groups(groups: list[pd.DataFrame], thumbs: np.ndarray, path: str | Path) -> None:
     """The largest near-duplicate groups side by side: the kept image, then each member and its
-    distance to it, so that a person can judge `dedup.near_threshold` by eye."""
-    import pandas as pd
+    distance to it, so that a person can judge `dedup.near_threshold` by eye.
 
-    from photoprep import images  # local: sheets stays importable without the store
-
-    groups = [g.head(MAX_PER_ROW) for g in groups]
+    ``groups`` are :func:`photoprep.images.dedup.near_groups_for_sheet`'s tables (at most
+    ``MAX_PER_ROW`` members each); ``thumbs`` holds their pixels in that order, at ``THUMB``.
+    """
     if not groups:
         contact_sheet([], [], path)
         return
-    members = pd.concat(groups)
-    thumbs = images.resized_pixels(
-        members, raw_dir, THUMB, "pad", p.validate.max_pixels, p.compute, namespace="thumbs"
-    )
     rows, titles, start = [], [], 0
     for group in groups:
         cells = []

@@ -19,9 +19,11 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from photoprep import devices, sheets, train
-from photoprep.params import EvaluateParams, UserError
-from photoprep.train import SplitData
+from photoprep.errors import UserError
+from photoprep.images import sheets
+from photoprep.learn import devices, train
+from photoprep.learn.train import SplitData
+from photoprep.params import EvaluateParams
 
 DECIMALS = 6
 GRID_COLUMNS = 10
@@ -114,26 +116,28 @@ def metrics_of(
     if k >= 2 * top_k:
         top = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
         metrics[f"top{top_k}_accuracy"] = _r((top == labels[:, None]).any(1).mean()) if n else 0.0
-    metrics.update({
-        "f1_macro": _r(f1.mean()),
-        "f1_weighted": _r((f1 * weights).sum()),
-        "precision_macro": _r(precision.mean()),
-        "recall_macro": _r(recall.mean()),
-        "loss": _r(losses.astype(np.float64).mean()) if n else 0.0,
-        "n_test": int(n),
-        "n_classes": int(k),
-        "parameters": int(parameters),
-        "test_fingerprint": fingerprint,
-        "per_class": {
-            c: {
-                "precision": _r(precision[i]),
-                "recall": _r(recall[i]),
-                "f1": _r(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, c in enumerate(classes)
-        },
-    })
+    metrics.update(
+        {
+            "f1_macro": _r(f1.mean()),
+            "f1_weighted": _r((f1 * weights).sum()),
+            "precision_macro": _r(precision.mean()),
+            "recall_macro": _r(recall.mean()),
+            "loss": _r(losses.astype(np.float64).mean()) if n else 0.0,
+            "n_test": int(n),
+            "n_classes": int(k),
+            "parameters": int(parameters),
+            "test_fingerprint": fingerprint,
+            "per_class": {
+                c: {
+                    "precision": _r(precision[i]),
+                    "recall": _r(recall[i]),
+                    "f1": _r(f1[i]),
+                    "support": int(support[i]),
+                }
+                for i, c in enumerate(classes)
+            },
+        }
+    )
     return metrics
 
 
@@ -156,7 +160,7 @@ def perf_report(result: Evaluation, train_perf: dict[str, Any] | None, batch_siz
         "train": train_perf or {},
         "evaluate": {
             "device": result.device,
-            "images": int(len(result.predicted)),
+            "images": len(result.predicted),
             "batch_size": int(batch_size),
             "seconds": round(result.seconds, 3),
             "images_per_s": round(result.images_per_s, 1) if result.seconds > 0 else None,

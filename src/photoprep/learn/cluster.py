@@ -65,10 +65,11 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from torch import nn
 
-from photoprep.devices import device_name, pick_device
-from photoprep.params import ClusterParams, UserError
-from photoprep.split import read_labels
-from photoprep.train import atomic_save
+from photoprep.dataset.split import read_labels
+from photoprep.errors import UserError
+from photoprep.learn.devices import device_name, pick_device
+from photoprep.learn.train import atomic_save
+from photoprep.params import ClusterParams
 
 # Before MKL's first call (see "Determinism" above); an explicit setting in the environment wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
@@ -105,10 +106,14 @@ def select_blocks(features: np.ndarray, info: dict[str, Any], blocks: Sequence[s
     for name in blocks:
         block = info.get(name)
         if not isinstance(block, dict) or "offset" not in block or "length" not in block:
-            raise UserError(f"cluster.blocks: the features carry no block {name!r} (features.json has {sorted(info)})")
+            raise UserError(
+                f"cluster.blocks: the features carry no block {name!r} (features.json has {sorted(info)})"
+            )
         start, length = int(block["offset"]), int(block["length"])
         if start < 0 or start + length > features.shape[1]:
-            raise UserError(f"cluster.blocks: block {name!r} lies outside the {features.shape[1]} feature columns")
+            raise UserError(
+                f"cluster.blocks: block {name!r} lies outside the {features.shape[1]} feature columns"
+            )
         parts.append(features[:, start : start + length])
     return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
 
@@ -237,8 +242,15 @@ def purity(labels: Sequence[Any], clusters: Sequence[int]) -> pd.DataFrame:
             share = round(best / len(known), 6)
         else:
             majority, share = None, None
-        rows.append({"cluster": int(c), "size": int(len(members)), "labeled": int(len(known)),
-                     "majority": majority, "purity": share})
+        rows.append(
+            {
+                "cluster": int(c),
+                "size": len(members),
+                "labeled": len(known),
+                "majority": majority,
+                "purity": share,
+            }
+        )
     return pd.DataFrame(rows, columns=["cluster", "size", "labeled", "majority", "purity"])
 
 
@@ -270,7 +282,9 @@ def run_kmeans(x: np.ndarray, n_clusters: int, n_init: int, seed: int) -> KMeans
     """scikit-learn's k-means (Lloyd, k-means++ starts, ``n_init`` restarts), seeded."""
     if len(x) < n_clusters:
         raise UserError(f"cluster.n_clusters: {n_clusters} clusters but only {len(x)} images")
-    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(np.asarray(x, dtype=np.float32))
+    return KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(
+        np.asarray(x, dtype=np.float32)
+    )
 
 
 @torch.no_grad()
@@ -284,7 +298,8 @@ def embed(encoder: nn.Module, x: torch.Tensor, chunk: int = _CHUNK) -> torch.Ten
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of a fresh seeded permutation per pass, forever (the last batch of a pass may be short)."""
+    """Index batches of a fresh seeded permutation per pass, forever (the last batch of a pass
+    may be short)."""
     while True:
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
@@ -309,8 +324,14 @@ def _adam(parameters: Any, p: ClusterParams) -> torch.optim.Optimizer:
 
 
 def _fit_layer_pair(
-    enc: nn.Linear, dec: nn.Linear, h: torch.Tensor, enc_relu: bool, dec_relu: bool,
-    p: ClusterParams, generator: torch.Generator, cpu_generator: torch.Generator,
+    enc: nn.Linear,
+    dec: nn.Linear,
+    h: torch.Tensor,
+    enc_relu: bool,
+    dec_relu: bool,
+    p: ClusterParams,
+    generator: torch.Generator,
+    cpu_generator: torch.Generator,
 ) -> list[float]:
     """One layer pair as a denoising autoencoder of ``h`` (dropout on its input and hidden layer)."""
     opt = _adam([*enc.parameters(), *dec.parameters()], p)
@@ -335,10 +356,14 @@ def _fit_layer_pair(
 
 
 def pretrain_autoencoder(
-    x: torch.Tensor, p: ClusterParams, generator: torch.Generator, cpu_generator: torch.Generator,
+    x: torch.Tensor,
+    p: ClusterParams,
+    generator: torch.Generator,
+    cpu_generator: torch.Generator,
     log: Log | None = None,
 ) -> tuple[AutoEncoder, list[dict[str, Any]]]:
-    """The autoencoder of ``p.dims`` on scaled inputs ``x`` and its loss per epoch (``phase``, ``epoch``, ``loss``)."""
+    """The autoencoder of ``p.dims`` on scaled inputs ``x`` and its loss per epoch (``phase``,
+    ``epoch``, ``loss``)."""
     log = log or (lambda line: None)
     model = AutoEncoder(x.shape[1], p.dims).to(x.device)
     history: list[dict[str, Any]] = []
@@ -348,7 +373,9 @@ def pretrain_autoencoder(
         for i, (enc, dec) in enumerate(pairs):
             last = i == len(pairs) - 1
             losses = _fit_layer_pair(enc, dec, h, not last, i > 0, p, generator, cpu_generator)
-            history += [{"phase": f"layer{i + 1}", "epoch": e + 1, "loss": loss} for e, loss in enumerate(losses)]
+            history += [
+                {"phase": f"layer{i + 1}", "epoch": e + 1, "loss": loss} for e, loss in enumerate(losses)
+            ]
             log(f"layer {i + 1}/{len(pairs)}: loss {losses[-1]:.4f}")
             h = embed(enc, h)
             h = F.relu(h) if not last else h
@@ -381,12 +408,16 @@ class Refinement:
     iterations: int
     updates: int
     converged: bool
-    changed: float                     # share of assignments changed at the last update
-    history: list[dict[str, Any]]      # one row per target update
+    changed: float  # share of assignments changed at the last update
+    history: list[dict[str, Any]]  # one row per target update
 
 
 def refine(
-    model: DEC, x: torch.Tensor, start: np.ndarray, p: ClusterParams, cpu_generator: torch.Generator,
+    model: DEC,
+    x: torch.Tensor,
+    start: np.ndarray,
+    p: ClusterParams,
+    cpu_generator: torch.Generator,
     log: Log | None = None,
 ) -> Refinement:
     """KL(P || Q) self-training of the encoder and centres from the assignments ``start``."""
@@ -425,7 +456,9 @@ def refine(
             it += 1
         updates += 1
         if updates % 10 == 0:
-            log(f"refine iteration {it}: kl {loss_sum / loss_n:.5f}, {changed:.2%} changed at the last update")
+            log(
+                f"refine iteration {it}: kl {loss_sum / loss_n:.5f}, {changed:.2%} changed at the last update"
+            )
     model.eval()
     return Refinement(iterations=it, updates=updates, converged=converged, changed=changed, history=history)
 
@@ -437,12 +470,12 @@ def refine(
 class ClusterResult:
     """Per image assignments, the trained model, the metrics and the progress of each phase."""
 
-    table: pd.DataFrame                  # source, id, row, cluster, confidence, distance
+    table: pd.DataFrame  # source, id, row, cluster, confidence, distance
     state_dict: dict[str, torch.Tensor]
     meta: dict[str, Any]
     metrics: dict[str, Any]
-    pretrain_history: pd.DataFrame       # phase, epoch, loss
-    refine_history: pd.DataFrame         # iteration, kl, changed
+    pretrain_history: pd.DataFrame  # phase, epoch, loss
+    refine_history: pd.DataFrame  # iteration, kl, changed
     perf: dict[str, Any] = field(default_factory=dict)
 
 
@@ -468,10 +501,12 @@ def _by_size(assignments: np.ndarray, k: int) -> np.ndarray:
     return new_of_old
 
 
-def _method_scores(labels: np.ndarray, assignments: dict[str, np.ndarray]) -> dict[str, dict[str, float] | None]:
+def _method_scores(
+    labels: np.ndarray, assignments: dict[str, np.ndarray]
+) -> dict[str, dict[str, float] | None]:
     known = np.array([lab is not None for lab in labels], dtype=bool)
     if not known.any():
-        return {name: None for name in assignments}
+        return dict.fromkeys(assignments)
     truth = np.array([str(v) for v in labels[known]], dtype=object)
     return {name: agreement(truth, a[known]) for name, a in assignments.items()}
 
@@ -481,16 +516,18 @@ class DecFit:
     """A trained DEC: its weights, final assignments (numbered by size), its start, and progress."""
 
     state_dict: dict[str, torch.Tensor]
-    clusters: np.ndarray                 # int64, numbered by size
-    confidence: np.ndarray               # max_j q_ij
-    distance: np.ndarray                 # to the centre of the image's cluster, in the embedding
-    start: np.ndarray                    # k-means in the pretrained embedding: DEC's starting point
+    clusters: np.ndarray  # int64, numbered by size
+    confidence: np.ndarray  # max_j q_ij
+    distance: np.ndarray  # to the centre of the image's cluster, in the embedding
+    start: np.ndarray  # k-means in the pretrained embedding: DEC's starting point
     refinement: Refinement
     pretrain_history: list[dict[str, Any]]
     perf: dict[str, Any]
 
 
-def fit_dec(x_np: np.ndarray, mean: np.ndarray, scale: float, p: ClusterParams, log: Log | None = None) -> DecFit:
+def fit_dec(
+    x_np: np.ndarray, mean: np.ndarray, scale: float, p: ClusterParams, log: Log | None = None
+) -> DecFit:
     """Pretrain, start from k-means in the embedding, refine: DEC on inputs already scaled.
 
     ``mean`` and ``scale`` (from :func:`scale_inputs`) are stored in the model, so that
@@ -532,9 +569,16 @@ def fit_dec(x_np: np.ndarray, mean: np.ndarray, scale: float, p: ClusterParams, 
             model.centres.copy_(model.centres[torch.as_tensor(np.argsort(new_of_old), device=device)])
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         del x
-    return DecFit(state_dict=state, clusters=new_of_old[hard_np], confidence=confidence, distance=distance,
-                  start=np.asarray(km_embedding.labels_, dtype=np.int64), refinement=refinement,
-                  pretrain_history=pre_history, perf=perf)
+    return DecFit(
+        state_dict=state,
+        clusters=new_of_old[hard_np],
+        confidence=confidence,
+        distance=distance,
+        start=np.asarray(km_embedding.labels_, dtype=np.int64),
+        refinement=refinement,
+        pretrain_history=pre_history,
+        perf=perf,
+    )
 
 
 def cluster_features(
@@ -558,8 +602,10 @@ def cluster_features(
     if n < p.n_clusters:  # before the scaling, which has nothing to average over an empty set
         raise UserError(f"cluster.n_clusters: {p.n_clusters} clusters but only {n} images")
     label_array = np.array(
-        [None if lab is None or (isinstance(lab, float) and math.isnan(lab)) else str(lab)
-         for lab in (labels if labels is not None else [None] * n)],
+        [
+            None if lab is None or (isinstance(lab, float) and math.isnan(lab)) else str(lab)
+            for lab in (labels if labels is not None else [None] * n)
+        ],
         dtype=object,
     )
     if len(label_array) != n:
@@ -578,14 +624,17 @@ def cluster_features(
     perf.update(fit.perf)
     clusters, refinement, pre_history = fit.clusters, fit.refinement, fit.pretrain_history
 
-    table = pd.DataFrame({
-        "source": keys["source"].astype(str).to_numpy(dtype=object),
-        "id": keys["id"].astype(str).to_numpy(dtype=object),
-        "row": keys["row"].astype("int64").to_numpy() if "row" in keys else np.arange(n, dtype=np.int64),
-        "cluster": clusters,
-        "confidence": np.round(fit.confidence, 6),
-        "distance": np.round(fit.distance, 6),
-    }, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(
+        {
+            "source": keys["source"].astype(str).to_numpy(dtype=object),
+            "id": keys["id"].astype(str).to_numpy(dtype=object),
+            "row": keys["row"].astype("int64").to_numpy() if "row" in keys else np.arange(n, dtype=np.int64),
+            "cluster": clusters,
+            "confidence": np.round(fit.confidence, 6),
+            "distance": np.round(fit.distance, 6),
+        },
+        columns=TABLE_COLUMNS,
+    )
 
     assignments = {"kmeans_features": km_features.labels_, "kmeans_embedding": fit.start, "dec": clusters}
     scores = _method_scores(label_array, assignments)
@@ -596,8 +645,12 @@ def cluster_features(
         "n_labeled": n_labeled,
         "n_classes": len({lab for lab in label_array if lab is not None}),
         "n_clusters": p.n_clusters,
-        "input": {"blocks": list(p.blocks), "dim": int(x_np.shape[1]), "center": p.center,
-                  "scale": round(float(scale), 6)},
+        "input": {
+            "blocks": list(p.blocks),
+            "dim": int(x_np.shape[1]),
+            "center": p.center,
+            "scale": round(float(scale), 6),
+        },
         "kmeans": {"n_init": p.kmeans_n_init, "random_state": p.seed, "algorithm": "lloyd"},
         "methods": scores,
         "dec": {
@@ -609,13 +662,21 @@ def cluster_features(
             "pretrain": p.pretrain,
             "final_pretrain_loss": round(pre_history[-1]["loss"], 6) if pre_history else None,
         },
-        "cluster_sizes": {str(int(c)): int(s) for c, s in zip(summary["cluster"], summary["size"])},
-        "purity": {str(int(c)): (None if pd.isna(v) else float(v))
-                   for c, v in zip(summary["cluster"], summary["purity"])},
+        "cluster_sizes": {
+            str(int(c)): int(s) for c, s in zip(summary["cluster"], summary["size"], strict=True)
+        },
+        "purity": {
+            str(int(c)): (None if pd.isna(v) else float(v))
+            for c, v in zip(summary["cluster"], summary["purity"], strict=True)
+        },
     }
     if scores["dec"] is not None:
-        log("accuracy / NMI / ARI on {} labelled images: ".format(n_labeled) + "; ".join(
-            f"{name} {s['accuracy']:.3f} / {s['nmi']:.3f} / {s['ari']:.3f}" for name, s in scores.items()))
+        log(
+            f"accuracy / NMI / ARI on {n_labeled} labelled images: "
+            + "; ".join(
+                f"{name} {s['accuracy']:.3f} / {s['nmi']:.3f} / {s['ari']:.3f}" for name, s in scores.items()
+            )
+        )
     meta = {
         "format": MODEL_FORMAT,
         "input_dim": int(x_np.shape[1]),
@@ -633,8 +694,15 @@ def cluster_features(
     perf["mkl"] = {"MKL_CBWR": os.environ.get("MKL_CBWR"), "MKL_DYNAMIC": os.environ.get("MKL_DYNAMIC")}
     pre = pd.DataFrame(pre_history, columns=["phase", "epoch", "loss"])
     ref = pd.DataFrame(refinement.history, columns=["iteration", "kl", "changed"])
-    return ClusterResult(table=table, state_dict=fit.state_dict, meta=meta, metrics=metrics,
-                         pretrain_history=pre, refine_history=ref, perf=perf)
+    return ClusterResult(
+        table=table,
+        state_dict=fit.state_dict,
+        meta=meta,
+        metrics=metrics,
+        pretrain_history=pre,
+        refine_history=ref,
+        perf=perf,
+    )
 
 
 # --------------------------------------------------------------------------- files
@@ -672,8 +740,9 @@ def assign(model: DEC, meta: dict[str, Any], features: np.ndarray, info: dict[st
     x = select_blocks(features, info, meta["blocks"])
     xt = (torch.from_numpy(x).to(model.centres.device) - model.input_mean) * model.input_scale
     hard, confidence, distance = _hard_assign(model, xt)
-    return pd.DataFrame({"cluster": hard.cpu().numpy().astype(np.int64), "confidence": confidence,
-                         "distance": distance})
+    return pd.DataFrame(
+        {"cluster": hard.cpu().numpy().astype(np.int64), "confidence": confidence, "distance": distance}
+    )
 
 
 def history_tables(result: ClusterResult) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -15,14 +15,15 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from photoprep.io import write_with
 from photoprep.params import BucketKeep, BucketParams
 
 
 @dataclass
 class BucketResult:
-    table: pd.DataFrame         # every valid image with its bucket and whether it is kept
-    resolutions: pd.DataFrame   # width, height, count, bucket, kept: one row per distinct size
-    buckets: pd.DataFrame       # bucket, min/max width and height, count, kept
+    table: pd.DataFrame  # every valid image with its bucket and whether it is kept
+    resolutions: pd.DataFrame  # width, height, count, bucket, kept: one row per distinct size
+    buckets: pd.DataFrame  # bucket, min/max width and height, count, kept
 
 
 def _linked_sizes(sizes: np.ndarray, tolerance: int) -> np.ndarray:
@@ -56,8 +57,10 @@ def _selected(buckets: pd.DataFrame, keep: str | BucketKeep, min_count: int) -> 
             inside = pd.Series(False, index=buckets.index)
             for r in keep.ranges:
                 inside |= (
-                    (buckets["min_width"] >= r.width[0]) & (buckets["max_width"] <= r.width[1])
-                    & (buckets["min_height"] >= r.height[0]) & (buckets["max_height"] <= r.height[1])
+                    (buckets["min_width"] >= r.width[0])
+                    & (buckets["max_width"] <= r.width[1])
+                    & (buckets["min_height"] >= r.height[0])
+                    & (buckets["max_height"] <= r.height[1])
                 )
             chosen &= inside
         if keep.top_k is not None:
@@ -73,17 +76,31 @@ def assign_buckets(valid: pd.DataFrame, p: BucketParams) -> BucketResult:
     resolutions = sizes.value_counts().rename("count").reset_index().sort_values(["width", "height"])
     resolutions = resolutions.reset_index(drop=True)
     if resolutions.empty:
-        empty = pd.DataFrame(columns=["bucket", "min_width", "min_height", "max_width", "max_height", "count", "kept"])
-        return BucketResult(images.assign(bucket="", kept=False), resolutions.assign(bucket="", kept=False), empty)
+        empty = pd.DataFrame(
+            columns=["bucket", "min_width", "min_height", "max_width", "max_height", "count", "kept"]
+        )
+        return BucketResult(
+            images.assign(bucket="", kept=False), resolutions.assign(bucket="", kept=False), empty
+        )
     resolutions["component"] = _linked_sizes(resolutions[["width", "height"]].to_numpy(), p.tolerance_px)
     grouped = resolutions.groupby("component")
-    buckets = pd.DataFrame({
-        "min_width": grouped["width"].min(), "min_height": grouped["height"].min(),
-        "max_width": grouped["width"].max(), "max_height": grouped["height"].max(),
-        "count": grouped["count"].sum(),
-    })
-    buckets.insert(0, "bucket", [bucket_name(*row) for row in buckets[
-        ["min_width", "min_height", "max_width", "max_height"]].itertuples(index=False)])
+    buckets = pd.DataFrame(
+        {
+            "min_width": grouped["width"].min(),
+            "min_height": grouped["height"].min(),
+            "max_width": grouped["width"].max(),
+            "max_height": grouped["height"].max(),
+            "count": grouped["count"].sum(),
+        }
+    )
+    buckets.insert(
+        0,
+        "bucket",
+        [
+            bucket_name(*row)
+            for row in buckets[["min_width", "min_height", "max_width", "max_height"]].itertuples(index=False)
+        ],
+    )
     buckets["kept"] = _selected(buckets, p.keep, p.min_count)
     resolutions["bucket"] = buckets.loc[resolutions["component"], "bucket"].to_numpy()
     resolutions["kept"] = buckets.loc[resolutions["component"], "kept"].to_numpy()
@@ -92,7 +109,9 @@ def assign_buckets(valid: pd.DataFrame, p: BucketParams) -> BucketResult:
     keys = pd.MultiIndex.from_frame(sizes)
     images["bucket"] = lookup.loc[keys, "bucket"].to_numpy()
     images["kept"] = lookup.loc[keys, "kept"].to_numpy()
-    buckets = buckets.sort_values(["count", "bucket"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    buckets = buckets.sort_values(["count", "bucket"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
+    )
     return BucketResult(images, resolutions, buckets)
 
 
@@ -101,7 +120,7 @@ def bucket_counts(result: BucketResult) -> dict:
     kept = result.table[result.table["kept"]]
     return {
         "bucket_dropped": int((~result.table["kept"]).sum()),
-        "kept": int(len(kept)),
+        "kept": len(kept),
         "kept_per_bucket": {str(k): int(v) for k, v in kept["bucket"].value_counts().sort_index().items()},
     }
 
@@ -122,20 +141,29 @@ def plot_resolutions(result: BucketResult, path: str | Path) -> None:
         ax.scatter(res["width"], res["height"], s=area, c=colors, alpha=0.6, edgecolors="none")
         for b in result.buckets.itertuples():
             pad = 2
-            ax.add_patch(Rectangle(
-                (b.min_width - pad, b.min_height - pad), b.max_width - b.min_width + 2 * pad,
-                b.max_height - b.min_height + 2 * pad, fill=False,
-                edgecolor="tab:green" if b.kept else "tab:red", linestyle="-" if b.kept else ":",
-            ))
-            ax.annotate(f"{b.bucket}\n{b.count}{'' if b.kept else ' (dropped)'}",
-                        (b.max_width, b.max_height), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.add_patch(
+                Rectangle(
+                    (b.min_width - pad, b.min_height - pad),
+                    b.max_width - b.min_width + 2 * pad,
+                    b.max_height - b.min_height + 2 * pad,
+                    fill=False,
+                    edgecolor="tab:green" if b.kept else "tab:red",
+                    linestyle="-" if b.kept else ":",
+                )
+            )
+            ax.annotate(
+                f"{b.bucket}\n{b.count}{'' if b.kept else ' (dropped)'}",
+                (b.max_width, b.max_height),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
     ax.set_xlabel("width (px)")
     ax.set_ylabel("height (px)")
     ax.set_title("Image resolutions (marker area ~ count); kept buckets in green")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, metadata={"Software": None})
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", metadata={"Software": None}))
     plt.close(fig)
 
 

@@ -22,6 +22,10 @@ fetch the same bytes write the same shards and the same table.
 
 Resume: rows of a previous table that are ok, for the same url, whose shard is still there
 are reused without a request (``attempts`` 0); everything else is fetched again.
+
+Why one module
+    One event loop owns the per-host state (slots, pauses, backoff) that HTTP, file and
+    local-path targets share, and the status row each of them ends in.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ import pandas as pd
 from tqdm import tqdm
 from yarl import URL
 
+from photoprep.ingest.sniff import sniff_mime
+from photoprep.ingest.store import SHARD_NAME, ShardWriter
 from photoprep.params import DownloadParams
-from photoprep.sniff import sniff_mime
-from photoprep.store import SHARD_NAME, ShardWriter
 
 KEY = ("source", "id")
 RESULT_COLUMNS = ("status", "reason", "http_status", "attempts", "sha256", "size", "mime", "shard", "offset")
@@ -145,7 +149,7 @@ def _relative_target(url: str, base_dir: Path) -> Target:
     return Target(path=full)
 
 
-def _same_host(origin: URL, to: URL) -> bool:
+def same_host(origin: URL, to: URL) -> bool:
     """Same hostname and port; http -> https on the default ports is the same host too."""
     if origin.host != to.host:
         return False
@@ -245,6 +249,7 @@ class _Fetcher:
             if target.url is not None:
                 outcome = await self._attempt_http(target.url, host)
             else:
+                assert target.path is not None  # a target is a URL or a local path
                 async with self.slots:
                     outcome = await asyncio.to_thread(_read_local, target.path, self.p.max_bytes)
             if outcome.body is not None or not outcome.retryable:
@@ -329,7 +334,7 @@ class _Fetcher:
             return "bad_redirect"
         if to.scheme not in ("http", "https") or not to.host:
             return "bad_redirect"
-        if not self.allow_cross_host and not _same_host(origin, to):
+        if not self.allow_cross_host and not same_host(origin, to):
             return "redirect_cross_host"
         return to
 

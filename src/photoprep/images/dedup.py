@@ -15,13 +15,14 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from photoprep import hamming
-from photoprep.params import DedupParams, UserError
+from photoprep.errors import UserError
+from photoprep.images import hamming
+from photoprep.params import DedupParams
 
 
 @dataclass
 class DedupResult:
-    table: pd.DataFrame                                  # every record, with group, dup_of, dup_reason, dup_distance
+    table: pd.DataFrame  # every record, with group, dup_of, dup_reason, dup_distance
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -118,12 +119,25 @@ def duplicate_groups(table: pd.DataFrame) -> pd.DataFrame:
     members["role"] = np.where(members["dup_of"] == "", "kept", members["dup_reason"])
     members["pixels"] = members["width"].astype(np.int64) * members["height"].astype(np.int64)
     members = members.sort_values(["group", "dup_of", "source", "id"], kind="stable")
-    columns = ["group", "source", "id", "role", "dup_of", "dup_distance", "sha256", "hash", "width", "height", "pixels"]
+    columns = [
+        "group",
+        "source",
+        "id",
+        "role",
+        "dup_of",
+        "dup_distance",
+        "sha256",
+        "hash",
+        "width",
+        "height",
+        "pixels",
+    ]
     return members[columns].reset_index(drop=True)
 
 
-def near_groups_for_sheet(table: pd.DataFrame, limit: int) -> list[pd.DataFrame]:
-    """The largest groups that hold near duplicates, representative first, for the contact sheet."""
+def near_groups_for_sheet(table: pd.DataFrame, limit: int, per_group: int = 10) -> list[pd.DataFrame]:
+    """The largest groups that hold near duplicates, representative first, at most ``per_group``
+    members each, for the contact sheet."""
     near = table[table["dup_reason"] == "near"]
     if near.empty or limit == 0:
         return []
@@ -132,5 +146,6 @@ def near_groups_for_sheet(table: pd.DataFrame, limit: int) -> list[pd.DataFrame]
     out = []
     for gid in chosen:
         members = table[table["group"] == gid]
-        out.append(members.sort_values(["dup_distance", "source", "id"], kind="stable"))
+        ordered = members.sort_values(["dup_distance", "source", "id"], kind="stable")
+        out.append(ordered.head(per_group))
     return out

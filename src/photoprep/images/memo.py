@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 import photoprep
+from photoprep.io import write_table, write_with
 
 CACHE_ENV = "PHOTOPREP_CACHE"
 DEFAULT_CACHE = Path(".photoprep") / "cache"
@@ -38,12 +39,6 @@ def fingerprint(settings: dict[str, Any], *modules: ModuleType) -> str:
     for module in modules:
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -113,10 +108,8 @@ class Memo:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = "part-" + hashlib.sha256("\n".join(rows["sha256"]).encode()).hexdigest()[:16]
         if arrays is not None:
-            _atomic_write(self.directory / f"{name}.npy", lambda tmp: _save_npy(tmp, arrays))
-        _atomic_write(
-            self.directory / f"{name}.parquet", lambda tmp: rows.to_parquet(tmp, index=False)
-        )
+            write_with(self.directory / f"{name}.npy", lambda tmp: _save_npy(tmp, arrays), durable=True)
+        write_table(rows, self.directory / f"{name}.parquet", durable=True)
         self._add_part(name, rows)
 
 

@@ -29,8 +29,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from photoprep import devices, evaluate, sheets, train
-from photoprep.params import PredictParams, UserError
+from photoprep.errors import UserError
+from photoprep.images import sheets
+from photoprep.learn import devices, evaluate, train
+from photoprep.params import PredictParams
 
 DECIMALS = 6
 THRESHOLDS = np.round(np.arange(0, 100) / 100, 2)  # 0.00, 0.01, ... 0.99
@@ -38,14 +40,16 @@ THRESHOLDS = np.round(np.arange(0, 100) / 100, 2)  # 0.00, 0.01, ... 0.99
 
 @dataclass
 class Predictions:
-    table: pd.DataFrame      # one row per image, see the module notes
+    table: pd.DataFrame  # one row per image, see the module notes
     metrics: dict[str, Any]  # metrics/predict.json
-    curve: pd.DataFrame      # threshold, coverage, accuracy, images: on the labelled rows
+    curve: pd.DataFrame  # threshold, coverage, accuracy, images: on the labelled rows
     seconds: float
 
 
 def load_rows(
-    splits: list[str], meta: dict[str, Any], data_dir: str | Path = "data",
+    splits: list[str],
+    meta: dict[str, Any],
+    data_dir: str | Path = "data",
     splits_report: str | Path = "reports/splits.json",
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows of ``splits`` (source, id, row, split, label) and their model inputs, in that order.
@@ -56,23 +60,31 @@ def load_rows(
     data_dir = Path(data_dir)
     report = train.read_splits_report(splits_report)
     if [str(c) for c in report["classes"]] != list(meta["classes"]):
-        raise UserError(f"models/model.pt was trained on classes {meta['classes'][:5]}..., reports/splits.json "
-                        f"has {report['classes'][:5]}...: re-run the train stage")
+        raise UserError(
+            f"models/model.pt was trained on classes {meta['classes'][:5]}..., reports/splits.json "
+            f"has {report['classes'][:5]}...: re-run the train stage"
+        )
     fingerprints = report.get("fingerprints") or {}
     frames = []
     for name in splits:
         table, _ = train.read_split_table(data_dir / "splits" / f"{name}.parquet", fingerprints.get(name))
         frames.append(table.assign(split=name)[["source", "id", "row", "split", "label"]])
-    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["source", "id", "row", "split", "label"])
+    rows = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=["source", "id", "row", "split", "label"])
+    )
     rows["label"] = [None if pd.isna(v) else str(v) for v in rows["label"]]
     array_path = train.input_array_path(meta["input"], data_dir)
-    inputs = train.gather_rows(meta["input"], rows["row"].to_numpy(dtype=np.int64), array_path, "the split tables")
+    inputs = train.gather_rows(
+        meta["input"], rows["row"].to_numpy(dtype=np.int64), array_path, "the split tables"
+    )
     return rows, inputs
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Class indices (N x k, most probable first, ties to the earlier class) and their softmax probabilities."""
+    """Class indices (N x k, most probable first, ties to the earlier class) and their softmax
+    probabilities."""
     z = np.asarray(logits, dtype=np.float64)
     if z.size == 0:
         return np.zeros((len(z), k), np.int64), np.zeros((len(z), k))
@@ -107,12 +119,20 @@ def confidence_curve(table: pd.DataFrame) -> pd.DataFrame:
     for t in THRESHOLDS:
         sure = prob >= t
         n = int(sure.sum())
-        rows.append({"threshold": float(t), "coverage": round(n / len(known), DECIMALS) if len(known) else None,
-                     "accuracy": round(float(right[sure].mean()), DECIMALS) if n else None, "images": n})
+        rows.append(
+            {
+                "threshold": float(t),
+                "coverage": round(n / len(known), DECIMALS) if len(known) else None,
+                "accuracy": round(float(right[sure].mean()), DECIMALS) if n else None,
+                "images": n,
+            }
+        )
     return pd.DataFrame(rows, columns=["threshold", "coverage", "accuracy", "images"])
 
 
-def summarise(table: pd.DataFrame, classes: list[str], splits: list[str], min_confidence: float) -> dict[str, Any]:
+def summarise(
+    table: pd.DataFrame, classes: list[str], splits: list[str], min_confidence: float
+) -> dict[str, Any]:
     """metrics/predict.json: per split, images, how many are confident, the predicted classes, and on
     labelled splits the accuracy overall and among the confident ones."""
     out: dict[str, Any] = {"min_confidence": min_confidence, "splits": {}}
@@ -120,26 +140,32 @@ def summarise(table: pd.DataFrame, classes: list[str], splits: list[str], min_co
         part = table[table["split"] == name]
         sure = part["probability"] >= min_confidence
         entry: dict[str, Any] = {
-            "images": int(len(part)),
+            "images": len(part),
             "confident": int(sure.sum()),
             "coverage": round(float(sure.mean()), DECIMALS) if len(part) else None,
             "mean_probability": round(float(part["probability"].mean()), DECIMALS) if len(part) else None,
-            "predicted": {c: int(v) for c, v in part["prediction"].value_counts().reindex(classes, fill_value=0)
-                          .items()},
+            "predicted": {
+                c: int(v) for c, v in part["prediction"].value_counts().reindex(classes, fill_value=0).items()
+            },
         }
         known = part[part["label"].notna()]
         if len(known):
             right = known["prediction"] == known["label"]
-            entry["labelled"] = int(len(known))
+            entry["labelled"] = len(known)
             entry["accuracy"] = round(float(right.mean()), DECIMALS)
             confident = known["probability"] >= min_confidence
-            entry["confident_accuracy"] = round(float(right[confident].mean()), DECIMALS) if confident.any() else None
+            entry["confident_accuracy"] = (
+                round(float(right[confident].mean()), DECIMALS) if confident.any() else None
+            )
         out["splits"][name] = entry
     return out
 
 
 def predict_splits(
-    model: nn.Module, meta: dict[str, Any], p: PredictParams, data_dir: str | Path = "data",
+    model: nn.Module,
+    meta: dict[str, Any],
+    p: PredictParams,
+    data_dir: str | Path = "data",
     splits_report: str | Path = "reports/splits.json",
 ) -> Predictions:
     """The model's top-k predictions over ``p.splits``, their summary and the confidence curve."""
@@ -154,16 +180,20 @@ def predict_splits(
     return Predictions(table, metrics, confidence_curve(table), seconds)
 
 
-def draw_by_class(table: pd.DataFrame, images: np.ndarray, classes: list[str], per_class: int,
-                  path: str | Path) -> None:
+def draw_by_class(
+    table: pd.DataFrame, images: np.ndarray, classes: list[str], per_class: int, path: str | Path
+) -> None:
     """A row per predicted class: its most confident images (unlabeled first when there are any),
     each captioned with its probability, and for labelled ones ``x`` when the prediction is wrong."""
     pool = table[table["split"] == "unlabeled"]
     pool = pool if len(pool) else table
     rows, titles = [], []
     for name in classes:
-        mine = pool[pool["prediction"] == name].sort_values(["probability", "row"], ascending=[False, True],
-                                                            kind="mergesort").head(per_class)
+        mine = (
+            pool[pool["prediction"] == name]
+            .sort_values(["probability", "row"], ascending=[False, True], kind="mergesort")
+            .head(per_class)
+        )
         if not len(mine):
             continue
         cells = []

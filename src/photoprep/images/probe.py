@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from photoprep import decode, memo, parallel
+from photoprep import parallel
+from photoprep.images import decode, memo
+from photoprep.ingest.store import BlobReader
 from photoprep.params import ComputeParams
-from photoprep.store import BlobReader
 
 PROBE_COLUMNS = ["format", "width", "height", "mode", "valid", "decode_reason", "hash"]
 
@@ -20,7 +21,13 @@ BlobLocation = tuple[str, str, int, int]
 
 def _locations(table: pd.DataFrame) -> list[BlobLocation]:
     return list(
-        zip(table["source"], table["shard"], table["offset"].astype(int), table["size"].astype(int), strict=True)
+        zip(
+            table["source"],
+            table["shard"],
+            table["offset"].astype(int),
+            table["size"].astype(int),
+            strict=True,
+        )
     )
 
 
@@ -69,13 +76,24 @@ def probe_images(
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
     most once per (hash, hash_size, max_pixels, decoder code); later calls read the memo.
     """
-    settings = {"hash": hash_name, "hash_size": hash_size, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
+    settings = {
+        "hash": hash_name,
+        "hash_size": hash_size,
+        "max_pixels": max_pixels,
+        "codecs": decode.codec_versions(),
+    }
     cache = memo.Memo("probe", memo.fingerprint(settings, decode))
     todo = cache.missing(list(table["sha256"]))
     if todo:
         firsts = _first_per_sha(table, todo)
         results = parallel.map_batches(
-            _probe_batch, _locations(firsts), compute, raw_dir, hash_name, hash_size, max_pixels,
+            _probe_batch,
+            _locations(firsts),
+            compute,
+            raw_dir,
+            hash_name,
+            hash_size,
+            max_pixels,
             desc="decode+hash",
         )
         rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
@@ -102,7 +120,13 @@ def resized_pixels(
     if todo:
         firsts = _first_per_sha(table, todo)
         arrays = parallel.map_batches(
-            _pixels_batch, _locations(firsts), compute, raw_dir, tuple(size), fit, max_pixels,
+            _pixels_batch,
+            _locations(firsts),
+            compute,
+            raw_dir,
+            tuple(size),
+            fit,
+            max_pixels,
             desc=f"resize {size[0]}x{size[1]}",
         )
         cache.put(firsts[["sha256"]], np.stack(arrays))
@@ -112,13 +136,14 @@ def resized_pixels(
     return cache.arrays(list(table["sha256"]))
 
 
-def write_array(array: np.ndarray, path: str | Path) -> None:
-    """Save an array as .npy atomically (memory-mappable with np.load(mmap_mode='r'))."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=array.shape)
-    out[...] = array
-    out.flush()
-    del out
-    tmp.replace(path)
+def thumbnails(
+    groups: Sequence[pd.DataFrame],
+    raw_dir: Path,
+    size: tuple[int, int],
+    max_pixels: int,
+    compute: ComputeParams,
+) -> np.ndarray:
+    """Padded thumbnails of every row of ``groups``, in order (memoized apart from the pixels)."""
+    if not groups:
+        return np.zeros((0, size[0], size[1], 3), np.uint8)
+    return resized_pixels(pd.concat(groups), raw_dir, size, "pad", max_pixels, compute, namespace="thumbs")

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from photoprep.params import UserError, _describe
+from photoprep.errors import UserError, describe_validation_error
 
 Format = Literal["heobs", "csv", "tsv", "urls", "folder"]
 
@@ -60,9 +60,7 @@ class SourceConfig(BaseModel):
         for key in ("manifest", "labels"):
             value = getattr(self, key)
             if value is not None and not _inside_folder(value):
-                raise ValueError(
-                    f"{key}: must be a relative path inside the source folder (got {value!r})"
-                )
+                raise ValueError(f"{key}: must be a relative path inside the source folder (got {value!r})")
         if self.format in ("urls", "folder") and self.url is not None:
             where = "each line" if self.format == "urls" else "each file's path"
             raise ValueError(f"url: not used by format {self.format} (the url is {where})")
@@ -110,9 +108,7 @@ def list_sources(root: Path = DEFAULT_ROOT) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(
-        p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / "source.yaml").is_file()
-    )
+    return sorted(p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / "source.yaml").is_file())
 
 
 def load_source(name: str, root: Path = DEFAULT_ROOT) -> SourceConfig:
@@ -139,7 +135,9 @@ def load_source(name: str, root: Path = DEFAULT_ROOT) -> SourceConfig:
     try:
         return SourceConfig.model_validate({**raw, "name": name, "directory": directory})
     except ValidationError as exc:
-        raise UserError(f"source {name!r}: source.yaml: {_describe(exc.errors()[0])}") from None
+        raise UserError(
+            f"source {name!r}: source.yaml: {describe_validation_error(exc.errors()[0])}"
+        ) from None
 
 
 def load_labels(cfg: SourceConfig) -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Validity: every remaining image was fully decoded once; here each gets its verdict and reason.
 
-The decode itself happens in the single-pass probe (`photoprep.images.probe_images`), which the
+The decode itself happens in the single-pass probe (`photoprep.images.probe.probe_images`), which the
 dedup stage runs on every fetched payload. This module adds the checks that need no pixels.
 """
 
@@ -44,7 +44,7 @@ def validate_counts(valid: pd.DataFrame) -> dict:
     """Funnel counts: broken by reason, and valid."""
     broken = valid[~valid["valid"]]
     return {
-        "broken": int(len(broken)),
+        "broken": len(broken),
         "broken_by_reason": {str(k): int(v) for k, v in broken["reason"].value_counts().sort_index().items()},
         "valid": int(valid["valid"].sum()),
     }

@@ -27,8 +27,10 @@ from typing import Any
 
 import torch
 
-from photoprep import evaluate, params, train
-from photoprep.params import TrainParams, UserError
+from photoprep import params
+from photoprep.errors import UserError
+from photoprep.learn import evaluate, train
+from photoprep.params import TrainParams
 
 CUDA_EVAL_TOLERANCE = 1e-4  # fp32 kernels differ between devices in the last bits
 CUDA_RETRAIN_TOLERANCE = 0.02  # another device's training lands on other weights
@@ -202,7 +204,7 @@ def _load_test_unchecked(root: Path, meta: dict[str, Any]) -> train.SplitData:
 
 
 def _as_model(result: train.TrainResult) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from photoprep import models
+    from photoprep.learn import models
 
     model = models.build_model(**result.meta["architecture"])
     model.load_state_dict(result.state_dict)

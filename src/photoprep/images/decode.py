@@ -28,7 +28,7 @@ Normalisation to RGB (`open_rgb`, `resized_rgb`, and the image the hash is compu
 - Float images (mode ``F``) and any mode Pillow cannot convert to RGB are ``unsupported``.
 
 The hash is imagehash's (`phash`, `dhash`, `ahash`, `whash`) on the upright grey image:
-for a JPEG, libjpeg's grey at the draft scale whose shorter side stays >= `_hash_side`;
+for a JPEG, libjpeg's grey at the draft scale whose shorter side stays >= `hash_side`;
 for other formats the same scale factor applied with `Image.reduce`, so one picture hashes
 alike as PNG or JPEG. `whash` gets a fixed `image_scale` (8 * hash_size) instead of
 imagehash's default, which follows the input size and so would follow the decode scale.
@@ -40,6 +40,10 @@ to libjpeg and give ``corrupt``.
 
 Only formats with a strong magic number are opened (`OPENED_FORMATS`): Pillow's lax
 detectors (TGA, PCX, ...) take random bytes for images, and EPS would run Ghostscript.
+
+Why one module
+    Every decode photoprep does goes through the same guards (header checks, bomb limits,
+    orientation, the reduced-scale draft); splitting them would let one path skip a guard.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError, features
 
-from photoprep.sniff import is_image_mime, sniff_mime
+from photoprep.ingest.sniff import is_image_mime, sniff_mime
 
 PROBE_FIELDS = ("format", "width", "height", "mode", "valid", "reason", "hash")
 REASONS = ("zero_bytes", "not_an_image", "truncated", "corrupt", "too_many_pixels", "unsupported")
@@ -117,9 +121,7 @@ class ImageRejected(Exception):
 # Public API
 
 
-def probe(
-    data: bytes, hash_name: str = "phash", hash_size: int = 8, max_pixels: int = 50_000_000
-) -> dict:
+def probe(data: bytes, hash_name: str = "phash", hash_size: int = 8, max_pixels: int = 50_000_000) -> dict:
     """Everything the dedup and validate stages need from one decode of `data`.
 
     Returns a dict with the keys of `PROBE_FIELDS`: format ("" when not identified), width
@@ -142,7 +144,7 @@ def probe(
             orientation = _orientation(im) if im.format not in _LATE_EXIF else 1
             record["width"], record["height"] = _oriented(header_size, orientation)
             _check_pixels(im, max_pixels)
-            side = _hash_side(hash_size)
+            side = hash_side(hash_size)
             if jpeg:
                 # Grey straight from libjpeg (the Y channel), at the smallest 1/1..1/8 scale
                 # whose shorter side is still >= `side`; the whole stream is still decoded.
@@ -495,7 +497,7 @@ def _whash_scale(hash_size: int) -> int:
     return 8 * hash_size
 
 
-def _hash_side(hash_size: int) -> int:
+def hash_side(hash_size: int) -> int:
     """Shorter side the hash input keeps at least: 6x the 4*hash_size pixels phash resizes to
     (192 for hash_size 8). Measured on 200 photo-like JPEGs (bench/ingest.py): at 4x (128)
     the draft hash was up to 4 bits from imagehash on the full decode and near copies drifted

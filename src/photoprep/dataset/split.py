@@ -32,6 +32,10 @@ dropped); a kept image never changes split.
 
 Class order: ``SplitResult.classes`` is the final class names in natural order (``'2'``
 before ``'10'``, then case-insensitive text), and a class index is a position in that list.
+
+Why one module
+    Class selection, the hash assignment and the split report share the label cleaning and
+    the fingerprint; apart, each would need the others' private rules to stay consistent.
 """
 
 from __future__ import annotations
@@ -42,12 +46,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
-from photoprep.params import SplitParams, UserError
+from photoprep.errors import UserError
+from photoprep.params import SplitParams
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
@@ -167,18 +172,21 @@ def select_classes(labels: pd.Series, p: SplitParams) -> pd.Series:
         keep = set(natural_sorted(present)[:sel])
         out = clean.where(clean.isin(keep))
     elif isinstance(sel, dict):
-        mapping = {str(k): (None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
-                   for k, v in sel.items()}
+        mapping = {
+            str(k): (None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            for k, v in sel.items()
+        }
         missing = natural_sorted(set(mapping) - present)
         if missing:
             raise UserError(
                 f"split.classes: no image has class {missing[0]!r} "
                 f"(classes found: {_preview(natural_sorted(present))})"
             )
-        out = pd.Series([mapping.get(v, v) if v is not None else None for v in clean],
-                        index=clean.index, dtype=object)
+        out = pd.Series(
+            [mapping.get(v, v) if v is not None else None for v in clean], index=clean.index, dtype=object
+        )
     else:
-        wanted = [str(c) for c in sel]
+        wanted = [str(c) for c in cast("list[str]", sel)]  # a list of class names
         if not wanted:
             raise UserError("split.classes: an empty list keeps no class")
         missing = [c for c in wanted if c not in present]
@@ -233,7 +241,8 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
         first = keys[dup].iloc[0]
         raise UserError(
             f"split: key (source={first['source']!r}, id={first['id']!r}) appears "
-            f"{int(((keys.source == first['source']) & (keys.id == first['id'])).sum())} times in the images table"
+            f"{int(((keys.source == first['source']) & (keys.id == first['id'])).sum())} times "
+            "in the images table"
         )
 
     if "row" in images.columns:
@@ -246,32 +255,38 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
     unlabeled = raw.isna().to_numpy()
     not_selected = (~unlabeled) & selected.isna().to_numpy()
 
-    table = pd.DataFrame({
-        "source": source,
-        "id": ids,
-        "sha256": images["sha256"].map(lambda v: None if _clean_label(v) is None else str(v)).to_numpy(dtype=object),
-        "label": selected.map(lambda v: v if isinstance(v, str) else None).to_numpy(dtype=object),
-        "row": rows,
-    })
+    table = pd.DataFrame(
+        {
+            "source": source,
+            "id": ids,
+            "sha256": images["sha256"]
+            .map(lambda v: None if _clean_label(v) is None else str(v))
+            .to_numpy(dtype=object),
+            "label": selected.map(lambda v: v if isinstance(v, str) else None).to_numpy(dtype=object),
+            "row": rows,
+        }
+    )
     table = table[~not_selected].reset_index(drop=True)
     dropped = dict.fromkeys(DROP_REASONS, 0)
     dropped["class_not_selected"] = int(not_selected.sum())
 
     if p.max_per_class is not None and len(table):
-        keep_u = [hash_unit(p.seed, s, i, salt="keep") for s, i in zip(table["source"], table["id"])]
+        keep_u = [
+            hash_unit(p.seed, s, i, salt="keep") for s, i in zip(table["source"], table["id"], strict=True)
+        ]
         table["_keep_u"] = keep_u
         labeled = table["label"].notna()
         # Rank within each class by the keep-hash; ties (never in practice) break by key.
         order = table[labeled].sort_values(["label", "_keep_u", "source", "id"], kind="mergesort")
         rank = order.groupby("label", sort=False).cumcount()
         over = rank[rank >= p.max_per_class].index
-        dropped["max_per_class"] = int(len(over))
+        dropped["max_per_class"] = len(over)
         table = table.drop(index=over).drop(columns="_keep_u").reset_index(drop=True)
 
     edges = _edges(p.ratios)
     split = [
         _split_of(hash_unit(p.seed, s, i), edges) if isinstance(lab, str) else UNLABELED
-        for s, i, lab in zip(table["source"], table["id"], table["label"])
+        for s, i, lab in zip(table["source"], table["id"], table["label"], strict=True)
     ]
     table["split"] = split
     table = table.sort_values(["source", "id"], kind="mergesort").reset_index(drop=True)
@@ -292,8 +307,10 @@ def split_tables(result: SplitResult) -> dict[str, pd.DataFrame]:
 def read_labels(splits_dir: str | Path) -> pd.DataFrame:
     """``source, id, label, split`` of every image in the split tables of ``splits_dir``, one row per key
     (``split`` is the table's name; ``label`` None where an image has none)."""
-    frames = [pd.read_parquet(path, columns=["source", "id", "label"]).assign(split=path.stem)
-              for path in sorted(Path(splits_dir).glob("*.parquet"))]
+    frames = [
+        pd.read_parquet(path, columns=["source", "id", "label"]).assign(split=path.stem)
+        for path in sorted(Path(splits_dir).glob("*.parquet"))
+    ]
     if not frames:
         return pd.DataFrame(columns=["source", "id", "label", "split"])
     return pd.concat(frames, ignore_index=True).drop_duplicates(["source", "id"])
@@ -303,7 +320,7 @@ def fingerprint(table: pd.DataFrame) -> str:
     """sha256 hex of the sorted (source, id, sha256, label) rows: order-independent, content-sensitive."""
     rows = [
         (str(s), str(i), _clean_label(h), _clean_label(lab))
-        for s, i, h, lab in zip(table["source"], table["id"], table["sha256"], table["label"])
+        for s, i, h, lab in zip(table["source"], table["id"], table["sha256"], table["label"], strict=True)
     ]
     rows.sort(key=lambda r: (r[0], r[1], r[2] is None, r[2] or "", r[3] is None, r[3] or ""))
     text = json.dumps([list(r) for r in rows], ensure_ascii=False, separators=(",", ":"))
@@ -330,7 +347,7 @@ def split_report(result: SplitResult) -> dict:
     return {
         "classes": list(result.classes),
         "counts": counts,
-        "totals": {name: int(len(parts[name])) for name in (*SPLITS, UNLABELED)},
+        "totals": {name: len(parts[name]) for name in (*SPLITS, UNLABELED)},
         "realised": realised,
         "realised_overall": {
             name: round(len(parts[name]) / overall_n, 6) if overall_n else 0.0 for name in SPLITS
@@ -378,7 +395,9 @@ def attach_labels(
     kept_keys = set(zip(table["source"], table["id"], strict=True))
     members["_kept"] = [(s, i) in kept_keys for s, i in zip(members["source"], members["id"], strict=True)]
     best = (
-        members.sort_values(["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True])
+        members.sort_values(
+            ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
+        )
         .drop_duplicates("group")
         .set_index("group")["label"]
     )

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from photoprep.io import fsync_directory
+
 SHARD_GLOB = "shard-*.tar"
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -60,7 +62,7 @@ def index_shards(directory: Path) -> dict[str, BlobRef]:
     return refs
 
 
-def _tarfile_header(sha256: str, size: int) -> bytes:
+def tarfile_header(sha256: str, size: int) -> bytes:
     """The 512-byte ustar header of one blob, as tarfile writes it."""
     info = tarfile.TarInfo(sha256)
     info.size = size
@@ -72,18 +74,18 @@ def _tarfile_header(sha256: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
 
 
-_HEADER_TEMPLATE = _tarfile_header("0" * 64, 0)
+_HEADER_TEMPLATE = tarfile_header("0" * 64, 0)
 _MAX_OCTAL_SIZE = 8**11 - 1  # what the 12-byte size field holds
 
 
-def _member_header(sha256: str, size: int) -> bytes:
+def member_header(sha256: str, size: int) -> bytes:
     """The ustar header of one blob: the same bytes on every machine and run.
 
     Only the name, the size and the checksum differ between blobs, so they are patched into
     a template (tarfile builds each header from scratch, some 70 us apiece).
     """
     if len(sha256) != 64 or size > _MAX_OCTAL_SIZE:
-        return _tarfile_header(sha256, size)
+        return tarfile_header(sha256, size)
     header = bytearray(_HEADER_TEMPLATE)
     header[0:64] = sha256.encode("ascii")
     header[124:136] = b"%011o\0" % size
@@ -108,7 +110,7 @@ class _OpenShard:
         self.members: dict[str, tuple[int, int]] = {}  # sha256 -> (data offset, size), in order
 
     def append(self, sha256: str, data: bytes) -> None:
-        header = _member_header(sha256, len(data))
+        header = member_header(sha256, len(data))
         self.members[sha256] = (self.position + len(header), len(data))
         self._write(header, data, _padding(len(data), _BLOCK))
         self.payload += len(data)
@@ -127,7 +129,7 @@ class _OpenShard:
             os.unlink(self.tmp)
         else:
             os.replace(self.tmp, final)
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         return name
 
     def discard(self) -> None:
@@ -237,18 +239,6 @@ class ShardWriter:
             raise
         for sha256, (offset, size) in shard.members.items():
             self._refs[sha256] = BlobRef(name, offset, size)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable (where the platform lets a folder be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pread_exact(fd: int, offset: int, size: int) -> bytes:

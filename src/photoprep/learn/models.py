@@ -96,11 +96,13 @@ def _pool_out(size: tuple[int, int], k: int = 3, s: int = 2, p: int = 1) -> tupl
 
 def smallcnn(num_classes: int, input_size: tuple[int, int], width: int) -> Net:
     size = _halve(input_size, 2)
-    return Net([
-        nn.Sequential(*_conv_bn(3, width), nn.MaxPool2d(2)),
-        nn.Sequential(*_conv_bn(width, 2 * width), nn.MaxPool2d(2)),
-        nn.Sequential(_pool_to(4, size), _Flatten(), nn.Linear(2 * width * 16, num_classes)),
-    ])
+    return Net(
+        [
+            nn.Sequential(*_conv_bn(3, width), nn.MaxPool2d(2)),
+            nn.Sequential(*_conv_bn(width, 2 * width), nn.MaxPool2d(2)),
+            nn.Sequential(_pool_to(4, size), _Flatten(), nn.Linear(2 * width * 16, num_classes)),
+        ]
+    )
 
 
 def convnet(
@@ -156,11 +158,15 @@ class Inception(nn.Module):
 
 # (c1, c3r, c3, c5r, c5, pool) of GoogLeNet's inception modules, at width 64.
 _INCEPTION = {
-    "3a": (64, 96, 128, 16, 32, 32), "3b": (128, 128, 192, 32, 96, 64),
-    "4a": (192, 96, 208, 16, 48, 64), "4b": (160, 112, 224, 24, 64, 64),
-    "4c": (128, 128, 256, 24, 64, 64), "4d": (112, 144, 288, 32, 64, 64),
+    "3a": (64, 96, 128, 16, 32, 32),
+    "3b": (128, 128, 192, 32, 96, 64),
+    "4a": (192, 96, 208, 16, 48, 64),
+    "4b": (160, 112, 224, 24, 64, 64),
+    "4c": (128, 128, 256, 24, 64, 64),
+    "4d": (112, 144, 288, 32, 64, 64),
     "4e": (256, 160, 320, 32, 128, 128),
-    "5a": (256, 160, 320, 32, 128, 128), "5b": (384, 192, 384, 48, 128, 128),
+    "5a": (256, 160, 320, 32, 128, 128),
+    "5b": (384, 192, 384, 48, 128, 128),
 }
 
 
@@ -220,9 +226,14 @@ def mlp(num_classes: int, in_features: int, width: int, depth: int, dropout: flo
     blocks: list[nn.Module] = []
     cin = in_features
     for _ in range(depth):
-        blocks.append(nn.Sequential(
-            nn.Linear(cin, width, bias=False), nn.BatchNorm1d(width), _act(activation), nn.Dropout(dropout)
-        ))
+        blocks.append(
+            nn.Sequential(
+                nn.Linear(cin, width, bias=False),
+                nn.BatchNorm1d(width),
+                _act(activation),
+                nn.Dropout(dropout),
+            )
+        )
         cin = width
     blocks.append(nn.Linear(cin, num_classes))
     return Net(blocks)

@@ -39,14 +39,22 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from photoprep.params import UserError
+from photoprep.errors import UserError
+from photoprep.io import atomic_path
 
 FORMATS = ("imagefolder", "npz")
 UNLABELED_DIR = "_unlabeled"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
-_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+_WINDOWS_RESERVED = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(10)),
+    *(f"LPT{i}" for i in range(10)),
+}
 _NAME_MAX = 60
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -97,7 +105,9 @@ def class_folders(classes: list[str]) -> dict[str, str]:
 # --------------------------------------------------------------------------- checks
 
 
-def _check_inputs(split_table: pd.DataFrame, images: np.ndarray, classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(
+    split_table: pd.DataFrame, images: np.ndarray, classes: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows (int64) and label indices (int64, -1 unlabelled) of the table, validated."""
     for col in ("source", "id", "label", "row"):
         if col not in split_table.columns:
@@ -127,7 +137,9 @@ def _claim(target: Path, overwrite: bool, who: str = "export") -> None:
         return
     if target.is_dir() and not target.is_symlink():
         if any(target.iterdir()) and not overwrite:
-            raise UserError(f"{who}: {target} is not empty (use --overwrite, or overwrite=True, to replace it)")
+            raise UserError(
+                f"{who}: {target} is not empty (use --overwrite, or overwrite=True, to replace it)"
+            )
     elif not overwrite:
         raise UserError(f"{who}: {target} already exists (use --overwrite, or overwrite=True, to replace it)")
 
@@ -160,13 +172,19 @@ def folder_in_place(target: Path, overwrite: bool, who: str = "export") -> Itera
 # --------------------------------------------------------------------------- formats
 
 
-def _write_imagefolder(tmp: Path, table: pd.DataFrame, images: np.ndarray, rows: np.ndarray,
-                       labels: np.ndarray, classes: list[str]) -> None:
+def _write_imagefolder(
+    tmp: Path,
+    table: pd.DataFrame,
+    images: np.ndarray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
+) -> None:
     folders = class_folders(classes)
     sha = table["sha256"] if "sha256" in table.columns else pd.Series([None] * len(table))
     manifest: list[tuple[str, str, str, str, str, int]] = []
     names: set[str] = set()
-    for source, id_, digest, row, lab in zip(table["source"], table["id"], sha, rows, labels):
+    for source, id_, digest, row, lab in zip(table["source"], table["id"], sha, rows, labels, strict=True):
         folder = UNLABELED_DIR if lab < 0 else folders[classes[lab]]
         name = file_name(str(source), str(id_))
         rel = f"{folder}/{name}"
@@ -175,8 +193,16 @@ def _write_imagefolder(tmp: Path, table: pd.DataFrame, images: np.ndarray, rows:
         names.add(rel.casefold())
         (tmp / folder).mkdir(exist_ok=True)
         Image.fromarray(np.ascontiguousarray(images[row])).save(tmp / folder / name, format="PNG")
-        manifest.append((rel, str(source), str(id_), "" if digest is None else str(digest),
-                         "" if lab < 0 else classes[lab], int(row)))
+        manifest.append(
+            (
+                rel,
+                str(source),
+                str(id_),
+                "" if digest is None else str(digest),
+                "" if lab < 0 else classes[lab],
+                int(row),
+            )
+        )
     manifest.sort()
     with open(tmp / "manifest.csv", "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
@@ -197,8 +223,9 @@ def write_npz(path: Path | io.BufferedIOBase, arrays: dict[str, np.ndarray]) -> 
                 np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
 
-def _npz_arrays(table: pd.DataFrame, images: np.ndarray, rows: np.ndarray, labels: np.ndarray,
-                classes: list[str]) -> dict[str, np.ndarray]:
+def _npz_arrays(
+    table: pd.DataFrame, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, np.ndarray]:
     picked = np.ascontiguousarray(images[rows])
     return {
         "images": picked.astype(np.uint8, copy=False),
@@ -218,8 +245,14 @@ def _npz_target(out: Path, table: pd.DataFrame) -> Path:
     return out / f"{safe_component(name)}.npz"
 
 
-def export_split(split_table: pd.DataFrame, images: np.ndarray, out: Path, fmt: str, classes: list[str],
-                 overwrite: bool = False) -> Path:
+def export_split(
+    split_table: pd.DataFrame,
+    images: np.ndarray,
+    out: Path,
+    fmt: str,
+    classes: list[str],
+    overwrite: bool = False,
+) -> Path:
     """Write one split's images as ``fmt`` (``imagefolder`` or ``npz``) and return what was written.
 
     ``split_table`` has ``source``, ``id``, ``label`` and ``row`` (index into ``images``, the
@@ -247,16 +280,6 @@ def export_split(split_table: pd.DataFrame, images: np.ndarray, out: Path, fmt: 
     if target.is_dir():
         raise UserError(f"export: {target} is a folder, not a file")
     _claim(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_file = Path(name)
-    try:
+    with atomic_path(target) as tmp_file:
         write_npz(tmp_file, _npz_arrays(table, images, rows, labels, classes))
-        os.chmod(tmp_file, 0o644)
-        os.replace(tmp_file, target)
-    except BaseException:
-        tmp_file.unlink(missing_ok=True)
-        raise
     return target
-

@@ -1,0 +1,1 @@
+"""dataset: the kept images as a dataset: stable splits and exports."""

@@ -1,0 +1,1 @@
+"""images: per-image work on stored bytes: decode once, probe, dedup, validate, bucket, features."""

@@ -1,0 +1,1 @@
+"""ingest: manifests and sources in, image bytes out (the fetcher and the shard store)."""

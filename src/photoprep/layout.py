@@ -1,0 +1,219 @@
+"""Every path of the pipeline, named once.
+
+Stage scripts take their paths from here, library functions from their arguments (a
+:class:`Layout`, or a path a stage got from here), and ``dvc.yaml`` lists the same paths
+(``tests/test_layout.py`` checks that the two agree). Paths are relative to the project root,
+the folder that holds ``dvc.yaml``; ``Layout(root)`` places the same tree elsewhere (tests,
+``photoprep verify`` on another checkout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["PATHS", "SPLITS", "Layout"]
+
+SPLITS = ("train", "val", "test", "unlabeled")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pipeline's files under ``root``. Attributes are paths; methods take a name."""
+
+    root: Path = Path(".")
+
+    # ---------------------------------------------------------------- inputs
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def sources_dir(self) -> Path:
+        return self.root / "pipeline" / "sources"
+
+    def source_dir(self, source: str) -> Path:
+        return self.sources_dir / source
+
+    # ---------------------------------------------------------------- download@<source>
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    def raw_table(self, source: str) -> Path:
+        return self.raw_dir / f"{source}.parquet"
+
+    def shards_dir(self, source: str) -> Path:
+        return self.raw_dir / source
+
+    @property
+    def download_reports_dir(self) -> Path:
+        return self.root / "reports" / "download"
+
+    def download_reports(self, source: str) -> Path:
+        return self.download_reports_dir / source
+
+    # ---------------------------------------------------------------- dedup, validate, bucket
+    @property
+    def dedup_table(self) -> Path:
+        return self.root / "data" / "interim" / "dedup.parquet"
+
+    @property
+    def duplicates_csv(self) -> Path:
+        return self.root / "reports" / "duplicates.csv"
+
+    @property
+    def duplicates_png(self) -> Path:
+        return self.root / "reports" / "duplicates.png"
+
+    @property
+    def counts_dir(self) -> Path:
+        return self.root / "reports" / "counts"
+
+    def stage_counts(self, stage: str) -> Path:
+        return self.counts_dir / f"{stage}.json"
+
+    @property
+    def valid_table(self) -> Path:
+        return self.root / "data" / "interim" / "valid.parquet"
+
+    @property
+    def broken_csv(self) -> Path:
+        return self.root / "reports" / "broken.csv"
+
+    @property
+    def images_array(self) -> Path:
+        return self.root / "data" / "processed" / "images.npy"
+
+    @property
+    def images_table(self) -> Path:
+        return self.root / "data" / "processed" / "images.parquet"
+
+    @property
+    def resolutions_csv(self) -> Path:
+        return self.root / "plots" / "resolutions.csv"
+
+    @property
+    def resolutions_png(self) -> Path:
+        return self.root / "plots" / "resolutions.png"
+
+    @property
+    def buckets_png(self) -> Path:
+        return self.root / "reports" / "buckets.png"
+
+    # ---------------------------------------------------------------- features, split, funnel
+    @property
+    def features_array(self) -> Path:
+        return self.root / "data" / "features" / "features.npy"
+
+    @property
+    def features_table(self) -> Path:
+        return self.root / "data" / "features" / "features.parquet"
+
+    @property
+    def features_info(self) -> Path:
+        return self.root / "data" / "features" / "features.json"
+
+    @property
+    def splits_dir(self) -> Path:
+        return self.root / "data" / "splits"
+
+    def split_table(self, split: str) -> Path:
+        return self.splits_dir / f"{split}.parquet"
+
+    @property
+    def splits_report(self) -> Path:
+        return self.root / "reports" / "splits.json"
+
+    @property
+    def funnel(self) -> Path:
+        return self.root / "reports" / "funnel.json"
+
+    # ---------------------------------------------------------------- train, evaluate, predict
+    @property
+    def model(self) -> Path:
+        return self.root / "models" / "model.pt"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "models" / "checkpoints"
+
+    @property
+    def live_dir(self) -> Path:
+        return self.root / "dvclive"
+
+    @property
+    def train_perf(self) -> Path:
+        return self.root / "reports" / "train_perf.json"
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / "metrics" / "eval.json"
+
+    @property
+    def perf_metrics(self) -> Path:
+        return self.root / "metrics" / "perf.json"
+
+    @property
+    def confusion_csv(self) -> Path:
+        return self.root / "plots" / "confusion.csv"
+
+    @property
+    def predictions_png(self) -> Path:
+        return self.root / "reports" / "predictions.png"
+
+    @property
+    def misclassified_png(self) -> Path:
+        return self.root / "reports" / "misclassified.png"
+
+    @property
+    def predictions_table(self) -> Path:
+        return self.root / "data" / "predictions.parquet"
+
+    @property
+    def predict_metrics(self) -> Path:
+        return self.root / "metrics" / "predict.json"
+
+    @property
+    def confidence_csv(self) -> Path:
+        return self.root / "plots" / "confidence.csv"
+
+    @property
+    def predicted_png(self) -> Path:
+        return self.root / "reports" / "predicted.png"
+
+    # ---------------------------------------------------------------- cluster
+    @property
+    def clusters_table(self) -> Path:
+        return self.root / "data" / "clusters.parquet"
+
+    @property
+    def dec_model(self) -> Path:
+        return self.root / "models" / "dec.pt"
+
+    @property
+    def cluster_metrics(self) -> Path:
+        return self.root / "metrics" / "cluster.json"
+
+    @property
+    def cluster_perf(self) -> Path:
+        return self.root / "reports" / "cluster_perf.json"
+
+    @property
+    def cluster_pretrain_csv(self) -> Path:
+        return self.root / "plots" / "cluster_pretrain.csv"
+
+    @property
+    def cluster_refine_csv(self) -> Path:
+        return self.root / "plots" / "cluster_refine.csv"
+
+    @property
+    def cluster_sheets_dir(self) -> Path:
+        return self.root / "reports" / "clusters"
+
+    @property
+    def clusters_html(self) -> Path:
+        return self.root / "reports" / "clusters.html"
+
+
+PATHS = Layout()

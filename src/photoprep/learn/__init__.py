@@ -1,0 +1,1 @@
+"""learn: models on the dataset: data loading, training, evaluation, prediction, clustering."""
