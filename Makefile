@@ -7,11 +7,13 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch lies on local disk here; plain `torch` would pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test install install-test bench clean help
+.PHONY: run test check lint format typecheck install install-test bench clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline on the embedded demo (dvc repro)"
 	@echo "make test   - set up .venv with test extras and run pytest"
+	@echo "make check  - ruff lint, ruff format --check and mypy (what CI runs before the tests)"
+	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make bench  - run the benchmarks in bench/"
 
 $(BIN)/python:
@@ -49,6 +51,19 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+check: lint typecheck
+
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install-test
+	$(BIN)/mypy
+
+format: install-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: install
 	$(BIN)/python bench/download.py

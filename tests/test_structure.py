@@ -16,7 +16,7 @@ from imports import PACKAGE, ROOT, closure, imported_modules, module_name
 from photoprep.layout import SPLITS, Layout
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
-STAGE_SCRIPTS = sorted((ROOT / "stages").glob("*.py"))
+STAGE_SCRIPTS = sorted((ROOT / "stages").glob("[a-z]*.py"))
 PIPELINE_ROOTS = ("data", "reports", "plots", "metrics", "models", "dvclive", "pipeline")
 
 
