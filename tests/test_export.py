@@ -136,9 +136,55 @@ def test_imagefolder_refuses_a_non_empty_folder_unless_overwrite(tmp_path, array
         export_split(t, arrays, out, "imagefolder", ["cat"])
     assert (out / "keep.txt").read_text() == "mine"
 
+    # --overwrite replaces only a folder that an export wrote: this one was not.
+    with pytest.raises(UserError, match="not written by a photoprep export"):
+        export_split(t, arrays, out, "imagefolder", ["cat"], overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+
+    (out / "keep.txt").unlink()
+    export_split(t, arrays, out, "imagefolder", ["cat"])
+    (out / "stale.txt").write_text("left by hand in an export")
     export_split(t, arrays, out, "imagefolder", ["cat"], overwrite=True)
-    assert not (out / "keep.txt").exists()
+    assert not (out / "stale.txt").exists()
     assert len([p for p in all_files(out) if p.suffix == ".png"]) == 1
+
+
+def _project(tmp_path):
+    """A folder that looks like a photoprep checkout: dvc.yaml, .git, data/raw with a shard."""
+    root = tmp_path / "project"
+    (root / ".git").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "shard-0.tar").write_bytes(b"shard")
+    (root / "models").mkdir()
+    return root
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["the current directory", "the project", "data/raw", "models", "a folder holding a .git", "under a file"],
+)
+def test_overwrite_never_replaces_a_project_its_data_or_the_current_directory(
+    tmp_path, arrays, monkeypatch, where
+):
+    root = _project(tmp_path)
+    monkeypatch.chdir(root)
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "repo" / "manifest.csv").write_text("a previous export, it seems\n")
+    (tmp_path / "afile").write_text("x")
+    out = {
+        "the current directory": Path("."),
+        "the project": root,
+        "data/raw": Path("data/raw"),
+        "models": Path("models"),
+        "a folder holding a .git": tmp_path / "repo",
+        "under a file": tmp_path / "afile" / "out",
+    }[where]
+    before = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    t = split_table(["a"], ["cat"], [0])
+    with pytest.raises(UserError, match="export: "):
+        export_split(t, arrays, out, "imagefolder", ["cat"], overwrite=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == before
 
 
 def test_imagefolder_into_an_empty_existing_folder_is_fine(tmp_path, arrays):

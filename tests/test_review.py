@@ -214,8 +214,20 @@ def test_a_non_empty_target_needs_overwrite(project: Path, tmp_path: Path) -> No
     with pytest.raises(UserError, match="not empty"):
         _export(project, out)
     assert (out / "keep.txt").exists()
+    with pytest.raises(UserError, match="not written by a photoprep review"):
+        _export(project, out, overwrite=True)  # only a previous review export is ever replaced
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    _export(project, out)
+    (out / "notes.txt").write_text("left by hand")
     _export(project, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "source.yaml").exists()
+    assert not (out / "notes.txt").exists() and (out / "source.yaml").exists()
+
+
+def test_review_export_under_a_file_is_a_user_error(project: Path, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        _export(project, tmp_path / "afile" / "out")
 
 
 def test_a_cluster_table_from_another_run_is_a_user_error(project: Path, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ from photoprep.io import atomic_path
 
 FORMATS = ("imagefolder", "npz")
 UNLABELED_DIR = "_unlabeled"
+MANIFEST = "manifest.csv"  # every imagefolder export writes it; --overwrite replaces only such folders
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DOTS = re.compile(r"\.{2,}")
@@ -131,17 +132,63 @@ def _check_inputs(
     return rows, labels
 
 
-def _claim(target: Path, overwrite: bool, who: str = "export") -> None:
-    """Refuse a target that holds something, unless overwriting."""
+# Inside an export target any of these means a repository or a DVC project, never an export.
+PROTECTED = (".git", "dvc.yaml", ".dvc")
+
+
+def _is_within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _refuse_unsafe(target: Path, who: str) -> None:
+    """Refuse a target that is, or holds, something an export must never replace: the current
+    directory, the project (a folder with dvc.yaml), a .git, data/ or models/, or a path under a file."""
+    resolved = target.resolve()
+    for parent in resolved.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{who}: {target} lies under {parent}, which is a file, not a folder")
+    cwd = Path.cwd().resolve()
+    if _is_within(cwd, resolved):
+        raise UserError(f"{who}: {target} is or holds the current directory; choose a new folder")
+    if resolved.is_dir():
+        for dirpath, dirnames, filenames in os.walk(resolved):
+            for name in PROTECTED:
+                if name in dirnames or name in filenames:
+                    found = Path(dirpath) / name
+                    raise UserError(
+                        f"{who}: {target} holds {found} (a project, a repository or pipeline data); "
+                        "refusing to replace it"
+                    )
+    for parent in (resolved, *resolved.parents):
+        if (parent / "dvc.yaml").is_file() and any(
+            _is_within(resolved, parent / d) for d in ("data", "models")
+        ):
+            raise UserError(f"{who}: {target} lies in the pipeline's data of {parent}; choose another folder")
+
+
+def _claim(target: Path, overwrite: bool, who: str = "export", marker: str | None = None) -> None:
+    """Refuse a target that holds something, unless overwriting a previous export (one that has
+    ``marker``, the file every export of this kind writes); refuse unsafe targets always."""
+    _refuse_unsafe(target, who)
     if not target.exists() and not target.is_symlink():
         return
+    hint = "use --overwrite, or overwrite=True, to replace it"
     if target.is_dir() and not target.is_symlink():
-        if any(target.iterdir()) and not overwrite:
+        if not any(target.iterdir()):
+            return
+        if not overwrite:
+            raise UserError(f"{who}: {target} is not empty ({hint})")
+        if marker is not None and not (target / marker).is_file():
             raise UserError(
-                f"{who}: {target} is not empty (use --overwrite, or overwrite=True, to replace it)"
+                f"{who}: {target} was not written by a photoprep {who} (it has no {marker}); "
+                "--overwrite only replaces a previous export"
             )
     elif not overwrite:
-        raise UserError(f"{who}: {target} already exists (use --overwrite, or overwrite=True, to replace it)")
+        raise UserError(f"{who}: {target} already exists ({hint})")
+    elif marker is not None:
+        raise UserError(
+            f"{who}: {target} is not a folder; --overwrite only replaces a previous export folder"
+        )
 
 
 def _replace(tmp: Path, target: Path) -> None:
@@ -154,10 +201,13 @@ def _replace(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_in_place(target: Path, overwrite: bool, who: str = "export") -> Iterator[Path]:
+def folder_in_place(
+    target: Path, overwrite: bool, who: str = "export", marker: str | None = None
+) -> Iterator[Path]:
     """A new empty folder beside ``target`` to write in; when the block ends well it replaces
-    ``target`` (refused up front if that holds something, unless ``overwrite``), else it is removed."""
-    _claim(target, overwrite, who)
+    ``target``, else it is removed. A ``target`` that holds something is refused up front unless
+    ``overwrite`` and it holds ``marker`` (a previous export's own file); see :func:`_claim`."""
+    _claim(target, overwrite, who, marker)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -204,7 +254,7 @@ def _write_imagefolder(
             )
         )
     manifest.sort()
-    with open(tmp / "manifest.csv", "w", encoding="utf-8", newline="") as fh:
+    with open(tmp / MANIFEST, "w", encoding="utf-8", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["file", "source", "id", "sha256", "label", "row"])
         w.writerows(manifest)
@@ -272,7 +322,7 @@ def export_split(
         target = out
         if target.exists() and not target.is_dir():
             raise UserError(f"export: {target} is a file, not a folder")
-        with folder_in_place(target, overwrite) as tmp:
+        with folder_in_place(target, overwrite, marker=MANIFEST) as tmp:
             _write_imagefolder(tmp, table, images, rows, labels, classes)
         return target
 

@@ -52,6 +52,7 @@ from photoprep.review.clusters import cluster_folder
 BY = ("cluster", "prediction")
 MODES = ("copy", "symlink")
 IMAGES_DIR = "images"
+REVIEW_CSV = "review.csv"  # every review export writes it; --overwrite replaces only such folders
 _EXTENSIONS = {
     "JPEG": ".jpg",
     "MPO": ".jpg",
@@ -225,7 +226,7 @@ def export_review(
     ).reset_index(drop=True)
 
     result = ReviewExport(out=out, skipped=skipped)
-    with export.folder_in_place(out, overwrite, "review") as tmp:
+    with export.folder_in_place(out, overwrite, "review", marker=REVIEW_CSV) as tmp:
         _write_folder(tmp, table, by, mode, data_dir / "raw", sources_dir, result)
     return result
 
@@ -278,7 +279,7 @@ def _write_folder(
         for reader in readers.values():
             reader.close()
     (tmp / IMAGES_DIR).mkdir(exist_ok=True)
-    with open(tmp / "review.csv", "w", encoding="utf-8", newline="") as fh:
+    with open(tmp / REVIEW_CSV, "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(["file", "source", "id", "sha256", by, "score", "distance", "label", "split"])
         writer.writerows(rows)
