@@ -35,6 +35,30 @@ def test_repository_params_load_with_the_demo_enabled():
         ),
         ({"compute": {"n_jobs": 0}}, "params.yaml: compute.n_jobs: must be a positive number"),
         ({"sources": []}, "sources: list at least one source"),
+        # Values that used to pass validation and then crashed a stage or changed its results:
+        ({"dedup": {"near_threshold": 100}}, "params.yaml: dedup.near_threshold: must be <= 32"),
+        (
+            {"dedup": {"hash": "whash", "hash_size": 7}},
+            "params.yaml: dedup.hash_size: whash needs a power of 2",
+        ),
+        (
+            {"features": {"hog": {"pixels_per_cell": [0, 0]}}},
+            "params.yaml: features.hog.pixels_per_cell: both values must be >= 1",
+        ),
+        (
+            {"features": {"hog": {"cells_per_block": [0, 0]}}},
+            "params.yaml: features.hog.cells_per_block: both values must be >= 1",
+        ),
+        ({"features": {"color_size": [0, 0]}}, "params.yaml: features.color_size: both values must be >= 1"),
+        (
+            {"split": {"ratios": {"train": float("nan"), "val": 0.5, "test": 0.5}}},
+            "params.yaml: split.ratios: must be >= 0 and sum to 1",
+        ),
+        (
+            {"download": {"concurrency": True}},
+            "params.yaml: download.concurrency: must be a number, not true",
+        ),
+        ({"split": {"classes": True}}, "params.yaml: split.classes"),
     ],
 )
 def test_bad_value_names_the_key_path(raw, message):
@@ -56,3 +80,21 @@ def test_stage_with_bad_params_exits_1_with_one_line_and_no_traceback(tmp_path):
     )
     assert done.returncode == 1
     assert done.stderr.strip() == "photoprep: params.yaml: dedup.hash_size: must be >= 4 (got 2)"
+
+
+def test_params_command_checks_that_every_enabled_source_exists(tmp_path):
+    (tmp_path / "params.yaml").write_text("sources: [nonexistent]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "photoprep.cli", "params"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "source 'nonexistent'" in done.stderr and "not found" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_params_command_accepts_the_repository_params():
+    done = subprocess.run(
+        [sys.executable, "-m", "photoprep.cli", "params"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ok (demo enabled" in done.stdout

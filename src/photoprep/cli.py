@@ -8,11 +8,17 @@ from pathlib import Path
 
 from photoprep import params
 from photoprep.errors import UserError
+from photoprep.layout import Layout
 
 
 def _check_params(args: argparse.Namespace) -> None:
+    from photoprep.ingest import sources
+
     loaded = params.load(args.params)
-    print(f"{args.params}: ok ({', '.join(loaded.sources)} enabled)")
+    root = Layout(Path(args.params).resolve().parent).sources_dir
+    for name in loaded.sources:
+        sources.load_source(name, root)
+    print(f"{args.params}: ok ({', '.join(loaded.sources)} enabled, each with a valid source.yaml)")
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -143,3 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"photoprep: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

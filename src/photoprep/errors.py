@@ -32,6 +32,9 @@ def describe_validation_error(error: Mapping[str, Any]) -> str:
     if kind == "literal_error" and "expected" in ctx:
         msg = f"must be one of {ctx['expected']}"
     msg = msg.removeprefix("Value error, ")
+    field, sep, rest = msg.partition(": ")
+    if sep and field.isidentifier() and kind == "value_error":  # a section's cross-field check names its key
+        loc, msg = f"{loc}.{field}" if loc else field, rest
     got = error.get("input")
     if "(got" not in msg and not isinstance(got, dict):
         msg = f"{msg} (got {got!r})"

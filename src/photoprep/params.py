@@ -6,17 +6,43 @@ An unknown key or a bad value stops a stage with one line naming the key path, e
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from photoprep.errors import UserError, describe_validation_error
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        """YAML's ``true`` is an int to pydantic; a number field must not take it (``concurrency: true``)."""
+        if isinstance(v, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            allowed = {annotation, *get_args(annotation)}
+            if bool not in allowed and ({int, float} & allowed):
+                raise ValueError(f"must be a number, not {str(v).lower()}")
+        return v
+
+
+def _positive_pair(v: tuple[int, int]) -> tuple[int, int]:
+    if min(v) < 1:
+        raise ValueError(f"both values must be >= 1 (got {list(v)})")
+    return v
 
 
 class ComputeParams(Section):
@@ -54,6 +80,18 @@ class DedupParams(Section):
     hash_size: int = Field(8, ge=4, le=32)
     near_threshold: int = Field(4, ge=-1, description="max Hamming distance; -1 turns near-dedup off")
     contact_groups: int = Field(12, ge=0, description="largest near groups drawn in the contact sheet")
+
+    @model_validator(mode="after")
+    def _hash_and_threshold_agree(self) -> DedupParams:
+        if self.hash == "whash" and self.hash_size & (self.hash_size - 1):
+            raise ValueError(f"hash_size: whash needs a power of 2 (got {self.hash_size})")
+        bits = self.hash_size * self.hash_size
+        if self.near_threshold > bits // 2:
+            raise ValueError(
+                f"near_threshold: must be <= {bits // 2}, half the {bits} bits of a {self.hash_size}x"
+                f"{self.hash_size} hash: beyond it unrelated images match (got {self.near_threshold})"
+            )
+        return self
 
 
 class ValidateParams(Section):
@@ -94,6 +132,8 @@ class HogParams(Section):
     block_norm: Literal["L1", "L1-sqrt", "L2", "L2-Hys"] = "L2-Hys"
     impl: Literal["numpy", "skimage", "opencv"] = "numpy"
 
+    _pairs = field_validator("pixels_per_cell", "cells_per_block")(_positive_pair)
+
 
 class FeatureParams(Section):
     hog: HogParams = HogParams()
@@ -101,6 +141,8 @@ class FeatureParams(Section):
     scaling: Literal["original", "standard", "none"] = Field(
         "original", description="original: (H - 0.2) * 10 and (CrCb - 128) / 10"
     )
+
+    _color_size = field_validator("color_size")(_positive_pair)
 
 
 class SplitParams(Section):
@@ -118,7 +160,7 @@ class SplitParams(Section):
         unknown = set(v) - {"train", "val", "test"}
         if unknown:
             raise ValueError(f"keys must be train, val, test (got {sorted(unknown)})")
-        if any(r < 0 for r in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+        if any(not math.isfinite(r) or r < 0 for r in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
             raise ValueError(f"must be >= 0 and sum to 1 (got {v})")
         return v
 
