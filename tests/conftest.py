@@ -7,11 +7,15 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import quote, unquote
 
 import pytest
@@ -237,3 +241,56 @@ def other_cdn() -> Iterator[LoopbackCDN]:
     """A second loopback CDN on another port: another host for redirect tests."""
     with LoopbackCDN() as server:
         yield server
+
+
+@dataclass
+class WebDAVServer:
+    """A real WebDAV server (wsgidav) on 127.0.0.1, serving a folder: a DVC remote for tests."""
+
+    url: str
+    root: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def webdav(tmp_path: Path) -> Iterator[WebDAVServer]:
+    root = tmp_path / "webdav"
+    (root / "dvc").mkdir(parents=True)  # WebDAV creates a collection only inside an existing one
+    port = _free_port()
+    wsgidav = Path(sys.executable).parent / "wsgidav"
+    log = open(tmp_path / "webdav.log", "wb")  # noqa: SIM115 (closed below, after the server)
+    server = subprocess.Popen(
+        [
+            str(wsgidav),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--root",
+            str(root),
+            "--auth",
+            "anonymous",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "webdav.log").read_text()) from None
+                time.sleep(0.1)
+        yield WebDAVServer(url=f"webdav://127.0.0.1:{port}/dvc", root=root / "dvc")
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        log.close()

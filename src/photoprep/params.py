@@ -50,6 +50,12 @@ class ComputeParams(Section):
     batch_size: int = Field(256, ge=1, description="images per joblib task")
     backend: Literal["joblib", "dask"] = "joblib"
     scheduler: str | None = Field(None, description="dask scheduler address when backend is dask")
+    portable: bool = Field(
+        True, description="pin torch's CPU math to what any AVX2 machine has: same bytes on any x86-64 CPU"
+    )
+    threads: int = Field(
+        2, ge=1, le=1024, description="CPU threads of torch (part of what makes runs repeatable)"
+    )
 
     @field_validator("n_jobs")
     @classmethod
