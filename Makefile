@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline on the embedded demo (dvc repro)"
-	@echo "make test   - set up .venv with test extras and run pytest"
+	@echo "make test   - set up .venv with test extras, run make check, then pytest"
 	@echo "make check  - ruff lint, ruff format --check and mypy (what CI runs before the tests)"
 	@echo "make format - apply ruff's fixes and formatting"
 	@echo "make bench  - run the benchmarks in bench/"
@@ -49,7 +49,7 @@ run: install
 	@echo "  clusters:      reports/clusters.html, metrics/cluster.json (DEC beside two k-means baselines)"
 	@echo "  review:        $(BIN)/photoprep review export --by cluster review/   (see README: the review loop)"
 
-test: install-test
+test: check
 	$(BIN)/python -m pytest -q
 
 check: lint typecheck
