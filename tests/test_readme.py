@@ -107,3 +107,13 @@ def test_every_tested_readme_block_runs_as_written(fresh: Path, index: int) -> N
 def test_the_readme_marks_blocks_to_test() -> None:
     blocks = readme_blocks()
     assert len(blocks) >= 3 and "make run" in blocks[0]
+
+
+def test_make_run_writes_a_report_page_that_opens_cleanly_in_a_browser(fresh: Path) -> None:
+    from browser import chromium, open_page
+
+    if chromium() is None:
+        pytest.skip("needs Chromium (.ci/run installs it)")
+    check = open_page(fresh / "reports" / "index.html")
+    assert check.clean, check
+    assert check.images >= 9

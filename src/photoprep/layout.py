@@ -215,5 +215,14 @@ class Layout:
     def clusters_html(self) -> Path:
         return self.root / "reports" / "clusters.html"
 
+    # ---------------------------------------------------------------- report
+    @property
+    def report_page(self) -> Path:
+        return self.root / "reports" / "index.html"
+
+    @property
+    def report_charts_dir(self) -> Path:
+        return self.root / "reports" / "page"
+
 
 PATHS = Layout()

@@ -2,6 +2,10 @@
 
 An unknown key or a bad value stops a stage with one line naming the key path, e.g.
 ``params.yaml: dedup.hash_size: must be >= 4 (got 2)``.
+
+Why one module
+    params.yaml is one document: one model validates it in one pass, with one error format
+    and the cross-section checks (sources, bounds that depend on other keys) in one place.
 """
 
 from __future__ import annotations

@@ -1,0 +1,68 @@
+"""The report page opens in a real headless Chromium with no broken link, missing image or
+console error, and the checker itself sees each of those when they are there."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from browser import chromium, open_page
+
+from photoprep.layout import Layout
+from photoprep.review.page import write_report
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(chromium() is None, reason="needs Chromium (.ci/run installs it)")
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Layout:
+    """A copy of the committed run's reports, metrics, plots and learning curves."""
+    for folder in ("reports", "metrics", "plots", "dvclive"):
+        shutil.copytree(REPO / folder, tmp_path / folder)
+    return Layout(tmp_path)
+
+
+def _write(paths: Layout) -> Path:
+    return write_report(paths, paths.report_page, paths.report_charts_dir)
+
+
+def test_the_report_page_opens_cleanly_with_every_section(run: Layout):
+    page = _write(run)
+    check = open_page(page)
+    assert check.clean, check
+    assert check.images >= 9 and check.links >= 7
+    text = page.read_text(encoding="utf-8")
+    for anchor in ("funnel", "data", "splits", "evaluation", "clusters", "predictions"):
+        assert f'id="{anchor}"' in text
+    assert 'href="clusters.html"' in text
+    assert "http://" not in text and "https://" not in text
+
+
+def test_the_page_is_the_same_bytes_on_a_second_run(run: Layout):
+    first = _write(run).read_bytes()
+    charts = {p.name: p.read_bytes() for p in run.report_charts_dir.iterdir()}
+    assert _write(run).read_bytes() == first
+    assert {p.name: p.read_bytes() for p in run.report_charts_dir.iterdir()} == charts
+
+
+def test_a_missing_input_is_said_not_broken(run: Layout):
+    run.cluster_metrics.unlink()
+    page = _write(run)
+    assert "not produced by this run: cluster.json" in page.read_text(encoding="utf-8")
+    assert open_page(page).clean
+
+
+def test_the_checker_sees_a_missing_image_a_broken_link_and_a_console_error(run: Layout):
+    page = _write(run)
+    run.buckets_png.unlink()
+    text = page.read_text(encoding="utf-8").replace(
+        "</body>",
+        '<a href="nowhere.html">x</a><a href="#no-such-anchor">y</a><script>notAFunction()</script></body>',
+    )
+    page.write_text(text, encoding="utf-8")
+    check = open_page(page)
+    assert any("buckets.png" in src for src in check.broken_images)
+    assert "nowhere.html" in check.broken_links and "#no-such-anchor" in check.broken_links
+    assert any("notAFunction" in e for e in check.console_errors)
