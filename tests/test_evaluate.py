@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from test_train import make_workspace, one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep.learn import evaluate, train
+from photoprep.errors import UserError
+from photoprep.layout import Layout
+from photoprep.learn import checkpoint, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = """\
@@ -93,7 +95,7 @@ def test_eval_json_has_the_listed_metrics_and_no_wall_clock(ws):
     assert metrics["top5_accuracy"] >= metrics["accuracy"]
     assert metrics["n_test"] == len(test)
     assert metrics["test_fingerprint"] == splits["fingerprints"]["test"]
-    model, _ = train.load_model(ws / "models/model.pt")
+    model, _ = checkpoint.load_model(ws / "models/model.pt")
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     assert list(metrics["per_class"]) == splits["classes"]
     assert sum(c["support"] for c in metrics["per_class"].values()) == len(test)
@@ -161,12 +163,12 @@ def test_metrics_of_known_predictions():
 
 
 def test_a_model_trained_beside_another_test_split_is_refused(ws, tmp_path):
-    state, meta = train.read_model_file(ws / "models/model.pt")
+    state, meta = checkpoint.read_model_file(ws / "models/model.pt")
     meta["fingerprints"]["test"] = "0" * 64
-    train.save_model(state, meta, tmp_path / "model.pt")
-    _, meta = train.read_model_file(tmp_path / "model.pt")
-    with pytest.raises(evaluate.UserError, match="another test split"):
-        evaluate.load_test(meta, ws / "data", ws / "reports/splits.json")
+    checkpoint.save_model(state, meta, tmp_path / "model.pt")
+    _, meta = checkpoint.read_model_file(tmp_path / "model.pt")
+    with pytest.raises(UserError, match="another test split"):
+        evaluate.load_test(meta, Layout(ws))
 
 
 def test_no_misclassified_image_gives_a_sheet_that_says_so(tmp_path):
