@@ -228,7 +228,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(data, tmp_path, capsys):
 def test_early_stopping_ends_training_when_val_stops_improving(data, tmp_path, monkeypatch):
     # Scripted val scores: the best comes at epoch 1, then two epochs without a better one.
     scores = iter([(1.0, 0.5), (0.8, 0.7), (0.9, 0.6), (0.85, 0.7), (0.1, 0.99)])
-    monkeypatch.setattr(train, "_evaluate_split", lambda *args: next(scores))
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: next(scores))
     result = train.fit(data, tiny(epochs=5, early_stopping=2, monitor="val_accuracy"), tmp_path)
     assert result.meta["stopped_early"]
     assert result.meta["epochs_run"] == 4  # epoch 3 ties on accuracy with a higher loss: not better
@@ -240,7 +240,7 @@ def test_early_stopping_ends_training_when_val_stops_improving(data, tmp_path, m
 
 def test_early_stopping_on_val_loss(data, monkeypatch):
     scores = iter([(1.0, 0.5), (0.8, 0.4), (0.9, 0.9), (0.85, 0.9), (0.1, 0.99)])
-    monkeypatch.setattr(train, "_evaluate_split", lambda *args: next(scores))
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: next(scores))
     result = train.fit(data, tiny(epochs=5, early_stopping=2, monitor="val_loss"))
     assert result.meta["best_epoch"] == 1 and result.meta["epochs_run"] == 4
 
