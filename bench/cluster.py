@@ -1,4 +1,4 @@
-"""Benchmark: DEC (photoprep.learn.cluster) time to convergence, and what it finds in a larger
+"""Benchmark: DEC (photoprep.learn.dec) time to convergence, and what it finds in a larger
 rendering of the digits.
 
     python bench/cluster.py [--sizes 10000 100000] [--devices cpu cuda] [--epochs N] [--max-iter N]
@@ -8,7 +8,7 @@ rendering of the digits.
     ten Gaussian clusters in a 32-dimensional latent space mapped linearly into 3036 dimensions,
     plus noise (fixed seed). For each size and device, DEC with the default params (d-500-500-2000-10,
     batch 256, refinement to tol 0.001 with a target update per pass) through
-    ``photoprep.learn.cluster.fit_dec``: pretraining seconds per epoch, k-means in the embedding, and the
+    ``photoprep.learn.dec.fit_dec``: pretraining seconds per epoch, k-means in the embedding, and the
     refinement to convergence (iterations, target updates, seconds). On the CPU only ``--epochs``
     pretraining epochs run (default 1: the default 100 take over an hour at 100k on 2 cores), and
     ``projected_default_s`` adds the default epochs at the measured rate to the rest; on CUDA the
@@ -43,7 +43,7 @@ from sklearn.datasets import load_digits
 
 from photoprep import demo
 from photoprep.images.features import compute_features
-from photoprep.learn import cluster
+from photoprep.learn import cluster, dec
 from photoprep.params import ClusterParams, FeatureParams
 
 DIM = 3036
@@ -84,7 +84,7 @@ def time_dec(n: int, device: str, epochs: int, max_iter: int) -> dict:
     scale_s = time.perf_counter() - t0
     del x
     p = ClusterParams(pretrain_epochs=epochs, device=device, max_iter=max_iter)
-    fit = cluster.fit_dec(scaled, mean, scale, p, log=None)
+    fit = dec.fit_dec(scaled, mean, scale, p, log=None)
     per_epoch = fit.perf["pretrain_s"] / epochs if epochs else 0.0
     rest = scale_s + fit.perf["kmeans_embedding_s"] + fit.perf["refine_s"]
     return {

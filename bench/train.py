@@ -3,7 +3,7 @@
     python bench/train.py [--models smallcnn resnet convnet] [--sizes 32 64] [--steps 20] [--json]
 
 Synthetic uint8 images (N x H x W x 3, random, fixed seed) go through the same path as the
-train stage: ``train.Batches`` (index a uint8 tensor per batch, move to the device, translate
+train stage: ``data.Batches`` (index a uint8 tensor per batch, move to the device, translate
 by up to 4 px and normalise there) and ``train.train_step`` (forward, backward, AdamW step;
 bf16 autocast and channels_last on CUDA), with the default params.
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from photoprep.learn import devices, models, train
+from photoprep.learn import data, devices, models, train
 from photoprep.params import TrainParams
 
 
@@ -79,8 +79,8 @@ def bench_one(
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
-    mean, std = train.input_stats(pixels[:512])
-    batches = train.Batches(
+    mean, std = data.input_stats(pixels[:512])
+    batches = data.Batches(
         pixels, labels, device, mean, std, p.channels_last, resident, per_image=p.normalize == "image"
     )
     model, optimizer, scaler, criterion, amp = _setup(model_name, size, device, p)

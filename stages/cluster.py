@@ -17,7 +17,7 @@ def main() -> None:
     labels = cluster.labels_for(keys, PATHS.splits_dir)
     result = cluster.cluster_features(features, info, keys, labels, p)
     io.write_table(result.table, PATHS.clusters_table)
-    cluster.save_model(result, PATHS.dec_model)
+    cluster.save_dec(result, PATHS.dec_model)
     io.write_json(result.metrics, PATHS.cluster_metrics)
     io.write_json(result.perf, PATHS.cluster_perf)
     pretrain, refine = cluster.history_tables(result)

@@ -2,20 +2,20 @@
 
 from photoprep import errors, io, params
 from photoprep.layout import PATHS
-from photoprep.learn import evaluate, train
+from photoprep.learn import checkpoint, evaluate
 
 
 def main() -> None:
     p = params.load().evaluate
-    model, meta = train.load_model(PATHS.model)
-    test = evaluate.load_test(meta, "data", PATHS.splits_report)
+    model, meta = checkpoint.load_model(PATHS.model)
+    test = evaluate.load_test(meta, PATHS)
     result = evaluate.evaluate(model, meta, test, p)
     io.write_json(result.metrics, PATHS.eval_metrics)
     perf_path = PATHS.train_perf
     train_perf = io.read_json(perf_path) if perf_path.exists() else None
     io.write_json(evaluate.perf_report(result, train_perf, p.batch_size), PATHS.perf_metrics)
     io.write_table(result.confusion, PATHS.confusion_csv)
-    shown = (evaluate.split_pixels(test, "data"), test.labels, result.predicted, meta["classes"])
+    shown = (evaluate.split_pixels(test, PATHS), test.labels, result.predicted, meta["classes"])
     evaluate.draw_predictions(*shown, p.samples, PATHS.predictions_png)
     evaluate.draw_misclassified(*shown, p.misclassified, PATHS.misclassified_png)
 

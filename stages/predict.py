@@ -4,13 +4,13 @@ import numpy as np
 
 from photoprep import errors, io, params
 from photoprep.layout import PATHS
-from photoprep.learn import predict, train
+from photoprep.learn import checkpoint, predict
 
 
 def main() -> None:
     p = params.load().predict
-    model, meta = train.load_model(PATHS.model)
-    result = predict.predict_splits(model, meta, p, "data", PATHS.splits_report)
+    model, meta = checkpoint.load_model(PATHS.model)
+    result = predict.predict_splits(model, meta, p, PATHS)
     io.write_table(result.table, PATHS.predictions_table)
     io.write_json(result.metrics, PATHS.predict_metrics)
     io.write_table(result.curve, PATHS.confidence_csv)

@@ -2,16 +2,16 @@
 
 from photoprep import errors, io, params
 from photoprep.layout import PATHS
-from photoprep.learn import train
+from photoprep.learn import checkpoint, data, live, train
 
 
 def main() -> None:
     p = params.load().train
-    data = train.load_data(p, "data", PATHS.splits_report)
-    log = train.LiveLog(PATHS.live_dir)
-    result = train.fit(data, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log)
+    splits = data.load_data(p, PATHS)
+    log = live.LiveLog(PATHS.live_dir)
+    result = train.fit(splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log)
     log.close(result)
-    train.save_model(result.state_dict, result.meta, PATHS.model)
+    checkpoint.save_model(result.state_dict, result.meta, PATHS.model)
     io.write_json(result.perf, PATHS.train_perf)
 
 

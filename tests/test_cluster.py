@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from photoprep import params
 from photoprep.errors import UserError
-from photoprep.learn import cluster
+from photoprep.learn import checkpoint, cluster, dec
 from photoprep.params import ClusterParams
 
 # Small and quick: 8x8 digits as 64 features, a small autoencoder, a few epochs.
@@ -145,7 +145,7 @@ def test_two_cpu_runs_are_identical(run, digits) -> None:
 
 _FRESH_PROCESS_RUN = """
 import hashlib, numpy as np, pandas as pd, torch
-from photoprep.learn import cluster
+from photoprep.learn import checkpoint, cluster, dec
 from photoprep.params import ClusterParams
 x = np.random.default_rng(0).normal(0, 1, (1797, 2916)).astype(np.float32)  # the demo's shapes
 keys = pd.DataFrame({"source": "s", "id": [str(i) for i in range(len(x))], "row": range(len(x))})
@@ -203,10 +203,12 @@ def test_layerwise_pretraining_runs(digits) -> None:
 
 def test_model_file_loads_with_weights_only_and_reassigns_the_same_clusters(run, digits, tmp_path) -> None:
     path = tmp_path / "dec.pt"
-    cluster.save_model(run, path)
+    cluster.save_dec(run, path)
     blob = torch.load(path, weights_only=True)
-    assert blob["format"] == cluster.MODEL_FORMAT and blob["meta"]["dims"] == FAST["dims"]
-    model, meta = cluster.load_model(path)
+    assert (
+        blob["format"] == checkpoint.DEC_FORMAT == "photoprep.dec/1" and blob["meta"]["dims"] == FAST["dims"]
+    )
+    model, meta = dec.load_dec(path)
     again = cluster.assign(model, meta, digits[0], {})
     assert again["cluster"].tolist() == run.table["cluster"].tolist()
     assert np.allclose(again["confidence"], run.table["confidence"], atol=1e-5)

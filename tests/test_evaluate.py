@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from test_train import make_workspace, one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep.learn import evaluate, train
+from photoprep.errors import UserError
+from photoprep.layout import Layout
+from photoprep.learn import checkpoint, evaluate, predict
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = """\
@@ -93,7 +95,7 @@ def test_eval_json_has_the_listed_metrics_and_no_wall_clock(ws):
     assert metrics["top5_accuracy"] >= metrics["accuracy"]
     assert metrics["n_test"] == len(test)
     assert metrics["test_fingerprint"] == splits["fingerprints"]["test"]
-    model, _ = train.load_model(ws / "models/model.pt")
+    model, _ = checkpoint.load_model(ws / "models/model.pt")
     assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
     assert list(metrics["per_class"]) == splits["classes"]
     assert sum(c["support"] for c in metrics["per_class"].values()) == len(test)
@@ -161,12 +163,12 @@ def test_metrics_of_known_predictions():
 
 
 def test_a_model_trained_beside_another_test_split_is_refused(ws, tmp_path):
-    state, meta = train.read_model_file(ws / "models/model.pt")
+    state, meta = checkpoint.read_model_file(ws / "models/model.pt")
     meta["fingerprints"]["test"] = "0" * 64
-    train.save_model(state, meta, tmp_path / "model.pt")
-    _, meta = train.read_model_file(tmp_path / "model.pt")
-    with pytest.raises(evaluate.UserError, match="another test split"):
-        evaluate.load_test(meta, ws / "data", ws / "reports/splits.json")
+    checkpoint.save_model(state, meta, tmp_path / "model.pt")
+    _, meta = checkpoint.read_model_file(tmp_path / "model.pt")
+    with pytest.raises(UserError, match="another test split"):
+        evaluate.load_test(meta, Layout(ws))
 
 
 def test_no_misclassified_image_gives_a_sheet_that_says_so(tmp_path):
@@ -175,3 +177,37 @@ def test_no_misclassified_image_gives_a_sheet_that_says_so(tmp_path):
     evaluate.draw_misclassified(images, labels, labels, ["a", "b", "c"], 10, tmp_path / "m.png")
     with Image.open(tmp_path / "m.png") as im:
         assert im.size == (420, 40)
+
+
+def test_evaluate_and_predict_refuse_a_model_of_other_classes_with_one_message(ws):
+    _, meta = checkpoint.read_model_file(ws / "models/model.pt")
+    meta = meta | {"classes": list(reversed(meta["classes"]))}
+    for load in (
+        lambda: evaluate.load_test(meta, Layout(ws)),
+        lambda: predict.load_rows(["test"], meta, Layout(ws)),
+    ):
+        with pytest.raises(
+            UserError, match=r"model\.pt was trained on classes \['9', '8'.*splits\.json has \['0'"
+        ):
+            load()
+
+
+def test_a_cluster_model_file_is_not_a_classifier(ws, tmp_path):
+    state, meta = checkpoint.read_model_file(ws / "models/model.pt")
+    checkpoint.save_model(state, meta, tmp_path / "dec.pt", checkpoint.DEC_FORMAT)
+    with pytest.raises(UserError, match=r"not a photoprep model file of format 'photoprep\.model/1'"):
+        checkpoint.load_model(tmp_path / "dec.pt")
+    with pytest.raises(UserError, match=r"not found \(run the cluster stage first"):
+        checkpoint.read_model_file(tmp_path / "none.pt", checkpoint.DEC_FORMAT)
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "predict"])
+def test_training_code_is_outside_the_closure_of_evaluate_and_predict(stage):
+    """A change to training code re-runs train (and so evaluate through the model file), never
+    evaluate or predict by their code deps."""
+    from imports import closure
+
+    learn = REPO / "src/photoprep/learn"
+    files = closure(REPO / "stages" / f"{stage}.py")
+    assert learn / "train.py" not in files and learn / "live.py" not in files
+    assert learn / "data.py" in files and learn / "checkpoint.py" in files

@@ -15,7 +15,8 @@ from test_train import one_thread  # noqa: F401 (an autouse fixture)
 from photoprep import io
 from photoprep.dataset.split import fingerprint
 from photoprep.errors import UserError
-from photoprep.learn import predict, train
+from photoprep.layout import Layout
+from photoprep.learn import checkpoint, predict
 from photoprep.params import PredictParams
 
 PREDICT = """\
@@ -108,9 +109,9 @@ def test_a_stale_split_table_is_refused(ws: Path, tmp_path: Path) -> None:
     shutil.copytree(ws, root)
     unlabeled = pd.read_parquet(root / "data/splits/unlabeled.parquet")
     io.write_table(unlabeled.iloc[1:], root / "data/splits/unlabeled.parquet")
-    model, meta = train.load_model(root / "models/model.pt")
+    model, meta = checkpoint.load_model(root / "models/model.pt")
     with pytest.raises(UserError, match="fingerprint"):
-        predict.predict_splits(model, meta, PredictParams(), root / "data", root / "reports/splits.json")
+        predict.predict_splits(model, meta, PredictParams(), Layout(root))
 
 
 def test_top_k_ranks_ties_by_class_and_caps_k_at_the_class_count() -> None:

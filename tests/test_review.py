@@ -17,6 +17,7 @@ from PIL import Image
 from photoprep.errors import UserError
 from photoprep.ingest import manifest, sources
 from photoprep.ingest.store import ShardWriter
+from photoprep.layout import Layout
 from photoprep.learn import cluster
 from photoprep.review import clusters
 from photoprep.review import export as review
@@ -105,8 +106,7 @@ def _export(project: Path, out: Path, **kwargs) -> review.ReviewExport:
     return review.export_review(
         kwargs.pop("by", "cluster"),
         out,
-        data_dir=project / "data",
-        sources_dir=project / "pipeline" / "sources",
+        paths=Layout(project),
         **kwargs,
     )
 
@@ -293,10 +293,8 @@ def test_the_cli_exports_and_says_what_it_skipped(project: Path, tmp_path: Path,
     base = [
         "review",
         "export",
-        "--data",
-        str(project / "data"),
-        "--sources",
-        str(project / "pipeline" / "sources"),
+        "--root",
+        str(project),
     ]
     cli.main([*base, "--by", "cluster", "--min-confidence", "0.8", str(out)])
     said = capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,9 @@ from sklearn.datasets import load_digits
 from photoprep import io
 from photoprep.dataset.split import assign_splits, split_report
 from photoprep.errors import UserError
-from photoprep.learn import train
+from photoprep.layout import Layout
+from photoprep.learn import checkpoint, live, train
+from photoprep.learn.data import Batches, augment_images, draw_augmentation, input_stats, load_data
 from photoprep.params import FeatureParams, SplitParams, TrainParams
 
 # --------------------------------------------------------------------------- data
@@ -134,7 +137,7 @@ def workspace(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(workspace):
-    return train.load_data(tiny(), workspace / "data", workspace / "reports/splits.json")
+    return load_data(tiny(), Layout(workspace))
 
 
 def states_equal(a: dict, b: dict) -> bool:
@@ -153,11 +156,13 @@ def test_splits_load_as_uint8_images_with_class_indices(data):
 
 
 def test_a_stale_split_table_is_a_user_error(workspace, tmp_path):
-    report_ = json.loads((workspace / "reports/splits.json").read_text())
+    stale = Layout(tmp_path / "project")
+    shutil.copytree(workspace, stale.root)
+    report_ = json.loads(stale.splits_report.read_text())
     report_["fingerprints"]["val"] = "0" * 64
-    (tmp_path / "splits.json").write_text(json.dumps(report_))
+    stale.splits_report.write_text(json.dumps(report_))
     with pytest.raises(UserError, match="does not match its fingerprint"):
-        train.load_data(tiny(), workspace / "data", tmp_path / "splits.json")
+        load_data(tiny(), stale)
 
 
 def test_training_learns_digits_well_above_chance(data):
@@ -170,7 +175,7 @@ def test_training_learns_digits_well_above_chance(data):
 
 def test_mlp_learns_on_features(workspace):
     p = tiny(model="mlp", width=64, epochs=8, lr=0.003)
-    feats = train.load_data(p, workspace / "data", workspace / "reports/splits.json")
+    feats = load_data(p, Layout(workspace))
     assert feats.kind == "features" and feats.train.inputs.dtype == np.float32
     result = train.fit(feats, p)
     assert result.meta["best_val"]["accuracy"] >= 0.7
@@ -182,8 +187,8 @@ def test_two_cpu_runs_with_one_seed_give_identical_weights_and_metrics(data, tmp
     a, b = train.fit(data, p), train.fit(data, p)
     assert states_equal(a.state_dict, b.state_dict)
     assert a.history == b.history
-    train.save_model(a.state_dict, a.meta, tmp_path / "a.pt")
-    train.save_model(b.state_dict, b.meta, tmp_path / "b.pt")
+    checkpoint.save_model(a.state_dict, a.meta, tmp_path / "a.pt")
+    checkpoint.save_model(b.state_dict, b.meta, tmp_path / "b.pt")
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
     c = train.fit(data, tiny(epochs=2, dropout=0.2, seed=1))
     assert not states_equal(a.state_dict, c.state_dict)
@@ -202,7 +207,7 @@ def test_resume_continues_from_the_last_checkpoint_to_the_same_weights(data, tmp
 
     with pytest.raises(Interrupt):
         train.fit(data, p, tmp_path / "cut", on_epoch=stop_after_two)
-    assert len(train.read_checkpoint(tmp_path / "cut/last.pt")["history"]) == 2
+    assert len(checkpoint.read_checkpoint(tmp_path / "cut/last.pt")["history"]) == 2
 
     seen = []
     again = tiny(epochs=4, augment=["translate"], resume=True)
@@ -223,7 +228,7 @@ def test_a_checkpoint_of_other_params_is_not_resumed(data, tmp_path, capsys):
 def test_early_stopping_ends_training_when_val_stops_improving(data, tmp_path, monkeypatch):
     # Scripted val scores: the best comes at epoch 1, then two epochs without a better one.
     scores = iter([(1.0, 0.5), (0.8, 0.7), (0.9, 0.6), (0.85, 0.7), (0.1, 0.99)])
-    monkeypatch.setattr(train, "_evaluate_split", lambda *args: next(scores))
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: next(scores))
     result = train.fit(data, tiny(epochs=5, early_stopping=2, monitor="val_accuracy"), tmp_path)
     assert result.meta["stopped_early"]
     assert result.meta["epochs_run"] == 4  # epoch 3 ties on accuracy with a higher loss: not better
@@ -235,14 +240,14 @@ def test_early_stopping_ends_training_when_val_stops_improving(data, tmp_path, m
 
 def test_early_stopping_on_val_loss(data, monkeypatch):
     scores = iter([(1.0, 0.5), (0.8, 0.4), (0.9, 0.9), (0.85, 0.9), (0.1, 0.99)])
-    monkeypatch.setattr(train, "_evaluate_split", lambda *args: next(scores))
+    monkeypatch.setattr(train, "evaluate_split", lambda *args: next(scores))
     result = train.fit(data, tiny(epochs=5, early_stopping=2, monitor="val_loss"))
     assert result.meta["best_epoch"] == 1 and result.meta["epochs_run"] == 4
 
 
 def test_model_file_loads_with_weights_only_and_carries_plain_metadata(data, tmp_path):
     result = train.fit(data, tiny(epochs=1))
-    train.save_model(result.state_dict, result.meta, tmp_path / "model.pt")
+    checkpoint.save_model(result.state_dict, result.meta, tmp_path / "model.pt")
     blob = torch.load(tmp_path / "model.pt", weights_only=True)
     meta = blob["meta"]
     assert meta["classes"] == data.classes
@@ -252,14 +257,14 @@ def test_model_file_loads_with_weights_only_and_carries_plain_metadata(data, tmp
     assert meta["fingerprints"]["train"] == data.train.fingerprint
     assert len(meta["fingerprints"]["test"]) == 64
     json.dumps(meta)  # plain types only
-    model, meta2 = train.load_model(tmp_path / "model.pt")
+    model, meta2 = checkpoint.load_model(tmp_path / "model.pt")
     assert meta2 == meta
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_init_from_a_local_checkpoint_then_freeze_keeps_frozen_weights(data, tmp_path):
     first = train.fit(data, tiny(model="smallcnn", epochs=2))
-    train.save_model(first.state_dict, first.meta, tmp_path / "base.pt")
+    checkpoint.save_model(first.state_dict, first.meta, tmp_path / "base.pt")
     p = tiny(model="smallcnn", epochs=1, init_from=str(tmp_path / "base.pt"), freeze=2)
     second = train.fit(data, p)
     for name, tensor in second.state_dict.items():
@@ -277,15 +282,15 @@ def test_init_from_a_missing_file_is_a_user_error(data, tmp_path):
 
 def test_auto_device_without_cuda_warns_once_and_uses_the_cpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.pick_device("auto").type == "cpu"
+    assert train.training_device("auto").type == "cpu"
     assert capsys.readouterr().err.count("warning") == 1
     with pytest.raises(UserError, match="no CUDA device"):
-        train.pick_device("cuda")
+        train.training_device("cuda")
 
 
 def augmented(x, augment, shift_px, seed):
-    draws = train.draw_augmentation(len(x), augment, shift_px, torch.Generator().manual_seed(seed))
-    return train.augment_images(x, draws)
+    draws = draw_augmentation(len(x), augment, shift_px, torch.Generator().manual_seed(seed))
+    return augment_images(x, draws)
 
 
 def test_augmentation_runs_on_uint8_and_is_seeded():
@@ -299,8 +304,8 @@ def test_augmentation_runs_on_uint8_and_is_seeded():
 
 def test_flip_mirrors_and_colour_permutes_or_inverts_channels():
     x = torch.randint(0, 256, (64, 5, 7, 3), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    draws = train.draw_augmentation(64, ("flip", "colour"), 0, torch.Generator().manual_seed(1))
-    out = train.augment_images(x, draws)
+    draws = draw_augmentation(64, ("flip", "colour"), 0, torch.Generator().manual_seed(1))
+    out = augment_images(x, draws)
     for i in range(64):
         expected = x[i].flip(1) if draws["flip"][i] else x[i]
         expected = expected[..., draws["channels"][i]]
@@ -310,9 +315,9 @@ def test_flip_mirrors_and_colour_permutes_or_inverts_channels():
 
 
 def test_batches_normalise_to_channels_last_float(data):
-    mean, std = train.input_stats(data.train.inputs)
+    mean, std = input_stats(data.train.inputs)
     cpu = torch.device("cpu")
-    b = train.Batches(data.train.inputs, data.train.labels, cpu, mean, std, channels_last=True)
+    b = Batches(data.train.inputs, data.train.labels, cpu, mean, std, channels_last=True)
     x, y = next(b.in_order(64))
     assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32)
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -322,9 +327,9 @@ def test_batches_normalise_to_channels_last_float(data):
 
 def test_staged_batches_equal_resident_batches(data):
     """The path for a split too big for the GPU (gather into two host buffers in turn)."""
-    mean, std = train.input_stats(data.train.inputs)
+    mean, std = input_stats(data.train.inputs)
     args = (data.train.inputs, data.train.labels, torch.device("cpu"), mean, std)
-    resident, staged = train.Batches(*args, resident=True), train.Batches(*args, resident=False)
+    resident, staged = Batches(*args, resident=True), Batches(*args, resident=False)
     assert not staged.resident
     a = list(resident.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
     b = list(staged.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
@@ -349,7 +354,7 @@ def test_learning_rate_schedules(schedule):
 
 def test_dvclive_log_writes_learning_curves_and_no_dvc_yaml(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    log = train.LiveLog("dvclive")
+    log = live.LiveLog("dvclive")
     result = train.fit(data, tiny(epochs=2), on_epoch=log)
     log.close(result)
     curves = tmp_path / "dvclive/plots/metrics"

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from photoprep import params
 from photoprep.errors import UserError
-from photoprep.layout import Layout
+from photoprep.layout import PATHS, Layout
+
+ROOT_HELP = "the project folder, the one holding dvc.yaml (default: the current folder)"
 
 
 def _check_params(args: argparse.Namespace) -> None:
@@ -22,19 +24,20 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import json
-
     import numpy as np
     import pandas as pd
 
     from photoprep.dataset import export
+    from photoprep.io import read_json
 
-    split_path = Path(args.data) / "splits" / f"{args.split}.parquet"
-    if not split_path.exists():
-        raise UserError(f"{split_path} not found (run `dvc repro` first)")
+    paths = Layout(Path(args.root))
+    split_path = paths.split_table(args.split)
+    for needed in (split_path, paths.images_array, paths.splits_report):
+        if not needed.exists():
+            raise UserError(f"{needed} not found (run `dvc repro` first)")
     table = pd.read_parquet(split_path)
-    images = np.load(Path(args.data) / "processed" / "images.npy", mmap_mode="r")
-    classes = json.loads(Path(args.splits_report).read_text(encoding="utf-8"))["classes"]
+    images = np.load(paths.images_array, mmap_mode="r")
+    classes = read_json(paths.splits_report)["classes"]
     out = export.export_split(table, images, Path(args.out), args.format, classes, overwrite=args.overwrite)
     print(f"wrote {len(table)} images of split '{args.split}' to {out}")
 
@@ -45,8 +48,7 @@ def _review_export(args: argparse.Namespace) -> None:
     done = review.export_review(
         args.by,
         Path(args.out),
-        data_dir=args.data,
-        sources_dir=args.sources,
+        paths=Layout(Path(args.root)),
         min_confidence=args.min_confidence,
         mode=args.mode,
         splits=args.split or None,
@@ -58,7 +60,7 @@ def _review_export(args: argparse.Namespace) -> None:
         f"({done.copied} copied, {done.linked} linked{'; skipped ' + skipped if skipped else ''})"
     )
     print(
-        f"review them, then copy {done.out} to pipeline/sources/<name>/ and add <name> to `sources` "
+        f"review them, then copy {done.out} to {PATHS.sources_dir}/<name>/ and add <name> to `sources` "
         "in params.yaml (see its source.yaml)"
     )
 
@@ -83,14 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("params", help="validate params.yaml")
-    check.add_argument("--params", default="params.yaml")
+    check.add_argument("--params", default=str(PATHS.params))
     check.set_defaults(func=_check_params)
 
     exp = sub.add_parser("export", help="write a split for tools outside the pipeline (no pickles)")
     exp.add_argument("--split", default="train", choices=["train", "val", "test", "unlabeled"])
     exp.add_argument("--format", default="imagefolder", choices=["imagefolder", "npz"])
-    exp.add_argument("--data", default="data", help="the pipeline's data folder")
-    exp.add_argument("--splits-report", default="reports/splits.json")
+    exp.add_argument("--root", default=".", help=ROOT_HELP)
     exp.add_argument("--overwrite", action="store_true")
     exp.add_argument("out")
     exp.set_defaults(func=_export)
@@ -100,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     rexp = rev_sub.add_parser(
         "export",
         help="one folder per cluster or predicted class: a folder source once reviewed",
-        description="Write the images one folder per DEC cluster (data/clusters.parquet) or per predicted "
-        "class (data/predictions.parquet), with a source.yaml and review.csv. Rename, move and delete files, "
-        "then add the folder under pipeline/sources/ and to `sources`: its folders become labels.",
+        description=f"Write the images one folder per DEC cluster ({PATHS.clusters_table}) or per predicted "
+        f"class ({PATHS.predictions_table}), with a source.yaml and review.csv. Rename, move and delete "
+        f"files, then add the folder under {PATHS.sources_dir}/ and to `sources`: its folders become labels.",
     )
     rexp.add_argument("--by", required=True, choices=["cluster", "prediction"])
     rexp.add_argument(
@@ -123,14 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["copy", "symlink"],
         help="symlink: link to local originals (folder and file sources) instead of copying",
     )
-    rexp.add_argument("--data", default="data", help="the pipeline's data folder")
-    rexp.add_argument("--sources", default="pipeline/sources", help="where the sources live")
+    rexp.add_argument("--root", default=".", help=ROOT_HELP)
     rexp.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     rexp.add_argument("out")
     rexp.set_defaults(func=_review_export)
 
     demo = sub.add_parser("demo", help="re-render the embedded demo source (deterministic)")
-    demo.add_argument("out", nargs="?", default="pipeline/sources/demo")
+    demo.add_argument("out", nargs="?", default=str(PATHS.source_dir("demo")))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     ver = sub.add_parser(

@@ -26,7 +26,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from photoprep.dataset.split import clean_label
 from photoprep.errors import UserError
 from photoprep.io import atomic_path
 
@@ -123,10 +123,11 @@ def _check_inputs(
     index = {c: i for i, c in enumerate(classes)}
     labels = np.empty(len(split_table), dtype=np.int64)
     for k, lab in enumerate(split_table["label"]):
-        if lab is None or (isinstance(lab, float) and math.isnan(lab)):
+        name = clean_label(lab)
+        if name is None:
             labels[k] = -1
-        elif str(lab) in index:
-            labels[k] = index[str(lab)]
+        elif name in index:
+            labels[k] = index[name]
         else:
             raise UserError(f"export: label {lab!r} is not one of the classes {classes[:10]}")
     return rows, labels

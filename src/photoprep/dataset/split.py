@@ -98,7 +98,7 @@ def hash_unit(seed: int, source: str, id_: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _clean_label(value: Any) -> str | None:
+def clean_label(value: Any) -> str | None:
     """A label as text; None, NaN and blank text mean unlabeled. ``2.0`` (ints through NaN) reads '2'."""
     if value is None:
         return None
@@ -117,7 +117,7 @@ def _clean_label(value: Any) -> str | None:
 
 
 def _clean_labels(labels: pd.Series) -> pd.Series:
-    return pd.Series([_clean_label(v) for v in labels], index=labels.index, dtype=object)
+    return pd.Series([clean_label(v) for v in labels], index=labels.index, dtype=object)
 
 
 def _split_of(u: float, edges: list[tuple[str, float]]) -> str:
@@ -260,7 +260,7 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
             "source": source,
             "id": ids,
             "sha256": images["sha256"]
-            .map(lambda v: None if _clean_label(v) is None else str(v))
+            .map(lambda v: None if clean_label(v) is None else str(v))
             .to_numpy(dtype=object),
             "label": selected.map(lambda v: v if isinstance(v, str) else None).to_numpy(dtype=object),
             "row": rows,
@@ -319,7 +319,7 @@ def read_labels(splits_dir: str | Path) -> pd.DataFrame:
 def fingerprint(table: pd.DataFrame) -> str:
     """sha256 hex of the sorted (source, id, sha256, label) rows: order-independent, content-sensitive."""
     rows = [
-        (str(s), str(i), _clean_label(h), _clean_label(lab))
+        (str(s), str(i), clean_label(h), clean_label(lab))
         for s, i, h, lab in zip(table["source"], table["id"], table["sha256"], table["label"], strict=True)
     ]
     rows.sort(key=lambda r: (r[0], r[1], r[2] is None, r[2] or "", r[3] is None, r[3] or ""))

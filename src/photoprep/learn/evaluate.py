@@ -21,8 +21,9 @@ from torch import nn
 
 from photoprep.errors import UserError
 from photoprep.images import sheets
-from photoprep.learn import devices, train
-from photoprep.learn.train import SplitData
+from photoprep.layout import PATHS, Layout
+from photoprep.learn import devices
+from photoprep.learn.data import Batches, SplitData, check_classes, load_split, read_splits_report
 from photoprep.params import EvaluateParams
 
 DECIMALS = 6
@@ -43,33 +44,23 @@ class Evaluation:
         return len(self.predicted) / self.seconds if self.seconds > 0 else math.nan
 
 
-def load_test(
-    meta: dict[str, Any],
-    data_dir: str | Path = "data",
-    splits_report: str | Path = "reports/splits.json",
-    check_model: bool = True,
-) -> SplitData:
-    """The test split, as the model's input kind. Its fingerprint must match reports/splits.json
+def load_test(meta: dict[str, Any], paths: Layout = PATHS, check_model: bool = True) -> SplitData:
+    """The test split, as the model's input kind. Its fingerprint must match the splits report
     and (``check_model``) the split the model was trained beside, so no model is scored on
     images it may have trained on."""
-    report = train.read_splits_report(splits_report)
-    classes = [str(c) for c in report["classes"]]
-    if classes != list(meta["classes"]):
-        raise UserError(
-            f"the model's classes {meta['classes'][:5]}... differ from reports/splits.json's "
-            f"{classes[:5]}...: re-run the train stage"
-        )
-    test = train.load_split("test", meta["input"], classes, data_dir, report["fingerprints"].get("test"))
+    report = read_splits_report(paths.splits_report)
+    classes = check_classes(meta["classes"], report, paths)
+    test = load_split("test", meta["input"], classes, paths, (report.get("fingerprints") or {}).get("test"))
     expected = (meta.get("fingerprints") or {}).get("test")
     if check_model and expected and expected != test.fingerprint:
         raise UserError(
-            f"models/model.pt was trained beside another test split ({expected[:12]} != "
+            f"{paths.model} was trained beside another test split ({expected[:12]} != "
             f"{test.fingerprint[:12]}): re-run the train stage"
         )
     return test
 
 
-def predict(
+def logits_of(
     model: nn.Module, meta: dict[str, Any], inputs: np.ndarray, batch_size: int, device: torch.device
 ) -> tuple[np.ndarray, float]:
     """Logits (float32 N x K) of ``inputs`` in full precision, and the seconds it took."""
@@ -77,7 +68,7 @@ def predict(
     model = model.to(device).eval()
     labels = np.zeros(len(inputs), dtype=np.int64)
     per_image = norm.get("kind") == "image"
-    batches = train.Batches(
+    batches = Batches(
         inputs, labels, device, norm["mean"], norm["std"], per_image=per_image, size=meta["input_size"]
     )
     out = []
@@ -144,7 +135,7 @@ def metrics_of(
 def evaluate(model: nn.Module, meta: dict[str, Any], test: SplitData, p: EvaluateParams) -> Evaluation:
     """Predict every test image and score the predictions."""
     device = devices.pick_device(p.device, "evaluate.device")
-    logits, seconds = predict(model, meta, test.inputs, p.batch_size, device)
+    logits, seconds = logits_of(model, meta, test.inputs, p.batch_size, device)
     classes = list(meta["classes"])
     parameters = sum(t.numel() for t in model.parameters())
     metrics = metrics_of(logits, test.labels, classes, parameters, test.fingerprint, p.top_k)
@@ -171,11 +162,11 @@ def perf_report(result: Evaluation, train_perf: dict[str, Any] | None, batch_siz
 # --------------------------------------------------------------------------- grids
 
 
-def split_pixels(test: SplitData, data_dir: str | Path = "data") -> np.ndarray:
+def split_pixels(test: SplitData, paths: Layout = PATHS) -> np.ndarray:
     """The test split's pixels (for the grids), whatever the model's input was."""
     if test.inputs.ndim == 4:
         return test.inputs
-    images = np.load(Path(data_dir) / "processed/images.npy", mmap_mode="r")
+    images = np.load(paths.images_array, mmap_mode="r")
     return np.asarray(images[test.table["row"].to_numpy(dtype=np.int64)])
 
 
@@ -194,7 +185,11 @@ def draw_predictions(
 ) -> None:
     """A grid of ``count`` test images spread evenly over the split, captioned ``pred:true``."""
     n = len(labels)
-    picks = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int)) if n and count else []
+    picks = (
+        np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+        if n and count
+        else np.zeros(0, int)
+    )
     rows, titles = [], []
     for start in range(0, len(picks), GRID_COLUMNS):
         chunk = picks[start : start + GRID_COLUMNS]

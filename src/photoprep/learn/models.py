@@ -24,7 +24,7 @@ deterministic on CUDA, unlike adaptive pooling's.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -126,7 +126,7 @@ def alexnet(num_classes: int, input_size: tuple[int, int], width: int, dropout: 
     c1, c2, c3, c4, c5 = (width * m for m in (2, 6, 12, 8, 8))
     hidden = 32 * width
     stride = 2 if min(input_size) >= 64 else 1
-    size = tuple(d // stride for d in input_size)
+    size = (input_size[0] // stride, input_size[1] // stride)
     pool = nn.MaxPool2d(3, 2, 1)
     size = _pool_out(size)
     b1 = nn.Sequential(*_conv_bn(3, c1, 5, stride), pool)
@@ -199,7 +199,7 @@ class BasicBlock(nn.Module):
             nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        nn.init.zeros_(self.body[-1].weight)
+        nn.init.zeros_(cast(nn.BatchNorm2d, self.body[-1]).weight)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))

@@ -29,9 +29,17 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from photoprep.errors import UserError
+from photoprep.dataset.split import clean_label
 from photoprep.images import sheets
-from photoprep.learn import devices, evaluate, train
+from photoprep.layout import PATHS, Layout
+from photoprep.learn import devices, evaluate
+from photoprep.learn.data import (
+    check_classes,
+    gather_rows,
+    input_array_path,
+    read_split_table,
+    read_splits_report,
+)
 from photoprep.params import PredictParams
 
 DECIMALS = 6
@@ -47,38 +55,28 @@ class Predictions:
 
 
 def load_rows(
-    splits: list[str],
-    meta: dict[str, Any],
-    data_dir: str | Path = "data",
-    splits_report: str | Path = "reports/splits.json",
+    splits: list[str], meta: dict[str, Any], paths: Layout = PATHS
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows of ``splits`` (source, id, row, split, label) and their model inputs, in that order.
 
-    Each split table must match its fingerprint in reports/splits.json, and the model's
+    Each split table must match its fingerprint in the splits report, and the model's
     classes those of the report: a stale table or model is a user error.
     """
-    data_dir = Path(data_dir)
-    report = train.read_splits_report(splits_report)
-    if [str(c) for c in report["classes"]] != list(meta["classes"]):
-        raise UserError(
-            f"models/model.pt was trained on classes {meta['classes'][:5]}..., reports/splits.json "
-            f"has {report['classes'][:5]}...: re-run the train stage"
-        )
+    report = read_splits_report(paths.splits_report)
+    check_classes(meta["classes"], report, paths)
     fingerprints = report.get("fingerprints") or {}
     frames = []
     for name in splits:
-        table, _ = train.read_split_table(data_dir / "splits" / f"{name}.parquet", fingerprints.get(name))
+        table, _ = read_split_table(paths.split_table(name), fingerprints.get(name), paths)
         frames.append(table.assign(split=name)[["source", "id", "row", "split", "label"]])
     rows = (
         pd.concat(frames, ignore_index=True)
         if frames
         else pd.DataFrame(columns=["source", "id", "row", "split", "label"])
     )
-    rows["label"] = [None if pd.isna(v) else str(v) for v in rows["label"]]
-    array_path = train.input_array_path(meta["input"], data_dir)
-    inputs = train.gather_rows(
-        meta["input"], rows["row"].to_numpy(dtype=np.int64), array_path, "the split tables"
-    )
+    rows["label"] = [clean_label(v) for v in rows["label"]]
+    array_path = input_array_path(meta["input"], paths)
+    inputs = gather_rows(meta["input"], rows["row"].to_numpy(dtype=np.int64), array_path, "the split tables")
     return rows, inputs
 
 
@@ -165,14 +163,13 @@ def predict_splits(
     model: nn.Module,
     meta: dict[str, Any],
     p: PredictParams,
-    data_dir: str | Path = "data",
-    splits_report: str | Path = "reports/splits.json",
+    paths: Layout = PATHS,
 ) -> Predictions:
     """The model's top-k predictions over ``p.splits``, their summary and the confidence curve."""
-    rows, inputs = load_rows(list(p.splits), meta, data_dir, splits_report)
+    rows, inputs = load_rows(list(p.splits), meta, paths)
     device = devices.pick_device(p.device, "predict.device")
     if len(rows):
-        logits, seconds = evaluate.predict(model, meta, inputs, p.batch_size, device)
+        logits, seconds = evaluate.logits_of(model, meta, inputs, p.batch_size, device)
     else:
         logits, seconds = np.zeros((0, len(meta["classes"])), np.float32), 0.0
     table = prediction_table(rows, logits, list(meta["classes"]), p.top_k)

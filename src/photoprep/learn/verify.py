@@ -19,7 +19,6 @@ needed for the check is missing or unreadable.
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from pathlib import Path
@@ -29,7 +28,11 @@ import torch
 
 from photoprep import params
 from photoprep.errors import UserError
-from photoprep.learn import evaluate, train
+from photoprep.io import read_json
+from photoprep.layout import PATHS, Layout
+from photoprep.learn import evaluate, models, train
+from photoprep.learn.checkpoint import load_model, read_model_file
+from photoprep.learn.data import SplitData, check_classes, load_data, load_split, read_splits_report
 from photoprep.params import TrainParams
 
 CUDA_EVAL_TOLERANCE = 1e-4  # fp32 kernels differ between devices in the last bits
@@ -75,43 +78,42 @@ def _short(fp: str | None) -> str:
 def _read_json(path: Path) -> Any:
     if not path.exists():
         raise UserError(f"{path} not found (run `dvc repro`, or `dvc pull`, first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
-def _eval_device(root: Path) -> str:
-    perf_path = root / "metrics/perf.json"
-    if not perf_path.exists():
+def _eval_device(paths: Layout) -> str:
+    if not paths.perf_metrics.exists():
         return "cpu"
-    device = str(json.loads(perf_path.read_text(encoding="utf-8")).get("evaluate", {}).get("device", "cpu"))
+    device = str(read_json(paths.perf_metrics).get("evaluate", {}).get("device", "cpu"))
     return "cuda" if device.startswith("cuda") else "cpu"
 
 
 def verify(retrain: bool = False, tolerance: float | None = None, *, root: str | Path = ".") -> int:
     """Re-check the committed model and metrics; print a diff; return the exit code (0, 1 or 2)."""
-    root = Path(root)
     try:
-        return _verify(root, retrain, tolerance)
+        return _verify(Layout(Path(root)), retrain, tolerance)
     except UserError as exc:
         print(f"photoprep verify: {exc}")
         return 2
 
 
-def _verify(root: Path, retrain: bool, tolerance: float | None) -> int:
-    p = params.load(root / "params.yaml")
-    committed = _read_json(root / "metrics/eval.json")
-    splits = _read_json(root / "reports/splits.json")
-    model, meta = train.load_model(root / "models/model.pt")
+def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
+    # Messages name the files as the layout does from the project root (PATHS), read from ``paths``.
+    p = params.load(paths.params)
+    committed = _read_json(paths.eval_metrics)
+    splits = _read_json(paths.splits_report)
+    model, meta = load_model(paths.model)
     failures: list[str] = []
 
     # 1. one test split everywhere
     if not splits.get("fingerprints", {}).get("test"):
-        raise UserError("reports/splits.json has no test fingerprint")
-    test = _load_test_unchecked(root, meta)
+        raise UserError(f"{PATHS.splits_report} has no test fingerprint")
+    test = _load_test_unchecked(paths, meta)
     names = {
-        "data/splits/test.parquet": test.fingerprint,
-        "reports/splits.json": splits["fingerprints"]["test"],
-        "models/model.pt metadata": (meta.get("fingerprints") or {}).get("test"),
-        "metrics/eval.json": committed.get("test_fingerprint"),
+        f"{PATHS.split_table('test')}": test.fingerprint,
+        f"{PATHS.splits_report}": splits["fingerprints"]["test"],
+        f"{PATHS.model} metadata": (meta.get("fingerprints") or {}).get("test"),
+        f"{PATHS.eval_metrics}": committed.get("test_fingerprint"),
     }
     if len(set(names.values())) != 1:
         failures.append("test split fingerprints differ:")
@@ -120,13 +122,13 @@ def _verify(root: Path, retrain: bool, tolerance: float | None) -> int:
     # 2. the committed model, evaluated again on the CPU
     eval_tol = tolerance
     if eval_tol is None:
-        eval_tol = 0.0 if _eval_device(root) == "cpu" else CUDA_EVAL_TOLERANCE
+        eval_tol = 0.0 if _eval_device(paths) == "cpu" else CUDA_EVAL_TOLERANCE
     cpu_eval = p.evaluate.model_copy(update={"device": "cpu"})
     now = evaluate.evaluate(model, meta, test, cpu_eval).metrics
     diff = compare_metrics(committed, now, eval_tol)
     if diff:
         failures.append(
-            f"metrics/eval.json differs from a re-evaluation of models/model.pt (tolerance {eval_tol:g}):"
+            f"{PATHS.eval_metrics} differs from a re-evaluation of {PATHS.model} (tolerance {eval_tol:g}):"
         )
         failures += [f"    {line}" for line in diff]
 
@@ -134,14 +136,14 @@ def _verify(root: Path, retrain: bool, tolerance: float | None) -> int:
     trained_with = {k: v for k, v in meta["params"].items() if k != "resume"}
     changed = sorted(k for k in current.keys() | trained_with.keys() if current.get(k) != trained_with.get(k))
     if changed:
-        failures.append("params.yaml's train section is not what models/model.pt was trained with:")
+        failures.append(f"{PATHS.params}'s train section is not what {PATHS.model} was trained with:")
         failures += [
             f"    ~ train.{k}: model {trained_with.get(k)!r}, params.yaml {current.get(k)!r}" for k in changed
         ]
 
     # 3. train again on the CPU and compare
     if retrain:
-        failures += _retrain(root, meta, committed, p.evaluate, tolerance)
+        failures += _retrain(paths, meta, committed, p.evaluate, tolerance)
 
     if failures:
         print("photoprep verify: FAILED")
@@ -150,23 +152,24 @@ def _verify(root: Path, retrain: bool, tolerance: float | None) -> int:
         return 1
     checked = len(flatten(committed))
     print(
-        f"photoprep verify: ok: {checked} figures of metrics/eval.json reproduced (tolerance {eval_tol:g}), "
+        f"photoprep verify: ok: {checked} figures of {PATHS.eval_metrics} reproduced "
+        f"(tolerance {eval_tol:g}), "
         f"test split {_short(test.fingerprint)}" + (", retrained on the CPU" if retrain else "")
     )
     return 0
 
 
 def _retrain(
-    root: Path, meta: dict[str, Any], committed: dict[str, Any], eval_params: Any, tolerance: float | None
+    paths: Layout, meta: dict[str, Any], committed: dict[str, Any], eval_params: Any, tolerance: float | None
 ) -> list[str]:
     on_cpu = meta.get("trained_on") == "cpu"
     tol = tolerance if tolerance is not None else (0.0 if on_cpu else CUDA_RETRAIN_TOLERANCE)
     changes: dict[str, Any] = {"device": "cpu", "resume": False}
     init_from = meta["params"].get("init_from")
     if init_from and not Path(init_from).is_absolute():
-        changes["init_from"] = str(root / init_from)  # the stage ran from the repository root
+        changes["init_from"] = str(paths.root / init_from)  # the stage ran from the repository root
     p = TrainParams.model_validate(meta["params"] | changes)
-    data = train.load_data(p, root / "data", root / "reports/splits.json")
+    data = load_data(p, paths)
     print(f"photoprep verify: retraining {p.model} on the CPU ({p.epochs} epochs at most)...")
     threads = torch.get_num_threads()
     try:
@@ -176,7 +179,7 @@ def _retrain(
     finally:
         torch.set_num_threads(threads)
     model, fresh_meta = _as_model(result)
-    test = _load_test_unchecked(root, fresh_meta)
+    test = _load_test_unchecked(paths, fresh_meta)
     now = evaluate.evaluate(model, fresh_meta, test, eval_params.model_copy(update={"device": "cpu"})).metrics
     failures = []
     diff = compare_metrics(committed, now, tol)
@@ -184,7 +187,7 @@ def _retrain(
         failures.append(f"retraining on the CPU gives other metrics (tolerance {tol:g}):")
         failures += [f"    {line}" for line in diff]
     if on_cpu and tol == 0:
-        state, _ = train.read_model_file(root / "models/model.pt")
+        state, _ = read_model_file(paths.model)
         fresh = result.state_dict
         differ = sorted(k for k in state if k not in fresh or not torch.equal(state[k], fresh[k]))
         if differ:
@@ -195,17 +198,13 @@ def _retrain(
     return failures
 
 
-def _load_test_unchecked(root: Path, meta: dict[str, Any]) -> train.SplitData:
+def _load_test_unchecked(paths: Layout, meta: dict[str, Any]) -> SplitData:
     """The test split with its recomputed fingerprint, compared by the caller, not here."""
-    report = json.loads((root / "reports/splits.json").read_text(encoding="utf-8"))
-    if [str(c) for c in report["classes"]] != list(meta["classes"]):
-        raise UserError("the model's classes differ from reports/splits.json's")
-    return train.load_split("test", meta["input"], list(meta["classes"]), root / "data")
+    classes = check_classes(meta["classes"], read_splits_report(paths.splits_report), PATHS)
+    return load_split("test", meta["input"], classes, paths)
 
 
 def _as_model(result: train.TrainResult) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from photoprep.learn import models
-
     model = models.build_model(**result.meta["architecture"])
     model.load_state_dict(result.state_dict)
     return model.eval(), result.meta

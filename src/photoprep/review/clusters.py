@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from photoprep import io
+from photoprep.dataset.split import clean_label
 from photoprep.images import sheets
 
 
@@ -31,7 +32,7 @@ def cluster_folder(cluster: int, n_clusters: int) -> str:
 
 
 def _caption(label: Any, distance: float) -> str:
-    text = "?" if label is None or (isinstance(label, float) and np.isnan(label)) else str(label)
+    text = clean_label(label) or "?"
     return f"{text[:5]} {distance:.1f}"
 
 

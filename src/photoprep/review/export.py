@@ -21,12 +21,13 @@ Why the original bytes
     (:func:`photoprep.dataset.split.attach_labels`): the member from the source listed last in ``sources``
     wins, so a review listed after the sources it reviews relabels their images.
 
-File names are ``<source>__<id>-<hash>.<ext>`` (:func:`photoprep.dataset.export.file_name`, with the
-extension of the image's format): only ``[A-Za-z0-9._-]``, unique per key, the same in every
-export. ``mode="symlink"`` links to the source's own file instead of copying it when the source
-reads local files (folder sources, relative paths, ``file://``) and the file still holds the
-same bytes, with an absolute target; other images are copied. Copies are the choice for a
-folder that will be committed or moved to another machine.
+File names are ``<source>__<id>-<hash>.<ext>`` (:func:`original_file_name`: the name of
+:func:`photoprep.dataset.export.file_name` with the extension of the image's format): only
+``[A-Za-z0-9._-]``, unique per key, the same in every export. ``mode="symlink"`` links to the
+source's own file instead of copying it when the source reads local files (folder sources,
+relative paths, ``file://``) and the file still holds the same bytes, with an absolute target;
+other images are copied. Copies are the choice for a folder that will be committed or moved to
+another machine.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ import numpy as np
 import pandas as pd
 
 from photoprep.dataset import export
-from photoprep.dataset.split import natural_sorted, read_labels
+from photoprep.dataset.split import clean_label, natural_sorted, read_labels
 from photoprep.errors import UserError
 from photoprep.ingest.fetch import target_of
 from photoprep.ingest.store import BlobReader
+from photoprep.layout import PATHS, Layout
 from photoprep.review.clusters import cluster_folder
 
 BY = ("cluster", "prediction")
@@ -95,18 +97,18 @@ class ReviewExport:
         return sum(self.folders.values())
 
 
-def file_name(source: str, id_: str, fmt: str) -> str:
+def original_file_name(source: str, id_: str, fmt: str) -> str:
     """``<source>__<id>-<hash>.<ext>``: :func:`photoprep.dataset.export.file_name` with the
     format's extension."""
     stem = export.file_name(str(source), str(id_)).removesuffix(".png")
     return stem + _EXTENSIONS.get(str(fmt).upper(), ".img")
 
 
-def _groups(by: str, data_dir: Path) -> tuple[pd.DataFrame, dict[Any, str]]:
+def _groups(by: str, paths: Layout) -> tuple[pd.DataFrame, dict[Any, str]]:
     """The table to export by (``source``, ``id``, ``group``, ``score``, ``distance``) and each
     group's folder."""
     if by == "cluster":
-        path = data_dir / "clusters.parquet"
+        path = paths.clusters_table
         if not path.exists():
             raise UserError(f"review: {path} not found (run the cluster stage first: dvc repro cluster)")
         table = pd.read_parquet(path)
@@ -122,7 +124,7 @@ def _groups(by: str, data_dir: Path) -> tuple[pd.DataFrame, dict[Any, str]]:
             }
         )
         return out, {c: cluster_folder(c, k) for c in range(k)}
-    path = data_dir / "predictions.parquet"
+    path = paths.predictions_table
     if not path.exists():
         raise UserError(
             f"review: {path} not found (--by prediction needs a model's predictions of every image "
@@ -165,8 +167,7 @@ def export_review(
     by: str,
     out: str | Path,
     *,
-    data_dir: str | Path = "data",
-    sources_dir: str | Path = "pipeline/sources",
+    paths: Layout = PATHS,
     min_confidence: float | None = None,
     mode: str = "copy",
     splits: Sequence[str] | None = None,
@@ -175,7 +176,8 @@ def export_review(
     """Write the images grouped ``by`` cluster or predicted class as a folder source in ``out``.
 
     ``min_confidence`` keeps only images whose DEC confidence (``by="cluster"``) or predicted
-    probability (``by="prediction"``) is at least that. ``splits`` keeps only the images of
+    probability (``by="prediction"``) is at least that. ``paths`` is the project's layout (its
+    tables, splits, shards and source folders). ``splits`` keeps only the images of
     these splits (e.g. ``["unlabeled"]``). ``mode`` is ``copy`` or ``symlink`` (see the module
     notes). The folder is built beside ``out`` and renamed into place at the end; an existing
     non-empty ``out`` is a UserError unless ``overwrite``.
@@ -186,10 +188,10 @@ def export_review(
         raise UserError(f"review: mode must be one of {list(MODES)} (got {mode!r})")
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise UserError(f"review: min_confidence must be between 0 and 1 (got {min_confidence})")
-    data_dir, sources_dir, out = Path(data_dir), Path(sources_dir), Path(out)
-    groups, folders = _groups(by, data_dir)
+    out = Path(out)
+    groups, folders = _groups(by, paths)
 
-    images_path = data_dir / "processed" / "images.parquet"
+    images_path = paths.images_table
     if not images_path.exists():
         raise UserError(f"review: {images_path} not found (run dvc repro first)")
     columns = ["source", "id", "sha256", "shard", "offset", "size", "format", "url"]
@@ -204,9 +206,7 @@ def export_review(
             f"review: {stale} images of the {by} table are not in {images_path} "
             "(the two come from different runs: run dvc repro)"
         )
-    table = table.drop(columns="_merge").merge(
-        read_labels(data_dir / "splits"), on=["source", "id"], how="left"
-    )
+    table = table.drop(columns="_merge").merge(read_labels(paths.splits_dir), on=["source", "id"], how="left")
 
     skipped: dict[str, int] = {}
     if splits is not None:
@@ -227,12 +227,12 @@ def export_review(
 
     result = ReviewExport(out=out, skipped=skipped)
     with export.folder_in_place(out, overwrite, "review", marker=REVIEW_CSV) as tmp:
-        _write_folder(tmp, table, by, mode, data_dir / "raw", sources_dir, result)
+        _write_folder(tmp, table, by, mode, paths, result)
     return result
 
 
 def _write_folder(
-    tmp: Path, table: pd.DataFrame, by: str, mode: str, raw_dir: Path, sources_dir: Path, result: ReviewExport
+    tmp: Path, table: pd.DataFrame, by: str, mode: str, paths: Layout, result: ReviewExport
 ) -> None:
     readers: dict[str, BlobReader] = {}
     rows: list[list[Any]] = []
@@ -240,10 +240,12 @@ def _write_folder(
         for rec in table.itertuples(index=False):
             folder = tmp / IMAGES_DIR / rec.folder
             folder.mkdir(parents=True, exist_ok=True)
-            name = file_name(rec.source, rec.id, rec.format)
+            name = original_file_name(rec.source, rec.id, rec.format)
             dest = folder / name
             original = (
-                _local_original(rec.url, sources_dir / rec.source, rec.sha256) if mode == "symlink" else None
+                _local_original(rec.url, paths.source_dir(rec.source), rec.sha256)
+                if mode == "symlink"
+                else None
             )
             if original is not None:
                 os.symlink(original, dest)
@@ -251,17 +253,17 @@ def _write_folder(
             else:
                 reader = readers.get(rec.source)
                 if reader is None:
-                    reader = readers[rec.source] = BlobReader(raw_dir / rec.source)
+                    reader = readers[rec.source] = BlobReader(paths.shards_dir(rec.source))
                 data = reader.read(rec.shard, int(rec.offset), int(rec.size))
                 if hashlib.sha256(data).hexdigest() != rec.sha256:
                     raise UserError(
                         f"review: the stored bytes of ({rec.source!r}, {rec.id!r}) do not match their "
-                        f"sha256 (data/raw/{rec.source} changed since the run: run dvc repro)"
+                        f"sha256 ({paths.shards_dir(rec.source)} changed since the run: run dvc repro)"
                     )
                 dest.write_bytes(data)
                 result.copied += 1
             result.folders[rec.folder] = result.folders.get(rec.folder, 0) + 1
-            label = None if pd.isna(rec.label) else str(rec.label)
+            label = clean_label(rec.label)
             rows.append(
                 [
                     f"{IMAGES_DIR}/{rec.folder}/{name}",
