@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from photoprep.errors import UserError
 
-__all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "quiet", "require_input"]
+__all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "quiet", "reasons", "require_input"]
 
 QUIET_ENV = "PHOTOPREP_QUIET"
 PROGRESS_EVERY_S = 10.0
@@ -39,6 +41,14 @@ def quiet() -> bool:
 def count(n: int) -> str:
     """A count as people read it: 142,459."""
     return f"{n:,}"
+
+
+def reasons(values: Iterable[object], top: int = 3) -> str:
+    """The most common reasons with their counts: 'connect_error 2,000, http_404 3' ('' when none)."""
+    counted = Counter(str(v) for v in values)
+    return ", ".join(
+        f"{reason} {count(n)}" for reason, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+    )
 
 
 def _logger() -> logging.Logger:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from photoprep.console import count, reasons
 from photoprep.io import write_json, write_table
 
 FUNNEL_ORDER = (
@@ -84,6 +85,26 @@ def unmatched_labels(labels: pd.DataFrame, records: pd.DataFrame) -> pd.DataFram
         return labels.reset_index(drop=True)
     known = set(records["id"])
     return labels[~labels["id"].isin(known)].sort_values("id", kind="mergesort").reset_index(drop=True)
+
+
+def fetched_cause(table: pd.DataFrame) -> str:
+    """Why a download table holds no image, per source.
+
+    'download@heobs fetched 0 of 2,000 (connect_error 2,000)'. Takes the raw tables as the dedup
+    stage reads them (the fetch reason in `reason` or `fetch_reason`).
+    """
+    if table.empty:
+        return "the download tables hold no id (are the manifests empty?)"
+    column = "fetch_reason" if "fetch_reason" in table.columns else "reason"
+    parts = []
+    for source, rows in table.groupby("source", sort=True):
+        ok = rows["status"] == "ok"
+        why = reasons(rows.loc[~ok, column])
+        parts.append(
+            f"download@{source} fetched {count(int(ok.sum()))} of {count(len(rows))}"
+            + (f" ({why})" if why else "")
+        )
+    return "; ".join(parts)
 
 
 def write_download_reports(
