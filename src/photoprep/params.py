@@ -62,7 +62,7 @@ class DownloadParams(Section):
         "is cut off (host_unreachable / host_all_<status>); 0 turns the breaker off",
     )
     commit_every: int = Field(
-        64, ge=1, le=1_000_000, description="ids between commits of shards and status rows"
+        64, ge=1, le=1_000_000, description="images fetched between commits of shards and status rows"
     )
     commit_seconds: float = Field(5.0, gt=0, le=3600, description="seconds between commits at most")
 

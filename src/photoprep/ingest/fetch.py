@@ -767,14 +767,19 @@ class _Committer:
         self.every = p.commit_every
         self.seconds = p.commit_seconds
         self.done = 0
+        self.bodies = 0  # bodies stored since the last commit
         self.last = time.monotonic()
 
     def maybe(self, upto: int, force: bool = False) -> None:
-        """Commit targets [done, upto) when enough ids or seconds have passed (or `force`)."""
+        """Commit targets [done, upto) once `commit_every` bodies or `commit_seconds` have passed.
+
+        Failed rows cost nothing to redo, so only stored bodies count towards `commit_every`: a
+        dead host's thousands of failures do not fsync the journal thousands of times.
+        """
         if self.journal is None or upto <= self.done:
             return
         now = time.monotonic()
-        if not force and upto - self.done < self.every and now - self.last < self.seconds:
+        if not force and self.bodies < self.every and now - self.last < self.seconds:
             return
         state = self.writer.commit()
         values = []
@@ -797,6 +802,7 @@ class _Committer:
             )
         self.journal.commit(values, state)
         self.done = upto
+        self.bodies = 0
         self.last = now
 
 
@@ -843,6 +849,7 @@ async def _fetch_rows(
                 row, sha256 = _row_of(outcome, attempts)
                 rows[index] = (row, sha256)
                 in_order.put(index, sha256, outcome.body)
+                committer.bodies += outcome.body is not None
                 committer.maybe(in_order.next)
                 done += 1
                 if done % _PROGRESS_EVERY == 0:
@@ -976,19 +983,16 @@ def download(
     writer = ShardWriter(store_dir, p.shard_mb * _MIB, resume=committed.open_shard)
     notes = list(writer.notes)
     reused = _reusable(records, _earlier_rows(previous, committed.rows), writer)
+    all_keys = list(
+        zip(records["source"].tolist(), records["id"].tolist(), records["url"].tolist(), strict=True)
+    )
     positions = [position for position in range(len(records)) if position not in reused]
-    targets = [target_of(records.at[position, "url"], base_dir) for position in positions]
-    keys = [
-        (records.at[position, "source"], records.at[position, "id"], records.at[position, "url"])
-        for position in positions
-    ]
+    keys = [all_keys[position] for position in positions]
+    targets = [target_of(url, base_dir) for _, _, url in keys]
     carried = [
-        (*key, row.status, row.reason, row.http_status, row.attempts, row.sha256, row.size, row.mime)
-        for key, row in (
-            ((records.at[i, "source"], records.at[i, "id"], records.at[i, "url"]), reused[i])
-            for i in sorted(reused)
-            if (records.at[i, "source"], records.at[i, "id"]) in committed.rows
-        )
+        (*all_keys[i], row.status, row.reason, row.http_status, row.attempts, row.sha256, row.size, row.mime)
+        for i, row in sorted(reused.items())
+        if all_keys[i][:2] in committed.rows
     ]
     journal = Journal(store_dir, carried, writer.commit())
     rows: dict[int, tuple[_Row, str]] = {}
