@@ -234,6 +234,7 @@ class _OpenShard:
             if hashlib.sha256(_pread_exact(self.fd, offset, n)).hexdigest() != sha256:
                 raise ValueError(f"blob {sha256[:12]}... does not hash to its name")
         os.ftruncate(self.fd, length)
+        os.lseek(self.fd, length, os.SEEK_SET)  # appending goes on where the commit ended
         self.members = members
         self.position = length
         self.payload = sum(n for _, n in members.values())
