@@ -240,6 +240,7 @@ def uninterrupted(tmp_path: Path, cdn) -> Path:
 def test_kill_9_halfway_then_rerun_requests_at_most_a_tenth_again_and_ends_byte_identical(tmp_path, slow_cdn):
     root, first, second, _ = interrupted_then_resumed(tmp_path, slow_cdn, signal.SIGKILL)
     again = first & second
+    print(f"kill -9: {len(first)} ids asked before the kill, {len(again)} of them asked again")
     assert len(again) <= 0.1 * len(first), f"{len(again)} of {len(first)} asked again"
     assert first | second == set(RESUME_IDS)
     assert outputs(root) == outputs(uninterrupted(tmp_path, slow_cdn))
@@ -251,6 +252,7 @@ def test_ctrl_c_halfway_stops_with_one_line_and_the_rerun_ends_byte_identical(tm
     line = one_line(stderr)
     assert line.startswith("photoprep: download@x: interrupted by SIGINT: kept "), line
     kept = int(line.split("kept ")[1].split(" of ")[0].replace(",", ""))
+    print(f"SIGINT: {len(first)} ids asked before, {kept} kept, {len(first & second)} asked again")
     assert kept >= len(first) - 0.1 * len(first)
     assert len(first & second) <= 0.1 * len(first)
     assert outputs(root) == outputs(uninterrupted(tmp_path, slow_cdn))

@@ -223,7 +223,7 @@ def test_dvc_repro_into_a_log_file_has_one_summary_line_per_stage(tmp_path):
     log = repo / "log"
     with open(log, "w") as out:  # a file, as `make run > log 2>&1`: nothing is a terminal
         done = subprocess.run(
-            ["dvc", "repro", "funnel"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT
+            ["dvc", "repro", "funnel", "features"], cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     text = log.read_text()
     assert done.returncode == 0, text[-3000:]
