@@ -40,7 +40,7 @@ class DownloadParams(Section):
     per_host: int = Field(64, ge=1, le=256, description="connections per host")
     connect_timeout: float = Field(10.0, gt=0)
     read_timeout: float = Field(
-        20.0, gt=0, description="seconds without a byte; a host that never answers is cut off after this"
+        15.0, gt=0, description="seconds without a byte; a host that never answers is cut off after this"
     )
     retries: int = Field(4, ge=0, le=20, description="retries after the first try")
     backoff_base: float = Field(0.5, ge=0, description="seconds; doubles each retry, with jitter")
