@@ -461,7 +461,19 @@ class _Fetcher:
         self.rng = random.Random(p.seed)
         self.not_before: dict[str, float] = {}  # host -> loop time before which nobody asks it
         self.hosts: dict[str, _HostState] = {}
+        self.down_origins: dict[str, _HostState] = {}  # 'https://cdn.heobs.org' -> a host cut off
         self.loop = asyncio.get_running_loop()
+
+    def cut_off(self, url: str) -> _HostState | None:
+        """The state of the host of `url` when it is cut off, found without parsing the URL.
+
+        Once a host is down, every id left for it ends here: a million ids cost a string
+        slice each, not a URL parse.
+        """
+        if not self.down_origins or not url.startswith(("http://", "https://")):
+            return None
+        end = url.find("/", 8)
+        return self.down_origins.get(url if end < 0 else url[:end])
 
     async def fetch(self, target: Target) -> tuple[Outcome, int]:
         """Fetch one target with retries; the final outcome and the number of attempts."""
@@ -480,7 +492,7 @@ class _Fetcher:
                 if outcome is None:  # cut off while in flight
                     assert state.down is not None
                     return Outcome(reason=state.down.reason), attempts
-                self._observe(host, state, outcome)
+                self._observe(host, state, outcome, target.url)
             else:
                 assert target.path is not None  # a target is a URL or a local path
                 async with self.slots:
@@ -496,7 +508,7 @@ class _Fetcher:
                 return outcome, attempts
             await asyncio.sleep(delay)
 
-    def _observe(self, host: str, state: _HostState, outcome: Outcome) -> None:
+    def _observe(self, host: str, state: _HostState, outcome: Outcome, url: URL) -> None:
         """Count an answer for the breaker; cut the host off after host_down_after alike failures."""
         if state.kind == "alive" or state.down is not None or not self.p.host_down_after:
             return
@@ -510,6 +522,7 @@ class _Fetcher:
         if state.answers >= self.p.host_down_after:
             reason = "host_unreachable" if kind in _NETWORK_KINDS else f"host_all_{outcome.http_status}"
             state.down = HostDown(host, reason, state.detail, state.answers, 0)
+            self.down_origins[str(url.origin())] = state
             for task in list(state.in_flight):
                 task.cancel()
 
@@ -785,6 +798,8 @@ class _Committer:
         values = []
         for index in range(self.done, upto):
             row, _ = self.rows[index]
+            if row.status != "ok":
+                continue  # a failed row is fetched again anyway: only stored bodies need committing
             source, id_, url = self.keys[index]
             values.append(
                 (
@@ -807,7 +822,8 @@ class _Committer:
 
 
 async def _fetch_rows(
-    targets: list[Target],
+    urls: list[str],
+    base_dir: Path,
     p: DownloadParams,
     in_order: _InOrder,
     committer: _Committer,
@@ -819,7 +835,7 @@ async def _fetch_rows(
     Rows by target index, the hosts cut off, and the signal that stopped the run ('' if none).
     """
     rows = committer.rows
-    if not targets:
+    if not urls:
         return rows, [], ""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=p.connect_timeout, sock_read=p.read_timeout)
     connector = aiohttp.TCPConnector(limit=p.concurrency, limit_per_host=p.per_host)
@@ -836,16 +852,21 @@ async def _fetch_rows(
         cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         fetcher = _Fetcher(p, session, allow_cross_host)
-        queue: Iterator[tuple[int, Target]] = enumerate(targets)
+        queue: Iterator[tuple[int, str]] = enumerate(urls)
         done = 0
 
         async def worker() -> None:
             nonlocal done
-            for index, target in queue:  # one shared iterator: each target to one worker
-                outcome, attempts = await fetcher.fetch(target)
-                if outcome.reason.startswith("host_"):
-                    host = f"{target.url.host}:{target.url.port}" if target.url is not None else ""
-                    fetcher.hosts[host].left += 1
+            for index, url in queue:  # one shared iterator: each target to one worker
+                down = fetcher.cut_off(url)
+                if down is not None and down.down is not None:
+                    outcome, attempts = Outcome(reason=down.down.reason), 0
+                    down.left += 1
+                else:
+                    target = target_of(url, base_dir)  # parsed here: a dead host's ids are never parsed
+                    outcome, attempts = await fetcher.fetch(target)
+                    if outcome.reason.startswith("host_") and target.url is not None:
+                        fetcher.hosts[f"{target.url.host}:{target.url.port}"].left += 1
                 row, sha256 = _row_of(outcome, attempts)
                 rows[index] = (row, sha256)
                 in_order.put(index, sha256, outcome.body)
@@ -857,7 +878,7 @@ async def _fetch_rows(
 
         # Twice as many workers as request slots: a worker sleeping through a backoff holds
         # no slot, so the others keep the slots busy.
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(targets), 2 * p.concurrency))]
+        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(urls), 2 * p.concurrency))]
 
         def stop(name: str) -> None:
             nonlocal stopped
@@ -988,7 +1009,7 @@ def download(
     )
     positions = [position for position in range(len(records)) if position not in reused]
     keys = [all_keys[position] for position in positions]
-    targets = [target_of(url, base_dir) for _, _, url in keys]
+    urls = [url for _, _, url in keys]
     carried = [
         (*all_keys[i], row.status, row.reason, row.http_status, row.attempts, row.sha256, row.size, row.mime)
         for i, row in sorted(reused.items())
@@ -1001,8 +1022,10 @@ def download(
     sources = records["source"].unique()
     desc = f"fetch {sources[0]}" if len(sources) == 1 else "fetch"
     try:
-        with Progress(len(targets), desc, enabled=progress) as bar:
-            rows, down, stopped = asyncio.run(_fetch_rows(targets, p, in_order, committer, cross_host, bar))
+        with Progress(len(urls), desc, enabled=progress) as bar:
+            rows, down, stopped = asyncio.run(
+                _fetch_rows(urls, base_dir, p, in_order, committer, cross_host, bar)
+            )
         if stopped:
             committer.maybe(in_order.next, force=True)
     except BaseException:
@@ -1014,10 +1037,13 @@ def download(
     if stopped:
         writer.abandon()
         journal.close()
-        kept = {**reused, **{positions[i]: rows[i][0] for i in range(committer.done)}}
+        kept = {
+            **reused,
+            **{positions[i]: rows[i][0] for i in range(committer.done) if rows[i][0].status == "ok"},
+        }
         order = sorted(kept)
         partial = _table(records.iloc[order].reset_index(drop=True), [kept[i] for i in order])
-        return FetchResult(partial, len(targets), len(reused), down, notes, stopped, len(kept))
+        return FetchResult(partial, len(urls), len(reused), down, notes, stopped, len(kept))
     refs = writer.flush()
     journal.close()
     out: list[_Row] = []
@@ -1036,7 +1062,7 @@ def download(
     if table_path is not None:
         write_table(table, table_path, durable=True)
     remove_journal(store_dir)
-    return FetchResult(table, len(targets), len(reused), down, notes)
+    return FetchResult(table, len(urls), len(reused), down, notes)
 
 
 def fetch_all(

@@ -2,8 +2,8 @@
 
 A download appends to ``<store>/.journal.jsonl`` every few seconds or few hundred ids (the
 params ``download.commit_seconds`` and ``download.commit_every``): first the shard in
-progress is fsynced (`ShardWriter.commit`), then the rows finished since the last commit go
-in as one JSON line each, then a commit line naming the shard in progress and its committed
+progress is fsynced (`ShardWriter.commit`), then the ok rows finished since the last commit
+go in as one JSON line each (a failed row is fetched again anyway), then a commit line naming the shard in progress and its committed
 length, then fsync. Rows are committed in record order, a prefix at a time, so after a kill
 the next run holds a prefix of the work and appends the rest to the same shard: its shards
 and table are those of a run that was never interrupted.
