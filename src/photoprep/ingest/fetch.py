@@ -14,8 +14,8 @@ with exponential backoff and seeded jitter on connection errors, timeouts, trunc
 instead of hammering a rate-limited CDN one request at a time.
 
 The byte limit `max_bytes` holds on what a body decodes to: Content-Encoding gzip, deflate and
-br are decoded here, as the bytes arrive, in steps that never produce more than the room left,
-so a small compressed body cannot expand in memory (reason ``too_large``).
+br are decoded as the bytes arrive (`photoprep.ingest.encoding`), in steps that never produce
+more than the room left, so a small compressed body cannot expand in memory (``too_large``).
 
 A per-host circuit breaker: when the first `host_down_after` answers of a host are failures
 of one kind (refused or unresolvable, timeouts, or one 4xx status) and none succeeded, the host
@@ -76,6 +76,7 @@ from yarl import URL
 
 from photoprep.console import Progress, count
 from photoprep.errors import UserError
+from photoprep.ingest.encoding import Decoder, TooLarge
 from photoprep.ingest.journal import Journal, read_journal, remove_journal
 from photoprep.ingest.sniff import sniff_mime
 from photoprep.ingest.store import ShardWriter
@@ -341,83 +342,6 @@ def _os_reason(exc: OSError) -> str:
     return "read_error"
 
 
-# -- decoding ----------------------------------------------------------------------------
-
-
-class _TooLarge(Exception):
-    """The body decodes to more than max_bytes."""
-
-
-class _Decoder:
-    """Streams a body through its Content-Encoding; never produces more than the room it is given."""
-
-    def __init__(self, encoding: str):
-        self.name = encoding.strip().lower()
-        self.z: Any = None
-        self.br: Any = None
-        if self.name in ("gzip", "x-gzip"):
-            self.z = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        elif self.name == "deflate":
-            self.z = zlib.decompressobj(zlib.MAX_WBITS)
-            self.first = True
-        elif self.name == "br":
-            self.br = brotli.Decompressor()
-        elif self.name not in ("", "identity"):
-            raise ValueError(f"unsupported Content-Encoding {encoding!r}")
-
-    def feed(self, data: bytes, room: int) -> list[bytes]:
-        """The decoded bytes of `data`; _TooLarge as soon as they would pass `room`."""
-        if self.z is None and self.br is None:
-            if len(data) > room:
-                raise _TooLarge
-            return [data]
-        parts: list[bytes] = []
-        while True:
-            out = self._step(data, room + 1)
-            data = b""
-            room -= len(out)
-            if room < 0:
-                raise _TooLarge
-            if out:
-                parts.append(out)
-            if not self._pending():
-                return parts
-
-    def finish(self, room: int) -> list[bytes]:
-        """What is left once the body has ended; ValueError when the encoded stream is incomplete."""
-        if self.z is not None:
-            out = self.z.flush(room + 1)
-            if len(out) > room:
-                raise _TooLarge
-            if self.name != "deflate" and not self.z.eof:
-                raise ValueError("the compressed stream ends early")
-            return [out]
-        if self.br is not None and not self.br.is_finished():
-            raise ValueError("the compressed stream ends early")
-        return []
-
-    def _step(self, data: bytes, limit: int) -> bytes:
-        if self.br is not None:
-            return bytes(self.br.process(data, output_buffer_limit=limit))
-        if not data:
-            data = self.z.unconsumed_tail
-        try:
-            out = self.z.decompress(data, limit)
-        except zlib.error:
-            if self.name != "deflate" or not self.first:
-                raise
-            self.z = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send it
-            out = self.z.decompress(data, limit)
-        if self.name == "deflate":
-            self.first = False
-        return bytes(out)
-
-    def _pending(self) -> bool:
-        if self.br is not None:
-            return not self.br.can_accept_more_data()
-        return bool(self.z.unconsumed_tail)
-
-
 # -- the fetcher -------------------------------------------------------------------------
 
 
@@ -626,7 +550,7 @@ class _Fetcher:
         if length is not None and length > limit:
             return Outcome(reason="too_large", http_status=resp.status)
         try:
-            decoder = _Decoder(resp.headers.get("Content-Encoding", ""))
+            decoder = Decoder(resp.headers.get("Content-Encoding", ""))
         except ValueError as exc:
             return Outcome(reason="bad_encoding", http_status=resp.status, detail=str(exc))
         chunks: list[bytes] = []
@@ -639,7 +563,7 @@ class _Fetcher:
             for part in decoder.finish(limit - total):
                 total += len(part)
                 chunks.append(part)
-        except _TooLarge:
+        except TooLarge:
             return Outcome(reason="too_large", http_status=resp.status)
         except (zlib.error, brotli.error, ValueError) as exc:
             return Outcome(reason="bad_encoding", http_status=resp.status, detail=str(exc))
@@ -846,7 +770,7 @@ async def _fetch_rows(
         timeout=timeout,
         headers={"User-Agent": p.user_agent},
         # Images are compressed already: ask for the bytes as they are, and skip cookies. A server
-        # that encodes anyway is decoded here, under the byte limit (`_Decoder`).
+        # that encodes anyway is decoded here, under the byte limit (`Decoder`).
         skip_auto_headers=("Accept-Encoding",),
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),

@@ -1,12 +1,13 @@
 """The download's commit log: status rows and the shard in progress, made durable as a run goes.
 
-A download appends to ``<store>/.journal.jsonl`` every few seconds or few hundred ids (the
+A download appends to ``<store>/.journal.jsonl`` every few seconds or few dozen images (the
 params ``download.commit_seconds`` and ``download.commit_every``): first the shard in
 progress is fsynced (`ShardWriter.commit`), then the ok rows finished since the last commit
-go in as one JSON line each (a failed row is fetched again anyway), then a commit line naming the shard in progress and its committed
-length, then fsync. Rows are committed in record order, a prefix at a time, so after a kill
-the next run holds a prefix of the work and appends the rest to the same shard: its shards
-and table are those of a run that was never interrupted.
+go in as one JSON line each (a failed row is fetched again anyway), then a commit line
+naming the shard in progress and its committed length, then fsync. Rows are committed in
+record order, a prefix at a time, so after a kill the next run holds a prefix of the work and
+appends the rest to the same shard: its shards and table are those of a run that was never
+interrupted.
 
 `read_journal` trusts only what a commit line closes: a torn last line (kill -9 in the middle
 of a write) and rows after the last commit line are dropped. The journal is removed once the
