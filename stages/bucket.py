@@ -2,15 +2,23 @@
 
 import pandas as pd
 
-from photoprep import errors, io, params
+from photoprep import console, errors, io, params
 from photoprep.images import bucket, probe, sheets
 from photoprep.layout import PATHS
 
 
-def main() -> None:
+def main() -> str:
     p = params.load()
-    result = bucket.assign_buckets(pd.read_parquet(PATHS.valid_table), p.bucket)
+    valid = pd.read_parquet(PATHS.valid_table)
+    broken = console.reasons(valid.loc[~valid["valid"], "reason"])
+    cause = f"validate passed 0 of {console.count(len(valid))} images ({broken or 'none to check'})"
+    console.require_input(int(valid["valid"].sum()), "bucket", cause, PATHS.broken_csv)
+    result = bucket.assign_buckets(valid, p.bucket)
     kept = result.table[result.table["kept"]].reset_index(drop=True)
+    dropped = (
+        f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
+    )
+    console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
     pixels = probe.resized_pixels(
         kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute
     )
@@ -20,7 +28,12 @@ def main() -> None:
     bucket.plot_resolutions(result, PATHS.resolutions_png)
     samples = bucket.sample_rows(result.table, p.bucket.samples_per_bucket)
     sheets.draw_bucket_samples(samples, pixels, PATHS.buckets_png)
-    io.write_json(bucket.bucket_counts(result), PATHS.stage_counts("bucket"))
+    counts = bucket.bucket_counts(result)
+    io.write_json(counts, PATHS.stage_counts("bucket"))
+    return (
+        f"{console.count(len(result.table))} valid images: {console.count(counts['kept'])} kept in "
+        f"{len(counts['kept_per_bucket'])} buckets, {console.count(counts['bucket_dropped'])} dropped"
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from photoprep.learn import cluster
 from photoprep.review import clusters as review_pages
 
 
-def main() -> None:
+def main() -> str:
     p = params.load().cluster
     features = np.load(PATHS.features_array, mmap_mode="r")
     info = io.read_json(PATHS.features_info)
@@ -29,6 +29,7 @@ def main() -> None:
     )
     purity = cluster.purity(labels, result.table["cluster"])
     review_pages.write_cluster_index(purity, sheets, PATHS.clusters_html, result.metrics)
+    return f"{result.metrics.get('n_images')} images in {p.n_clusters} clusters"
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """dedup: probe every fetched payload once, then group exact and near duplicates."""
 
-from photoprep import errors, io, params
+from photoprep import console, errors, io, params, report
 from photoprep.images import dedup, probe, sheets
 from photoprep.layout import PATHS
 
 
-def main() -> None:
+def main() -> str:
     p = params.load()
     table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
     fetched = table[table["status"] == "ok"]
+    see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
+    console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
     probed = probe.probe_images(
         fetched, PATHS.raw_dir, p.dedup.hash, p.dedup.hash_size, p.validate.max_pixels, p.compute
     )
@@ -20,6 +22,11 @@ def main() -> None:
     groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)
     thumbs = probe.thumbnails(groups, PATHS.raw_dir, sheets.THUMB, p.validate.max_pixels, p.compute)
     sheets.draw_near_groups(groups, thumbs, PATHS.duplicates_png)
+    c = result.counts
+    return (
+        f"{console.count(len(fetched))} fetched images: {console.count(c['exact_duplicates'])} exact and "
+        f"{console.count(c['near_duplicates'])} near duplicates, {console.count(c['after_dedup'])} left"
+    )
 
 
 if __name__ == "__main__":

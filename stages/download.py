@@ -4,28 +4,37 @@ import sys
 
 import pandas as pd
 
-from photoprep import errors, io, params, report
+from photoprep import errors, params, report
 from photoprep.ingest import fetch, manifest, sources
 from photoprep.layout import PATHS
 
 
-def main() -> None:
+def main() -> str:
     name = sys.argv[1]
+    stage = f"download@{name}"
     p = params.load()
     source = sources.load_source(name)
     listed = manifest.read_manifest(source)
+    labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None
-    table = fetch.fetch_all(
+    result = fetch.download(
         listed.records,
         PATHS.shards_dir(name),
         p.download,
         base_dir=source.directory,
+        table_path=table_path,
         previous=previous,
         allow_cross_host=source.allow_cross_host_redirects or None,
     )
-    io.write_table(table, table_path)
-    report.write_download_reports(name, listed, table, PATHS.download_reports(name))
+    for line in result.problems(stage):
+        print(line, file=sys.stderr, flush=True)
+    if result.interrupted:
+        raise errors.Interrupted(result.interrupted_line(stage))
+    reports = PATHS.download_reports(name)
+    report.write_download_reports(name, listed, result.table, reports, labels)
+    result.check_fetched(stage, reports / "failed.csv")
+    return result.summary()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from photoprep.layout import PATHS
 from photoprep.learn import checkpoint, evaluate
 
 
-def main() -> None:
+def main() -> str:
     p = params.load().evaluate
     model, meta = checkpoint.load_model(PATHS.model)
     test = evaluate.load_test(meta, PATHS)
@@ -18,6 +18,7 @@ def main() -> None:
     shown = (evaluate.split_pixels(test, PATHS), test.labels, result.predicted, meta["classes"])
     evaluate.draw_predictions(*shown, p.samples, PATHS.predictions_png)
     evaluate.draw_misclassified(*shown, p.misclassified, PATHS.misclassified_png)
+    return f"{result.metrics.get('n_test')} test images: accuracy {result.metrics.get('accuracy')}"
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from photoprep import errors, io, params, report
 from photoprep.layout import PATHS
 
 
-def main() -> None:
+def main() -> str:
     p = params.load()
     download = {name: io.read_json(PATHS.download_reports(name) / "counts.json") for name in p.sources}
     stages = {name: io.read_json(PATHS.stage_counts(name)) for name in ("dedup", "validate", "bucket")}
     stages["split"] = {"split": io.read_json(PATHS.splits_report)["totals"]}
-    io.write_json(report.funnel(download, stages), PATHS.funnel)
+    counts = report.funnel(download, stages)
+    io.write_json(counts, PATHS.funnel)
+    steps = ("lines_read", "unique_ids", "fetched", "after_dedup", "valid", "kept")
+    return " -> ".join(f"{step} {counts.get(step, 0):,}" for step in steps)
 
 
 if __name__ == "__main__":

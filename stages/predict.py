@@ -7,7 +7,7 @@ from photoprep.layout import PATHS
 from photoprep.learn import checkpoint, predict
 
 
-def main() -> None:
+def main() -> str:
     p = params.load().predict
     model, meta = checkpoint.load_model(PATHS.model)
     result = predict.predict_splits(model, meta, p, PATHS)
@@ -16,7 +16,7 @@ def main() -> None:
     io.write_table(result.curve, PATHS.confidence_csv)
     images = np.load(PATHS.images_array, mmap_mode="r")
     predict.draw_by_class(result.table, images, list(meta["classes"]), p.per_class, PATHS.predicted_png)
-    print(f"predict: {len(result.table)} images of {', '.join(p.splits)} in {result.seconds:.1f} s")
+    return f"{len(result.table)} images of {', '.join(p.splits)}"
 
 
 if __name__ == "__main__":

@@ -2,23 +2,31 @@
 
 import pandas as pd
 
-from photoprep import errors, io, params
+from photoprep import console, errors, io, params
 from photoprep.dataset import split
 from photoprep.ingest import sources
 from photoprep.layout import PATHS, SPLITS
 
 
-def main() -> None:
+def main() -> str:
     p = params.load()
     table = pd.read_parquet(PATHS.images_table)
+    console.require_input(len(table), "split", "bucket kept no image", PATHS.stage_counts("bucket"))
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
     members = pd.read_parquet(PATHS.dedup_table, columns=["source", "id", "label", "group"])
     table = split.attach_labels(table, labels, members, priority=p.sources)
+    labelled = int((table["label"].notna() & (table["label"].astype(str) != "")).sum())
+    cause = f"none of the {console.count(len(table))} images has a label (labels.csv ids or class folders)"
+    see = f"{PATHS.download_reports_dir.as_posix()}/<source>/labels_unmatched.csv"
+    console.require_input(labelled, "split", cause, see)
     result = split.assign_splits(table, p.split)
     for name in SPLITS:
         part = result.table[result.table["split"] == name].reset_index(drop=True)
         io.write_table(part, PATHS.split_table(name))
-    io.write_json(split.split_report(result), PATHS.splits_report)
+    report = split.split_report(result)
+    io.write_json(report, PATHS.splits_report)
+    totals = ", ".join(f"{name} {console.count(n)}" for name, n in report["totals"].items())
+    return f"{console.count(len(table))} images, {len(report['classes'])} classes: {totals}"
 
 
 if __name__ == "__main__":

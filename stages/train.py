@@ -5,7 +5,7 @@ from photoprep.layout import PATHS
 from photoprep.learn import checkpoint, data, live, train
 
 
-def main() -> None:
+def main() -> str:
     p = params.load().train
     splits = data.load_data(p, PATHS)
     log = live.LiveLog(PATHS.live_dir)
@@ -13,6 +13,8 @@ def main() -> None:
     log.close(result)
     checkpoint.save_model(result.state_dict, result.meta, PATHS.model)
     io.write_json(result.perf, PATHS.train_perf)
+    perf = result.perf
+    return f"{p.model}: {perf.get('epochs_this_run')} epochs on {perf.get('device')}"
 
 
 if __name__ == "__main__":

@@ -2,17 +2,26 @@
 
 import pandas as pd
 
-from photoprep import errors, io, params
+from photoprep import console, errors, io, params
 from photoprep.images import validate
 from photoprep.layout import PATHS
 
 
-def main() -> None:
+def main() -> str:
     p = params.load().validate
     checked = validate.validate_images(pd.read_parquet(PATHS.dedup_table), p)
+    console.require_input(
+        len(checked), "validate", "dedup left no fetched image", PATHS.stage_counts("dedup")
+    )
     io.write_table(checked, PATHS.valid_table)
     io.write_table(validate.broken_report(checked), PATHS.broken_csv)
-    io.write_json(validate.validate_counts(checked), PATHS.stage_counts("validate"))
+    counts = validate.validate_counts(checked)
+    io.write_json(counts, PATHS.stage_counts("validate"))
+    broken = console.reasons(checked.loc[~checked["valid"], "reason"])
+    return (
+        f"{console.count(len(checked))} images: {console.count(counts['valid'])} valid, "
+        f"{console.count(counts['broken'])} broken" + (f" ({broken})" if broken else "")
+    )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,14 @@ class _Payload:
     data: bytes
     content_type: str
     chunked: bool
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
 class _Fault:
     """What the next `times` requests for an id get instead of the payload (None: all of them)."""
 
-    kind: str  # status | slow | truncate | redirect
+    kind: str  # status | slow | truncate | redirect | drip
     times: int | None
     status: int = 0
     seconds: float = 0.0
@@ -87,9 +88,17 @@ class LoopbackCDN:
 
     # faults and payloads
 
-    def add(self, id_: str, data: bytes, content_type: str = "image/jpeg", chunked: bool = False) -> None:
-        """Serve `data` for `id_` (with Content-Length, or chunked without it)."""
-        self._payloads[id_] = _Payload(data, content_type, chunked)
+    def add(
+        self,
+        id_: str,
+        data: bytes,
+        content_type: str = "image/jpeg",
+        chunked: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Serve `data` for `id_` (with Content-Length, or chunked without it), with extra `headers`
+        (e.g. ``Content-Encoding: gzip`` for bytes that are gzipped already)."""
+        self._payloads[id_] = _Payload(data, content_type, chunked, tuple((headers or {}).items()))
 
     def fail(
         self, id_: str, status: int = 500, times: int | None = 1, headers: dict[str, str] | None = None
@@ -104,6 +113,10 @@ class LoopbackCDN:
     def slow(self, id_: str, seconds: float, times: int | None = 1) -> None:
         """Wait `seconds` before answering the next `times` requests."""
         self._add_fault(id_, _Fault("slow", times, seconds=seconds))
+
+    def drip(self, id_: str, seconds: float, times: int | None = 1) -> None:
+        """Announce the full Content-Length, then send the body one byte every `seconds`."""
+        self._add_fault(id_, _Fault("drip", times, seconds=seconds))
 
     def truncate(self, id_: str, times: int | None = 1) -> None:
         """Announce the full Content-Length, send half the body, hang up."""
@@ -189,10 +202,12 @@ def _handler_for(cdn: LoopbackCDN) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b"<html><body>not found</body></html>", "text/html")
             elif fault is not None and fault.kind == "truncate":
                 self._send(200, payload.data, payload.content_type, cut=len(payload.data) // 2)
+            elif fault is not None and fault.kind == "drip":
+                self._drip(payload, fault.seconds)
             elif payload.chunked:
                 self._send_chunked(payload)
             else:
-                self._send(200, payload.data, payload.content_type)
+                self._send(200, payload.data, payload.content_type, payload.headers)
 
         def _send(
             self,
@@ -214,6 +229,16 @@ def _handler_for(cdn: LoopbackCDN) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(body[:cut])
                 self.wfile.flush()
                 self.close_connection = True
+
+        def _drip(self, payload: _Payload, seconds: float) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", payload.content_type)
+            self.send_header("Content-Length", str(len(payload.data)))
+            self.end_headers()
+            for i in range(len(payload.data)):
+                self.wfile.write(payload.data[i : i + 1])
+                self.wfile.flush()
+                time.sleep(seconds)
 
         def _send_chunked(self, payload: _Payload) -> None:
             self.send_response(200)

@@ -236,3 +236,37 @@ def test_temporary_files_left_by_a_killed_run_are_removed_by_the_next_writer(tmp
     (tmp_path / ".tmp-def456.spill").write_bytes(b"waiting bodies")
     write(tmp_path, blobs(2))
     assert all(store.SHARD_NAME.fullmatch(p.name) for p in tmp_path.iterdir())
+
+
+def test_a_committed_shard_in_progress_is_taken_up_and_gives_the_same_shards(tmp_path):
+    items = blobs(30, size=3000)
+    expected = write(tmp_path / "straight", items, shard_bytes=40_000)
+    writer = ShardWriter(tmp_path / "resumed", 40_000)
+    for data in items[:17]:
+        writer.add(data)
+    state = writer.commit()
+    writer.add(items[17])  # added after the commit: lost with the kill
+    writer.abandon()
+    assert state is not None
+    with ShardWriter(tmp_path / "resumed", 40_000, resume=state) as again:
+        assert again.holds(sha(items[16])) and not again.holds(sha(items[17]))
+        for data in items[17:]:
+            again.add(data)
+        refs = again.flush()
+    assert refs == expected
+    assert shard_files(tmp_path / "resumed") == shard_files(tmp_path / "straight")
+
+
+def test_a_truncated_or_lying_shard_fails_verification_and_is_set_aside(tmp_path):
+    refs = write(tmp_path, blobs(3))
+    (name,) = {ref.shard for ref in refs.values()}
+    path = tmp_path / name
+    assert store.verify_shard(path)[1] == ""
+    data = path.read_bytes()
+    path.write_bytes(data[:-600])
+    assert "truncated" in store.verify_shard(path)[1]
+    path.write_bytes(data[:124] + b"00000000001\0" + data[136:])  # a size that lies
+    assert store.verify_shard(path)[0] is None
+    lines = store.set_aside_damaged(tmp_path)
+    assert len(lines) == 1 and name in lines[0]
+    assert index_shards(tmp_path) == {} and (tmp_path / f".damaged-{name}").exists()

@@ -1,4 +1,4 @@
-"""Per-image work in batches, through joblib (or a Dask cluster), with a progress bar."""
+"""Per-image work in batches, through joblib (or a Dask cluster), with progress (`photoprep.console`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from joblib import Parallel, delayed, parallel_config
-from tqdm.auto import tqdm
 
+from photoprep.console import Progress
 from photoprep.errors import UserError
 from photoprep.params import ComputeParams
 
@@ -46,7 +46,7 @@ def map_batches(
     if not len(items):
         return []
     chunks = batches(items, compute.batch_size)
-    bar = tqdm(total=len(items), desc=desc, unit="img", disable=None, leave=False)
+    bar = Progress(len(items), desc or "work", unit="img")
     out: list[R] = []
     if compute.n_jobs == 1 or len(chunks) == 1:
         for chunk in chunks:

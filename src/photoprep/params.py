@@ -70,10 +70,14 @@ class ComputeParams(Section):
 
 
 class DownloadParams(Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
     concurrency: int = Field(64, ge=1, le=1024, description="requests in flight in total")
     per_host: int = Field(64, ge=1, le=256, description="connections per host")
     connect_timeout: float = Field(10.0, gt=0)
-    read_timeout: float = Field(30.0, gt=0)
+    read_timeout: float = Field(
+        15.0, gt=0, description="seconds without a byte; a host that never answers is cut off after this"
+    )
     retries: int = Field(4, ge=0, le=20, description="retries after the first try")
     backoff_base: float = Field(0.5, ge=0, description="seconds; doubles each retry, with jitter")
     backoff_max: float = Field(60.0, ge=0)
@@ -83,6 +87,20 @@ class DownloadParams(Section):
     shard_mb: int = Field(256, ge=1, description="size of a shard of image bytes")
     user_agent: str = "photoprep/0.1 (+https://github.com/photoprep)"
     seed: int = Field(0, description="seed of the retry jitter")
+    request_deadline: float = Field(
+        120.0, gt=0, le=86_400, description="seconds of wall clock per request, body included: deadline"
+    )
+    host_down_after: int = Field(
+        64,
+        ge=0,
+        le=1_000_000,
+        description="a host whose first answers are this many failures of one kind, and no success, "
+        "is cut off (host_unreachable / host_all_<status>); 0 turns the breaker off",
+    )
+    commit_every: int = Field(
+        64, ge=1, le=1_000_000, description="images fetched between commits of shards and status rows"
+    )
+    commit_seconds: float = Field(5.0, gt=0, le=3600, description="seconds between commits at most")
 
 
 class DedupParams(Section):

@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from photoprep.console import count, reasons
 from photoprep.io import write_json, write_table
 
 FUNNEL_ORDER = (
@@ -14,6 +15,7 @@ FUNNEL_ORDER = (
     "malformed_lines",
     "repeated_id_lines",
     "unique_ids",
+    "labels_unmatched",
     "fetched",
     "fetch_failed",
     "fetch_failed_by_reason",
@@ -59,14 +61,16 @@ def funnel(download: dict[str, dict[str, Any]], stages: dict[str, dict[str, Any]
     return ordered
 
 
-def download_counts(listed: Any, table: pd.DataFrame) -> dict[str, Any]:
-    """Funnel counts of one source: lines, malformed lines, unique ids, fetched, failed by reason."""
+def download_counts(listed: Any, table: pd.DataFrame, unmatched_labels: int = 0) -> dict[str, Any]:
+    """Funnel counts of one source: lines, malformed lines, unique ids, label rows matching no id,
+    fetched, failed by reason."""
     failed = table[table["status"] != "ok"]
     return {
         "lines_read": int(listed.lines_read),
         "malformed_lines": len(listed.malformed),
         "unique_ids": len(listed.records),
         "repeated_id_lines": int(listed.lines_read - len(listed.malformed) - len(listed.records)),
+        "labels_unmatched": int(unmatched_labels),
         "fetched": int((table["status"] == "ok").sum()),
         "fetch_failed": len(failed),
         "fetch_failed_by_reason": {
@@ -75,9 +79,45 @@ def download_counts(listed: Any, table: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def write_download_reports(name: str, listed: Any, table: pd.DataFrame, folder: Path) -> None:
-    """counts.json, malformed.csv (line numbers and reasons) and failed.csv of one source."""
-    write_json(download_counts(listed, table), folder / "counts.json")
+def unmatched_labels(labels: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """Rows of a labels table whose id is no id of the manifest, sorted by id."""
+    if labels.empty:
+        return labels.reset_index(drop=True)
+    known = set(records["id"])
+    return labels[~labels["id"].isin(known)].sort_values("id", kind="mergesort").reset_index(drop=True)
+
+
+def fetched_cause(table: pd.DataFrame) -> str:
+    """Why a download table holds no image, per source.
+
+    'download@heobs fetched 0 of 2,000 (connect_error 2,000)'. Takes the raw tables as the dedup
+    stage reads them (the fetch reason in `reason` or `fetch_reason`).
+    """
+    if table.empty:
+        return "the download tables hold no id (are the manifests empty?)"
+    column = "fetch_reason" if "fetch_reason" in table.columns else "reason"
+    parts = []
+    for source, rows in table.groupby("source", sort=True):
+        ok = rows["status"] == "ok"
+        why = reasons(rows.loc[~ok, column])
+        parts.append(
+            f"download@{source} fetched {count(int(ok.sum()))} of {count(len(rows))}"
+            + (f" ({why})" if why else "")
+        )
+    return "; ".join(parts)
+
+
+def write_download_reports(
+    name: str, listed: Any, table: pd.DataFrame, folder: Path, labels: pd.DataFrame | None = None
+) -> None:
+    """counts.json, malformed.csv (line numbers and reasons), failed.csv and labels_unmatched.csv
+    (label rows whose id the manifest does not list) of one source."""
+    unmatched = unmatched_labels(labels, listed.records) if labels is not None else None
+    write_json(
+        download_counts(listed, table, 0 if unmatched is None else len(unmatched)), folder / "counts.json"
+    )
     write_table(listed.malformed, folder / "malformed.csv")
     failed = table.loc[table["status"] != "ok", ["source", "id", "url", "reason", "http_status", "attempts"]]
     write_table(failed, folder / "failed.csv")
+    if unmatched is not None:
+        write_table(unmatched, folder / "labels_unmatched.csv")

@@ -16,7 +16,9 @@ Formats (`source.yaml: format`):
   files in deeper sub-folders keep their path and belong to the top class), the label is the
   class, the url is the file's path relative to the source folder. Every regular file is
   listed (validation rejects what is not an image); hidden names are skipped; a file outside
-  a class folder is reported. "Line" numbers are positions in the sorted list of files.
+  a class folder, a symlinked folder (never followed), a FIFO, socket or device (never opened)
+  and a name that is not UTF-8 are refused rows of `malformed`. "Line" numbers are positions in
+  the sorted list of files.
 
 Every url is a URL reference: absolute (``https://``, ``file://``) or relative to the source
 folder, with each path segment percent-quoted. The fetcher resolves it and unquotes it; since
@@ -43,6 +45,7 @@ import csv
 import json
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -64,6 +67,8 @@ _UNRESERVED = re.compile(r"[A-Za-z0-9_.~-]*")  # what quote(safe="") leaves as i
 _TITLES_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True).encode
 _NOT_UTF8 = "not valid UTF-8"
 _BAD_ID = "id contains whitespace or control characters"
+_DOT_IDS = frozenset({".", ".."})  # in a url template they would name the folder or its parent
+_DOT_ID = "id is '.' or '..'"
 
 
 @dataclass
@@ -136,6 +141,8 @@ def parse_heobs(text: str) -> tuple[list[tuple[int, str, str, str]], list[tuple[
             bad.append((line_no, _shown(line), "empty id"))
         elif not id_.isprintable() or " " in id_:  # inline _is_clean: the hot loop
             bad.append((line_no, _shown(line), _BAD_ID))
+        elif id_ in _DOT_IDS:
+            bad.append((line_no, _shown(line), _DOT_ID))
         elif not lang:
             bad.append((line_no, _shown(line), "empty lang"))
         else:
@@ -359,6 +366,8 @@ def _add_table_row(
         return "empty id" if col["id"] is not None else "empty url"
     if not _is_clean(id_):
         return _BAD_ID
+    if id_ in _DOT_IDS:
+        return _DOT_ID
     if row_url:
         reason = url_problem(row_url)
         if reason is not None:
@@ -377,35 +386,61 @@ def _read_folder(cfg: SourceConfig) -> Manifest:
         what = "is not a folder" if base.exists() else "not found"
         raise UserError(f"{_where(cfg)} {what} (format folder needs a folder of class sub-folders)")
     prefix = PurePosixPath(cfg.manifest.replace("\\", "/")).as_posix()
-    files = sorted(_regular_files(base))
+    entries = sorted(_folder_entries(base, cfg.directory))
     records = _Records()
     bad: list[tuple[int, str, str]] = []
-    for line_no, rel in enumerate(files, 1):
-        reason = None
-        if "/" not in rel:
-            reason = "file outside a class folder"
+    for line_no, (rel, refused) in enumerate(entries, 1):
+        reason = refused
+        if reason:
+            pass
         elif _SURROGATE.search(rel):
             reason = "file name is not valid UTF-8"
         elif _CONTROL.search(rel):
             reason = "file name contains control characters"
-        if reason is not None:
+        elif "/" not in rel:
+            reason = "file outside a class folder"
+        if reason:
             bad.append((line_no, _shown(rel), reason))
             continue
         url = quote(f"{prefix}/{rel}", safe="/")
         records.add(line_no, rel, url, rel.split("/", 1)[0], "", "")
-    return Manifest(records.frame(cfg.name), _malformed_frame(cfg.name, bad), len(files))
+    return Manifest(records.frame(cfg.name), _malformed_frame(cfg.name, bad), len(entries))
 
 
-def _regular_files(base: Path) -> Iterable[str]:
-    """Paths of the regular files under `base`, relative, with '/'; hidden names skipped."""
+def _folder_entries(base: Path, source_dir: Path) -> Iterable[tuple[str, str]]:
+    """(path relative to `base` with '/', why it is refused or '') of every non-hidden entry that is
+    not a plain folder: regular files; symlinked folders (never followed: listed, refused); FIFOs,
+    sockets and devices (refused without being opened, so nothing blocks on them)."""
+    root = os.path.realpath(source_dir)
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = os.path.relpath(dirpath, base)
-        for name in filenames:
-            if name.startswith(".") or not os.path.isfile(os.path.join(dirpath, name)):
+        kept = []
+        for name in dirnames:
+            if name.startswith("."):
                 continue
-            rel = name if rel_dir == "." else os.path.join(rel_dir, name)
-            yield rel.replace(os.sep, "/")
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full):
+                rel = name if rel_dir == "." else os.path.join(rel_dir, name)
+                inside = os.path.realpath(full).startswith(root.rstrip(os.sep) + os.sep)
+                why = "symlinked folder (not followed)" if inside else "path_outside_source: symlinked folder"
+                yield rel.replace(os.sep, "/"), why
+            else:
+                kept.append(name)
+        dirnames[:] = kept
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            full = os.path.join(dirpath, name)
+            rel = (name if rel_dir == "." else os.path.join(rel_dir, name)).replace(os.sep, "/")
+            try:
+                mode = os.stat(full).st_mode  # follows a symlinked file; the fetcher checks where it leads
+            except OSError:
+                yield rel, "broken symlink"
+                continue
+            if stat.S_ISREG(mode):
+                yield rel, ""
+            elif not stat.S_ISDIR(mode):
+                yield rel, "not a regular file (a FIFO, socket or device)"
 
 
 def read_manifest(cfg: SourceConfig) -> Manifest:

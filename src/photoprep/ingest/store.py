@@ -12,10 +12,25 @@ handful of large files instead of 100k small ones, and no file name ever comes f
   same sequence of blobs always gives the same files.
 - Writes are atomic: a shard is built in a temporary file in the same folder and renamed
   into place when full or flushed. Existing shards are never modified.
+- Nothing is trusted because it exists: every shard's size and headers are checked against
+  the archive they describe, and its name against the hash of its member list, before its
+  blobs count as stored (`verify_shard`). A damaged shard is set aside (renamed to
+  ``.damaged-<name>``, which no glob of shards matches) and its blobs are fetched again.
+- The shard being written can be committed (`ShardWriter.commit`: fsync, then its name and
+  length go into the download's journal) and picked up again after a kill
+  (`ShardWriter(..., resume=...)`): each member up to the committed length is re-hashed, the
+  rest cut off, and appending goes on, so an interrupted and resumed download writes the
+  same shards as an uninterrupted one.
+
+Why one module
+    The writer, the verifier and the reader share one definition of a shard's bytes (the
+    member header, the padding, the end of the archive); split apart, a change to one would
+    silently break the others.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -35,6 +50,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 10240: archives end on a record boundary, like tar(1) writes them
 _TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = ".damaged-"
 
 
 @dataclass(frozen=True)
@@ -47,19 +63,99 @@ class BlobRef:
 
 
 def index_shards(directory: Path) -> dict[str, BlobRef]:
-    """sha256 -> BlobRef of every blob in the finished shards of `directory`."""
+    """sha256 -> BlobRef of every blob in the sound, finished shards of `directory` (damaged ones skipped)."""
     refs: dict[str, BlobRef] = {}
+    for path in _shard_paths(directory):
+        members, _problem = verify_shard(path)
+        for sha256, (offset, size) in (members or {}).items():
+            refs.setdefault(sha256, BlobRef(path.name, offset, size))
+    return refs
+
+
+def _shard_paths(directory: Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
-        return refs
-    for path in sorted(directory.glob(SHARD_GLOB)):
-        if not SHARD_NAME.fullmatch(path.name):
-            continue
-        with tarfile.open(path, mode="r:") as archive:
-            for member in archive:
-                if member.isfile() and _SHA256.fullmatch(member.name):
-                    refs.setdefault(member.name, BlobRef(path.name, member.offset_data, member.size))
-    return refs
+        return []
+    return [p for p in sorted(directory.glob(SHARD_GLOB)) if SHARD_NAME.fullmatch(p.name)]
+
+
+def _walk_members(fd: int, end: int) -> tuple[dict[str, tuple[int, int]], int, str]:
+    """Members (sha256 -> data offset, size) of the archive in `fd` up to byte `end`.
+
+    Also the position after the last member and a problem ('' when none): a header that is not
+    ours, a checksum that does not match, or data that runs past `end`. Stops at the
+    end-of-archive marker (a zero block).
+    """
+    members: dict[str, tuple[int, int]] = {}
+    position = 0
+    while position + _BLOCK <= end:
+        header = os.pread(fd, _BLOCK, position)
+        if len(header) < _BLOCK:
+            return members, position, f"short read at byte {position}"
+        if header == b"\0" * _BLOCK:
+            return members, position, ""
+        try:
+            info = tarfile.TarInfo.frombuf(header, encoding="utf-8", errors="strict")
+        except (tarfile.HeaderError, UnicodeDecodeError) as exc:
+            return members, position, f"bad header at byte {position} ({exc})"
+        if not (info.isfile() and _SHA256.fullmatch(info.name)):
+            return members, position, f"unexpected member {info.name!r} at byte {position}"
+        data_at = position + _BLOCK
+        after = data_at + info.size + (-info.size % _BLOCK)
+        if data_at + info.size > end:
+            return members, position, f"member {info.name[:12]}... runs past byte {end}"
+        members.setdefault(info.name, (data_at, info.size))
+        position = after
+    return members, position, ""
+
+
+def _listing_hash(members: dict[str, tuple[int, int]]) -> str:
+    listing = "".join(f"{sha256} {size}\n" for sha256, (_, size) in members.items())
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def verify_shard(path: Path) -> tuple[dict[str, tuple[int, int]] | None, str]:
+    """The members of a finished shard (sha256 -> data offset, size), or None and what is wrong.
+
+    Checked without reading the blobs: every header (checksum, a sha256 name), the end-of-archive
+    marker, the file size (the archive ends on a record boundary, nothing after it), and the
+    name, which is the hash of the member list, so a header that lies about a size is caught too.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        return None, f"cannot open ({exc.strerror})"
+    try:
+        size = os.fstat(fd).st_size
+        members, position, problem = _walk_members(fd, size)
+    finally:
+        os.close(fd)
+    if problem:
+        return None, problem
+    expected = position + 2 * _BLOCK
+    expected += -expected % _RECORD
+    if size != expected:
+        return None, f"{size} bytes where its members make {expected} (truncated or extended)"
+    if not members:
+        return None, "no member"
+    if path.name != f"shard-{_listing_hash(members)[:16]}.tar":
+        return None, "its name does not match its member list"
+    return members, ""
+
+
+def set_aside_damaged(directory: Path) -> list[str]:
+    """Rename every damaged shard of `directory` to ``.damaged-<name>``; one line per shard set aside."""
+    lines = []
+    for path in _shard_paths(directory):
+        members, problem = verify_shard(path)
+        if members is None:
+            os.replace(path, path.with_name(DAMAGED_PREFIX + path.name))
+            lines.append(
+                f"shard {path.name} is damaged ({problem}): set aside as {DAMAGED_PREFIX}{path.name}"
+            )
+    if lines:
+        fsync_directory(Path(directory))
+    return lines
 
 
 def tarfile_header(sha256: str, size: int) -> bytes:
@@ -99,15 +195,54 @@ def _padding(size: int, unit: int) -> bytes:
     return b"\0" * (-size % unit)
 
 
+@dataclass(frozen=True)
+class OpenState:
+    """A committed shard in progress: its temporary file's name and how many bytes of it count."""
+
+    tmp_name: str
+    length: int
+
+
 class _OpenShard:
     """A shard being written: a temporary file in the store folder, renamed when closed."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, resume: OpenState | None = None):
         self.directory = directory
-        self.fd, self.tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tar", dir=directory)
         self.position = 0
         self.payload = 0
         self.members: dict[str, tuple[int, int]] = {}  # sha256 -> (data offset, size), in order
+        if resume is None:
+            self.fd, self.tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tar", dir=directory)
+            return
+        self.tmp = str(directory / resume.tmp_name)
+        self.fd = os.open(self.tmp, os.O_RDWR)
+        try:
+            self._take_up(resume.length)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _take_up(self, length: int) -> None:
+        """Check the committed part of a temporary shard (each blob re-hashed) and cut off the rest."""
+        size = os.fstat(self.fd).st_size
+        if size < length:
+            raise ValueError(f"{size} bytes where {length} were committed")
+        members, position, problem = _walk_members(self.fd, length)
+        if problem or position != length:
+            raise ValueError(problem or f"members end at byte {position}, not at {length}")
+        for sha256, (offset, n) in members.items():
+            if hashlib.sha256(_pread_exact(self.fd, offset, n)).hexdigest() != sha256:
+                raise ValueError(f"blob {sha256[:12]}... does not hash to its name")
+        os.ftruncate(self.fd, length)
+        os.lseek(self.fd, length, os.SEEK_SET)  # appending goes on where the commit ended
+        self.members = members
+        self.position = length
+        self.payload = sum(n for _, n in members.values())
+
+    def sync(self) -> OpenState:
+        """Make every blob appended so far durable; what a journal needs to pick the shard up again."""
+        os.fsync(self.fd)
+        return OpenState(os.path.basename(self.tmp), self.position)
 
     def append(self, sha256: str, data: bytes) -> None:
         header = member_header(sha256, len(data))
@@ -172,16 +307,35 @@ class ShardWriter:
     one thread (the fetcher's event loop).
     """
 
-    def __init__(self, directory: Path, shard_bytes: int, known: dict[str, BlobRef] | None = None):
+    def __init__(
+        self,
+        directory: Path,
+        shard_bytes: int,
+        known: dict[str, BlobRef] | None = None,
+        resume: OpenState | None = None,
+    ):
         if shard_bytes < 1:
             raise ValueError(f"shard_bytes must be >= 1 (got {shard_bytes})")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.notes: list[str] = []  # one line per damaged shard set aside or commit not taken up
+        keep = resume.tmp_name if resume is not None else None
         for leftover in self.directory.glob(_TMP_PREFIX + "*"):
-            leftover.unlink()
+            if leftover.name != keep:
+                leftover.unlink()
         self.shard_bytes = shard_bytes
-        self._refs: dict[str, BlobRef] = dict(index_shards(self.directory) if known is None else known)
+        if known is None:
+            self.notes.extend(set_aside_damaged(self.directory))
+            known = index_shards(self.directory)
+        self._refs: dict[str, BlobRef] = dict(known)
         self._open: _OpenShard | None = None
+        if resume is not None and resume.length > 0:
+            try:
+                self._open = _OpenShard(self.directory, resume)
+            except (OSError, ValueError) as exc:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.directory / resume.tmp_name)
+                self.notes.append(f"the shard in progress {resume.tmp_name} is damaged ({exc}): removed")
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -217,11 +371,27 @@ class ShardWriter:
             raise
         return sha256
 
+    def holds(self, sha256: str) -> bool:
+        """True when the store holds the blob: in a finished shard or in the one being written."""
+        return sha256 in self._refs or (self._open is not None and sha256 in self._open.members)
+
+    def commit(self) -> OpenState | None:
+        """Make every blob added so far durable; the shard in progress to resume from (None if none)."""
+        return None if self._open is None else self._open.sync()
+
     def flush(self) -> dict[str, BlobRef]:
         """Close the shard being written; the refs of every blob the store holds."""
         if self._open is not None:
             self._close_shard()
         return dict(self._refs)
+
+    def abandon(self) -> None:
+        """Stop writing, leaving the shard in progress on disk as its last commit made it (a stop)."""
+        if self._open is not None:
+            shard, self._open = self._open, None
+            if shard.fd >= 0:
+                os.close(shard.fd)
+                shard.fd = -1
 
     def discard(self) -> None:
         """Remove the shard being written (its blobs are forgotten); closed shards stay."""
