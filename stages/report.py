@@ -5,9 +5,9 @@ from photoprep.layout import PATHS
 from photoprep.review import page
 
 
-def main() -> None:
+def main() -> str:
     out = page.write_report(PATHS, PATHS.report_page, PATHS.report_charts_dir)
-    print(f"report: {out}")
+    return f"{out} (open it in a browser; every link is relative)"
 
 
 if __name__ == "__main__":
