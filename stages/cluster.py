@@ -3,14 +3,17 @@
 import numpy as np
 import pandas as pd
 
-from photoprep import errors, io, params
+from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
-from photoprep.learn import cluster
 from photoprep.review import clusters as review_pages
 
 
 def main() -> str:
-    p = params.load().cluster
+    every = params.load()
+    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    from photoprep.learn import cluster
+
+    p = every.cluster
     features = np.load(PATHS.features_array, mmap_mode="r")
     info = io.read_json(PATHS.features_info)
     keys = pd.read_parquet(PATHS.features_table, columns=["source", "id", "row"])

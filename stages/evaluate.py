@@ -1,12 +1,15 @@
 """evaluate: score the trained model on the test split; metrics, confusion rows, sample grids."""
 
-from photoprep import errors, io, params
+from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
-from photoprep.learn import checkpoint, evaluate
 
 
 def main() -> str:
-    p = params.load().evaluate
+    every = params.load()
+    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    from photoprep.learn import checkpoint, evaluate
+
+    p = every.evaluate
     model, meta = checkpoint.load_model(PATHS.model)
     test = evaluate.load_test(meta, PATHS)
     result = evaluate.evaluate(model, meta, test, p)

@@ -2,13 +2,16 @@
 
 import numpy as np
 
-from photoprep import errors, io, params
+from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
-from photoprep.learn import checkpoint, predict
 
 
 def main() -> str:
-    p = params.load().predict
+    every = params.load()
+    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    from photoprep.learn import checkpoint, predict
+
+    p = every.predict
     model, meta = checkpoint.load_model(PATHS.model)
     result = predict.predict_splits(model, meta, p, PATHS)
     io.write_table(result.table, PATHS.predictions_table)

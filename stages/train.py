@@ -1,12 +1,15 @@
 """train: fit the model on the train split; val picks the best epoch and stops training early."""
 
-from photoprep import errors, io, params
+from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
-from photoprep.learn import checkpoint, data, live, train
 
 
 def main() -> str:
-    p = params.load().train
+    every = params.load()
+    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    from photoprep.learn import checkpoint, data, live, train
+
+    p = every.train
     splits = data.load_data(p, PATHS)
     log = live.LiveLog(PATHS.live_dir)
     result = train.fit(splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log)

@@ -73,6 +73,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
+    from photoprep import portable
+
+    if PATHS.params.is_file():  # as the stages do: the CPU math pinned from compute.* before torch loads
+        compute = params.load(PATHS.params).compute
+        portable.pin_cpu_math(compute.portable, compute.threads)
     from photoprep.learn import verify
 
     code = verify.verify(retrain=args.retrain, tolerance=args.tolerance)

@@ -37,7 +37,16 @@ import platform
 import sys
 from typing import Any
 
-__all__ = ["PORTABLE_ENV", "describe", "pin_cpu_math", "pinned"]
+__all__ = [
+    "PORTABLE_ENV",
+    "apply_threads",
+    "cpu_model",
+    "describe",
+    "pin_cpu_math",
+    "pin_default",
+    "pinned",
+    "settings",
+]
 
 PORTABLE_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",
@@ -110,15 +119,32 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe() -> dict[str, Any]:
-    """What the CPU math ran with: pinned settings, ATen's capability in use, threads, CPU model."""
+def settings() -> dict[str, Any]:
+    """What the CPU math ran with, the same on every machine that pinned alike (no CPU model):
+    for the model files, whose bytes must not depend on the machine."""
     import torch
 
     env_keys = sorted({*PORTABLE_ENV, *REPRODUCIBLE_ENV, *THREAD_ENV})
     return {
         "portable": bool(_pinned and _pinned["portable"]),
-        "cpu": cpu_model(),
-        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "env": {key: os.environ.get(key) for key in env_keys},
+    }
+
+
+def pin_default() -> None:
+    """Pin the portable defaults unless something pinned already (a stage pins from its params
+    first; a test or a notebook that imports photoprep.learn gets these)."""
+    if _pinned is None:
+        pin_cpu_math()
+
+
+def describe() -> dict[str, Any]:
+    """What the CPU math ran with: pinned settings, ATen's capability in use, threads, CPU model."""
+    import torch
+
+    return {
+        **settings(),
+        "cpu": cpu_model(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }

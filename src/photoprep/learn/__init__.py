@@ -1,1 +1,10 @@
-"""learn: models on the dataset: data loading, training, evaluation, prediction, clustering."""
+"""learn: models on the dataset: data loading, training, evaluation, prediction, clustering.
+
+Importing it pins the CPU math libraries' per-CPU choices (:mod:`photoprep.portable`) unless
+something pinned them already: stage scripts pin from ``compute.portable`` / ``compute.threads``
+before they import this room, so torch loads with those settings.
+"""
+
+from photoprep import portable
+
+portable.pin_default()

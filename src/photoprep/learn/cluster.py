@@ -22,7 +22,6 @@ embedding) beside DEC, and k-means on the same input features, so a regression s
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
+from photoprep import portable
 from photoprep.dataset.split import clean_label, read_labels
 from photoprep.errors import UserError
 from photoprep.learn.checkpoint import DEC_FORMAT, save_model
@@ -302,7 +302,7 @@ def cluster_features(
     }
     perf["total_s"] = time.perf_counter() - t_start
     perf["threads"] = p.threads or torch.get_num_threads()
-    perf["mkl"] = {"MKL_CBWR": os.environ.get("MKL_CBWR"), "MKL_DYNAMIC": os.environ.get("MKL_DYNAMIC")}
+    perf["cpu"] = portable.describe()
     pre = pd.DataFrame(pre_history, columns=["phase", "epoch", "loss"])
     ref = pd.DataFrame(refinement.history, columns=["iteration", "kl", "changed"])
     return ClusterResult(

@@ -31,13 +31,12 @@ gets ``random_state=p.seed``; deterministic algorithms are on while DEC runs (CP
 where torch has them, warn-only). That is not enough on the CPU: with more than one thread,
 MKL (torch's CPU matmul) sums in an order that varies from run to run (on 2 cores, about one
 run in three or four ended with other weights, more often when other work loads the machine).
-MKL's strict reproducibility mode (``MKL_CBWR=AUTO,STRICT``: a fixed summation order, whatever
+MKL's strict reproducibility mode (``MKL_CBWR=...,STRICT``: a fixed summation order, whatever
 the number of threads) with ``MKL_DYNAMIC=FALSE`` (no fewer threads than asked for when the
-machine is busy) fixed it in every run tried, for some 10% of the speed. MKL reads both once,
-before its first call, so importing this module sets them unless the environment already does.
-A process that ran MKL before (a test session, a notebook) keeps the settings it started with;
-there ``cluster.threads: 1`` is reproducible as well (about 1.6x slower on 2 cores). Results
-also depend on the CPU's instruction set: bit-identity holds on one machine, not across them.
+machine is busy) fixed it in every run tried, for some 10% of the speed. Both are set, with the
+rest of the CPU math's per-CPU choices, by :mod:`photoprep.portable` before torch loads (the
+``learn`` room pins its defaults on import; stages pin from ``compute.*``), which is also what
+makes the bytes the same across CPUs. ``cluster.threads`` overrides the thread count inside DEC.
 
 Why one module
     Pretraining, the start and the refinement are the steps of one algorithm that hand one
@@ -88,9 +87,6 @@ __all__ = [
     "target_distribution",
 ]
 
-# Before MKL's first call (see "Determinism" above); an explicit setting in the environment wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
 _CHUNK = 8192  # rows per forward pass when embedding a whole set
 # update_interval: null means one pass over the data, but never fewer batches than this: with the

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from photoprep import portable
 from photoprep.errors import UserError
 from photoprep.learn import devices, models
 from photoprep.learn.checkpoint import (
@@ -378,11 +379,15 @@ class _Run:
             "trained_on": self.device.type,
             # CPU kernels may split reductions by thread: `verify --retrain` uses the same count.
             "cpu_threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            # What the CPU math was pinned to (photoprep.portable); the CPU model goes to perf,
+            # since the model file's bytes must be the same on every machine.
+            "cpu_math": portable.settings() if self.device.type == "cpu" else None,
             "torch": torch.__version__.split("+")[0],
         }
         seconds = self.train_seconds
         perf = {
             "device": device_name(self.device),
+            "cpu": portable.describe() if self.device.type == "cpu" else None,
             "train_seconds": round(seconds, 3),
             "epochs_this_run": len(progress.history) - self.start_epoch,
             "train_images_per_s": round(self.images_seen / seconds, 1) if seconds else None,
