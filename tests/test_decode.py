@@ -139,8 +139,15 @@ def test_a_good_jpeg_gives_the_full_record():
         "valid": True,
         "reason": "",
         "hash": record["hash"],
+        "colour": True,
+        "lossless": False,
+        "quality": 90,
+        "camera": False,
+        "fine_hash": record["fine_hash"],
+        "transform_hashes": "",
     }
     assert len(record["hash"]) == 16 and int(record["hash"], 16) >= 0
+    assert len(record["fine_hash"]) == 64
 
 
 def test_probe_is_deterministic_and_batches_agree():
@@ -192,8 +199,14 @@ def test_same_picture_as_png_and_jpeg_hashes_alike():
 # -- reasons -------------------------------------------------------------------------------
 
 
+def verdict(record: dict) -> dict:
+    """The header and verdict fields of a probe record (a rejected record has no hashes)."""
+    assert record["hash"] == record["fine_hash"] == record["transform_hashes"] == ""
+    return {key: record[key] for key in ("format", "width", "height", "mode", "valid", "reason", "hash")}
+
+
 def test_empty_payload_is_zero_bytes():
-    assert probe(b"") | {"hash": ""} == {
+    assert verdict(probe(b"")) == {
         "format": "",
         "width": 0,
         "height": 0,
@@ -352,6 +365,7 @@ def test_every_reason_is_listed():
         "truncated",
         "corrupt",
         "too_many_pixels",
+        "over_budget",
         "unsupported",
     }
 
@@ -363,7 +377,7 @@ def test_bomb_is_rejected_from_its_header():
     bomb = bilevel_bomb_png(20_000, 20_000)
     assert len(bomb) < 100_000
     record = probe(bomb)
-    assert record | {"hash": ""} == {
+    assert verdict(record) == {
         "format": "PNG",
         "width": 20_000,
         "height": 20_000,
