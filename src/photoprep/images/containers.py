@@ -48,6 +48,29 @@ def embedded_sizes(data: bytes) -> list[Size]:
     return []
 
 
+def decodes_on_open(data: bytes) -> bool:
+    """Pillow's ICO, CUR and ICNS openers decode their largest image while opening."""
+    return format_of(data) in ("ICO", "CUR", "ICNS")
+
+
+def format_of(data: bytes) -> str:
+    """The Pillow format name of a container that `embedded_sizes` walks ("" for others)."""
+    head = data[:12]
+    if head[:4] == b"\x00\x00\x01\x00":
+        return "ICO"
+    if head[:4] == b"\x00\x00\x02\x00":
+        return "CUR"
+    if head[:4] == b"icns":
+        return "ICNS"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:8] == PNG_MAGIC:
+        return "PNG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return ""
+
+
 def page_sizes(im: Image.Image) -> list[Size]:
     """Sizes of the pages of a multi-page file (TIFF, MPO) from each page's header; the
     image is left on its first page."""

@@ -244,7 +244,7 @@ def probe(
     record.update(width=0, height=0, valid=False, colour=False, lossless=False, quality=0, camera=False)
     with _pillow_quiet():
         try:
-            im = _open(data)
+            im = _open(data, max_pixels, max_decode_mb, gray=True)
             record.update(format=im.format or "", mode=im.mode)
             header_size = im.size
             jpeg = im.format in _JPEG_FORMATS
@@ -273,6 +273,8 @@ def probe(
                     gray = gray.reduce(factor)
         except ImageRejected as rejected:
             record["reason"] = rejected.reason
+            if not record["format"]:  # refused before opening: the format its signature names
+                record["format"] = containers.format_of(data)
             return record
         record["hash"] = str(hasher(gray))
         record["fine_hash"] = str(fine_hasher(gray))
@@ -341,7 +343,8 @@ def decode_cost_mb(mode: str, size: tuple[int, int], gray: bool, alpha: bool = F
     """Estimated peak MB of decoding a frame of `mode` and `size` and normalising it to grey
     (`gray`) or RGB: Pillow's buffer for the frame (1 byte a pixel for 1, L, P; 2 for 16-bit
     grey; 4 for every other mode, RGB included) plus the working copies of the normalisation
-    (alpha compositing on white: RGBA, the white canvas, the RGB copy and the mask)."""
+    (alpha compositing on white: RGBA, the white canvas, the RGB copy and the mask; 16-bit
+    grey: the 8-bit result and the strips it is converted in)."""
     pixels = size[0] * size[1]
     core = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
     if alpha:
@@ -356,7 +359,8 @@ def decode_cost_mb(mode: str, size: tuple[int, int], gray: bool, alpha: bool = F
         extra = 4  # a converted RGB copy (P, CMYK, YCbCr, LA without alpha, ...)
     if gray and mode not in ("L", "1") and not mode.startswith("I"):
         extra += 1
-    return pixels * (core + extra) / 1e6
+    strips = 3 * 8 * _STRIP_PIXELS if mode.startswith("I") else 0  # int64 working strips
+    return (pixels * (core + extra) + strips) / 1e6
 
 
 def codec_versions() -> dict[str, str]:
@@ -397,7 +401,7 @@ def _upright_rgb(
     smallest upright (width, height) a JPEG may be decoded at, or None for full scale."""
     _check_max_pixels(max_pixels)
     with _pillow_quiet():
-        im = _open(data)
+        im = _open(data, max_pixels, max_decode_mb, gray=False)
         _check_pixels(im, data, max_pixels)
         header_size = im.size
         orientation = _orientation(im) if im.format not in _LATE_EXIF else 1
@@ -418,10 +422,14 @@ def _opened_formats() -> tuple[str, ...]:
     return tuple(fmt for fmt in OPENED_FORMATS if fmt in Image.OPEN)
 
 
-def _open(data: bytes) -> ImageFile.ImageFile:
-    """Identify `data` by Pillow's openers and read its header; no pixel is decoded."""
+def _open(data: bytes, max_pixels: int, max_decode_mb: float | None, gray: bool) -> ImageFile.ImageFile:
+    """Identify `data` by Pillow's openers and read its header; no pixel is decoded.
+
+    Pillow's ICO and ICNS openers decode their largest image while opening, so the sizes
+    that a container's headers announce are checked first (`_check_embedded`)."""
     if not data:
         raise ImageRejected("zero_bytes")
+    _check_embedded(data, max_pixels, max_decode_mb, gray)
     formats = _opened_formats()
     try:
         return Image.open(io.BytesIO(data), formats=formats)
@@ -446,6 +454,22 @@ def _open_unchecked(data: bytes, formats: tuple[str, ...]) -> ImageFile.ImageFil
             except Exception:
                 continue
     raise ImageRejected("too_many_pixels", "over Pillow's own limit")
+
+
+def _check_embedded(data: bytes, max_pixels: int, max_decode_mb: float | None, gray: bool) -> None:
+    """Before opening: every size a container's headers announce within `max_pixels`, and
+    for the containers Pillow decodes while opening, its largest image (taken as RGBA) within
+    the budget."""
+    sizes = containers.embedded_sizes(data)
+    if not sizes:
+        return
+    width, height = max(sizes, key=lambda s: s[0] * s[1])
+    if width * height > max_pixels:
+        raise ImageRejected("too_many_pixels", f"an embedded {width}x{height} > {max_pixels}")
+    if max_decode_mb is not None and containers.decodes_on_open(data):
+        cost = decode_cost_mb("RGBA", (width, height), gray, alpha=True)
+        if cost > max_decode_mb:
+            raise ImageRejected("over_budget", f"about {cost:.0f} MB > max_decode_mb {max_decode_mb}")
 
 
 def _check_pixels(im: Image.Image, data: bytes, max_pixels: int) -> None:
@@ -593,6 +617,8 @@ def _jpeg_quality(im: Image.Image) -> int:
     tables = getattr(im, "quantization", None) or {}
     if im.format not in _JPEG_FORMATS or 0 not in tables:
         return 0
+    if max(tables[0]) <= 1:
+        return 100
     scale = 100.0 * float(np.sum(tables[0])) / _STD_LUMA_SUM
     quality = (200.0 - scale) / 2 if scale <= 100 else 5000.0 / scale
     return int(min(100, max(1, round(quality))))
