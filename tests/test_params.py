@@ -35,6 +35,25 @@ def test_repository_params_load_with_the_demo_enabled():
         ),
         ({"compute": {"n_jobs": 0}}, "params.yaml: compute.n_jobs: must be a positive number"),
         ({"sources": []}, "sources: list at least one source"),
+        (
+            {"dedup": {"hash": "whash", "hash_size": 7}},
+            "params.yaml: dedup: hash_size: whash needs a power of two (got 7)",
+        ),
+        (
+            {"dedup": {"near_threshold": 100}},
+            "params.yaml: dedup: near_threshold: must be below the 64 bits of a hash_size 8 hash (got 100)",
+        ),
+        (
+            {"dedup": {"keep": "newest"}},
+            "params.yaml: dedup.keep: must be one of 'best', 'largest' or 'first'",
+        ),
+        ({"dedup": {"transforms": ["hflip", "hflip"]}}, "params.yaml: dedup.transforms: each transform once"),
+        ({"dedup": {"transforms": ["shear"]}}, "params.yaml: dedup.transforms.0: must be one of 'hflip'"),
+        (
+            {"dedup": {"verify_threshold": 300}},
+            "params.yaml: dedup.verify_threshold: must be <= 256 (got 300)",
+        ),
+        ({"validate": {"max_decode_mb": 0}}, "params.yaml: validate.max_decode_mb: must be >= 1 (got 0)"),
     ],
 )
 def test_bad_value_names_the_key_path(raw, message):

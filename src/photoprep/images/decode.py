@@ -194,7 +194,7 @@ def register_plugins() -> None:
     """Register the HEIF opener of pillow-heif where it is installed (phone photos are HEIC);
     Pillow reads AVIF itself. Called on import, so worker processes have it too."""
     try:
-        import pillow_heif  # type: ignore[import-not-found]
+        import pillow_heif
     except ImportError:
         return
     pillow_heif.register_heif_opener()
@@ -370,7 +370,17 @@ def codec_versions() -> dict[str, str]:
         "pillow": Image.__version__,
         "libjpeg": str(features.version("jpg")),
         "imagehash": getattr(imagehash, "__version__", "?"),
+        "heif": _heif_version(),
     }
+
+
+def _heif_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("pillow-heif")
+    except Exception:
+        return ""
 
 
 # ---------------------------------------------------------------------------------------
