@@ -37,11 +37,11 @@ def test_repository_params_load_with_the_demo_enabled():
         ({"sources": []}, "sources: list at least one source"),
         (
             {"dedup": {"hash": "whash", "hash_size": 7}},
-            "params.yaml: dedup: hash_size: whash needs a power of two (got 7)",
+            "params.yaml: dedup: hash_size: whash needs a power of 2 (got 7)",
         ),
         (
             {"dedup": {"near_threshold": 100}},
-            "params.yaml: dedup: near_threshold: must be below the 64 bits of a hash_size 8 hash (got 100)",
+            "params.yaml: dedup: near_threshold: must be <= 32, half the 64 bits of a 8x8 hash",
         ),
         (
             {"dedup": {"keep": "newest"}},

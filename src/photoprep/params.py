@@ -79,14 +79,14 @@ class DedupParams(Section):
         return v
 
     @model_validator(mode="after")
-    def _fits_the_hash(self) -> DedupParams:
-        bits = self.hash_size * self.hash_size
+    def _hash_and_threshold_agree(self) -> DedupParams:
         if self.hash == "whash" and self.hash_size & (self.hash_size - 1):
-            raise ValueError(f"hash_size: whash needs a power of two (got {self.hash_size})")
-        if self.near_threshold >= bits:
+            raise ValueError(f"hash_size: whash needs a power of 2 (got {self.hash_size})")
+        bits = self.hash_size * self.hash_size
+        if self.near_threshold > bits // 2:
             raise ValueError(
-                f"near_threshold: must be below the {bits} bits of a hash_size {self.hash_size} hash "
-                f"(got {self.near_threshold})"
+                f"near_threshold: must be <= {bits // 2}, half the {bits} bits of a {self.hash_size}x"
+                f"{self.hash_size} hash: beyond it unrelated images match (got {self.near_threshold})"
             )
         return self
 
