@@ -530,6 +530,12 @@ UNUSUAL = {
         (512, 512),
     ),
     "bilevel_png": (lambda: encode(Image.fromarray(digit(5) > 100), "PNG"), "PNG", "1", (64, 64)),
+    "rgb_coded_jpeg": (  # stored as RGB, not YCbCr (Adobe transform 0)
+        lambda: encode(coffee(), "JPEG", quality=90, keep_rgb=True),
+        "JPEG",
+        "RGB",
+        (600, 400),
+    ),
     "grey_jpeg": (lambda: encode(camera(), "JPEG"), "JPEG", "L", (512, 512)),
     "progressive_jpeg": (lambda: encode(coffee(), "JPEG", progressive=True), "JPEG", "RGB", (600, 400)),
     "webp": (lambda: encode(coffee(), "WEBP", quality=80), "WEBP", "RGB", (600, 400)),

@@ -257,7 +257,7 @@ def probe(
                 # Y (the grey the hash is computed on) and chroma straight from libjpeg, at the
                 # smallest 1/1..1/8 scale whose shorter side is still >= `side`; the whole
                 # stream is still decoded.
-                im.draft("YCbCr" if im.mode in ("RGB", "YCbCr") else "L", (side, side))
+                im.draft(_jpeg_draft_mode(im), (side, side))
             _check_budget(im, data, header_size, max_decode_mb, gray=True)
             gray, chroma = _decode_gray(im, data, jpeg, side)
             if im.format in _LATE_EXIF:
@@ -549,6 +549,14 @@ def _decode_gray(im: ImageFile.ImageFile, data: bytes, jpeg: bool, side: int) ->
     factor = _draft_factor(rgb.size, (side, side))
     small = rgb.reduce(factor) if factor > 1 else rgb
     return rgb.convert("L"), _mean_chroma(small.convert("YCbCr"))
+
+
+def _jpeg_draft_mode(im: Image.Image) -> str:
+    """YCbCr for colour JPEGs stored as YCbCr (Y is the grey libjpeg would give); RGB for
+    those stored as RGB (Adobe transform 0), which libjpeg cannot turn into YCbCr."""
+    if im.mode in ("RGB", "YCbCr"):
+        return "RGB" if im.info.get("adobe_transform") == 0 else "YCbCr"
+    return "L"
 
 
 def _mean_chroma(ycbcr: Image.Image) -> float:
