@@ -35,6 +35,7 @@ from photoprep.images.decode import (
     probe_many,
     resized_rgb,
 )
+from photoprep.ingest.sniff import sniff_mime
 
 # -- real content ------------------------------------------------------------------------
 
@@ -1058,3 +1059,15 @@ def test_refusals_allocate_nothing_and_the_budget_bounds_a_decode(tmp_path):
     assert figures["png16_refused"][2] == "over_budget" and figures["png16_refused"][0] < 5, figures
     growth, _seconds, reason = figures["png16_decoded"]
     assert reason == "" and growth < decode_cost_mb("I;16B", (7000, 7000), gray=True) * 1.1, figures
+
+
+@pytest.mark.parametrize("name", ["ppm_binary", "jpeg2000_jp2", "psd", "icns", "sgi"])
+def test_damaged_files_of_these_formats_are_never_not_an_image(name):
+    payload = FORMATS[name][0]()
+    assert sniff_mime(payload).startswith("image/")
+    damaged = [payload[: len(payload) // 3]]
+    if name != "sgi":  # SGI's bytes 12..52 are free-form fields: damage there is harmless
+        damaged.append(payload[:12] + b"\xff" * 40 + payload[52:])  # the signature intact
+    for record in map(probe, damaged):
+        reasons = ("truncated", "corrupt", "unsupported", "too_many_pixels")  # a size field hit
+        assert not record["valid"] and record["reason"] in reasons, record

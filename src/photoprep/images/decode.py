@@ -166,6 +166,8 @@ _MIME_FORMAT = {
     "image/x-icns": "ICNS",
     "image/vnd.adobe.photoshop": "PSD",
     "image/qoi": "QOI",
+    "image/vnd-ms.dds": "DDS",
+    "image/x-sgi": "SGI",
 }
 _UNSUPPORTED_WORDS = ("unsupported", "not supported", "not available", "not installed", "unknown pixel mode")
 _ORIENTATION = 0x0112

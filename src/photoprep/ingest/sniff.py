@@ -26,6 +26,8 @@ _MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"8BPS", "image/vnd.adobe.photoshop"),
     (b"qoif", "image/qoi"),
     (b"DDS ", "image/vnd-ms.dds"),
+    (b"\x01\xda\x00", "image/x-sgi"),  # SGI: magic 474, then uncompressed; \x01\xda\x01: RLE
+    (b"\x01\xda\x01", "image/x-sgi"),
     (b"%PDF", "application/pdf"),
 )
 _NETPBM = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6", b"P7", b"Pf", b"PF")
