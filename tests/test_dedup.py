@@ -194,7 +194,7 @@ def test_sheet_caption_says_why_each_member_lost():
     )
     assert list(groups[0]["id"]) == ["m1", "m0"]  # the kept copy first
     captions = [sheets.member_caption(member) for _, member in groups[0].iterrows()]
-    assert captions == ["kept: colour\n64x64\nJPEG q95", "d=2 lost:colour\n64x64\nJPEG q70 grey"]
+    assert captions == ["kept (colour)\n64x64\nJPEG q95", "d=2 lost colour\n64x64\nJPEG q70 grey"]
 
 
 # -- verification and transforms ---------------------------------------------------------------

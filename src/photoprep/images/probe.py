@@ -10,6 +10,7 @@ import pandas as pd
 
 from photoprep import parallel
 from photoprep.images import containers, decode, memo
+from photoprep.ingest import sniff
 from photoprep.ingest.store import BlobReader
 from photoprep.params import ComputeParams
 
@@ -95,7 +96,8 @@ def probe_images(
         "transforms": list(transforms),
         "codecs": decode.codec_versions(),
     }
-    cache = memo.Memo("probe", memo.fingerprint(settings, decode, containers))
+    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
+    cache = memo.Memo("probe", memo.fingerprint(settings, decode, containers, sniff))
     todo = cache.missing(list(table["sha256"]))
     if todo:
         firsts = _first_per_sha(table, todo)

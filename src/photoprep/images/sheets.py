@@ -49,7 +49,7 @@ def contact_sheet(
             sheet.paste(Image.fromarray(np.ascontiguousarray(pixels)), (x, y))
             for line_no, line in enumerate(caption.split("\n")[:caption_lines]):
                 y_text = y + th + 1 + line_no * CAPTION_PX
-                draw.text((x, y_text), line[: max(4, tw // 6)], fill="black", font=font)
+                draw.text((x, y_text), line[: max(4, tw // 5)], fill="black", font=font)
     _save_png(sheet, path)
 
 
@@ -63,9 +63,9 @@ def member_caption(member: pd.Series) -> str:
     rotation) and size, the format, JPEG quality and grey."""
     reason = str(member.get("keep_reason", "") or "")
     if member["dup_of"] == "":
-        role, turn = (f"kept: {reason}" if reason else "kept"), ""
+        role, turn = (f"kept ({reason})" if reason else "kept"), ""
     else:
-        role = f"d={member['dup_distance']} lost:{reason}"
+        role = f"d={member['dup_distance']} lost {reason}"
         kind = str(member["dup_reason"])
         turn = kind.removeprefix("near_") + " " if kind.startswith("near_") else ""
         turn = "exact " if kind == "exact" else turn
