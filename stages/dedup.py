@@ -12,11 +12,19 @@ def main() -> str:
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
     console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
     probed = probe.probe_images(
-        fetched, PATHS.raw_dir, p.dedup.hash, p.dedup.hash_size, p.validate.max_pixels, p.compute
+        fetched,
+        PATHS.raw_dir,
+        p.dedup.hash,
+        p.dedup.hash_size,
+        p.validate.max_pixels,
+        p.compute,
+        max_decode_mb=p.validate.max_decode_mb,
+        transforms=p.dedup.transforms,
     )
     table = table.join(probed)
-    result = dedup.find_duplicates(table, p.dedup)
-    io.write_table(result.table, PATHS.dedup_table)
+    result = dedup.find_duplicates(table, p.dedup, p.sources)
+    # The fine and transformed hashes served the grouping; later stages need neither.
+    io.write_table(result.table.drop(columns=["fine_hash", "transform_hashes"]), PATHS.dedup_table)
     io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
     io.write_json(result.counts, PATHS.stage_counts("dedup"))
     groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)

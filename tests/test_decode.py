@@ -24,15 +24,18 @@ from PIL import Image, ImageFile, ImageOps
 from skimage import data as samples
 from sklearn.datasets import load_digits
 
+from photoprep.images import containers
 from photoprep.images.decode import (
     PROBE_FIELDS,
     REASONS,
     ImageRejected,
+    decode_cost_mb,
     open_rgb,
     probe,
     probe_many,
     resized_rgb,
 )
+from photoprep.ingest.sniff import sniff_mime
 
 # -- real content ------------------------------------------------------------------------
 
@@ -139,8 +142,15 @@ def test_a_good_jpeg_gives_the_full_record():
         "valid": True,
         "reason": "",
         "hash": record["hash"],
+        "colour": True,
+        "lossless": False,
+        "quality": 90,
+        "camera": False,
+        "fine_hash": record["fine_hash"],
+        "transform_hashes": "",
     }
     assert len(record["hash"]) == 16 and int(record["hash"], 16) >= 0
+    assert len(record["fine_hash"]) == 64
 
 
 def test_probe_is_deterministic_and_batches_agree():
@@ -192,8 +202,14 @@ def test_same_picture_as_png_and_jpeg_hashes_alike():
 # -- reasons -------------------------------------------------------------------------------
 
 
+def verdict(record: dict) -> dict:
+    """The header and verdict fields of a probe record (a rejected record has no hashes)."""
+    assert record["hash"] == record["fine_hash"] == record["transform_hashes"] == ""
+    return {key: record[key] for key in ("format", "width", "height", "mode", "valid", "reason", "hash")}
+
+
 def test_empty_payload_is_zero_bytes():
-    assert probe(b"") | {"hash": ""} == {
+    assert verdict(probe(b"")) == {
         "format": "",
         "width": 0,
         "height": 0,
@@ -352,6 +368,7 @@ def test_every_reason_is_listed():
         "truncated",
         "corrupt",
         "too_many_pixels",
+        "over_budget",
         "unsupported",
     }
 
@@ -363,7 +380,7 @@ def test_bomb_is_rejected_from_its_header():
     bomb = bilevel_bomb_png(20_000, 20_000)
     assert len(bomb) < 100_000
     record = probe(bomb)
-    assert record | {"hash": ""} == {
+    assert verdict(record) == {
         "format": "PNG",
         "width": 20_000,
         "height": 20_000,
@@ -514,6 +531,12 @@ UNUSUAL = {
         (512, 512),
     ),
     "bilevel_png": (lambda: encode(Image.fromarray(digit(5) > 100), "PNG"), "PNG", "1", (64, 64)),
+    "rgb_coded_jpeg": (  # stored as RGB, not YCbCr (Adobe transform 0)
+        lambda: encode(coffee(), "JPEG", quality=90, keep_rgb=True),
+        "JPEG",
+        "RGB",
+        (600, 400),
+    ),
     "grey_jpeg": (lambda: encode(camera(), "JPEG"), "JPEG", "L", (512, 512)),
     "progressive_jpeg": (lambda: encode(coffee(), "JPEG", progressive=True), "JPEG", "RGB", (600, 400)),
     "webp": (lambda: encode(coffee(), "WEBP", quality=80), "WEBP", "RGB", (600, 400)),
@@ -684,3 +707,367 @@ def test_probe_leaves_pillow_settings_alone():
     probe(bilevel_bomb_png(10_000, 10_000))
     probe(astronaut_jpeg()[:1000])
     assert (ImageFile.LOAD_TRUNCATED_IMAGES, Image.MAX_IMAGE_PIXELS, list(warnings.filters)) == before
+
+
+# -- formats: identified by Pillow's openers, one real file each -------------------------------
+
+
+def _netpbm_plain(magic: str, pixels: np.ndarray, maxval: int | None) -> bytes:
+    """A plain (ASCII) Netpbm file as netpbm's own tools write it."""
+    height, width = pixels.shape[:2]
+    header = f"{magic}\n# written by photoprep's tests\n{width} {height}\n" + (
+        f"{maxval}\n" if maxval else ""
+    )
+    rows = "\n".join(" ".join(str(int(v)) for v in row.reshape(-1)) for row in pixels)
+    return (header + rows + "\n").encode()
+
+
+def _psd(picture: np.ndarray) -> bytes:
+    """A flat 8-bit RGB Photoshop file: header, empty colour-mode, resource and layer
+    sections, then raw planar channels (what Photoshop writes for a flattened image)."""
+    height, width = picture.shape[:2]
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, height, width, 8, 3)
+    sections = struct.pack(">III", 0, 0, 0)
+    planes = b"".join(np.ascontiguousarray(picture[..., c]).tobytes() for c in range(3))
+    return header + sections + struct.pack(">H", 0) + planes
+
+
+def _cur(picture: np.ndarray) -> bytes:
+    """A Windows cursor: an ICO with BMP entries and type 2 (the hotspot in place of the
+    planes and bit count)."""
+    ico = bytearray(encode(Image.fromarray(picture), "ICO", sizes=[(32, 32)], bitmap_format="bmp"))
+    ico[2:4] = struct.pack("<H", 2)
+    ico[10:14] = struct.pack("<HH", 16, 16)
+    return bytes(ico)
+
+
+def _mpo(picture: np.ndarray) -> bytes:
+    first = Image.fromarray(picture)
+    second = Image.fromarray(np.ascontiguousarray(picture[:, ::-1]))
+    return encode(first, "MPO", save_all=True, append_images=[second], quality=95)
+
+
+def _small(picture: np.ndarray, width: int = 120) -> np.ndarray:
+    im = Image.fromarray(picture)
+    return np.asarray(im.resize((width, round(im.height * width / im.width)), Image.Resampling.LANCZOS))
+
+
+FORMATS = {
+    # name: (payload builder, format, mode, (width, height), source picture the pixels match)
+    "pbm_binary": (lambda: encode(Image.fromarray(digit(4) > 100), "PPM"), "PPM", "1", (64, 64), None),
+    "pgm_binary": (lambda: encode(camera(), "PPM"), "PPM", "L", (512, 512), camera),
+    "ppm_binary": (lambda: encode(chelsea(), "PPM"), "PPM", "RGB", (451, 300), chelsea),
+    "pgm_16bit": (
+        lambda: encode(Image.fromarray(camera().astype(np.uint16) * 257), "PPM"),
+        "PPM",
+        "I",
+        (512, 512),
+        camera,
+    ),
+    "pbm_plain": (
+        lambda: _netpbm_plain("P1", (digit(4) <= 100).astype(int), None),
+        "PPM",
+        "1",
+        (64, 64),
+        None,
+    ),
+    "pgm_plain": (
+        lambda: _netpbm_plain("P2", _small(camera(), 60), 255),
+        "PPM",
+        "L",
+        (60, 60),
+        lambda: _small(camera(), 60),
+    ),
+    "ppm_plain": (
+        lambda: _netpbm_plain("P3", _small(chelsea(), 60), 255),
+        "PPM",
+        "RGB",
+        (60, 40),
+        lambda: _small(chelsea(), 60),
+    ),
+    "ico_png": (
+        lambda: encode(Image.fromarray(astronaut()), "ICO", sizes=[(64, 64)]),
+        "ICO",
+        "RGB",
+        (64, 64),
+        None,
+    ),
+    "ico_bmp": (
+        lambda: encode(Image.fromarray(astronaut()), "ICO", sizes=[(48, 48)], bitmap_format="bmp"),
+        "ICO",
+        "RGBA",
+        (48, 48),
+        None,
+    ),
+    "cur": (lambda: _cur(astronaut()), "CUR", "RGB", (32, 32), None),
+    "icns": (
+        lambda: encode(Image.fromarray(astronaut()).resize((128, 128)), "ICNS"),
+        "ICNS",
+        "RGBA",
+        (1024, 1024),
+        None,
+    ),
+    "tga": (lambda: encode(chelsea(), "TGA"), "TGA", "RGB", (451, 300), chelsea),
+    "tga_rle": (lambda: encode(chelsea(), "TGA", compression="tga_rle"), "TGA", "RGB", (451, 300), chelsea),
+    "jpeg2000_jp2": (
+        lambda: encode(coffee(), "JPEG2000", no_jp2=False),
+        "JPEG2000",
+        "RGB",
+        (600, 400),
+        coffee,
+    ),
+    "jpeg2000_codestream": (
+        lambda: encode(coffee(), "JPEG2000", no_jp2=True),
+        "JPEG2000",
+        "RGB",
+        (600, 400),
+        coffee,
+    ),
+    "mpo": (lambda: _mpo(chelsea()), "MPO", "RGB", (451, 300), chelsea),
+    "avif": (lambda: encode(coffee(), "AVIF", quality=90), "AVIF", "RGB", (600, 400), coffee),
+    "heic": (lambda: encode(coffee(), "HEIF", quality=90), "HEIF", "RGB", (600, 400), coffee),
+    "qoi": (lambda: encode(chelsea(), "QOI"), "QOI", "RGB", (451, 300), chelsea),
+    "psd": (lambda: _psd(chelsea()), "PSD", "RGB", (451, 300), chelsea),
+    "sgi": (lambda: encode(chelsea(), "SGI"), "SGI", "RGB", (451, 300), chelsea),
+    "dds": (lambda: encode(chelsea(), "DDS"), "DDS", "RGB", (451, 300), chelsea),
+    "pcx": (lambda: encode(chelsea(), "PCX"), "PCX", "RGB", (451, 300), chelsea),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_every_format_pillow_reads_is_kept(name):
+    build, fmt, mode, size, source = FORMATS[name]
+    if fmt == "HEIF" and "HEIF" not in Image.OPEN:
+        pytest.skip("pillow-heif is not installed")
+    payload = build()
+    record = probe(payload)
+    assert (record["format"], record["mode"], (record["width"], record["height"])) == (fmt, mode, size)
+    assert record["valid"] and record["reason"] == "" and len(record["hash"]) == 16
+    rgb = rgb_of(payload)
+    assert rgb.shape == (size[1], size[0], 3)
+    if source is not None:  # the pixels are the picture's (lossy formats within a small error)
+        picture = source()
+        expected = picture if picture.ndim == 3 else np.dstack([picture] * 3)
+        assert np.abs(rgb.astype(int) - expected).mean() < 3
+        reference = probe(encode(picture, "PNG"))
+        assert imagehash.hex_to_hash(record["hash"]) - imagehash.hex_to_hash(reference["hash"]) <= 2
+
+
+def test_mpo_gives_its_first_picture():
+    payload = _mpo(chelsea())
+    assert Image.open(io.BytesIO(payload)).n_frames == 2
+    assert np.abs(rgb_of(payload).astype(int) - chelsea()).mean() < 3
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        ("eps", lambda: encode(chelsea(), "EPS")),  # Pillow would run Ghostscript
+        ("jpeg_xl", lambda: b"\x00\x00\x00\x0cJXL \r\n\x87\n" + bytes(64)),
+        ("openexr", lambda: b"\x76\x2f\x31\x01\x02\x00\x00\x00" + bytes(64)),
+    ],
+)
+def test_image_formats_not_read_here_are_unsupported_not_not_an_image(kind, payload):
+    record = probe(payload())
+    assert (record["valid"], record["reason"]) == (False, "unsupported")
+
+
+def test_quality_lossless_camera_and_colour_are_read_from_the_file():
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Nikon", "D90"
+    camera_jpeg = probe(encode(coffee(), "JPEG", quality=93, exif=exif.tobytes()))
+    assert (camera_jpeg["quality"], camera_jpeg["lossless"], camera_jpeg["camera"]) == (93, False, True)
+    assert camera_jpeg["colour"]
+    for quality in (40, 70, 85, 95, 100):
+        assert probe(encode(coffee(), "JPEG", quality=quality))["quality"] == quality
+    png = probe(encode(coffee(), "PNG"))
+    assert (png["quality"], png["lossless"], png["camera"], png["colour"]) == (0, True, False, True)
+    grey_as_rgb = np.dstack([camera()] * 3)
+    for payload in (
+        encode(grey_as_rgb, "JPEG", quality=90),
+        encode(grey_as_rgb, "PNG"),
+        encode(camera(), "PNG"),
+    ):
+        assert not probe(payload)["colour"]
+    assert probe(encode(coffee(), "WEBP", lossless=True))["lossless"]
+    assert not probe(encode(coffee(), "WEBP", quality=80))["lossless"]
+    assert not probe(encode(coffee(), "TIFF", compression="jpeg"))["lossless"]
+    assert probe(encode(coffee(), "TIFF", compression="tiff_lzw"))["lossless"]
+
+
+def test_transform_hashes_are_the_hashes_of_the_transformed_picture():
+    record = probe(encode(chelsea(), "PNG"), transforms=("hflip", "rot90", "rot180", "rot270"))
+    turns = {
+        "hflip": chelsea()[:, ::-1],
+        "rot90": np.rot90(chelsea(), 1),
+        "rot180": np.rot90(chelsea(), 2),
+        "rot270": np.rot90(chelsea(), 3),
+    }
+    hashes = record["transform_hashes"].split(",")
+    assert len(hashes) == 4
+    for value, picture in zip(hashes, turns.values(), strict=True):
+        assert value == probe(encode(np.ascontiguousarray(picture), "PNG"))["hash"]
+    with pytest.raises(ValueError, match="transforms"):
+        probe(encode(chelsea(), "PNG"), transforms=("shear",))
+
+
+# -- containers and the decode budget: decided from headers, before any allocation -----------
+
+
+def ico_around(png: bytes, header_side: int = 16) -> bytes:
+    """An ICO whose directory says header_side x header_side around an embedded PNG."""
+    directory = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", header_side, header_side, 0, 0, 1, 32, len(png), 6 + 16)
+    return directory + entry + png
+
+
+def sixteen_bit_grey_png(width: int, height: int) -> bytes:
+    """A real 16-bit grey PNG: the camera photo (scaled to 16 bits) in the top-left corner,
+    black elsewhere, streamed through zlib row by row."""
+    picture = (camera().astype(">u2") * 257).astype(">u2")
+    compressor = zlib.compressobj(1)
+    blank = b"\x00" + bytes(2 * width)
+    parts = []
+    for y in range(height):
+        if y < picture.shape[0]:
+            row = picture[y].tobytes() + bytes(2 * (width - picture.shape[1]))
+            parts.append(compressor.compress(b"\x00" + row))
+        else:
+            parts.append(compressor.compress(blank))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", b"".join(parts))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_embedded_sizes_come_from_every_image_of_a_container():
+    icns = encode(Image.fromarray(astronaut()).resize((128, 128)), "ICNS")
+    assert {(128, 128), (1024, 1024)} <= set(containers.embedded_sizes(icns))
+    ico = ico_around(bilevel_bomb_png(9000, 9000))
+    assert containers.embedded_sizes(ico) == [(16, 16), (9000, 9000)]
+    frames = [Image.fromarray(digit(i)).convert("P") for i in (0, 1, 2)]
+    gif = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    sizes = containers.embedded_sizes(gif)  # the screen, then each frame's extent
+    assert sizes[0] == (64, 64) and len(sizes) == 4 and max(sizes) == (64, 64)
+    webp = encode(
+        Image.fromarray(chelsea()),
+        "WEBP",
+        save_all=True,
+        append_images=[Image.fromarray(coffee()[:300, :451])],
+    )
+    assert (451, 300) in containers.embedded_sizes(webp)
+    tiff = encode(
+        Image.fromarray(chelsea()), "TIFF", save_all=True, append_images=[Image.fromarray(coffee())]
+    )
+    assert containers.page_sizes(Image.open(io.BytesIO(tiff))) == [(451, 300), (600, 400)]
+
+
+def test_ico_whose_header_lies_is_refused_from_its_embedded_header():
+    record = probe(ico_around(bilevel_bomb_png(9000, 9000)))
+    assert (record["format"], record["valid"], record["reason"]) == ("ICO", False, "too_many_pixels")
+    with pytest.raises(ImageRejected) as rejected:
+        resized_rgb(ico_around(bilevel_bomb_png(9000, 9000)), (64, 64))
+    assert rejected.value.reason == "too_many_pixels"
+
+
+def _patched_gif_frame(width: int, height: int) -> bytes:
+    """A real animated GIF whose second frame's descriptor claims width x height."""
+    frames = [Image.fromarray(digit(i)).convert("P") for i in (0, 1)]
+    gif = bytearray(encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100))
+    second = gif.rindex(b"\x21\xf9\x04") + 8  # the descriptor after the last frame's control block
+    assert gif[second] == 0x2C
+    gif[second + 5 : second + 9] = struct.pack("<HH", width, height)
+    return bytes(gif)
+
+
+def test_later_frames_and_pages_count_against_max_pixels():
+    assert probe(_patched_gif_frame(4000, 4000), max_pixels=10_000_000)["reason"] == "too_many_pixels"
+    tiff = encode(
+        Image.fromarray(digit(1)), "TIFF", save_all=True, append_images=[Image.fromarray(chelsea())]
+    )
+    assert probe(tiff, max_pixels=100_000)["reason"] == "too_many_pixels"
+    assert probe(tiff, max_pixels=200_000)["valid"]
+    apng = bytearray(
+        encode(Image.fromarray(digit(1)), "PNG", save_all=True, append_images=[Image.fromarray(digit(2))])
+    )
+    second = apng.rindex(b"fcTL")
+    apng[second + 8 : second + 16] = struct.pack(">II", 5000, 5000)
+    assert probe(bytes(apng), max_pixels=10_000_000)["reason"] == "too_many_pixels"
+
+
+def test_decode_budget_refuses_a_16_bit_png_just_under_max_pixels():
+    payload = sixteen_bit_grey_png(7000, 7000)  # 49 MP: under max_pixels (50 MP)
+    estimate = decode_cost_mb("I;16B", (7000, 7000), gray=True)
+    assert 100 < estimate < 200
+    record = probe(payload, max_pixels=50_000_000, max_decode_mb=100)
+    assert (record["format"], record["width"], record["valid"], record["reason"]) == (
+        "PNG",
+        7000,
+        False,
+        "over_budget",
+    )
+    with pytest.raises(ImageRejected) as rejected:
+        resized_rgb(payload, (64, 64), max_decode_mb=100)
+    assert rejected.value.reason == "over_budget"
+    small = encode(Image.fromarray(camera().astype(np.uint16) * 257), "PNG")
+    assert probe(small, max_decode_mb=100)["valid"]
+
+
+def test_refusals_allocate_nothing_and_the_budget_bounds_a_decode(tmp_path):
+    """Peak memory (Linux VmHWM, reset before each step) in a fresh process: the ICO that says
+    16x16 around a 9000x9000 PNG, and the 7000x7000 16-bit PNG refused by the budget,
+    allocate nothing; the same PNG decoded within a budget stays within its estimate."""
+    if not _peak_reset_works():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+    (tmp_path / "ico").write_bytes(ico_around(bilevel_bomb_png(9000, 9000)))
+    (tmp_path / "png16").write_bytes(sixteen_bit_grey_png(7000, 7000))
+    script = textwrap.dedent(f"""
+        import json, pathlib, time
+        from photoprep.images.decode import probe
+        folder = pathlib.Path({str(tmp_path)!r})
+
+        def rss_mb(field):
+            for line in open("/proc/self/status"):
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+
+        def peak_growth(step):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            start, began = rss_mb("VmRSS"), time.perf_counter()
+            result = step()
+            return rss_mb("VmHWM") - start, time.perf_counter() - began, result
+
+        ico, png16 = (folder / "ico").read_bytes(), (folder / "png16").read_bytes()
+        probe(ico[:100])  # warm every import
+        out = {{
+            "ico": peak_growth(lambda: probe(ico)["reason"]),
+            "ico_budget": peak_growth(lambda: probe(ico, max_pixels=10**9, max_decode_mb=256)["reason"]),
+            "png16_refused": peak_growth(lambda: probe(png16, max_decode_mb=100)["reason"]),
+            "png16_decoded": peak_growth(lambda: probe(png16, max_decode_mb=256)["reason"]),
+        }}
+        print(json.dumps(out))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    figures = json.loads(result.stdout)
+    assert figures["ico"][2] == "too_many_pixels" and figures["ico"][0] < 5, figures
+    assert figures["ico_budget"][2] == "over_budget" and figures["ico_budget"][0] < 5, figures
+    assert figures["png16_refused"][2] == "over_budget" and figures["png16_refused"][0] < 5, figures
+    growth, _seconds, reason = figures["png16_decoded"]
+    assert reason == "" and growth < decode_cost_mb("I;16B", (7000, 7000), gray=True) * 1.1, figures
+
+
+@pytest.mark.parametrize("name", ["ppm_binary", "jpeg2000_jp2", "psd", "icns", "sgi"])
+def test_damaged_files_of_these_formats_are_never_not_an_image(name):
+    payload = FORMATS[name][0]()
+    assert sniff_mime(payload).startswith("image/")
+    damaged = [payload[: len(payload) // 3]]
+    if name != "sgi":  # SGI's bytes 12..52 are free-form fields: damage there is harmless
+        damaged.append(payload[:12] + b"\xff" * 40 + payload[52:])  # the signature intact
+    for record in map(probe, damaged):
+        reasons = ("truncated", "corrupt", "unsupported", "too_many_pixels")  # a size field hit
+        assert not record["valid"] and record["reason"] in reasons, record

@@ -1,8 +1,14 @@
 """Grouping: exact and near duplicates become groups with one deterministic representative."""
 
-import pandas as pd
+import io
 
-from photoprep.images import dedup
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from skimage import data as samples
+
+from photoprep.images import decode, dedup, sheets
 from photoprep.params import DedupParams
 
 A = "f0f0f0f0f0f0f0f0"
@@ -96,3 +102,177 @@ def test_duplicates_report_has_one_row_per_group_member():
     assert list(report["role"]) == ["kept", "exact", "near"]
     groups = dedup.near_groups_for_sheet(table, 5)
     assert len(groups) == 1 and list(groups[0]["id"]) == ["a", "b", "c"]
+
+
+# -- the keep rule: the best copy, and why ------------------------------------------------------
+
+
+def _members(rows: list[dict]) -> pd.DataFrame:
+    """Near copies of one picture (hashes 0..2 bits apart), each with the probe's facts."""
+    base = {"source": "s", "status": "ok", "valid": True, "width": 64, "height": 64, "colour": True}
+    base |= {"lossless": False, "quality": 90, "camera": False, "fine_hash": "", "format": "JPEG"}
+    hashes = [A, A_NEAR, "f0f0f0f0f0f0f0f1"]
+    return pd.DataFrame(
+        [
+            base | {"id": f"m{i}", "sha256": f"sha{i}", "hash": hashes[i % 3]} | row
+            for i, row in enumerate(rows)
+        ]
+    )
+
+
+def _kept(images: pd.DataFrame, **params) -> tuple[str, str]:
+    table = dedup.find_duplicates(images, DedupParams(near_threshold=4, **params)).table
+    kept = table[(table["dup_of"] == "") & (table["group"] == table["group"].iloc[0])]
+    assert len(kept) == 1
+    return kept["id"].iloc[0], kept["keep_reason"].iloc[0]
+
+
+@pytest.mark.parametrize(
+    ("winner", "loser", "reason"),
+    [
+        ({"colour": True, "width": 32}, {"colour": False, "width": 96}, "colour"),
+        ({"width": 96}, {"width": 64, "lossless": True, "quality": 0}, "pixels"),
+        ({"lossless": True, "quality": 0, "format": "PNG"}, {"quality": 98}, "lossless"),
+        ({"quality": 95}, {"quality": 70, "camera": True}, "quality"),
+        ({"camera": True}, {"camera": False}, "camera"),
+    ],
+)
+def test_best_copy_is_chosen_criterion_by_criterion(winner, loser, reason):
+    # The loser comes first by key, so only the criterion can make the winner win.
+    images = _members([loser, winner])
+    assert _kept(images) == ("m1", reason)
+    table = dedup.find_duplicates(images, DedupParams(near_threshold=4)).table.set_index("id")
+    assert table.loc["m0", "keep_reason"] == reason  # ... and the copy that lost says on what
+
+
+def test_medoid_keeps_the_copy_closest_to_all_others():
+    # Four copies alike on every criterion: m2's fine hash is one edit from each of the
+    # others, which are two edits from each other, so m2 is the medoid.
+    fine = {"m0": "0f" + "00" * 31, "m1": "f0" + "00" * 31, "m2": "00" * 32, "m3": "00" * 31 + "ff"}
+    images = _members([{"fine_hash": fine[f"m{i}"]} for i in range(4)])
+    assert _kept(images) == ("m2", "medoid")
+
+
+def test_key_breaks_a_complete_tie():
+    assert _kept(_members([{}, {}])) == ("m0", "key")
+
+
+def test_keep_largest_and_first_ignore_quality_and_colour():
+    images = _members([{"width": 32, "quality": 98}, {"width": 96, "colour": False}])
+    assert _kept(images, keep="largest") == ("m1", "pixels")
+    images["first_line"] = [7, 3]
+    assert _kept(images, keep="first") == ("m1", "first")
+    two_sources = images.assign(source=["a", "b"], first_line=[9, 1])
+    table = dedup.find_duplicates(two_sources, DedupParams(near_threshold=4, keep="first"), ["a", "b"]).table
+    assert list(table.loc[table["dup_of"] == "", "id"]) == ["m0"]  # source order wins over the line
+
+
+def test_exact_copies_are_counted_by_pair_whatever_is_kept():
+    # m0 and m1 are byte-identical; m2, a near copy with more pixels, is kept. Before, both
+    # m0 and m1 counted as near duplicates of m2.
+    images = _members([{"sha256": "x"}, {"sha256": "x"}, {"sha256": "y", "width": 96}])
+    result = dedup.find_duplicates(images, DedupParams(near_threshold=4))
+    table = result.table.set_index("id")
+    assert table.loc["m2", "dup_of"] == ""
+    assert sorted(table.loc[["m0", "m1"], "dup_reason"]) == ["exact", "near"]
+    assert result.counts == {"exact_duplicates": 1, "near_duplicates": 1, "after_dedup": 1}
+
+
+def test_report_lists_the_kept_copy_first_with_the_reasons():
+    images = _members([{"quality": 70}, {"quality": 95}, {"sha256": "sha1", "id": "m9", "quality": 95}])
+    report = dedup.duplicate_groups(dedup.find_duplicates(images, DedupParams(near_threshold=4)).table)
+    assert list(report["id"]) == ["m1", "m0", "m9"]
+    assert list(report["role"]) == ["kept", "near", "exact"]
+    assert list(report["keep_reason"]) == ["quality", "quality", "key"]
+    assert {"format", "quality", "colour", "lossless", "camera", "keep_reason"} <= set(report.columns)
+
+
+def test_sheet_caption_says_why_each_member_lost():
+    images = _members([{"quality": 70, "colour": False}, {"quality": 95}])
+    groups = dedup.near_groups_for_sheet(
+        dedup.find_duplicates(images, DedupParams(near_threshold=4)).table, 5
+    )
+    assert list(groups[0]["id"]) == ["m1", "m0"]  # the kept copy first
+    captions = [sheets.member_caption(member) for _, member in groups[0].iterrows()]
+    assert captions == ["kept (colour)\n64x64\nJPEG q95", "d=2 lost colour\n64x64\nJPEG q70 grey"]
+
+
+# -- verification and transforms ---------------------------------------------------------------
+
+
+def test_verification_drops_candidate_pairs_whose_fine_hashes_disagree():
+    images = _members([{"fine_hash": "00" * 32}, {"fine_hash": "ff" * 4 + "00" * 28}])  # 32 bits apart
+    assert dedup.find_duplicates(images, DedupParams(near_threshold=4)).counts["near_duplicates"] == 1
+    verified = DedupParams(near_threshold=4, verify_threshold=16)
+    assert dedup.find_duplicates(images, verified).counts["near_duplicates"] == 0
+    assert dedup.find_duplicates(images, verified.model_copy(update={"verify_threshold": 32})).counts == {
+        "exact_duplicates": 0,
+        "near_duplicates": 1,
+        "after_dedup": 1,
+    }
+
+
+def _real(pictures: dict[str, np.ndarray], transforms: tuple[str, ...]) -> pd.DataFrame:
+    rows = []
+    for name, picture in pictures.items():
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(picture)).save(out, "PNG")
+        record = decode.probe(out.getvalue(), transforms=transforms)
+        rows.append({"source": "s", "id": name, "sha256": name, "status": "ok"} | record)
+    return pd.DataFrame(rows)
+
+
+def test_mirrors_and_rotations_are_found_only_when_asked():
+    photo = samples.chelsea()
+    pictures = {
+        "a_original": photo,
+        "b_mirror": photo[:, ::-1],
+        "c_turned": np.rot90(photo, 1),
+        "d_upside_down": np.rot90(photo, 2),
+        "e_other": samples.coffee(),
+    }
+    off = dedup.find_duplicates(_real(pictures, ()), DedupParams(near_threshold=4))
+    assert off.counts["near_duplicates"] == 0
+    transforms = ("hflip", "rot90", "rot180", "rot270")
+    probed = _real(pictures, transforms)
+    probed.loc[probed["id"] == "a_original", "camera"] = True  # the camera original is kept
+    on = dedup.find_duplicates(probed, DedupParams(near_threshold=4, transforms=list(transforms)))
+    table = on.table.set_index("id")
+    assert table.loc["a_original", "dup_of"] == ""
+    assert table.loc["b_mirror", "dup_reason"] == "near_hflip"
+    assert table.loc["c_turned", "dup_reason"] == "near_rot90"
+    assert table.loc["d_upside_down", "dup_reason"] == "near_rot180"
+    assert table.loc["e_other", "group"] != table.loc["a_original", "group"]
+    assert on.counts["near_duplicates"] == 3
+
+
+def test_real_copies_keep_the_camera_original():
+    photo = Image.fromarray(samples.coffee())
+    exif = Image.Exif()
+    exif[0x010F] = "Nikon"
+
+    def jpeg(im: Image.Image, quality: int, **options) -> bytes:
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=quality, **options)
+        return out.getvalue()
+
+    payloads = {
+        "z_original": jpeg(photo, 95, exif=exif.tobytes()),
+        "a_reencoded": jpeg(photo, 70),
+        "b_grey": jpeg(photo.convert("L"), 95),
+        "c_half": jpeg(photo.resize((300, 200)), 95),
+        "d_resaved": jpeg(photo, 95),
+    }
+    rows = [
+        {"source": "s", "id": name, "sha256": name, "status": "ok"} | decode.probe(payload)
+        for name, payload in payloads.items()
+    ]
+    table = dedup.find_duplicates(pd.DataFrame(rows), DedupParams(near_threshold=4)).table.set_index("id")
+    assert table.loc["z_original", "dup_of"] == ""
+    assert table.loc["z_original", "keep_reason"] == "camera"  # over the plain re-save at quality 95
+    assert dict(table.loc[["a_reencoded", "b_grey", "c_half", "d_resaved"], "keep_reason"]) == {
+        "a_reencoded": "quality",
+        "b_grey": "colour",
+        "c_half": "pixels",
+        "d_resaved": "camera",
+    }

@@ -59,6 +59,17 @@ def test_repository_params_load_with_the_demo_enabled():
             "params.yaml: download.concurrency: must be a number, not true",
         ),
         ({"split": {"classes": True}}, "params.yaml: split.classes"),
+        (
+            {"dedup": {"keep": "newest"}},
+            "params.yaml: dedup.keep: must be one of 'best', 'largest' or 'first'",
+        ),
+        ({"dedup": {"transforms": ["hflip", "hflip"]}}, "params.yaml: dedup.transforms: each transform once"),
+        ({"dedup": {"transforms": ["shear"]}}, "params.yaml: dedup.transforms.0: must be one of 'hflip'"),
+        (
+            {"dedup": {"verify_threshold": 300}},
+            "params.yaml: dedup.verify_threshold: must be <= 256 (got 300)",
+        ),
+        ({"validate": {"max_decode_mb": 0}}, "params.yaml: validate.max_decode_mb: must be >= 1 (got 0)"),
     ],
 )
 def test_bad_value_names_the_key_path(raw, message):

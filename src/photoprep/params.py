@@ -4,8 +4,8 @@ An unknown key or a bad value stops a stage with one line naming the key path, e
 ``params.yaml: dedup.hash_size: must be >= 4 (got 2)``.
 
 Why one module
-    params.yaml is one document: one model validates it in one pass, with one error format
-    and the cross-section checks (sources, bounds that depend on other keys) in one place.
+    params.yaml is one document: its sections are validated together (cross-section checks,
+    one error format), and every stage reads its own section from the same typed model.
 """
 
 from __future__ import annotations
@@ -105,9 +105,28 @@ class DownloadParams(Section):
 
 class DedupParams(Section):
     hash: Literal["phash", "dhash", "whash", "ahash"] = "phash"
-    hash_size: int = Field(8, ge=4, le=32)
+    hash_size: int = Field(8, ge=4, le=32, description="bits per side: the hash has hash_size^2 bits")
     near_threshold: int = Field(4, ge=-1, description="max Hamming distance; -1 turns near-dedup off")
+    verify_threshold: int | None = Field(
+        None,
+        ge=0,
+        le=256,
+        description="max distance of the 256-bit fine hash for a candidate pair to count; null: off",
+    )
+    keep: Literal["best", "largest", "first"] = Field(
+        "best", description="best: colour, pixels, least lossy, camera original, medoid; largest; first"
+    )
+    transforms: list[Literal["hflip", "rot90", "rot180", "rot270"]] = Field(
+        default_factory=list, description="also match mirrored and rotated copies"
+    )
     contact_groups: int = Field(12, ge=0, description="largest near groups drawn in the contact sheet")
+
+    @field_validator("transforms")
+    @classmethod
+    def _transforms_once(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each transform once (got {v})")
+        return v
 
     @model_validator(mode="after")
     def _hash_and_threshold_agree(self) -> DedupParams:
@@ -125,6 +144,9 @@ class DedupParams(Section):
 class ValidateParams(Section):
     min_side: int = Field(32, ge=1, description="shorter side below this is too_small")
     max_pixels: int = Field(50_000_000, ge=1, description="more pixels than this is too_many_pixels")
+    max_decode_mb: int = Field(
+        256, ge=1, le=1_000_000, description="estimated peak MB of one decode; more is over_budget"
+    )
 
 
 class BucketRange(Section):

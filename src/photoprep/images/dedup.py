@@ -1,12 +1,36 @@
-"""Duplicates: repeated ids, byte-identical payloads and perceptually near-identical images.
+"""Duplicates: byte-identical payloads and perceptually near-identical images, one copy kept.
 
-Pairs become groups (connected components); each group keeps one representative, the one
-with the most pixels, then the smallest (source, id) key. Everything else points at it with
-`dup_of` and a reason. Broken payloads take no part: the validate stage reports each of them.
+Pairs become groups (connected components): rows with the same sha256; rows whose hashes are
+within `near_threshold` bits (optionally confirmed by the 256-bit fine hash,
+`verify_threshold`); and with `transforms`, a row whose hash is within the threshold of
+another row's mirrored or rotated hash. Broken payloads take no part: the validate stage
+reports each of them.
+
+Which copy a group keeps (`dedup.keep`):
+
+- ``best`` (default), a deterministic preference read from the probe, criterion by criterion:
+  colour over grey; the most pixels; the least lossy (lossless formats first, then the JPEG
+  quality estimated from the quantisation tables); the camera original (EXIF names a camera
+  or a capture time) over a re-save; the medoid, the member closest to all the others in the
+  fine hash (the untouched original when every other member is one edit away from it); the
+  smallest (source, id) key.
+- ``largest``: the most pixels, then the key (photoprep's rule before ``best``).
+- ``first``: source order (the order of `sources`, then the manifest line, then the id).
+
+`keep_reason` says for the kept row which criterion made it win over the runner-up, and for
+every other member which criterion it lost on (colour, pixels, lossless, quality, camera,
+medoid, key, first).
+
+Counts are by pair, not by the copy kept: within a group, every row byte-identical to a row
+ranked before it is ``exact``; the first row of each distinct payload other than the kept
+one is ``near`` (or ``near_hflip``, ``near_rot90``, ... when the kept copy's transformed
+hash is what it is closest to). So ``exact_duplicates`` counts the redundant byte copies
+whatever is kept.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +43,23 @@ from photoprep.errors import UserError
 from photoprep.images import hamming
 from photoprep.params import DedupParams
 
+KEEP_REASONS = ("colour", "pixels", "lossless", "quality", "camera", "medoid", "key", "first")
+
+# Probe columns the keep rule reads, and their values when a table lacks them.
+_DEFAULTS = {
+    "colour": True,
+    "lossless": False,
+    "quality": 0,
+    "camera": False,
+    "fine_hash": "",
+    "transform_hashes": "",
+    "format": "",
+}
+
 
 @dataclass
 class DedupResult:
-    table: pd.DataFrame  # every record, with group, dup_of, dup_reason, dup_distance
+    table: pd.DataFrame  # every record, with group, dup_of, dup_reason, dup_distance, keep_reason
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -42,110 +79,263 @@ def _key(table: pd.DataFrame) -> pd.Series:
     return table["source"] + "/" + table["id"]
 
 
-def _edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, np.ndarray, int]:
-    """Graph edges over candidate rows (0..n-1) plus one node per distinct hash (n..n+u-1)."""
+def _popcounts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(axis=1).astype(np.int64)
+
+
+def _distances(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    if not len(a):
+        return np.zeros(0, np.int64)
+    return _popcounts(hamming.pack_hashes(list(a)), hamming.pack_hashes(list(b)))
+
+
+def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
+    """The first input row of each distinct hash."""
+    first = np.full(n_unique, len(inverse), np.int64)
+    np.minimum.at(first, inverse, np.arange(len(inverse)))
+    return first
+
+
+def _near_edges(hashes: list[str], fine: list[str], p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs joined by near hashes: each row to the first row of its hash, and the first
+    rows of hashes within the threshold; with `verify_threshold`, only pairs whose fine
+    hashes are that close."""
+    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold)
+    first = _first_rows(near.inverse, len(near.unique))
+    src = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
+    dst = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
+    if p.verify_threshold is not None and len(src):
+        fine_a = [fine[i] for i in src]
+        fine_b = [fine[i] for i in dst]
+        keep = _distances(fine_a, fine_b) <= p.verify_threshold
+        src, dst = src[keep], dst[keep]
+    return src, dst
+
+
+def _transform_edges(hashes: list[str], transformed: list[list[str]], p: DedupParams) -> pd.DataFrame:
+    """(row, other, transform, distance): `row`'s hash is within the threshold of the
+    `transform` of `other`'s picture. One search over the plain and transformed hashes."""
+    n, k = len(hashes), len(p.transforms)
+    stacked = list(hashes) + [t[j] for j in range(k) for t in transformed]
+    near = hamming.near_duplicate_pairs(hamming.pack_hashes(stacked), p.near_threshold)
+    entries = pd.DataFrame({"u": near.inverse, "row": np.tile(np.arange(n), k + 1)})
+    entries["t"] = np.repeat(np.arange(-1, k), n)
+    plain = entries[entries["t"] < 0].groupby("u", sort=False)["row"].min()
+    both_ways = np.concatenate([near.pairs, near.pairs[:, [1, 0, 2]]])
+    links = pd.DataFrame(both_ways, columns=["u", "v", "distance"])
+    same = pd.DataFrame({"u": plain.index, "v": plain.index, "distance": 0})
+    links = pd.concat([links, same], ignore_index=True)
+    links = links[links["u"].isin(plain.index)]
+    links["row"] = plain.loc[links["u"]].to_numpy()
+    moved = entries[entries["t"] >= 0].rename(columns={"u": "v", "row": "other"})
+    found = links.merge(moved, on="v")
+    found = found[found["row"] != found["other"]]
+    found["transform"] = np.asarray(p.transforms, dtype=object)[found["t"].to_numpy()]
+    return found[["row", "other", "transform", "distance"]].reset_index(drop=True)
+
+
+def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
     n = len(candidates)
     rows = np.arange(n)
     # Byte-identical payloads: each row joins the first row that has its sha256.
     first_of_sha = candidates.groupby("sha256", sort=False).cumcount().to_numpy() == 0
     sha_first = pd.Series(rows[first_of_sha], index=candidates["sha256"].to_numpy()[first_of_sha])
     src, dst = [rows], [sha_first.loc[candidates["sha256"]].to_numpy()]
-    extra = 0
     if p.near_threshold >= 0 and n:
-        near = hamming.near_duplicate_pairs(hamming.pack_hashes(list(candidates["hash"])), p.near_threshold)
-        extra = len(near.unique)
-        # Each row joins the node of its hash value; near hash values join each other.
-        src += [rows, near.pairs[:, 0] + n]
-        dst += [near.inverse + n, near.pairs[:, 1] + n]
-    return np.concatenate(src), np.concatenate(dst), n + extra
+        hashes = list(candidates["hash"])
+        near_src, near_dst = _near_edges(hashes, list(candidates["fine_hash"]), p)
+        src.append(near_src)
+        dst.append(near_dst)
+        if p.transforms:
+            transformed = [h.split(",") for h in candidates["transform_hashes"]]
+            edges = _transform_edges(hashes, transformed, p)
+            src.append(edges["row"].to_numpy())
+            dst.append(edges["other"].to_numpy())
+    a, b = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
-def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
-    src, dst, nodes = _edges(candidates, p)
-    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(nodes, nodes))
-    _, labels = connected_components(graph, directed=False)
-    return labels[: len(candidates)]
+def _medoid_cost(groups: np.ndarray, fine: pd.Series) -> np.ndarray:
+    """Sum of fine-hash distances from each row to the other rows of its group, in linear
+    time: per bit, a row disagrees with the group members that hold the other value."""
+    known = fine.to_numpy() != ""
+    cost = np.zeros(len(fine), np.int64)
+    if not known.any():
+        return cost
+    bits = np.unpackbits(hamming.pack_hashes(list(fine[known])), axis=1).astype(np.int64)
+    group = groups[known]
+    _, local = np.unique(group, return_inverse=True)
+    ones = np.zeros((local.max() + 1, bits.shape[1]), np.int64)
+    np.add.at(ones, local, bits)
+    sizes = np.bincount(local)
+    per_bit = np.where(bits == 1, sizes[local, None] - ones[local], ones[local])
+    cost[known] = per_bit.sum(axis=1)
+    return cost
 
 
-def _distances(a: list[str], b: list[str]) -> np.ndarray:
-    if not a:
-        return np.zeros(0, np.int64)
-    x, y = hamming.pack_hashes(a), hamming.pack_hashes(b)
-    return np.unpackbits(np.bitwise_xor(x, y), axis=1).sum(axis=1).astype(np.int64)
+def _criteria(frame: pd.DataFrame, p: DedupParams, sources: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(column, reason) to sort by, ascending, for `p.keep`; adds the columns to `frame`."""
+    frame["_pixels"] = -(frame["width"].astype(np.int64) * frame["height"].astype(np.int64))
+    frame["_key"] = _key(frame)
+    if p.keep == "largest":
+        return [("_pixels", "pixels"), ("_key", "key")]
+    if p.keep == "first":
+        order = {name: i for i, name in enumerate(sources or sorted(set(frame["source"])))}
+        position = frame["source"].map(order).fillna(len(order)).astype(np.int64)
+        line = frame["first_line"].fillna(0).astype(np.int64) if "first_line" in frame else 0
+        frame["_first"] = position * (1 << 40) + line
+        return [("_first", "first"), ("_key", "key")]
+    frame["_grey"] = ~frame["colour"].astype(bool)
+    frame["_lossy"] = ~frame["lossless"].astype(bool)
+    frame["_quality"] = -frame["quality"].astype(np.int64)
+    frame["_no_camera"] = ~frame["camera"].astype(bool)
+    return [
+        ("_grey", "colour"),
+        ("_pixels", "pixels"),
+        ("_lossy", "lossless"),
+        ("_quality", "quality"),
+        ("_no_camera", "camera"),
+        ("_medoid", "medoid"),
+        ("_key", "key"),
+    ]
 
 
-def find_duplicates(images: pd.DataFrame, p: DedupParams) -> DedupResult:
+def _deciding(a: pd.DataFrame, b: pd.DataFrame, criteria: list[tuple[str, str]]) -> np.ndarray:
+    """For row pairs (a[i], b[i]): the reason of the first criterion on which they differ."""
+    reason = np.full(len(a), criteria[-1][1], dtype=object)
+    decided = np.zeros(len(a), bool)
+    for column, name in criteria:
+        differs = (a[column].to_numpy() != b[column].to_numpy()) & ~decided
+        reason[differs] = name
+        decided |= differs
+    return reason
+
+
+def find_duplicates(
+    images: pd.DataFrame, p: DedupParams, sources: Sequence[str] | None = None
+) -> DedupResult:
     """Group byte-identical and perceptually near-identical images; keep one per group.
 
-    `images` has one row per record with `status`, `sha256`, `valid`, `hash`, `width`, `height`.
+    `images` has one row per record with `status`, `sha256`, `valid`, `hash`, `width`,
+    `height`, and the probe's `colour`, `lossless`, `quality`, `camera`, `fine_hash`,
+    `transform_hashes` (defaults when absent). `sources` orders sources for ``keep: first``.
     """
     table = images.copy()
+    for column, default in _DEFAULTS.items():
+        if column not in table:
+            table[column] = default
     table["group"] = -1
     table["dup_of"] = ""
     table["dup_reason"] = ""
     table["dup_distance"] = -1
+    table["keep_reason"] = ""
     is_candidate = (table["status"] == "ok") & table["valid"].fillna(False).astype(bool)
-    candidates = table[is_candidate]
+    candidates = table[is_candidate].copy()
+    for column, default in _DEFAULTS.items():
+        candidates[column] = candidates[column].fillna(default)
     if len(candidates):
-        order = candidates.assign(
-            _group=_groups(candidates, p),
-            _pixels=-(candidates["width"].astype(np.int64) * candidates["height"].astype(np.int64)),
-            _key=_key(candidates),
-        ).sort_values(["_group", "_pixels", "_key"], kind="stable")
-        first = order.groupby("_group")["_key"].transform("first")
-        rep_index = order.groupby("_group").head(1).set_index("_group")
-        reps = rep_index.loc[order["_group"]]
-        is_dup = (order["_key"] != first).to_numpy()
-        same_bytes = order["sha256"].to_numpy() == reps["sha256"].to_numpy()
-        dist = _distances(list(order["hash"]), list(reps["hash"]))
-        # Group ids are renumbered by their representative's key, so they do not depend on input order.
-        group_ids = pd.Series(np.arange(len(rep_index)), index=rep_index.sort_values("_key").index)
-        table.loc[order.index, "group"] = group_ids.loc[order["_group"]].to_numpy()
-        table.loc[order.index, "dup_of"] = np.where(is_dup, first, "")
-        table.loc[order.index, "dup_reason"] = np.where(is_dup, np.where(same_bytes, "exact", "near"), "")
-        table.loc[order.index, "dup_distance"] = np.where(is_dup, dist, -1)
+        candidates = candidates.sort_values(["source", "id"], kind="stable")
+        candidates["_group"] = _groups(candidates, p)
+        candidates["_medoid"] = _medoid_cost(candidates["_group"].to_numpy(), candidates["fine_hash"])
+        criteria = _criteria(candidates, p, sources)
+        order = candidates.sort_values(["_group", *(c for c, _ in criteria)], kind="stable")
+        _assign(table, order, criteria, p)
     counts = {
         "exact_duplicates": int((table["dup_reason"] == "exact").sum()),
-        "near_duplicates": int((table["dup_reason"] == "near").sum()),
+        "near_duplicates": int(table["dup_reason"].str.startswith("near").sum()),
         "after_dedup": int(((table["status"] == "ok") & (table["dup_of"] == "")).sum()),
     }
     return DedupResult(table=table, counts=counts)
 
 
+def _assign(
+    table: pd.DataFrame, order: pd.DataFrame, criteria: list[tuple[str, str]], p: DedupParams
+) -> None:
+    """Write group, dup_of, dup_reason, dup_distance and keep_reason of the ranked rows."""
+    rank = order.groupby("_group").cumcount().to_numpy()
+    kept = order[rank == 0].set_index("_group")
+    reps = kept.loc[order["_group"]]
+    is_dup = rank > 0
+    # Exact: byte-identical to a row ranked before it in the group.
+    exact = order.duplicated(["_group", "sha256"]).to_numpy()
+    dist = _distances(list(order["hash"]), list(reps["hash"]))
+    reason = np.where(exact, "exact", "near").astype(object)
+    if p.transforms:
+        for j, name in enumerate(p.transforms):
+            turned = [h.split(",")[j] if h else "" for h in reps["transform_hashes"]]
+            has = np.array([bool(t) for t in turned])
+            if not has.any():
+                continue
+            d = np.full(len(order), 1 << 30, np.int64)
+            d[has] = _distances(list(order["hash"][has]), [t for t in turned if t])
+            better = ~exact & (d < dist)
+            reason[better] = f"near_{name}"
+            dist = np.minimum(dist, np.where(~exact, d, dist))
+    # The runner-up (the best other payload) decides why the kept row won; each member says
+    # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
+    others = order[is_dup & (order["sha256"].to_numpy() != reps["sha256"].to_numpy())]
+    runner = others.groupby("_group").head(1).set_index("_group")
+    sizes = order.groupby("_group").size().loc[kept.index]
+    won = pd.Series(np.where(sizes > 1, "key", ""), index=kept.index, dtype=object)
+    if len(runner):
+        won.loc[runner.index] = _deciding(kept.loc[runner.index], runner, criteria)
+    lost = _deciding(reps.reset_index(drop=True), order.reset_index(drop=True), criteria)
+    keep_reason = np.where(is_dup, lost, won.loc[order["_group"]].to_numpy())
+    group_ids = pd.Series(np.arange(len(kept)), index=kept.sort_values("_key").index)
+    table.loc[order.index, "group"] = group_ids.loc[order["_group"]].to_numpy()
+    table.loc[order.index, "dup_of"] = np.where(is_dup, reps["_key"].to_numpy(), "")
+    table.loc[order.index, "dup_reason"] = np.where(is_dup, reason, "")
+    table.loc[order.index, "dup_distance"] = np.where(is_dup, dist, -1)
+    table.loc[order.index, "keep_reason"] = keep_reason
+
+
+REPORT_COLUMNS = [
+    "group",
+    "source",
+    "id",
+    "role",
+    "dup_of",
+    "dup_distance",
+    "keep_reason",
+    "format",
+    "width",
+    "height",
+    "pixels",
+    "colour",
+    "lossless",
+    "quality",
+    "camera",
+    "sha256",
+    "hash",
+]
+
+
 def duplicate_groups(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per member of every group that has duplicates: the report's duplicates.csv."""
+    """One row per member of every group that has duplicates, the kept copy first: the
+    report's duplicates.csv, with why the kept copy won and why each other member lost."""
     dup_groups = set(table.loc[table["dup_of"] != "", "group"])
     members = table[table["group"].isin(dup_groups)].copy()
+    for column, default in _DEFAULTS.items():
+        if column not in members:
+            members[column] = default
     members["role"] = np.where(members["dup_of"] == "", "kept", members["dup_reason"])
     members["pixels"] = members["width"].astype(np.int64) * members["height"].astype(np.int64)
     members = members.sort_values(["group", "dup_of", "source", "id"], kind="stable")
-    columns = [
-        "group",
-        "source",
-        "id",
-        "role",
-        "dup_of",
-        "dup_distance",
-        "sha256",
-        "hash",
-        "width",
-        "height",
-        "pixels",
-    ]
-    return members[columns].reset_index(drop=True)
+    return members[REPORT_COLUMNS].reset_index(drop=True)
 
 
 def near_groups_for_sheet(table: pd.DataFrame, limit: int, per_group: int = 10) -> list[pd.DataFrame]:
-    """The largest groups that hold near duplicates, representative first, at most ``per_group``
-    members each, for the contact sheet."""
-    near = table[table["dup_reason"] == "near"]
+    """The largest groups that hold near duplicates, the kept copy first, then members by
+    distance, at most ``per_group`` members each, for the contact sheet."""
+    near = table[table["dup_reason"].str.startswith("near")]
     if near.empty or limit == 0:
         return []
     sizes = table[table["group"].isin(set(near["group"]))].groupby("group").size()
     chosen = sizes.sort_values(ascending=False, kind="stable").head(limit).index
     out = []
     for gid in chosen:
-        members = table[table["group"] == gid]
-        ordered = members.sort_values(["dup_distance", "source", "id"], kind="stable")
-        out.append(ordered.head(per_group))
+        members = table[table["group"] == gid].assign(_kept=lambda m: m["dup_of"] != "")
+        ordered = members.sort_values(["_kept", "dup_distance", "source", "id"], kind="stable")
+        out.append(ordered.drop(columns="_kept").head(per_group))
     return out

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 
 from photoprep import parallel
-from photoprep.images import decode, memo
+from photoprep.images import containers, decode, memo
+from photoprep.ingest import sniff
 from photoprep.ingest.store import BlobReader
 from photoprep.params import ComputeParams
 
-PROBE_COLUMNS = ["format", "width", "height", "mode", "valid", "decode_reason", "hash"]
+PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in decode.PROBE_FIELDS]
 
 # (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
 BlobLocation = tuple[str, str, int, int]
@@ -46,9 +47,16 @@ def _read(raw_dir: Path, locations: Sequence[BlobLocation]) -> list[bytes]:
 
 
 def _probe_batch(
-    locations: Sequence[BlobLocation], raw_dir: Path, hash_name: str, hash_size: int, max_pixels: int
+    locations: Sequence[BlobLocation],
+    raw_dir: Path,
+    hash_name: str,
+    hash_size: int,
+    max_pixels: int,
+    max_decode_mb: float | None,
+    transforms: Sequence[str],
 ) -> list[dict]:
-    return decode.probe_many(_read(raw_dir, locations), hash_name, hash_size, max_pixels)
+    blobs = _read(raw_dir, locations)
+    return decode.probe_many(blobs, hash_name, hash_size, max_pixels, max_decode_mb, transforms)
 
 
 def _pixels_batch(
@@ -70,19 +78,26 @@ def probe_images(
     hash_size: int,
     max_pixels: int,
     compute: ComputeParams,
+    max_decode_mb: float | None = None,
+    transforms: Sequence[str] = (),
 ) -> pd.DataFrame:
-    """Format, size after orientation, mode, validity and perceptual hash of each row's bytes.
+    """Format, size after orientation, mode, validity, perceptual hashes and the facts the
+    keep rule reads (`decode.probe`) of each row's bytes.
 
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
-    most once per (hash, hash_size, max_pixels, decoder code); later calls read the memo.
+    most once per (hash, hash_size, max_pixels, max_decode_mb, transforms, decoder code);
+    later calls read the memo.
     """
     settings = {
         "hash": hash_name,
         "hash_size": hash_size,
         "max_pixels": max_pixels,
+        "max_decode_mb": max_decode_mb,
+        "transforms": list(transforms),
         "codecs": decode.codec_versions(),
     }
-    cache = memo.Memo("probe", memo.fingerprint(settings, decode))
+    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
+    cache = memo.Memo("probe", memo.fingerprint(settings, decode, containers, sniff))
     todo = cache.missing(list(table["sha256"]))
     if todo:
         firsts = _first_per_sha(table, todo)
@@ -94,6 +109,8 @@ def probe_images(
             hash_name,
             hash_size,
             max_pixels,
+            max_decode_mb,
+            tuple(transforms),
             desc="decode+hash",
         )
         rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})

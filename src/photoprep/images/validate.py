@@ -18,6 +18,7 @@ REASONS = (
     "corrupt",
     "too_small",
     "too_many_pixels",
+    "over_budget",
     "unsupported",
 )
 
