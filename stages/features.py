@@ -1,19 +1,16 @@
 """features: HOG of the grayscale image + a Cr/Cb colour map, for every processed image."""
 
-import numpy as np
 import pandas as pd
 
 from photoprep import errors, io, params
-from photoprep.images import features
+from photoprep.images import featurize
 from photoprep.layout import PATHS
 
 
 def main() -> None:
     p = params.load()
-    pixels = np.load(PATHS.images_array, mmap_mode="r")
+    info = featurize.write_features(PATHS.images_array, PATHS.features_array, p.features, p.compute)
     table = pd.read_parquet(PATHS.images_table, columns=["source", "id", "row"])
-    matrix, info = features.compute_features(pixels, p.features, p.compute.n_jobs, p.compute.batch_size)
-    io.write_array(matrix.astype(np.float32), PATHS.features_array)
     io.write_table(table, PATHS.features_table)
     io.write_json(info, PATHS.features_info)
 
