@@ -240,9 +240,9 @@ def _preview(names: list[str], n: int = 10) -> str:
 
 def _text_or_none(values: pd.Series) -> np.ndarray:
     """Selected class names (text) as objects, None where there is none (None, NaN)."""
-    objects = values.to_numpy(dtype=object)
-    present = np.asarray(pd.notna(objects), dtype=bool)
-    return np.where(present, objects, None)
+    objects = values.to_numpy(dtype=object, copy=True)
+    objects[~np.asarray(pd.notna(objects), dtype=bool)] = None
+    return objects
 
 
 def _clean_sha(values: pd.Series) -> np.ndarray:
