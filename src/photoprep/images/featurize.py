@@ -71,11 +71,12 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             cache.put(pd.DataFrame({"sha256": todo[done : done + len(chunk)]}), rows)
             done += len(chunk)
     memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
-    step = max(1, compute.batch_size)
+    step = memo.write_step(compute.batch_size, 4 * info["dim"])
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(keys), info["dim"]))
         for start in range(0, len(keys), step):
             cache.arrays(keys[start : start + step], out=out[start : start + step])
+            out.flush()
         if p.scaling == "standard" and len(keys):
             info["standard"] = {"ddof": 0, "constant_columns": features.standardise(out)}
         out.flush()

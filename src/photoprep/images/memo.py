@@ -250,6 +250,13 @@ class Memo:
                     (self.directory / f"{stale}.parquet").unlink()
 
 
+def write_step(batch_size: int, row_bytes: int, target_bytes: int = 32 << 20) -> int:
+    """Rows per write of a streamed array: whole batches, about `target_bytes` at a time (each
+    write is flushed, and a flush per small batch would spend more time in msync than in copying)."""
+    batches = max(1, target_bytes // max(1, batch_size * row_bytes))
+    return max(1, batch_size) * batches
+
+
 def log_decodes(stage: str, decoded: int, cached: int) -> None:
     """Append how many images a stage decoded and how many came from the memo.
 

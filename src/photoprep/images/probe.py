@@ -184,7 +184,7 @@ def write_pixels(
     """
     cache = memoize_pixels(table, raw_dir, size, fit, max_pixels, compute)
     keys = table["sha256"].tolist()
-    step = max(1, compute.batch_size)
+    step = memo.write_step(compute.batch_size, size[0] * size[1] * 3)
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(
             tmp, mode="w+", dtype=np.uint8, shape=(len(keys), size[0], size[1], 3)
