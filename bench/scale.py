@@ -15,8 +15,9 @@ stage:
   run's, against the target "2 s + 10% of the full run";
 - the start of each stage (a fresh interpreter importing the stage script) and whether it
   imported torch;
-- a projection of wall and peak heap to 144,564 and 1,000,000 photos (linear in N, from the two
-  largest sizes).
+- a projection of CPU and peak heap to 144,564 and 1,000,000 photos (linear in N, from the two
+  largest sizes; CPU rather than wall, because wall on a shared machine measures the others'
+  load: an idle machine's wall is about CPU / compute.n_jobs for dedup, bucket and features).
 
 Then the download side by side: the first --download-n photos served by a loopback server that
 holds every response 50 ms (bench/download.py's servers, in their own process), page cache
@@ -296,12 +297,12 @@ def summarise(result: dict) -> dict:
                 (full["peak_heap_mb"] - low["peak_heap_mb"]) * 1024 / (large - small), 3
             )
             prev = result["runs"][str(below)][stage]
-            slope_wall = (full["wall_s"] - prev["wall_s"]) / (large - below)
-            slope_heap = (full["peak_heap_mb"] - prev["peak_heap_mb"]) / (large - below)
+            slope_cpu = max(0.0, (full["cpu_s"] - prev["cpu_s"]) / (large - below))
+            slope_heap = max(0.0, (full["peak_heap_mb"] - prev["peak_heap_mb"]) / (large - below))
             row["projection"] = {
                 str(n): {
-                    "wall_s": round(full["wall_s"] + slope_wall * (n - large), 1),
-                    "peak_heap_mb": round(full["peak_heap_mb"] + max(0.0, slope_heap) * (n - large), 1),
+                    "cpu_s": round(full["cpu_s"] + slope_cpu * (n - large), 1),
+                    "peak_heap_mb": round(full["peak_heap_mb"] + slope_heap * (n - large), 1),
                 }
                 for n in PROJECTIONS
             }
@@ -408,12 +409,12 @@ def print_table(report: dict) -> None:
     share = total_rerun / total_full
     print(f"all data stages: full {total_full:.1f} CPU s, re-run {total_rerun:.1f} CPU s ({share:.1%})")
     if any("projection" in r for r in report["summary"].values()):
-        print("projection (linear in N from the two largest sizes): wall s / peak heap MB")
+        print("projection (linear in N from the two largest sizes): CPU s / peak heap MB")
         for n in PROJECTIONS:
             cells = []
             for stage, row in report["summary"].items():
                 at = row["projection"][str(n)]
-                cells.append(f"{stage} {at['wall_s']:.0f}s/{at['peak_heap_mb']:.0f}MB")
+                cells.append(f"{stage} {at['cpu_s']:.0f}s/{at['peak_heap_mb']:.0f}MB")
             print(f"  {n:>9,d}: " + ", ".join(cells))
     dl = report.get("download")
     if dl:

@@ -20,8 +20,6 @@ from typing import Any
 import cv2
 import joblib
 import numpy as np
-import skimage.color
-import skimage.feature
 
 from photoprep.errors import UserError
 from photoprep.params import FeatureParams, HogParams
@@ -95,6 +93,9 @@ def _hog_skimage(gray: np.ndarray, p: HogParams) -> np.ndarray:
 
 
 def _skimage_hog(image: np.ndarray, p: HogParams) -> np.ndarray:
+    # Imported here: the default numpy implementation never needs scikit-image (a stage starts faster).
+    import skimage.feature
+
     return skimage.feature.hog(
         image,
         orientations=p.orientations,
@@ -379,11 +380,13 @@ def compute_features(
 def reference_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     """The plain per-image computation (skimage rgb2gray + hog, cv2 resize + cvtColor): float32 ``N x D``."""
     check_images(images)
+    from skimage.color import rgb2gray
+
     h, w = p.color_size
     rows = []
     for image in images:
         arr = np.ascontiguousarray(image)
-        hog = _skimage_hog(skimage.color.rgb2gray(arr), p.hog)
+        hog = _skimage_hog(rgb2gray(arr), p.hog)
         small = cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
         crcb = cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:].astype(np.float32)
         rows.append(_scale(hog[None], crcb.reshape(1, -1), p.scaling)[0])
