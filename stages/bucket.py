@@ -1,5 +1,6 @@
 """bucket: group resolutions, keep the chosen buckets, resize them to one size."""
 
+import numpy as np
 import pandas as pd
 
 from photoprep import console, errors, io, params
@@ -19,10 +20,10 @@ def main() -> str:
         f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
     )
     console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
-    pixels = probe.resized_pixels(
-        kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute
+    probe.write_pixels(
+        kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute, PATHS.images_array
     )
-    io.write_array(pixels, PATHS.images_array)
+    pixels = np.load(PATHS.images_array, mmap_mode="r")
     io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)
     io.write_table(result.resolutions, PATHS.resolutions_csv)
     bucket.plot_resolutions(result, PATHS.resolutions_png)

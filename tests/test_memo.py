@@ -33,3 +33,61 @@ def test_decode_log_sits_beside_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path))
     memo.log_decodes("probe", decoded=3, cached=5)
     assert (tmp_path / "decodes.jsonl").read_text() == '{"stage": "probe", "decoded": 3, "cached": 5}\n'
+
+
+def _two_parts(root, arrays=True):
+    cache = memo.Memo("pixels", "fp", root=root, arrays=arrays)
+    cache.put(pd.DataFrame({"sha256": ["a", "b"]}), np.array([[1], [2]], np.uint8))
+    cache.put(pd.DataFrame({"sha256": ["c"]}), np.array([[3]], np.uint8))
+    return cache.directory, memo.part_name(["a", "b"])
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_a_truncated_table_part_is_discarded_with_a_line_and_recomputed(tmp_path, capsys):
+    directory, name = _two_parts(tmp_path)
+    _truncate(directory / f"{name}.parquet")
+    again = memo.Memo("pixels", "fp", root=tmp_path, arrays=True)
+    assert again.missing(["a", "b", "c"]) == ["a", "b"]
+    assert again.discarded == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and name in err and "damaged" in err and "Traceback" not in err
+    assert not (directory / f"{name}.parquet").exists() and not (directory / f"{name}.npy").exists()
+    again.put(pd.DataFrame({"sha256": ["a", "b"]}), np.array([[1], [2]], np.uint8))
+    assert memo.Memo("pixels", "fp", root=tmp_path, arrays=True).arrays(["c", "b", "a"]).ravel().tolist() == [
+        3,
+        2,
+        1,
+    ]
+
+
+def test_a_short_or_missing_array_makes_its_part_damaged(tmp_path, capsys):
+    directory, name = _two_parts(tmp_path)
+    _truncate(directory / f"{name}.npy", keep=0.9)
+    assert memo.Memo("pixels", "fp", root=tmp_path, arrays=True).missing(["a", "c"]) == ["a"]
+    directory, name = _two_parts(tmp_path / "other")
+    (directory / f"{name}.npy").unlink()
+    assert memo.Memo("pixels", "fp", root=tmp_path / "other", arrays=True).missing(["a", "c"]) == ["a"]
+    assert capsys.readouterr().err.count("damaged") == 2
+
+
+def test_a_part_whose_keys_do_not_match_its_name_is_not_trusted(tmp_path):
+    directory, name = _two_parts(tmp_path, arrays=False)
+    pd.DataFrame({"sha256": ["a", "x"]}).to_parquet(directory / f"{name}.parquet", index=False)
+    assert memo.Memo("pixels", "fp", root=tmp_path).missing(["a", "x", "c"]) == ["a", "x"]
+
+
+def test_temporaries_of_dead_runs_are_removed_and_row_parts_compact(tmp_path):
+    cache = memo.Memo("probe", "fp", root=tmp_path)
+    for key in "abcde":
+        cache.put(pd.DataFrame({"sha256": [key], "width": [ord(key)]}))
+    dead = cache.directory / ".part-x.parquet.999999999-0a1b.tmp"
+    dead.write_bytes(b"half")
+    cache.compact()
+    assert cache.parts == 1 and len(list(cache.directory.glob("part-*.parquet"))) == 1
+    again = memo.Memo("probe", "fp", root=tmp_path)
+    assert not dead.exists()
+    assert list(again.rows(["e", "a"])["width"]) == [ord("e"), ord("a")]

@@ -1,4 +1,4 @@
-"""Per-image work in batches, through joblib (or a Dask cluster), with progress (`photoprep.console`)."""
+"""Per-image work in batches, through joblib (or a Dask cluster), with progress (photoprep.console)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,40 @@ def _backend(compute: ComputeParams) -> Iterator[None]:
         yield
 
 
+def imap_batches(
+    work: Callable[..., R],
+    items: Sequence[T],
+    compute: ComputeParams,
+    *args: Any,
+    desc: str = "",
+) -> Iterator[tuple[Sequence[T], R]]:
+    """Yield ``(batch, work(batch, *args))`` for consecutive batches of `items`, in input order.
+
+    Each result is yielded as soon as it and every earlier one have come back from the workers,
+    so a caller can write it out (or memoize it) before the next one arrives: nothing holds
+    every result at once, and a killed run loses only the batches in flight.
+    """
+    if not len(items):
+        return
+    chunks = batches(items, compute.batch_size)
+    bar = Progress(len(items), desc or "work", unit="img")
+    try:
+        if compute.n_jobs == 1 or len(chunks) == 1:
+            for chunk in chunks:
+                result = work(chunk, *args)
+                bar.update(len(chunk))
+                yield chunk, result
+        else:
+            with _backend(compute):
+                runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
+                results = runner(delayed(work)(c, *args) for c in chunks)
+                for chunk, result in zip(chunks, results, strict=True):
+                    bar.update(len(chunk))
+                    yield chunk, result
+    finally:
+        bar.close()
+
+
 def map_batches(
     work: Callable[..., list[R]],
     items: Sequence[T],
@@ -43,20 +77,7 @@ def map_batches(
     desc: str = "",
 ) -> list[R]:
     """Run `work(batch, *args)` over batches of `items`; results come back flat, in input order."""
-    if not len(items):
-        return []
-    chunks = batches(items, compute.batch_size)
-    bar = Progress(len(items), desc or "work", unit="img")
     out: list[R] = []
-    if compute.n_jobs == 1 or len(chunks) == 1:
-        for chunk in chunks:
-            out.extend(work(chunk, *args))
-            bar.update(len(chunk))
-    else:
-        with _backend(compute):
-            runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
-            for chunk, result in zip(chunks, runner(delayed(work)(c, *args) for c in chunks), strict=True):
-                out.extend(result)
-                bar.update(len(chunk))
-    bar.close()
+    for _, result in imap_batches(work, items, compute, *args, desc=desc):
+        out.extend(result)
     return out

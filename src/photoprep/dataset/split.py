@@ -117,14 +117,35 @@ def clean_label(value: Any) -> str | None:
 
 
 def _clean_labels(labels: pd.Series) -> pd.Series:
-    return pd.Series([clean_label(v) for v in labels], index=labels.index, dtype=object)
+    """`clean_label` of every value, as an object Series; text columns (the pipeline's) are
+    cleaned by column operations, other kinds value by value."""
+    values = labels.to_numpy(dtype=object)
+    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+        return pd.Series([clean_label(v) for v in values], index=labels.index, dtype=object)
+    text = pd.Series(values, index=labels.index, dtype=object).str.strip()
+    return text.where(text.notna() & (text != ""), None).astype(object)
 
 
-def _split_of(u: float, edges: list[tuple[str, float]]) -> str:
-    for name, upper in edges:
-        if u < upper:
-            return name
-    return edges[-1][0]
+def hash_units(
+    seed: int, source: pd.Series | np.ndarray, ids: pd.Series | np.ndarray, salt: str = ""
+) -> np.ndarray:
+    """`hash_unit` of every (source, id) pair, as float64: one sha256 call per key, no other work per row."""
+    prefix = f"{seed}\0" if not salt else f"{seed}\0{salt}\0"
+    sources = pd.Series(source).to_numpy(dtype=object)  # iterating an Arrow column is slow
+    keys = pd.Series(ids).to_numpy(dtype=object)
+    digests = b"".join(
+        [hashlib.sha256(f"{prefix}{s}\0{i}".encode()).digest() for s, i in zip(sources, keys, strict=True)]
+    )
+    # The first 8 bytes of each digest, big-endian; uint64 -> float64 rounds as int / 2**64 does.
+    first = np.frombuffer(digests, dtype=">u8").reshape(-1, 4)[:, 0] if digests else np.zeros(0, ">u8")
+    return first.astype(np.float64) / 2.0**64
+
+
+def _splits_of(u: np.ndarray, edges: list[tuple[str, float]]) -> np.ndarray:
+    """The split of each hash: the first edge above it, else the last split."""
+    names = np.array([name for name, _ in edges], dtype=object)
+    uppers = np.array([upper for _, upper in edges], dtype=np.float64)
+    return names[np.minimum(np.searchsorted(uppers, u, side="right"), len(names) - 1)]
 
 
 def _edges(ratios: dict[str, float]) -> list[tuple[str, float]]:
@@ -217,6 +238,19 @@ def _preview(names: list[str], n: int = 10) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > n else "") if names else "none"
 
 
+def _text_or_none(values: pd.Series) -> np.ndarray:
+    """Selected class names (text) as objects, None where there is none (None, NaN)."""
+    objects = values.to_numpy(dtype=object, copy=True)
+    objects[~np.asarray(pd.notna(objects), dtype=bool)] = None
+    return objects
+
+
+def _clean_sha(values: pd.Series) -> np.ndarray:
+    """sha256 values as text, None where a value is missing or blank."""
+    cleaned = _clean_labels(values)
+    return cleaned.where(cleaned.isna(), values.astype(str).to_numpy(dtype=object)).to_numpy(dtype=object)
+
+
 # --------------------------------------------------------------------------- splits
 
 
@@ -259,10 +293,8 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
         {
             "source": source,
             "id": ids,
-            "sha256": images["sha256"]
-            .map(lambda v: None if clean_label(v) is None else str(v))
-            .to_numpy(dtype=object),
-            "label": selected.map(lambda v: v if isinstance(v, str) else None).to_numpy(dtype=object),
+            "sha256": _clean_sha(images["sha256"]),
+            "label": _text_or_none(selected),
             "row": rows,
         }
     )
@@ -271,10 +303,7 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
     dropped["class_not_selected"] = int(not_selected.sum())
 
     if p.max_per_class is not None and len(table):
-        keep_u = [
-            hash_unit(p.seed, s, i, salt="keep") for s, i in zip(table["source"], table["id"], strict=True)
-        ]
-        table["_keep_u"] = keep_u
+        table["_keep_u"] = hash_units(p.seed, table["source"], table["id"], salt="keep")
         labeled = table["label"].notna()
         # Rank within each class by the keep-hash; ties (never in practice) break by key.
         order = table[labeled].sort_values(["label", "_keep_u", "source", "id"], kind="mergesort")
@@ -284,10 +313,9 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
         table = table.drop(index=over).drop(columns="_keep_u").reset_index(drop=True)
 
     edges = _edges(p.ratios)
-    split = [
-        _split_of(hash_unit(p.seed, s, i), edges) if isinstance(lab, str) else UNLABELED
-        for s, i, lab in zip(table["source"], table["id"], table["label"], strict=True)
-    ]
+    labeled = table["label"].notna().to_numpy()
+    split = np.full(len(table), UNLABELED, dtype=object)
+    split[labeled] = _splits_of(hash_units(p.seed, table["source"][labeled], table["id"][labeled]), edges)
     table["split"] = split
     table = table.sort_values(["source", "id"], kind="mergesort").reset_index(drop=True)
     table = table[COLUMNS]
@@ -318,12 +346,24 @@ def read_labels(splits_dir: str | Path) -> pd.DataFrame:
 
 def fingerprint(table: pd.DataFrame) -> str:
     """sha256 hex of the sorted (source, id, sha256, label) rows: order-independent, content-sensitive."""
-    rows = [
-        (str(s), str(i), clean_label(h), clean_label(lab))
-        for s, i, h, lab in zip(table["source"], table["id"], table["sha256"], table["label"], strict=True)
-    ]
-    rows.sort(key=lambda r: (r[0], r[1], r[2] is None, r[2] or "", r[3] is None, r[3] or ""))
-    text = json.dumps([list(r) for r in rows], ensure_ascii=False, separators=(",", ":"))
+    sha = _clean_labels(table["sha256"])
+    label = _clean_labels(table["label"])
+    rows = pd.DataFrame(
+        {
+            "source": table["source"].astype(str).to_numpy(dtype=object),
+            "id": table["id"].astype(str).to_numpy(dtype=object),
+            "sha256": sha.to_numpy(dtype=object),
+            "label": label.to_numpy(dtype=object),
+            "_sha_none": sha.isna().to_numpy(),
+            "_sha": sha.fillna("").to_numpy(dtype=object),
+            "_label_none": label.isna().to_numpy(),
+            "_label": label.fillna("").to_numpy(dtype=object),
+        }
+    )
+    # Python's order of (source, id, sha256 is None, sha256 or "", label is None, label or "").
+    order = rows.sort_values(["source", "id", "_sha_none", "_sha", "_label_none", "_label"], kind="mergesort")
+    listed = order[["source", "id", "sha256", "label"]].to_numpy(dtype=object).tolist()
+    text = json.dumps(listed, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

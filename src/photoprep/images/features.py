@@ -20,8 +20,6 @@ from typing import Any
 import cv2
 import joblib
 import numpy as np
-import skimage.color
-import skimage.feature
 
 from photoprep.errors import UserError
 from photoprep.params import FeatureParams, HogParams
@@ -95,6 +93,9 @@ def _hog_skimage(gray: np.ndarray, p: HogParams) -> np.ndarray:
 
 
 def _skimage_hog(image: np.ndarray, p: HogParams) -> np.ndarray:
+    # Imported here: the default numpy implementation never needs scikit-image (a stage starts faster).
+    import skimage.feature
+
     return skimage.feature.hog(
         image,
         orientations=p.orientations,
@@ -296,18 +297,48 @@ def _scale(hog: np.ndarray, crcb: np.ndarray, scaling: str) -> np.ndarray:
     return np.concatenate([hog.astype(np.float32), crcb.astype(np.float32)], axis=1)
 
 
-def _standardise(features: np.ndarray) -> int:
-    """z-score each column in place (population std; constant columns become 0); count those."""
-    mean = features.mean(axis=0, dtype=np.float64)
-    std = features.std(axis=0, dtype=np.float64)
+def column_moments(features: np.ndarray, max_block_bytes: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
+    """float64 mean and population std of each column, equal to ``features.mean(axis=0)`` and
+    ``features.std(axis=0)`` (``dtype=float64``) bit for bit, in column blocks of at most
+    ``max_block_bytes`` of float64 temporaries, so a memory-mapped matrix stays out of the heap.
+
+    Every block has at least two columns: numpy reduces a one-column view in another order
+    (pairwise along the rows) than a wider one (row after row), and the last bit would differ.
+    """
+    n, d = features.shape
+    mean = np.empty(d, dtype=np.float64)
+    std = np.empty(d, dtype=np.float64)
+    width = max(2, min(d, max_block_bytes // max(1, 8 * n)))
+    for start in range(0, d, width):
+        low = max(0, min(start, d - width))  # the last block as wide as the others
+        block = features[:, low : low + width]
+        mean[low : low + width] = block.mean(axis=0, dtype=np.float64)
+        std[low : low + width] = block.std(axis=0, dtype=np.float64)
+    return mean, std
+
+
+def standardise(features: np.ndarray, rows_per_step: int = 4096) -> int:
+    """z-score each column in place (population std; constant columns become 0); count those.
+
+    Works on an ndarray or a writable memory map, a few thousand rows at a time.
+    """
+    mean, std = column_moments(features)
     constant = std == 0
     std[constant] = 1.0
-    features -= mean.astype(np.float32)
-    features /= std.astype(np.float32)
+    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
+    for start in range(0, len(features), rows_per_step):
+        features[start : start + rows_per_step] -= mean32
+        features[start : start + rows_per_step] /= std32
     return int(constant.sum())
 
 
-def _batch_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
+def check_impl(p: FeatureParams) -> None:
+    """Raise the UserError of an implementation that cannot run here."""
+    if p.hog.impl == "opencv":
+        _opencv_unavailable()
+
+
+def batch_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     """float32 feature rows of one batch, before any whole-set ('standard') scaling."""
     images = np.asarray(images)  # a memmap slice is read here, in the worker
     hog = hog_batch(gray_batch(images), p.hog)
@@ -315,7 +346,8 @@ def _batch_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     return _scale(hog, crcb, p.scaling)
 
 
-def _check_images(images: np.ndarray) -> None:
+def check_images(images: np.ndarray) -> None:
+    """Raise a UserError unless ``images`` is uint8 ``N x H x W x 3``."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise UserError(f"features: expected uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
 
@@ -328,37 +360,38 @@ def compute_features(
     Batches of ``batch_size`` images run in ``n_jobs`` joblib workers (-1: every core; 1: in this
     process). The batches do not depend on ``n_jobs``, so neither does a single output byte.
     """
-    _check_images(images)
-    if p.hog.impl == "opencv":
-        _opencv_unavailable()
+    check_images(images)
+    check_impl(p)
     info = feature_info(images.shape[1:3], p)
     starts = range(0, len(images), batch_size)
     if n_jobs == 1 or len(starts) <= 1:
-        parts = [_batch_features(images[s : s + batch_size], p) for s in starts]
+        parts = [batch_features(images[s : s + batch_size], p) for s in starts]
     else:
-        work = (joblib.delayed(_batch_features)(images[s : s + batch_size], p) for s in starts)
+        work = (joblib.delayed(batch_features)(images[s : s + batch_size], p) for s in starts)
         parts = joblib.Parallel(n_jobs=n_jobs)(work)
     features = np.empty((len(images), info["dim"]), dtype=np.float32)
     for s, part in zip(starts, parts, strict=True):
         features[s : s + len(part)] = part
     if p.scaling == "standard" and len(features):
-        info["standard"] = {"ddof": 0, "constant_columns": _standardise(features)}
+        info["standard"] = {"ddof": 0, "constant_columns": standardise(features)}
     return features, info
 
 
 def reference_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     """The plain per-image computation (skimage rgb2gray + hog, cv2 resize + cvtColor): float32 ``N x D``."""
-    _check_images(images)
+    check_images(images)
+    from skimage.color import rgb2gray
+
     h, w = p.color_size
     rows = []
     for image in images:
         arr = np.ascontiguousarray(image)
-        hog = _skimage_hog(skimage.color.rgb2gray(arr), p.hog)
+        hog = _skimage_hog(rgb2gray(arr), p.hog)
         small = cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
         crcb = cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:].astype(np.float32)
         rows.append(_scale(hog[None], crcb.reshape(1, -1), p.scaling)[0])
     dim = feature_info(images.shape[1:3], p)["dim"]
     features = np.stack(rows) if rows else np.empty((0, dim), dtype=np.float32)
     if p.scaling == "standard" and len(features):
-        _standardise(features)
+        standardise(features)
     return features

@@ -1,17 +1,27 @@
-"""Decode once: per-image results memoized by sha256 under a fingerprint of params and code.
+"""Decode once: per-image results memoized by a key (sha256) under a fingerprint of params and code.
 
-A memo lives in `<cache>/<namespace>/<fingerprint>/` as Parquet parts (plus `.npy` pixel
-arrays aligned with them). Parts are written atomically and never changed, so a crashed
-run loses at most the part it was writing. The cache is not a pipeline output: deleting it
-costs time, never correctness, because the fingerprint names everything the values depend on.
+A memo lives in `<cache>/<namespace>/<fingerprint>/` as Parquet parts (plus `.npy` arrays
+aligned with them). A stage puts one part per batch as the batch comes back from the workers,
+so a run killed halfway (kill -9 included) keeps every batch that finished and a re-run
+computes only what is missing. Parts are written atomically and durably (the array before its
+table) and never changed.
+
+Every part is verified before it is trusted: its table must read, its name must be the hash of
+its keys, and its array (if it has one) must hold one row per key. A part that fails is
+discarded with one line on stderr and its images are computed again. The cache is not a
+pipeline output: deleting it costs time, never correctness, because the fingerprint names
+everything the values depend on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import os
+import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +35,13 @@ from photoprep.io import write_table, write_with
 
 CACHE_ENV = "PHOTOPREP_CACHE"
 DEFAULT_CACHE = Path(".photoprep") / "cache"
+KEY = "sha256"
+# A row-only memo with more parts than this is merged into one part at the end of a run, so
+# that loading it stays a few file reads (array memos are not merged: that would copy pixels).
+COMPACT_PARTS = 64
+
+# atomic_path's temporary names: ".<name>.<pid>-<random>.tmp".
+_TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
 
 
 def cache_root() -> Path:
@@ -41,33 +58,118 @@ def fingerprint(settings: dict[str, Any], *modules: ModuleType) -> str:
     return digest.hexdigest()[:16]
 
 
+def part_name(keys: Sequence[str]) -> str:
+    """The name of the part that holds ``keys`` (in that order): a hash of them."""
+    return "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:
         np.save(handle, array)
 
 
-class Memo:
-    """Rows (and optionally one pixel array per row) keyed by sha256."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    def __init__(self, namespace: str, fingerprint: str, root: Path | None = None) -> None:
+
+class DamagedPart(Exception):
+    """A memo part that cannot be trusted (the message says why)."""
+
+
+class Memo:
+    """Rows (and optionally one array per row) keyed by sha256.
+
+    ``arrays=True`` says every part must carry its array: a part whose array is missing or
+    short is damaged. Whatever ``arrays`` says, an array that is there is verified.
+    """
+
+    def __init__(
+        self, namespace: str, fingerprint: str, root: Path | None = None, arrays: bool = False
+    ) -> None:
         self.directory = (root or cache_root()) / namespace / fingerprint
+        self.with_arrays = arrays
+        self.discarded = 0  # damaged parts set aside while loading
         self._index: dict[str, tuple[str, int]] = {}
         self._parts: dict[str, pd.DataFrame] = {}
+        self._mapped: dict[str, np.ndarray] = {}
         if self.directory.exists():
+            self._remove_stale_temporaries()
             for part in sorted(self.directory.glob("part-*.parquet")):
-                self._add_part(part.stem, pd.read_parquet(part))
+                try:
+                    rows = self._verified(part.stem)
+                except DamagedPart as exc:
+                    self._discard(part.stem, str(exc))
+                    continue
+                self._add_part(part.stem, rows)
+
+    # ------------------------------------------------------------------ loading
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written files of runs that died (their process is gone)."""
+        for path in self.directory.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if match and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _verified(self, name: str) -> pd.DataFrame:
+        try:
+            rows = pd.read_parquet(self.directory / f"{name}.parquet")
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            raise DamagedPart(f"its table does not read ({type(exc).__name__})") from None
+        if KEY not in rows.columns:
+            raise DamagedPart(f"its table has no {KEY} column")
+        if part_name([str(k) for k in rows[KEY]]) != name:
+            raise DamagedPart("its keys do not match its name")
+        array_path = self.directory / f"{name}.npy"
+        if array_path.exists():
+            try:
+                array = np.load(array_path, mmap_mode="r")
+            except Exception as exc:
+                raise DamagedPart(f"its array does not read ({type(exc).__name__})") from None
+            if len(array) != len(rows):
+                raise DamagedPart(f"its array has {len(array)} rows for {len(rows)} keys")
+            self._mapped[name] = array
+        elif self.with_arrays:
+            raise DamagedPart("its array is missing")
+        return rows
+
+    def _discard(self, name: str, why: str) -> None:
+        self.discarded += 1
+        print(
+            f"photoprep: memo part {self.directory / name} is damaged ({why}); discarded, "
+            "its images are computed again",
+            file=sys.stderr,
+            flush=True,
+        )
+        for suffix in (".npy", ".parquet"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / f"{name}{suffix}").unlink()
 
     def _add_part(self, name: str, rows: pd.DataFrame) -> None:
         rows = rows.reset_index(drop=True)
         self._parts[name] = rows
-        for position, key in enumerate(rows["sha256"]):
+        for position, key in enumerate(rows[KEY]):
             self._index.setdefault(key, (name, position))
+
+    # ------------------------------------------------------------------ reading
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
 
     def __len__(self) -> int:
         return len(self._index)
+
+    @property
+    def parts(self) -> int:
+        """How many parts the memo holds."""
+        return len(self._parts)
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The distinct keys not memoized yet, in first-seen order."""
@@ -77,7 +179,7 @@ class Memo:
         """Memoized rows for `keys`, in that order (every key must be present)."""
         if not len(keys):
             frames = list(self._parts.values())
-            return frames[0].iloc[:0].copy() if frames else pd.DataFrame({"sha256": []})
+            return frames[0].iloc[:0].copy() if frames else pd.DataFrame({KEY: []})
         by_part: dict[str, list[tuple[int, int]]] = {}
         for slot, key in enumerate(keys):
             name, position = self._index[key]
@@ -90,27 +192,69 @@ class Memo:
             pieces.append(piece)
         return pd.concat(pieces).sort_index().reset_index(drop=True)
 
-    def arrays(self, keys: Sequence[str]) -> np.ndarray:
-        """Memoized pixel arrays for `keys`, stacked in that order."""
-        loaded: dict[str, np.ndarray] = {}
-        out = []
-        for key in keys:
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._mapped:
+            self._mapped[name] = np.load(self.directory / f"{name}.npy", mmap_mode="r")
+        return self._mapped[name]
+
+    def arrays(self, keys: Sequence[str], out: np.ndarray | None = None) -> np.ndarray:
+        """Memoized arrays for `keys`, stacked in that order (into `out` when given)."""
+        if not len(keys):
+            return out if out is not None else np.zeros((0,), np.uint8)
+        by_part: dict[str, tuple[list[int], list[int]]] = {}
+        for slot, key in enumerate(keys):
             name, position = self._index[key]
-            if name not in loaded:
-                loaded[name] = np.load(self.directory / f"{name}.npy", mmap_mode="r")
-            out.append(loaded[name][position])
-        return np.stack(out) if out else np.zeros((0,), np.uint8)
+            slots, positions = by_part.setdefault(name, ([], []))
+            slots.append(slot)
+            positions.append(position)
+        if out is None:
+            first = self._array(next(iter(by_part)))
+            out = np.empty((len(keys), *first.shape[1:]), dtype=first.dtype)
+        for name, (slots, positions) in by_part.items():
+            out[slots] = self._array(name)[positions]
+        return out
+
+    # ------------------------------------------------------------------ writing
 
     def put(self, rows: pd.DataFrame, arrays: np.ndarray | None = None) -> None:
-        """Memoize rows (with a `sha256` column) and, if given, their arrays (first axis aligned)."""
+        """Memoize rows (with a `sha256` column) and, if given, their arrays (first axis aligned).
+
+        The part is durable when this returns: a kill after it keeps it.
+        """
         if rows.empty:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = "part-" + hashlib.sha256("\n".join(rows["sha256"]).encode()).hexdigest()[:16]
+        name = part_name([str(k) for k in rows[KEY]])
         if arrays is not None:
+            if len(arrays) != len(rows):
+                raise ValueError(f"{len(arrays)} arrays for {len(rows)} rows")
             write_with(self.directory / f"{name}.npy", lambda tmp: _save_npy(tmp, arrays), durable=True)
         write_table(rows, self.directory / f"{name}.parquet", durable=True)
-        self._add_part(name, rows)
+        self._add_part(name, rows.reset_index(drop=True))
+
+    def compact(self) -> None:
+        """Merge the parts of a row-only memo into one (no-op for memos with arrays)."""
+        if len(self._parts) <= 1 or self._mapped or self.with_arrays:
+            return
+        old = list(self._parts)
+        merged = pd.concat(self._parts.values(), ignore_index=True).drop_duplicates(KEY)
+        merged = merged.reset_index(drop=True)
+        name = part_name([str(k) for k in merged[KEY]])
+        write_table(merged, self.directory / f"{name}.parquet", durable=True)
+        self._parts = {}
+        self._index = {}
+        self._add_part(name, merged)
+        for stale in old:
+            if stale != name:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.directory / f"{stale}.parquet").unlink()
+
+
+def write_step(batch_size: int, row_bytes: int, target_bytes: int = 32 << 20) -> int:
+    """Rows per write of a streamed array: whole batches, about `target_bytes` at a time (each
+    write is flushed, and a flush per small batch would spend more time in msync than in copying)."""
+    batches = max(1, target_bytes // max(1, batch_size * row_bytes))
+    return max(1, batch_size) * batches
 
 
 def log_decodes(stage: str, decoded: int, cached: int) -> None:

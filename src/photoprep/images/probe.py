@@ -12,6 +12,7 @@ from photoprep import parallel
 from photoprep.images import containers, decode, memo
 from photoprep.ingest import sniff
 from photoprep.ingest.store import BlobReader
+from photoprep.io import atomic_path
 from photoprep.params import ComputeParams
 
 PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in decode.PROBE_FIELDS]
@@ -86,7 +87,8 @@ def probe_images(
 
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
     most once per (hash, hash_size, max_pixels, max_decode_mb, transforms, decoder code);
-    later calls read the memo.
+    later calls read the memo, which takes one part per batch as the batch comes back (a killed
+    run keeps the finished batches).
     """
     settings = {
         "hash": hash_name,
@@ -98,10 +100,12 @@ def probe_images(
     }
     # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
     cache = memo.Memo("probe", memo.fingerprint(settings, decode, containers, sniff))
-    todo = cache.missing(list(table["sha256"]))
+    keys = table["sha256"].tolist()
+    todo = cache.missing(keys)
     if todo:
         firsts = _first_per_sha(table, todo)
-        results = parallel.map_batches(
+        done = 0
+        batches = parallel.imap_batches(
             _probe_batch,
             _locations(firsts),
             compute,
@@ -113,12 +117,54 @@ def probe_images(
             tuple(transforms),
             desc="decode+hash",
         )
-        rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
-        rows.insert(0, "sha256", firsts["sha256"].to_numpy())
-        cache.put(rows[["sha256", *PROBE_COLUMNS]])
-    memo.log_decodes("probe", decoded=len(todo), cached=table["sha256"].nunique() - len(todo))
-    probed = cache.rows(list(table["sha256"]))
+        for chunk, results in batches:
+            rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
+            rows.insert(0, "sha256", todo[done : done + len(chunk)])
+            done += len(chunk)
+            cache.put(rows[["sha256", *PROBE_COLUMNS]])
+        if cache.parts > memo.COMPACT_PARTS:
+            cache.compact()
+    memo.log_decodes("probe", decoded=len(todo), cached=len(set(keys)) - len(todo))
+    probed = cache.rows(keys)
     return probed[PROBE_COLUMNS].set_index(table.index)
+
+
+def memoize_pixels(
+    table: pd.DataFrame,
+    raw_dir: Path,
+    size: tuple[int, int],
+    fit: str,
+    max_pixels: int,
+    compute: ComputeParams,
+    namespace: str = "pixels",
+) -> memo.Memo:
+    """The pixel memo of (`size`, `fit`, `max_pixels`, decoder code), holding every row's sha256.
+
+    Only the sha256s missing from it are decoded, one memo part per batch as the batches come
+    back from the workers, so a killed run keeps every finished batch.
+    """
+    settings = {"size": list(size), "fit": fit, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
+    cache = memo.Memo(namespace, memo.fingerprint(settings, decode), arrays=True)
+    keys = table["sha256"].tolist()
+    todo = cache.missing(keys)
+    if todo:
+        firsts = _first_per_sha(table, todo)
+        done = 0
+        batches = parallel.imap_batches(
+            _pixels_batch,
+            _locations(firsts),
+            compute,
+            raw_dir,
+            tuple(size),
+            fit,
+            max_pixels,
+            desc=f"resize {size[0]}x{size[1]}",
+        )
+        for chunk, arrays in batches:
+            cache.put(pd.DataFrame({"sha256": todo[done : done + len(chunk)]}), np.stack(arrays))
+            done += len(chunk)
+    memo.log_decodes(namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
+    return cache
 
 
 def resized_pixels(
@@ -130,27 +176,40 @@ def resized_pixels(
     compute: ComputeParams,
     namespace: str = "pixels",
 ) -> np.ndarray:
-    """uint8 N x H x W x 3 pixels of each row, resized to `size` ([H, W]) by `fit`; memoized."""
-    settings = {"size": list(size), "fit": fit, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
-    cache = memo.Memo(namespace, memo.fingerprint(settings, decode))
-    todo = cache.missing(list(table["sha256"]))
-    if todo:
-        firsts = _first_per_sha(table, todo)
-        arrays = parallel.map_batches(
-            _pixels_batch,
-            _locations(firsts),
-            compute,
-            raw_dir,
-            tuple(size),
-            fit,
-            max_pixels,
-            desc=f"resize {size[0]}x{size[1]}",
+    """uint8 N x H x W x 3 pixels of each row, resized to `size` ([H, W]) by `fit`; memoized.
+
+    The whole array is in memory: for a pipeline output use `write_pixels`, which streams.
+    """
+    cache = memoize_pixels(table, raw_dir, size, fit, max_pixels, compute, namespace)
+    out = np.zeros((len(table), size[0], size[1], 3), np.uint8)
+    return cache.arrays(table["sha256"].tolist(), out=out)
+
+
+def write_pixels(
+    table: pd.DataFrame,
+    raw_dir: Path,
+    size: tuple[int, int],
+    fit: str,
+    max_pixels: int,
+    compute: ComputeParams,
+    path: Path,
+) -> None:
+    """Write `resized_pixels` of `table` to the .npy file `path`, batch by batch, never all in memory.
+
+    The file is filled through a memory map of its temporary name and replaces `path` when
+    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``.
+    """
+    cache = memoize_pixels(table, raw_dir, size, fit, max_pixels, compute)
+    keys = table["sha256"].tolist()
+    step = memo.write_step(compute.batch_size, size[0] * size[1] * 3)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(keys), size[0], size[1], 3)
         )
-        cache.put(firsts[["sha256"]], np.stack(arrays))
-    memo.log_decodes(namespace, decoded=len(todo), cached=table["sha256"].nunique() - len(todo))
-    if table.empty:
-        return np.zeros((0, size[0], size[1], 3), np.uint8)
-    return cache.arrays(list(table["sha256"]))
+        for start in range(0, len(keys), step):
+            cache.arrays(keys[start : start + step], out=out[start : start + step])
+            out.flush()
+        del out
 
 
 def thumbnails(

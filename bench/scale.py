@@ -1,0 +1,468 @@
+"""Scale benchmark: the data stages at N photos and at N + 1%, and the download beside img2dataset.
+
+Generates a synthetic source in the `heobs` format (never the demo): N photo-like JPEGs in six
+resolutions, 2% planted near duplicates (an earlier photo, brightened and re-encoded), 1%
+truncated files, one in ten ids listed in a second language, and a labels.csv. Then, in a fresh
+project per size, it runs each data stage as `python stages/<stage>.py` (no DVC) and prints per
+stage:
+
+- wall and CPU seconds (CPU of the stage's whole process tree: its rusage once it is reaped,
+  never less than the sum of what sampling /proc saw);
+- peak heap: the largest sum over the process tree of RssAnon (anonymous resident memory,
+  /proc/<pid>/status), sampled every 20 ms; memory-mapped files and the page cache do not count;
+- heap growth per photo between the smallest and the largest size;
+- after adding 1% photos to the largest size: each stage's re-run CPU as a fraction of its full
+  run's, against the target "2 s + 10% of the full run";
+- the start of each stage (a fresh interpreter importing the stage script) and whether it
+  imported torch;
+- a projection of CPU and peak heap to 144,564 and 1,000,000 photos (linear in N, from the two
+  largest sizes; CPU rather than wall, because wall on a shared machine measures the others'
+  load: an idle machine's wall is about CPU / compute.n_jobs for dedup, bucket and features).
+
+Then the download side by side: the first --download-n photos served by a loopback server that
+holds every response 50 ms (bench/download.py's servers, in their own process), page cache
+warmed first, fetched by photoprep's download stage (default params: 64 in flight) and by
+img2dataset (--img2dataset-processes x --img2dataset-threads, no resizing, no re-encoding).
+img2dataset pins pandas < 3, so it lives in its own virtual environment: pass its executable
+with --img2dataset (default: `img2dataset` on PATH); without it that row is skipped.
+
+    python bench/scale.py --sizes 2000,10000                    # a table on stdout
+    python bench/scale.py --sizes 2000,20000 --json             # one JSON object of the figures
+    python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
+
+RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
+DATA_STAGES = ["download", "dedup", "validate", "bucket", "features", "split"]
+PROJECTIONS = (144_564, 1_000_000)
+NEAR_SHARE, TRUNCATED_SHARE, SECOND_LANGUAGE_SHARE = 0.02, 0.01, 0.1
+SOURCE = "syn"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the synthetic source ----------------------------------------------------------------------
+
+
+def photo_id(i: int) -> str:
+    return f"syn-{i:07d}"
+
+
+def _pixels(i: int, seed: int) -> np.ndarray:
+    """Photo i: smooth random structure (an upsampled 6x8 grid), a gradient, grain; one of 6 sizes."""
+    rng = np.random.default_rng([seed, i])
+    w, h = RESOLUTIONS[int(rng.integers(len(RESOLUTIONS)))]
+    grid = rng.uniform(0, 255, (6, 8, 3)).astype(np.uint8)
+    smooth = np.asarray(Image.fromarray(grid).resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    ramp = np.linspace(-30, 30, w, dtype=np.float32)[None, :, None] * rng.uniform(-1, 1)
+    grain = rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+    return np.clip(smooth + ramp + grain, 0, 255).astype(np.uint8)
+
+
+def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def photo_bytes(i: int, seed: int) -> tuple[bytes, str]:
+    """The file of photo i and what it is: 'photo', 'near' (of an earlier photo) or 'truncated'."""
+    rng = np.random.default_rng([seed, i, 1])
+    draw = rng.random()
+    if i > 0 and draw < NEAR_SHARE:
+        original = _pixels(int(rng.integers(i)), seed)
+        brighter = np.clip(original.astype(np.int16) + 4, 0, 255).astype(np.uint8)
+        return _jpeg(brighter, 80), "near"
+    data = _jpeg(_pixels(i, seed), 90)
+    if draw < NEAR_SHARE + TRUNCATED_SHARE:
+        return data[: len(data) * 3 // 5], "truncated"
+    return data, "photo"
+
+
+def write_photos(source: Path, start: int, count: int, seed: int) -> dict[str, int]:
+    """Add photos start .. start+count-1 to the source (files, manifest lines, labels)."""
+    kinds = {"photo": 0, "near": 0, "truncated": 0}
+    (source / "cdn").mkdir(parents=True, exist_ok=True)
+    lines, labels = [], []
+    for i in range(start, start + count):
+        data, kind = photo_bytes(i, seed)
+        kinds[kind] += 1
+        (source / "cdn" / photo_id(i)).write_bytes(data)
+        lines.append(f"{photo_id(i)} | Photo {i} | eng\n")
+        if (i * 7919) % 100 < SECOND_LANGUAGE_SHARE * 100:
+            lines.append(f"{photo_id(i)} | Foto {i} | deu\n")
+        labels.append(f"{photo_id(i)},c{i % 10}\n")
+    with open(source / "photos.txt", "a", encoding="utf-8") as manifest:
+        manifest.writelines(lines)
+    first = not (source / "labels.csv").exists()
+    with open(source / "labels.csv", "a", encoding="utf-8") as out:
+        out.writelines((["id,label\n"] if first else []) + labels)
+    return kinds
+
+
+def make_project(root: Path, url: str, n_jobs: int) -> Path:
+    """A project: the stage scripts, default params with one source, an empty source folder."""
+    root.mkdir(parents=True)
+    shutil.copytree(REPO / "stages", root / "stages")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sources"] = [SOURCE]
+    params["compute"]["n_jobs"] = n_jobs
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    source = root / "pipeline" / "sources" / SOURCE
+    source.mkdir(parents=True)
+    (source / "source.yaml").write_text(
+        f'format: heobs\nmanifest: photos.txt\nurl: "{url}"\nlabels: labels.csv\n'
+    )
+    return root
+
+
+# -- measuring a process tree ------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    peak_heap_mb: float
+
+
+def _rss_anon_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    env.pop("PHOTOPREP_CACHE", None)
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `command`; wall, CPU of its process tree and its peak anonymous memory."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        command, cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    peak_kb, cpu_seen, done = 0, {}, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_kb
+        root = psutil.Process(child.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            total = 0
+            for proc in tree:
+                total += _rss_anon_kb(proc.pid)
+                try:
+                    times = proc.cpu_times()
+                    cpu_seen[proc.pid] = times.user + times.system
+                except psutil.Error:
+                    pass
+            peak_kb = max(peak_kb, total)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = child.communicate()
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{stderr.decode()[-3000:]}")
+    reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Run(round(wall, 3), round(max(reaped, sum(cpu_seen.values())), 3), round(peak_kb / 1024, 1))
+
+
+def run_stage(project: Path, stage: str) -> Run:
+    args = [SOURCE] if stage == "download" else []
+    return measure([sys.executable, f"stages/{stage}.py", *args], project)
+
+
+def stage_start(project: Path, stage: str) -> dict:
+    """Wall of a fresh interpreter that imports the stage script (not running it); torch loaded?"""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('stage', 'stages/{stage}.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=project, env=_env(), capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    return {"start_s": round(wall, 3), "imports_torch": out.stdout.strip() == "True"}
+
+
+# -- the data stages ---------------------------------------------------------------------------
+
+
+def data_stages(work: Path, sizes: list[int], seed: int, n_jobs: int) -> dict:
+    runs: dict[int, dict[str, Run]] = {}
+    kinds: dict[int, dict[str, int]] = {}
+    for n in sizes:
+        project = make_project(work / f"n{n}", "cdn/{id}", n_jobs)
+        log(f"size {n}: writing the source ...")
+        kinds[n] = write_photos(project / "pipeline" / "sources" / SOURCE, 0, n, seed)
+        runs[n] = {}
+        for stage in DATA_STAGES:
+            runs[n][stage] = run_stage(project, stage)
+            log(f"  {stage:9s} {runs[n][stage]}")
+    largest = max(sizes)
+    project = work / f"n{largest}"
+    added = max(1, largest // 100)
+    write_photos(project / "pipeline" / "sources" / SOURCE, largest, added, seed)
+    log(f"size {largest} + {added}: re-run")
+    rerun = {}
+    for stage in DATA_STAGES:
+        rerun[stage] = run_stage(project, stage)
+        log(f"  {stage:9s} {rerun[stage]}")
+    decodes = [
+        json.loads(line) for line in (project / ".photoprep/cache/decodes.jsonl").read_text().splitlines()
+    ]
+    starts = {stage: stage_start(project, stage) for stage in DATA_STAGES}
+    return {
+        "sizes": sizes,
+        "source": {str(n): k for n, k in kinds.items()},
+        "runs": {str(n): {s: asdict(r) for s, r in per.items()} for n, per in runs.items()},
+        "added": added,
+        "rerun": {s: asdict(r) for s, r in rerun.items()},
+        "rerun_decodes": decodes[-4:],
+        "starts": starts,
+    }
+
+
+def summarise(result: dict) -> dict:
+    sizes = result["sizes"]
+    small, large = min(sizes), max(sizes)
+    below = sorted(sizes)[-2] if len(sizes) > 1 else None
+    summary = {}
+    for stage in DATA_STAGES:
+        full = result["runs"][str(large)][stage]
+        again = result["rerun"][stage]
+        row = {
+            "wall_s": full["wall_s"],
+            "cpu_s": full["cpu_s"],
+            "cpu_ms_per_photo": round(1000 * full["cpu_s"] / large, 3),
+            "peak_heap_mb": full["peak_heap_mb"],
+            "rerun_cpu_s": again["cpu_s"],
+            "rerun_fraction": round(again["cpu_s"] / full["cpu_s"], 3) if full["cpu_s"] else None,
+            "rerun_within_target": again["cpu_s"] <= 2.0 + 0.1 * full["cpu_s"],
+            **result["starts"][stage],
+        }
+        if below is not None:
+            low = result["runs"][str(small)][stage]
+            row["heap_kb_per_photo"] = round(
+                (full["peak_heap_mb"] - low["peak_heap_mb"]) * 1024 / (large - small), 3
+            )
+            prev = result["runs"][str(below)][stage]
+            slope_cpu = max(0.0, (full["cpu_s"] - prev["cpu_s"]) / (large - below))
+            slope_heap = max(0.0, (full["peak_heap_mb"] - prev["peak_heap_mb"]) / (large - below))
+            row["projection"] = {
+                str(n): {
+                    "cpu_s": round(full["cpu_s"] + slope_cpu * (n - large), 1),
+                    "peak_heap_mb": round(full["peak_heap_mb"] + slope_heap * (n - large), 1),
+                }
+                for n in PROJECTIONS
+            }
+        summary[stage] = row
+    return summary
+
+
+# -- the download, side by side ------------------------------------------------------------------
+
+
+def download_side_by_side(
+    work: Path, source: Path, n: int, img2dataset: str | None, procs: int, threads: int
+) -> dict:
+    served = work / "served"
+    (served / "photo").mkdir(parents=True)
+    ids = [photo_id(i) for i in range(n)]
+    for id_ in ids:
+        os.link(source / "cdn" / id_, served / "photo" / id_)
+    for id_ in ids:  # warm the page cache, so that neither tool pays for the disk
+        (served / "photo" / id_).read_bytes()
+    server = start_python_server(served)
+    try:
+        check_server(server, served, ids[0])
+        out: dict = {"n": n, "server": server.name, "latency_ms": LATENCY_S * 1000}
+        out["latency_floor_s"] = round(n / 64 * LATENCY_S, 2)
+        project = make_project(work / "download", server.latency_template, 1)
+        sub = project / "pipeline" / "sources" / SOURCE
+        (sub / "photos.txt").write_text("".join(f"{id_} | Photo | eng\n" for id_ in ids))
+        (sub / "labels.csv").write_text("id,label\n")
+        run = run_stage(project, "download")
+        table = pd.read_parquet(project / "data" / "raw" / f"{SOURCE}.parquet")
+        out["photoprep"] = {**asdict(run), "ok": int((table["status"] == "ok").sum()), "in_flight": 64}
+        log(f"  photoprep download {out['photoprep']}")
+        found = shutil.which(img2dataset) if img2dataset else None
+        if found:
+            urls = work / "urls.txt"
+            urls.write_text("".join(server.latency_template.format(id=id_) + "\n" for id_ in ids))
+            target = work / "i2d"
+            command = [
+                found,
+                "--url_list", str(urls),
+                "--input_format", "txt",
+                "--output_folder", str(target),
+                "--output_format", "files",
+                "--processes_count", str(procs),
+                "--thread_count", str(threads),
+                "--resize_mode", "no",
+                "--disable_all_reencoding", "True",
+                "--timeout", "30",
+                "--retries", "0",
+                "--enable_wandb", "False",
+            ]  # fmt: skip
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            try:
+                run = measure(command, work, env)
+            except RuntimeError as exc:
+                out["img2dataset_error"] = str(exc)[-2000:]
+                return out
+            stats = [json.loads(p.read_text()) for p in target.glob("*_stats.json")]
+            ok = sum(s.get("successes", 0) for s in stats)
+            out["img2dataset"] = {**asdict(run), "ok": ok, "processes": procs, "threads": threads}
+            log(f"  img2dataset        {out['img2dataset']}")
+            out["speedup"] = round(out["img2dataset"]["wall_s"] / out["photoprep"]["wall_s"], 2)
+            out["cpu_ratio"] = round(out["photoprep"]["cpu_s"] / out["img2dataset"]["cpu_s"], 2)
+        return out
+    finally:
+        server.stop()
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_1min_at_end": round(os.getloadavg()[0], 2),
+    }
+
+
+def print_table(report: dict) -> None:
+    sizes = report["data"]["sizes"]
+    large = max(sizes)
+    print(f"machine: {report['machine']}")
+    data = report["data"]
+    print(f"source at {large}: {data['source'][str(large)]}; re-run after adding {data['added']}")
+    header = (
+        f"{'stage':9s} {'wall s':>7s} {'CPU s':>7s} {'ms/photo':>8s} {'heap MB':>8s} {'KB/photo':>8s} "
+        f"{'rerun s':>7s} {'rerun/full':>10s} {'target':>6s} {'start s':>7s} {'torch':>5s}"
+    )
+    print(header)
+    for stage, row in report["summary"].items():
+        print(
+            f"{stage:9s} {row['wall_s']:7.2f} {row['cpu_s']:7.2f} {row['cpu_ms_per_photo']:8.3f} "
+            f"{row['peak_heap_mb']:8.1f} {row.get('heap_kb_per_photo', float('nan')):8.2f} "
+            f"{row['rerun_cpu_s']:7.2f} {row['rerun_fraction'] or 0:10.3f} "
+            f"{'ok' if row['rerun_within_target'] else 'MISS':>6s} {row['start_s']:7.2f} "
+            f"{'yes' if row['imports_torch'] else 'no':>5s}"
+        )
+    total_full = sum(r["cpu_s"] for r in report["summary"].values())
+    total_rerun = sum(r["rerun_cpu_s"] for r in report["summary"].values())
+    share = total_rerun / total_full
+    print(f"all data stages: full {total_full:.1f} CPU s, re-run {total_rerun:.1f} CPU s ({share:.1%})")
+    if any("projection" in r for r in report["summary"].values()):
+        print("projection (linear in N from the two largest sizes): CPU s / peak heap MB")
+        for n in PROJECTIONS:
+            cells = []
+            for stage, row in report["summary"].items():
+                at = row["projection"][str(n)]
+                cells.append(f"{stage} {at['cpu_s']:.0f}s/{at['peak_heap_mb']:.0f}MB")
+            print(f"  {n:>9,d}: " + ", ".join(cells))
+    dl = report.get("download")
+    if dl:
+        print(f"download of {dl['n']} photos, {dl['latency_ms']:.0f} ms latency ({dl['server']}):")
+        for tool in ("photoprep", "img2dataset"):
+            if tool in dl:
+                r = dl[tool]
+                print(f"  {tool:11s} {r['wall_s']:7.2f} s wall {r['cpu_s']:7.2f} CPU s  ok {r['ok']}")
+        if "speedup" in dl:
+            print(f"  photoprep is {dl['speedup']}x img2dataset's speed at {dl['cpu_ratio']}x its CPU")
+        print(f"  latency floor at 64 in flight: {dl['latency_floor_s']} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2000,10000", help="comma-separated N (default 2000,10000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-jobs", type=int, default=2, help="compute.n_jobs of the stages")
+    parser.add_argument(
+        "--download-n", type=int, default=2000, help="photos of the side-by-side download; 0: skip"
+    )
+    parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="img2dataset's executable")
+    parser.add_argument("--img2dataset-processes", type=int, default=2)
+    parser.add_argument("--img2dataset-threads", type=int, default=32)
+    parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args()
+    sizes = sorted({int(s) for s in args.sizes.split(",")})
+    work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        data = data_stages(work, sizes, args.seed, args.n_jobs)
+        report: dict = {"data": data, "summary": summarise(data)}
+        if args.download_n:
+            source = work / f"n{max(sizes)}" / "pipeline" / "sources" / SOURCE
+            n = min(args.download_n, max(sizes))
+            report["download"] = download_side_by_side(
+                work, source, n, args.img2dataset, args.img2dataset_processes, args.img2dataset_threads
+            )
+        report["machine"] = machine()
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+
+
+if __name__ == "__main__":
+    main()
