@@ -14,13 +14,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_RERUN = "PHOTOPREP_STAGE_REEXEC"
 
 
 def ensure_project_python() -> None:
     if importlib.util.find_spec("photoprep") is not None and importlib.util.find_spec("pandas") is not None:
         return
     venv_python = ROOT / ".venv" / "bin" / "python"
-    if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
+    # A venv's python is a link to the base interpreter: compare the paths, not their targets,
+    # and re-run once at most.
+    if venv_python.exists() and not os.environ.get(_RERUN):
+        os.environ[_RERUN] = "1"
         os.execv(str(venv_python), [str(venv_python), *sys.argv])
     print(
         f"photoprep: {Path(sys.argv[0]).name} was started by {sys.executable}, which does not have photoprep "

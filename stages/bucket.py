@@ -1,5 +1,10 @@
 """bucket: group resolutions, keep the chosen buckets, resize them to one size."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import numpy as np
 import pandas as pd
 

@@ -1,5 +1,10 @@
 """cluster: DEC on the feature vectors of every kept image; metrics beside two k-means baselines."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import numpy as np
 import pandas as pd
 

@@ -1,5 +1,10 @@
 """dedup: probe every fetched payload once, then group exact and near duplicates."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 from photoprep import console, errors, io, params, report
 from photoprep.images import dedup, probe, sheets
 from photoprep.layout import PATHS

@@ -1,5 +1,10 @@
 """download@<source>: read the source's manifest and fetch every id into the shard store."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import sys
 
 import pandas as pd

@@ -1,5 +1,10 @@
 """evaluate: score the trained model on the test split; metrics, confusion rows, sample grids."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
 

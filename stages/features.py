@@ -1,5 +1,10 @@
 """features: HOG of the grayscale image + a Cr/Cb colour map, for every processed image."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import pandas as pd
 
 from photoprep import console, errors, io, params

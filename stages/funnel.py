@@ -1,5 +1,10 @@
 """funnel: the count after each step, from every stage's counts, in reports/funnel.json."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 from photoprep import errors, io, params, report
 from photoprep.layout import PATHS
 

@@ -1,5 +1,10 @@
 """predict: the trained model on the images without a label (and on test, to calibrate its confidence)."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import numpy as np
 
 from photoprep import errors, io, params, portable

@@ -1,5 +1,10 @@
 """report: one page for the whole run, reports/index.html (relative links only, opens from a file)."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 from photoprep import errors
 from photoprep.layout import PATHS
 from photoprep.review import page

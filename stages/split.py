@@ -1,5 +1,10 @@
 """split: labels from each source, then stable stratified train/val/test (+ unlabeled)."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import pandas as pd
 
 from photoprep import console, errors, io, params

@@ -1,5 +1,10 @@
 """train: fit the model on the train split; val picks the best epoch and stops training early."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
 

@@ -1,5 +1,10 @@
 """validate: the verdict on every remaining image (decoded once, in the dedup stage's probe)."""
 
+from _interpreter import ensure_project_python
+
+ensure_project_python()
+
+
 import pandas as pd
 
 from photoprep import console, errors, io, params
