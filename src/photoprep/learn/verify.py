@@ -12,9 +12,10 @@ Checks, from the repository root:
 
 The tolerance defaults to zero where the committed figures came from the CPU (CPU runs are
 bit-reproducible for one torch version and CPU kind; the retraining uses the thread count the
-model was trained with) and to a small one where they came from CUDA. Differences are printed as a
-diff; the exit code is 0 when everything matches, 1 when something differs, 2 when a file
-needed for the check is missing or unreadable.
+model was trained with) and to a small one where they came from CUDA. It prints which checks it
+ran and why each is exact or how tolerant, every figure compared (committed and now), and the
+differences as a diff; the exit code is 0 when everything matches, 1 when something differs,
+2 when a file needed for the check is missing or unreadable.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def compare_metrics(committed: dict[str, Any], now: dict[str, Any], tolerance: f
     return lines
 
 
+def figure_lines(committed: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Every figure compared, committed and now, one line each (same or different)."""
+    a, b = flatten(committed), flatten(now)
+    return [f"{key}: committed {a.get(key)!r}, now {b.get(key)!r}" for key in sorted(a.keys() | b.keys())]
+
+
 def _short(fp: str | None) -> str:
     return (fp or "<none>")[:16]
 
@@ -119,12 +126,24 @@ def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
         failures.append("test split fingerprints differ:")
         failures += [f"    {name}: {_short(fp)}" for name, fp in names.items()]
 
+    checks = [
+        f"1. one test split everywhere: {_short(test.fingerprint)} in {', '.join(names)}",
+    ]
+
     # 2. the committed model, evaluated again on the CPU
     eval_tol = tolerance
+    committed_on = _eval_device(paths)
     if eval_tol is None:
-        eval_tol = 0.0 if _eval_device(paths) == "cpu" else CUDA_EVAL_TOLERANCE
+        eval_tol = 0.0 if committed_on == "cpu" else CUDA_EVAL_TOLERANCE
+    why = (
+        "exact: the committed figures came from the CPU, whose math is deterministic"
+        if committed_on == "cpu" and eval_tol == 0
+        else f"tolerance {eval_tol:g}: the committed figures came from {committed_on}"
+    )
+    checks.append(f"2. the committed model re-evaluated on the CPU against {PATHS.eval_metrics} ({why})")
     cpu_eval = p.evaluate.model_copy(update={"device": "cpu"})
     now = evaluate.evaluate(model, meta, test, cpu_eval).metrics
+    checks += [f"     {line}" for line in figure_lines(committed, now)]
     diff = compare_metrics(committed, now, eval_tol)
     if diff:
         failures.append(
@@ -143,8 +162,27 @@ def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
 
     # 3. train again on the CPU and compare
     if retrain:
+        on_cpu = meta.get("trained_on") == "cpu"
+        pinned = meta.get("cpu_math") or {}
+        checks.append(
+            "3. trained again on the CPU: "
+            + (
+                "exact weights and figures (the model was trained on the CPU"
+                + (
+                    ", CPU math pinned portably: the same bytes on any x86-64 CPU with AVX2)"
+                    if pinned.get("portable")
+                    else "; not pinned portably: exact on the machine that trained it only)"
+                )
+                if on_cpu and tolerance in (None, 0)
+                else f"figures within {tolerance if tolerance is not None else CUDA_RETRAIN_TOLERANCE:g} "
+                "(the model was trained on a GPU: another device's training lands on other weights; "
+                "this tolerance is not yet backed by a measured seed-to-seed spread)"
+            )
+        )
         failures += _retrain(paths, meta, committed, p.evaluate, tolerance)
 
+    for line in checks:
+        print(f"photoprep verify: {line}")
     if failures:
         print("photoprep verify: FAILED")
         for line in failures:
