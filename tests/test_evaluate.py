@@ -124,6 +124,7 @@ def test_perf_json_holds_training_time_and_evaluation_throughput(ws):
 def test_a_second_evaluation_is_byte_identical(ws, monkeypatch):
     before = {p: (ws / p).read_bytes() for p in ("metrics/eval.json", "plots/confusion.csv")}
     monkeypatch.chdir(ws)
+    monkeypatch.syspath_prepend(str(REPO / "stages"))  # as `python stages/evaluate.py` would
     runpy.run_path(str(REPO / "stages/evaluate.py"), run_name="__main__")  # in this process: faster
     assert {p: (ws / p).read_bytes() for p in before} == before
 

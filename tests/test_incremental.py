@@ -92,6 +92,7 @@ def run_stage(root: Path, stage: str, monkeypatch: pytest.MonkeyPatch, *args: st
         patch.chdir(root)
         patch.delenv("PHOTOPREP_CACHE", raising=False)
         patch.setattr(sys, "argv", [f"stages/{stage}.py", *args])
+        patch.syspath_prepend(str(root / "stages"))  # as `python stages/x.py` puts its folder first
         runpy.run_path(str(root / "stages" / f"{stage}.py"), run_name="__main__")
 
 

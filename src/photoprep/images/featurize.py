@@ -62,14 +62,11 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
         first: dict[str, int] = {}
         for position, key in enumerate(keys):
             first.setdefault(key, position)
-        done = 0
         positions = [first[key] for key in todo]
         batches = parallel.imap_batches(
             _features_of, positions, compute, str(images_path), p, desc="features"
         )
-        for chunk, rows in batches:
-            cache.put(pd.DataFrame({"sha256": todo[done : done + len(chunk)]}), rows)
-            done += len(chunk)
+        cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
     memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
     step = memo.write_step(compute.batch_size, 4 * info["dim"])
     with atomic_path(path) as tmp:

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -231,6 +231,23 @@ class Memo:
             write_with(self.directory / f"{name}.npy", lambda tmp: _save_npy(tmp, arrays), durable=True)
         write_table(rows, self.directory / f"{name}.parquet", durable=True)
         self._add_part(name, rows.reset_index(drop=True))
+
+    def fill(
+        self,
+        todo: Sequence[str],
+        results: Iterable[tuple[Sequence[Any], Any]],
+        part: Callable[[list[str], Any], tuple[pd.DataFrame, np.ndarray | None]],
+    ) -> None:
+        """Put one part per batch as ``(batch, result)`` pairs come back, in ``todo``'s order.
+
+        A batch's keys are the next ``len(batch)`` keys of ``todo``; ``part(keys, result)`` turns
+        them into the rows (with a ``sha256`` column) and the arrays (or None) to memoize.
+        """
+        done = 0
+        for batch, result in results:
+            keys = [str(k) for k in todo[done : done + len(batch)]]
+            done += len(batch)
+            self.put(*part(keys, result))
 
     def compact(self) -> None:
         """Merge the parts of a row-only memo into one (no-op for memos with arrays)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,6 +73,12 @@ def _first_per_sha(table: pd.DataFrame, todo: list[str]) -> pd.DataFrame:
     return firsts.loc[todo].reset_index()
 
 
+def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.DataFrame, None]:
+    rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
+    rows.insert(0, "sha256", keys)
+    return rows[["sha256", *PROBE_COLUMNS]], None
+
+
 def probe_images(
     table: pd.DataFrame,
     raw_dir: Path,
@@ -104,7 +111,6 @@ def probe_images(
     todo = cache.missing(keys)
     if todo:
         firsts = _first_per_sha(table, todo)
-        done = 0
         batches = parallel.imap_batches(
             _probe_batch,
             _locations(firsts),
@@ -117,11 +123,7 @@ def probe_images(
             tuple(transforms),
             desc="decode+hash",
         )
-        for chunk, results in batches:
-            rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
-            rows.insert(0, "sha256", todo[done : done + len(chunk)])
-            done += len(chunk)
-            cache.put(rows[["sha256", *PROBE_COLUMNS]])
+        cache.fill(todo, batches, _probe_part)
         if cache.parts > memo.COMPACT_PARTS:
             cache.compact()
     memo.log_decodes("probe", decoded=len(todo), cached=len(set(keys)) - len(todo))
@@ -149,7 +151,6 @@ def memoize_pixels(
     todo = cache.missing(keys)
     if todo:
         firsts = _first_per_sha(table, todo)
-        done = 0
         batches = parallel.imap_batches(
             _pixels_batch,
             _locations(firsts),
@@ -160,9 +161,7 @@ def memoize_pixels(
             max_pixels,
             desc=f"resize {size[0]}x{size[1]}",
         )
-        for chunk, arrays in batches:
-            cache.put(pd.DataFrame({"sha256": todo[done : done + len(chunk)]}), np.stack(arrays))
-            done += len(chunk)
+        cache.fill(todo, batches, lambda keys, arrays: (pd.DataFrame({"sha256": keys}), np.stack(arrays)))
     memo.log_decodes(namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
     return cache
 
