@@ -1,6 +1,12 @@
 """Benchmark: training throughput (images/s) through photoprep's own batch path.
 
     python bench/train.py [--models smallcnn resnet convnet] [--sizes 32 64] [--steps 20] [--json]
+    python bench/train.py --cpu-math=both --models convnet --sizes 32   # portable against free
+
+``--cpu-math=portable`` (the default) pins torch's CPU math as the pipeline does
+(``compute.portable: true``), ``--cpu-math=free`` leaves it to the libraries, and
+``--cpu-math=both`` runs each in a fresh process (pinning must come before torch loads) and
+prints the throughput ratio portable / free per model and size.
 
 Synthetic uint8 images (N x H x W x 3, random, fixed seed) go through the same path as the
 train stage: ``data.Batches`` (index a uint8 tensor per batch, move to the device, translate
@@ -21,15 +27,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 
-import numpy as np
-import torch
-from torch import nn
+from photoprep import portable
 
-from photoprep.learn import data, devices, models, train
-from photoprep.params import TrainParams
+# Before torch loads (see photoprep.portable); "both" pins in the child processes instead.
+CPU_MATH = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu-math=")), "portable")
+if CPU_MATH in ("portable", "free"):
+    portable.pin_cpu_math(portable=CPU_MATH == "portable", threads=2)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from photoprep.learn import data, devices, models, train  # noqa: E402
+from photoprep.params import TrainParams  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -124,7 +138,37 @@ def bench_synthetic(
     return _time_steps(step, device, steps, warmup, repeats, p.batch_size)
 
 
+def compare_cpu_math(argv: list[str]) -> int:
+    """Run this benchmark pinned and unpinned, each in its own process; print both and the ratio."""
+    rest = [a for a in argv if not a.startswith("--cpu-math=") and a != "--json"]
+    runs = {}
+    for mode in ("portable", "free"):
+        done = subprocess.run(
+            [sys.executable, __file__, f"--cpu-math={mode}", "--json", *rest],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])["cpu"]["images_per_s"]
+    ratios = {key: round(runs["portable"][key] / runs["free"][key], 3) for key in runs["portable"]}
+    if "--json" in argv:
+        print(
+            json.dumps({"portable": runs["portable"], "free": runs["free"], "ratio": ratios}, sort_keys=True)
+        )
+    else:
+        for key, ratio in ratios.items():
+            print(
+                f"{key}: portable {runs['portable'][key]:.0f} images/s, "
+                f"free {runs['free'][key]:.0f} images/s, ratio {ratio:.3f} ({portable.cpu_model()})"
+            )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if CPU_MATH == "both":
+        return compare_cpu_math(argv)
+    argv = [a for a in argv if not a.startswith("--cpu-math=")]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
