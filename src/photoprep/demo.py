@@ -25,6 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from photoprep.images import decode, hamming
+from photoprep.layout import PATHS
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
 MIN_DISTANCE = 12  # phash bits between any two distinct images (checked on render)
@@ -277,7 +278,7 @@ def _write(out_dir: Path, files: dict[str, bytes], labels: dict[str, str], lines
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "pipeline/sources/demo")
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else PATHS.source_dir("demo")
     print(json.dumps(render_demo(out), indent=2))
 
 

@@ -27,10 +27,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from photoprep.errors import UserError, describe_validation_error
+from photoprep.layout import PATHS
 
 Format = Literal["heobs", "csv", "tsv", "urls", "folder"]
 
-DEFAULT_ROOT = Path("pipeline/sources")
+DEFAULT_ROOT = PATHS.sources_dir
 URL_SCHEMES = ("http", "https", "file")
 
 # A source name becomes a folder name, a DVC foreach key and part of output paths: keep it plain.
