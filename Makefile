@@ -38,6 +38,7 @@ run: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@echo
 	@echo "Done. Results:"
+	@echo "  one page:      reports/index.html   (open it in a browser; the funnel, every report, every metric)"
 	@echo "  funnel:        reports/funnel.json   ($(BIN)/dvc metrics show)"
 	@echo "  duplicates:    reports/duplicates.csv, reports/duplicates.png"
 	@echo "  broken files:  reports/broken.csv"
