@@ -175,7 +175,7 @@ def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, t
 def test_train_experiment_reruns_train_evaluate_and_predict_only(demo_repo: Path) -> None:
     out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], demo_repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "predict"}
+    assert ran == {"train", "evaluate", "predict", "report"}
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], demo_repo)
     assert "accuracy" in shown and "train.epochs" in shown
 
@@ -194,6 +194,48 @@ def test_verify_passes_on_the_pipeline_state_and_fails_on_a_tampered_metric(demo
         assert "accuracy" in done.stdout + done.stderr
     finally:
         path.write_text(original)
+
+
+def test_a_grader_pulls_the_artifacts_from_a_real_remote_and_verifies_them(
+    demo_repo: Path, tmp_path: Path, webdav
+) -> None:
+    """The grading round trip: commit, `dvc push` to a WebDAV server on 127.0.0.1, a fresh
+    `git clone`, `dvc pull`, `photoprep verify`; a tampered metric or model fails it."""
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    _run(["dvc", "remote", "add", "-d", "-f", "storage", webdav.url], demo_repo)
+    _run([*git, "add", "-A"], demo_repo)
+    _run([*git, "commit", "-qm", "results", "--allow-empty"], demo_repo)
+    _run(["dvc", "push"], demo_repo)
+    assert any(webdav.root.rglob("*")), "the remote holds the pushed cache"
+
+    grader = tmp_path / "grader"
+    _run(["git", "clone", "-q", str(demo_repo), str(grader)], tmp_path)
+    assert not (grader / "models" / "model.pt").exists()
+    _run(["dvc", "pull"], grader)
+    assert (grader / "models" / "model.pt").read_bytes() == (demo_repo / "models" / "model.pt").read_bytes()
+    out = _run(["photoprep", "verify"], grader)
+    assert "ok" in out
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    metrics_path = grader / "metrics" / "eval.json"
+    original = metrics_path.read_text()
+    metrics = json.loads(original)
+    metrics["accuracy"] = round(metrics["accuracy"] - 0.01, 6)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    done = subprocess.run(["photoprep", "verify"], cwd=grader, env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "accuracy" in done.stdout + done.stderr
+    metrics_path.write_text(original)
+
+    import torch
+
+    model_path = grader / "models" / "model.pt"
+    saved = torch.load(model_path, weights_only=True)
+    first = next(k for k, v in saved["state_dict"].items() if v.is_floating_point() and v.dim() > 1)
+    saved["state_dict"][first] = -saved["state_dict"][first]
+    model_path.unlink()  # pulled from the cache as a link or a copy: replace it, never write through it
+    torch.save(saved, model_path)
+    done = subprocess.run(["photoprep", "verify"], cwd=grader, env=env, capture_output=True, text=True)
+    assert done.returncode != 0, done.stdout
 
 
 def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: Path, tmp_path: Path) -> None:
@@ -250,45 +292,3 @@ def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: P
     assert {key: after[key] for key in expected} == expected
     assert all(after[(r["source"], r["id"])] == "8" for r in moved)
     assert all(after[(r["source"], r["id"])] == "3" for r in deleted), "a deleted file keeps the old label"
-
-
-def test_a_grader_pulls_the_artifacts_from_a_real_remote_and_verifies_them(
-    demo_repo: Path, tmp_path: Path, webdav
-) -> None:
-    """The grading round trip: commit, `dvc push` to a WebDAV server on 127.0.0.1, a fresh
-    `git clone`, `dvc pull`, `photoprep verify`; a tampered metric or model fails it."""
-    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
-    _run(["dvc", "remote", "add", "-d", "-f", "storage", webdav.url], demo_repo)
-    _run([*git, "add", "-A"], demo_repo)
-    _run([*git, "commit", "-qm", "results", "--allow-empty"], demo_repo)
-    _run(["dvc", "push"], demo_repo)
-    assert any(webdav.root.rglob("*")), "the remote holds the pushed cache"
-
-    grader = tmp_path / "grader"
-    _run(["git", "clone", "-q", str(demo_repo), str(grader)], tmp_path)
-    assert not (grader / "models" / "model.pt").exists()
-    _run(["dvc", "pull"], grader)
-    assert (grader / "models" / "model.pt").read_bytes() == (demo_repo / "models" / "model.pt").read_bytes()
-    out = _run(["photoprep", "verify"], grader)
-    assert "ok" in out
-
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    metrics_path = grader / "metrics" / "eval.json"
-    original = metrics_path.read_text()
-    metrics = json.loads(original)
-    metrics["accuracy"] = round(metrics["accuracy"] - 0.01, 6)
-    metrics_path.write_text(json.dumps(metrics, indent=2))
-    done = subprocess.run(["photoprep", "verify"], cwd=grader, env=env, capture_output=True, text=True)
-    assert done.returncode != 0 and "accuracy" in done.stdout + done.stderr
-    metrics_path.write_text(original)
-
-    import torch
-
-    model_path = grader / "models" / "model.pt"
-    saved = torch.load(model_path, weights_only=True)
-    first = next(k for k, v in saved["state_dict"].items() if v.is_floating_point() and v.dim() > 1)
-    saved["state_dict"][first] = -saved["state_dict"][first]
-    model_path.unlink()  # pulled from the cache as a link or a copy: replace it, never write through it
-    torch.save(saved, model_path)
-    done = subprocess.run(["photoprep", "verify"], cwd=grader, env=env, capture_output=True, text=True)
-    assert done.returncode != 0, done.stdout
