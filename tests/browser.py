@@ -9,9 +9,12 @@ offline). Chromium comes from the system packages (`.ci/run` installs it when mi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -122,7 +125,8 @@ def open_page(page: Path, timeout: float = 60.0) -> PageCheck:
     binary = chromium()
     if binary is None:
         raise RuntimeError("chromium is not installed (apt-get install -y chromium)")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it exits: clean up leniently.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 binary,
@@ -139,6 +143,7 @@ def open_page(page: Path, timeout: float = 60.0) -> PageCheck:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group, so every helper process ends with it
         )
         try:
             assert proc.stderr is not None
@@ -152,8 +157,13 @@ def open_page(page: Path, timeout: float = 60.0) -> PageCheck:
                 raise RuntimeError("chromium did not start its DevTools server")
             return asyncio.run(_run(port, page, timeout))
         finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=20)
 
 
 async def _run(port: int, page: Path, timeout: float) -> PageCheck:
