@@ -811,14 +811,15 @@ async def _fetch_rows(
                 task.cancel()
 
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # RuntimeError also covers its subclass raised by loops without signal handlers (Windows).
         for sig in previous:
-            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            with contextlib.suppress(ValueError, RuntimeError):
                 loop.add_signal_handler(sig, stop, sig.name)
         try:
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for sig, handler in previous.items():
-                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                with contextlib.suppress(ValueError, RuntimeError):
                     loop.remove_signal_handler(sig)
                     signal.signal(sig, handler)
         for result in results:
