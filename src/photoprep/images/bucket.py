@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
+from photoprep.images import graph
 from photoprep.io import write_with
 from photoprep.params import BucketKeep, BucketParams
 
@@ -40,8 +39,7 @@ def _linked_sizes(sizes: np.ndarray, tolerance: int) -> np.ndarray:
                 dst.append(order[j])
             j += 1
     n = len(sizes)
-    graph = coo_matrix((np.ones(len(src), np.int8), (src, dst)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    return graph.components(n, src, dst)
 
 
 def bucket_name(min_w: int, min_h: int, max_w: int, max_h: int) -> str:

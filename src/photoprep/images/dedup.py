@@ -36,11 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from photoprep.errors import UserError
-from photoprep.images import hamming
+from photoprep.images import graph, hamming
 from photoprep.params import DedupParams
 
 KEEP_REASONS = ("colour", "pixels", "lossless", "quality", "camera", "medoid", "key", "first")
@@ -152,8 +150,7 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
             src.append(edges["row"].to_numpy())
             dst.append(edges["other"].to_numpy())
     a, b = np.concatenate(src), np.concatenate(dst)
-    graph = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
+    return graph.components(n, a, b)
 
 
 def _medoid_cost(groups: np.ndarray, fine: pd.Series) -> np.ndarray:
