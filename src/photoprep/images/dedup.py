@@ -54,6 +54,18 @@ _DEFAULTS = {
     "format": "",
 }
 
+# What grouping (`_groups`), ranking (`_criteria`) and `_assign` read of a record.
+_RANKED_COLUMNS = (
+    "source",
+    "id",
+    "sha256",
+    "hash",
+    "width",
+    "height",
+    "first_line",
+    *_DEFAULTS,
+)
+
 
 @dataclass
 class DedupResult:
@@ -155,19 +167,28 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
 
 def _medoid_cost(groups: np.ndarray, fine: pd.Series) -> np.ndarray:
     """Sum of fine-hash distances from each row to the other rows of its group, in linear
-    time: per bit, a row disagrees with the group members that hold the other value."""
+    time: per bit, a row disagrees with the group members that hold the other value.
+
+    Only rows of groups with two or more known fine hashes are unpacked (a row alone costs 0),
+    so the working set follows the duplicates, not the collection: a 256-bit hash unpacked
+    is 256 counters a row.
+    """
     known = fine.to_numpy() != ""
     cost = np.zeros(len(fine), np.int64)
     if not known.any():
         return cost
-    bits = np.unpackbits(hamming.pack_hashes(list(fine[known])), axis=1).astype(np.int64)
-    group = groups[known]
-    _, local = np.unique(group, return_inverse=True)
-    ones = np.zeros((local.max() + 1, bits.shape[1]), np.int64)
+    _, local_all, sizes_all = np.unique(groups[known], return_inverse=True, return_counts=True)
+    shared = np.zeros(len(fine), bool)
+    shared[np.flatnonzero(known)[sizes_all[local_all] > 1]] = True
+    if not shared.any():
+        return cost
+    bits = np.unpackbits(hamming.pack_hashes(list(fine[shared])), axis=1).astype(np.int32)
+    _, local = np.unique(groups[shared], return_inverse=True)
+    ones = np.zeros((local.max() + 1, bits.shape[1]), np.int32)
     np.add.at(ones, local, bits)
-    sizes = np.bincount(local)
+    sizes = np.bincount(local).astype(np.int32)
     per_bit = np.where(bits == 1, sizes[local, None] - ones[local], ones[local])
-    cost[known] = per_bit.sum(axis=1)
+    cost[shared] = per_bit.sum(axis=1, dtype=np.int64)
     return cost
 
 
@@ -218,7 +239,7 @@ def find_duplicates(
     `height`, and the probe's `colour`, `lossless`, `quality`, `camera`, `fine_hash`,
     `transform_hashes` (defaults when absent). `sources` orders sources for ``keep: first``.
     """
-    table = images.copy()
+    table = images.copy(deep=False)  # copy-on-write: the caller's frame is never changed
     for column, default in _DEFAULTS.items():
         if column not in table:
             table[column] = default
@@ -228,7 +249,10 @@ def find_duplicates(
     table["dup_distance"] = -1
     table["keep_reason"] = ""
     is_candidate = (table["status"] == "ok") & table["valid"].fillna(False).astype(bool)
-    candidates = table[is_candidate].copy()
+    # Only the columns grouping and ranking read: the working copies stay narrow however wide
+    # the download table is.
+    used = [c for c in _RANKED_COLUMNS if c in table.columns]
+    candidates = table.loc[is_candidate, used].copy()
     for column, default in _DEFAULTS.items():
         candidates[column] = candidates[column].fillna(default)
     if len(candidates):
