@@ -270,3 +270,18 @@ def test_a_truncated_or_lying_shard_fails_verification_and_is_set_aside(tmp_path
     lines = store.set_aside_damaged(tmp_path)
     assert len(lines) == 1 and name in lines[0]
     assert index_shards(tmp_path) == {} and (tmp_path / f".damaged-{name}").exists()
+
+
+@pytest.mark.parametrize(("at", "what"), [(0, "name"), (100, "mode"), (124, "size"), (148, "checksum")])
+def test_a_header_changed_in_any_field_is_caught(tmp_path, at, what):
+    refs = write(tmp_path, blobs(3))
+    (name,) = {ref.shard for ref in refs.values()}
+    path = tmp_path / name
+    data = bytearray(path.read_bytes())
+    second = next(ref.offset for ref in refs.values() if ref.offset > 512) - 512  # a later header
+    data[second + at] = ord("7") if data[second + at] != ord("7") else ord("1")
+    path.write_bytes(bytes(data))
+    members, problem = store.verify_shard(path)
+    assert members is None and problem, what
+    lines, index = store.check_shards(tmp_path)
+    assert len(lines) == 1 and index == {}
