@@ -98,7 +98,9 @@ class ComputeParams(Section):
             return v
         if "://" not in v:
             if not Path(v).is_absolute():
-                raise ValueError(f"must be an fsspec URL (s3://..., file://...) or an absolute path (got {v!r})")
+                raise ValueError(
+                    f"must be an fsspec URL (s3://..., file://...) or an absolute path (got {v!r})"
+                )
             return v
         import fsspec  # only when a storage URL is set: stages without one never import it
 

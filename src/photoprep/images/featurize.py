@@ -15,7 +15,7 @@ matrix's column moments: they are computed from the memory map, in column blocks
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
         for position, key in enumerate(keys):
             first.setdefault(key, position)
         positions = [first[key] for key in todo]
+        batches: Iterator[tuple[Sequence[Any], np.ndarray]]
         if compute.backend == "dask":
             # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
             # 64x64) go with the task, straight to a worker (photoprep.parallel).
