@@ -29,11 +29,18 @@ with --img2dataset (default: `img2dataset` on PATH); without it that row is skip
     python bench/scale.py --sizes 2000,10000                    # a table on stdout
     python bench/scale.py --sizes 2000,20000 --json             # one JSON object of the figures
     python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
+    python bench/scale.py --backends --sizes 2000 --json        # joblib against Dask, images/s per stage
+
+With --backends it runs only dedup, bucket and features at the largest size, once with joblib and
+once with ``compute.backend: dask`` (a LocalCluster of --n-jobs worker processes, 1 thread each),
+each on an empty memo, and prints each stage's throughput (images / wall s, the LocalCluster's
+start included), the ratio Dask / joblib, and whether the outputs are byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -310,6 +317,87 @@ def summarise(result: dict) -> dict:
     return summary
 
 
+# -- joblib against Dask, per stage ------------------------------------------------------------
+
+BATCH_STAGES = ["dedup", "bucket", "features"]  # the stages whose per-image work runs in batches
+
+
+def _stage_images(project: Path, stage: str) -> int:
+    """How many images the stage's per-image work receives."""
+    if stage == "dedup":
+        table = pd.read_parquet(project / "data" / "raw" / f"{SOURCE}.parquet", columns=["status"])
+        return int((table["status"] == "ok").sum())
+    table = "data/interim/valid.parquet" if stage == "bucket" else "data/processed/images.parquet"
+    return len(pd.read_parquet(project / table, columns=["id"]))
+
+
+def _outputs_digest(project: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("data/interim/dedup.parquet", "data/processed/images.npy", "data/features/features.npy"):
+        digest.update((project / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _set_backend(project: Path, backend: str) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["compute"]["backend"] = backend
+    params["compute"]["scheduler"] = "local" if backend == "dask" else None
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def backends_side_by_side(work: Path, n: int, seed: int, n_jobs: int, repeats: int) -> dict:
+    """dedup, bucket and features at N photos with joblib and with Dask (a LocalCluster of n_jobs
+    worker processes), each run on an empty memo; throughput in images/s of each stage's wall."""
+    project = make_project(work / f"backends-n{n}", "cdn/{id}", n_jobs)
+    log(f"backends at {n}: writing the source ...")
+    write_photos(project / "pipeline" / "sources" / SOURCE, 0, n, seed)
+    run_stage(project, "download")
+    walls: dict[str, dict[str, list[float]]] = {b: {s: [] for s in BATCH_STAGES} for b in ("joblib", "dask")}
+    digests: dict[str, str] = {}
+    for repeat in range(repeats):
+        for backend in ("joblib", "dask"):
+            _set_backend(project, backend)
+            env = _env()
+            env["PHOTOPREP_CACHE"] = str(work / f"cache-{backend}-{repeat}")  # nothing memoized yet
+            for stage in ["dedup", "validate", "bucket", "features"]:
+                run = measure([sys.executable, f"stages/{stage}.py"], project, env)
+                if stage in BATCH_STAGES:
+                    walls[backend][stage].append(run.wall_s)
+                    log(f"  {backend:6s} {stage:9s} {run}")
+            digests[backend] = _outputs_digest(project)
+    images = {stage: _stage_images(project, stage) for stage in BATCH_STAGES}
+    out: dict = {"n": n, "workers": n_jobs, "repeats": repeats, "images": images}
+    for backend, per in walls.items():
+        out[backend] = {
+            stage: {
+                "wall_s": round(float(np.median(w)), 3),
+                "images_per_s": round(images[stage] / float(np.median(w)), 1),
+            }
+            for stage, w in per.items()
+        }
+    out["dask_over_joblib"] = {
+        stage: round(out["dask"][stage]["images_per_s"] / out["joblib"][stage]["images_per_s"], 3)
+        for stage in BATCH_STAGES
+    }
+    out["same_bytes"] = digests["joblib"] == digests["dask"]
+    return out
+
+
+def print_backends(report: dict) -> None:
+    b = report["backends"]
+    print(f"machine: {report['machine']}")
+    print(
+        f"{b['n']} photos, {b['workers']} workers (joblib n_jobs / Dask LocalCluster processes), "
+        f"median of {b['repeats']}; outputs byte-identical: {b['same_bytes']}"
+    )
+    print(f"{'stage':9s} {'images':>7s} {'joblib img/s':>12s} {'dask img/s':>10s} {'dask/joblib':>11s}")
+    for stage in BATCH_STAGES:
+        print(
+            f"{stage:9s} {b['images'][stage]:7d} {b['joblib'][stage]['images_per_s']:12.1f} "
+            f"{b['dask'][stage]['images_per_s']:10.1f} {b['dask_over_joblib'][stage]:11.3f}"
+        )
+
+
 # -- the download, side by side ------------------------------------------------------------------
 
 
@@ -441,10 +529,30 @@ def main() -> None:
     parser.add_argument("--img2dataset-threads", type=int, default=32)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="only dedup, bucket, features at the largest size: joblib against Dask (LocalCluster), images/s",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per backend with --backends (median)")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.backends:
+        try:
+            report = {
+                "backends": backends_side_by_side(work, max(sizes), args.seed, args.n_jobs, args.repeats)
+            }
+            report["machine"] = machine()
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_backends(report)
+        return
     try:
         data = data_stages(work, sizes, args.seed, args.n_jobs)
         report: dict = {"data": data, "summary": summarise(data)}

@@ -194,6 +194,8 @@ def test_a_remote_reader_reads_byte_ranges_and_refuses_names_that_are_not_shards
         reader.read("../../etc/passwd", 0, 10)
     with pytest.raises(ValueError, match="runs past the end"):
         reader.read(table["shard"][0], table["offset"][4], 10**6)
+    with pytest.raises(UserError, match=r"shard-0{16}\.tar does not exist: mirror data/raw there"):
+        reader.read("shard-0000000000000000.tar", 0, 10)
     with pytest.raises(ValueError, match="not a source name"):
         open_reader(f"file://{tmp_path / 'raw'}", "../raw/src")
 

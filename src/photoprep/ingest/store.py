@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from photoprep.errors import UserError
 from photoprep.io import fsync_directory
 
 SHARD_GLOB = "shard-*.tar"
@@ -495,7 +496,12 @@ class RemoteBlobReader:
     def read(self, shard: str, offset: int, size: int) -> bytes:
         """The `size` bytes at `offset` of `shard`, or ValueError when the object is shorter."""
         check_shard_name(shard)
-        data = self._fs.cat_file(f"{self._root}/{shard}", start=offset, end=offset + size)
+        try:
+            data = self._fs.cat_file(f"{self._root}/{shard}", start=offset, end=offset + size)
+        except FileNotFoundError:
+            raise UserError(
+                f"compute.storage: {self.url.rstrip('/')}/{shard} does not exist: mirror data/raw there"
+            ) from None
         if len(data) != size:
             raise ValueError(f"blob at offset {offset} (size {size}) runs past the end of {shard}")
         return bytes(data)
