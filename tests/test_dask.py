@@ -135,21 +135,26 @@ def test_an_error_on_a_worker_is_raised_as_the_same_exception(cluster):
     assert raised[0] == raised[1]
 
 
-def test_a_local_cluster_has_n_jobs_workers_and_leaves_no_process_behind():
+def test_a_local_cluster_has_n_jobs_workers_serves_a_whole_session_and_leaves_no_process_behind(capsys):
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     compute = ComputeParams(backend="dask", scheduler="local", n_jobs=2, batch_size=5)
-    with parallel.dask_client(compute) as client:
-        assert sorted(client.nthreads().values()) == [1, 1]
-        assert client.run(os.getpid).keys() == client.nthreads().keys()
-        pids = set(client.run(os.getpid).values())
-        assert os.getpid() not in pids
+    with parallel.session(compute):
+        with parallel.dask_client(compute) as client:
+            assert sorted(client.nthreads().values()) == [1, 1]
+            pids = client.run(os.getpid)
+            assert os.getpid() not in pids.values()
+        got = [r for _, r in parallel.imap_batches(operator.mul, list(range(10)), compute, 2)]
+        assert got == [[0, 1, 2, 3, 4] * 2, [5, 6, 7, 8, 9] * 2]
+        with parallel.dask_client(compute) as again:
+            assert again is client and again.run(os.getpid) == pids
+    assert capsys.readouterr().err.count("dask: 2 workers at tcp://127.0.0.1:") == 1
     left = [
         p.cmdline()
         for p in psutil.Process().children(recursive=True)
         if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())
     ]
     assert left == []
-    assert not any(psutil.pid_exists(pid) for pid in pids)
+    assert not any(psutil.pid_exists(pid) for pid in pids.values())
 
 
 def test_workers_running_other_photoprep_code_are_refused(tmp_path):
@@ -295,7 +300,9 @@ def test_dvc_repro_on_two_dask_workers_gives_the_bytes_of_joblib(cluster, tmp_pa
     since = time.time()
     out = _run(["dvc", "repro", "--force", "--single-item", *stages], repo, tmp_path / "cache-dask")
     assert _outs(repo, stages) == joblib
-    assert out.count("dask: 2 workers at tcp://127.0.0.1:") == 4  # probe, thumbnails, resize, features
+    assert (
+        out.count("dask: 2 workers at tcp://127.0.0.1:") == 3
+    )  # dedup (probe and thumbnails), bucket, features
     for prefix in ("probe_batch", "pixels_batch", "features_of_pixels"):
         per_worker = _tasks_per_worker(cluster, f"photoprep-{prefix}-", since)
         assert len(per_worker) == 2 and min(per_worker.values()) >= 3, (prefix, per_worker)

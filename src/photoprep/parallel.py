@@ -74,9 +74,32 @@ def _local_workers(compute: ComputeParams) -> int:
     return compute.n_jobs if compute.n_jobs > 0 else os.cpu_count() or 1
 
 
+# The client of the `session` open in this process, by (scheduler, n_jobs): batches reuse it.
+_OPEN: dict[tuple[str, int], Any] = {}
+
+
+@contextlib.contextmanager
+def session(compute: ComputeParams) -> Iterator[None]:
+    """Keep one Dask client (and a LocalCluster's processes) for every `imap_batches` inside.
+
+    A stage that sends batches more than once (dedup: the probe, then the thumbnails) starts its
+    LocalCluster once. With joblib it does nothing.
+    """
+    if compute.backend != "dask":
+        yield
+        return
+    with dask_client(compute):
+        yield
+
+
 @contextlib.contextmanager
 def dask_client(compute: ComputeParams) -> Iterator[Any]:
-    """A `distributed.Client` for `compute` (a LocalCluster or a running scheduler), closed after."""
+    """A `distributed.Client` for `compute` (a LocalCluster or a running scheduler), closed after;
+    the one of an open `session` when there is one."""
+    key = (compute.scheduler or "local", compute.n_jobs)
+    if key in _OPEN:
+        yield _OPEN[key]
+        return
     try:
         import dask
         from dask.distributed import Client, LocalCluster
@@ -114,7 +137,11 @@ def dask_client(compute: ComputeParams) -> Iterator[Any]:
         _check_code(client)
         threads = client.nthreads()
         console.note(f"dask: {len(threads)} workers at {client.scheduler.address}")
-        yield client
+        _OPEN[key] = client
+        try:
+            yield client
+        finally:
+            del _OPEN[key]
 
 
 def _check_code(client: Any) -> None:

@@ -21,6 +21,9 @@ handful of large files instead of 100k small ones, and no file name ever comes f
   (`ShardWriter(..., resume=...)`): each member up to the committed length is re-hashed, the
   rest cut off, and appending goes on, so an interrupted and resumed download writes the
   same shards as an uninterrupted one.
+- Blobs are read back by (shard, offset, size): `BlobReader` from a folder, `RemoteBlobReader`
+  through fsspec from a URL prefix (``compute.storage``, Dask workers elsewhere); both refuse a
+  name that is not a shard's, and `open_reader` a source name that is not plain.
 
 Why one module
     The writer, the verifier and the reader share one definition of a shard's bytes (the
