@@ -290,8 +290,11 @@ def test_dvc_repro_on_two_dask_workers_gives_the_bytes_of_joblib(cluster, tmp_pa
     repo = tmp_path / "repo"
     _copy(repo)
     stages = ("dedup", "bucket", "features")
-    # Small batches, so that the demo's ~1,800 images make dozens of tasks for the two workers.
-    _set_compute(repo, batch_size=64, n_jobs=2)
+    # A quarter of the demo's manifest (its defects included) in small batches: dozens of tasks.
+    manifest = repo / "pipeline" / "sources" / "demo" / "photos.txt"
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    manifest.write_bytes(b"".join(lines[: len(lines) // 4]))
+    _set_compute(repo, batch_size=16, n_jobs=2)
     _run(["git", "init", "-q"], repo, tmp_path / "none")
     _run(["dvc", "repro", "features"], repo, tmp_path / "cache-joblib")
     joblib = _outs(repo, stages)
