@@ -201,6 +201,9 @@ def test_a_remote_reader_reads_byte_ranges_and_refuses_names_that_are_not_shards
         reader.read(table["shard"][0], table["offset"][4], 10**6)
     with pytest.raises(UserError, match=r"shard-0{16}\.tar does not exist: mirror data/raw there"):
         reader.read("shard-0000000000000000.tar", 0, 10)
+    local = open_reader(str(tmp_path / "raw"), "src")  # compute.storage as an absolute path
+    assert [local.read(r.shard, r.offset, r.size) for r in table.itertuples()] == blobs
+    local.close()
     with pytest.raises(ValueError, match="not a source name"):
         open_reader(f"file://{tmp_path / 'raw'}", "../raw/src")
 
