@@ -383,8 +383,9 @@ class DaskCluster:
                 time.sleep(0.1)
             for _ in range(self.workers):
                 self._start(
-                    "worker", "--no-nanny", "--nthreads", 1, "--no-dashboard", "--scheduler-file", file
-                )
+                    "worker", "--no-nanny", "--nthreads", 1, "--no-dashboard", "--scheduler-file", file,
+                    "--local-directory", self.work / "scratch",
+                )  # fmt: skip
             with Client(scheduler_file=str(file), timeout=60) as client:
                 client.wait_for_workers(self.workers, timeout=120)
                 self.address = client.scheduler.address
