@@ -29,11 +29,19 @@ with --img2dataset (default: `img2dataset` on PATH); without it that row is skip
     python bench/scale.py --sizes 2000,10000                    # a table on stdout
     python bench/scale.py --sizes 2000,20000 --json             # one JSON object of the figures
     python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
+    python bench/scale.py --backends --sizes 2000 --json        # joblib against Dask, images/s per stage
+
+With --backends it runs only dedup, bucket and features at the largest size, with joblib, with
+``compute.backend: dask`` on a LocalCluster each stage starts (--n-jobs processes, 1 thread each),
+and on a running cluster (a `dask scheduler` and --n-jobs `dask worker` processes on 127.0.0.1,
+started before the clock), each on an empty memo; it prints each stage's throughput (images /
+wall s of the whole stage), the ratio to joblib, and whether the outputs are byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -317,6 +325,161 @@ def summarise(result: dict) -> dict:
     return summary
 
 
+# -- joblib against Dask, per stage ------------------------------------------------------------
+
+BATCH_STAGES = ["dedup", "bucket", "features"]  # the stages whose per-image work runs in batches
+
+
+def _stage_images(project: Path, stage: str) -> int:
+    """How many images the stage's per-image work receives."""
+    if stage == "dedup":
+        table = pd.read_parquet(project / "data" / "raw" / f"{SOURCE}.parquet", columns=["status"])
+        return int((table["status"] == "ok").sum())
+    table = "data/interim/valid.parquet" if stage == "bucket" else "data/processed/images.parquet"
+    return len(pd.read_parquet(project / table, columns=["id"]))
+
+
+def _outputs_digest(project: Path) -> str:
+    digest = hashlib.sha256()
+    for name in ("data/interim/dedup.parquet", "data/processed/images.npy", "data/features/features.npy"):
+        digest.update((project / name).read_bytes())
+    return digest.hexdigest()
+
+
+BACKENDS = {
+    "joblib": "joblib, n_jobs processes",
+    "dask-local": "Dask, a LocalCluster of n_jobs processes started by each stage",
+    "dask-cluster": "Dask, a running scheduler with n_jobs `dask worker` processes",
+}
+
+
+def _set_backend(project: Path, backend: str, scheduler: str | None) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["compute"]["backend"] = "joblib" if backend == "joblib" else "dask"
+    params["compute"]["scheduler"] = scheduler
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+class DaskCluster:
+    """`dask scheduler` and `workers` `dask worker` processes (1 thread each) on 127.0.0.1."""
+
+    def __init__(self, work: Path, workers: int):
+        self.work, self.workers, self.procs = work, workers, []
+        self.address = ""
+
+    def _start(self, *args: object) -> None:
+        command = [str(Path(sys.executable).parent / "dask"), *map(str, args)]
+        self.procs.append(
+            subprocess.Popen(
+                command, cwd=self.work, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
+
+    def __enter__(self) -> DaskCluster:
+        from distributed import Client
+
+        self.work.mkdir(parents=True, exist_ok=True)
+        file = self.work / "scheduler.json"
+        try:
+            self._start(
+                "scheduler", "--host", "127.0.0.1", "--port", 0, "--no-dashboard", "--scheduler-file", file
+            )
+            for _ in range(600):
+                if file.exists():
+                    break
+                time.sleep(0.1)
+            for _ in range(self.workers):
+                self._start(
+                    "worker", "--no-nanny", "--nthreads", 1, "--no-dashboard", "--scheduler-file", file,
+                    "--local-directory", self.work / "scratch",
+                )  # fmt: skip
+            with Client(scheduler_file=str(file), timeout=60) as client:
+                client.wait_for_workers(self.workers, timeout=120)
+                self.address = client.scheduler.address
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def backends_side_by_side(work: Path, n: int, seed: int, n_jobs: int, repeats: int) -> dict:
+    """dedup, bucket and features at N photos with joblib, with a Dask LocalCluster and on a
+    running Dask cluster, each run on an empty memo; throughput in images/s of each stage's wall.
+
+    The stages' wall and CPU include everything each stage does (reading tables, writing
+    outputs, a LocalCluster's start); the running cluster's processes are started before the
+    clock and their CPU is not counted (only the stage's process tree is measured)."""
+    project = make_project(work / f"backends-n{n}", "cdn/{id}", n_jobs)
+    log(f"backends at {n}: writing the source ...")
+    write_photos(project / "pipeline" / "sources" / SOURCE, 0, n, seed)
+    run_stage(project, "download")
+    runs: dict[str, dict[str, list[Run]]] = {b: {s: [] for s in BATCH_STAGES} for b in BACKENDS}
+    digests: dict[str, str] = {}
+    with DaskCluster(work / "dask", n_jobs) as cluster:
+        for repeat in range(repeats):
+            for backend in BACKENDS:
+                scheduler = {"joblib": None, "dask-local": "local", "dask-cluster": cluster.address}[backend]
+                _set_backend(project, backend, scheduler)
+                env = _env()
+                env["PHOTOPREP_CACHE"] = str(work / f"cache-{backend}-{repeat}")  # nothing memoized yet
+                for stage in ["dedup", "validate", "bucket", "features"]:
+                    run = measure([sys.executable, f"stages/{stage}.py"], project, env)
+                    if stage in BATCH_STAGES:
+                        runs[backend][stage].append(run)
+                        log(f"  {backend:12s} {stage:9s} {run}")
+                digests[backend] = _outputs_digest(project)
+    images = {stage: _stage_images(project, stage) for stage in BATCH_STAGES}
+    out: dict = {"n": n, "workers": n_jobs, "repeats": repeats, "images": images, "backends": BACKENDS}
+    for backend, per in runs.items():
+        out[backend] = {}
+        for stage, measured in per.items():
+            wall = float(np.median([r.wall_s for r in measured]))
+            out[backend][stage] = {
+                "wall_s": round(wall, 3),
+                "cpu_s": round(float(np.median([r.cpu_s for r in measured])), 3),
+                "images_per_s": round(images[stage] / wall, 1),
+            }
+    out["over_joblib"] = {
+        backend: {
+            stage: round(out[backend][stage]["images_per_s"] / out["joblib"][stage]["images_per_s"], 3)
+            for stage in BATCH_STAGES
+        }
+        for backend in BACKENDS
+        if backend != "joblib"
+    }
+    out["same_bytes"] = len(set(digests.values())) == 1
+    return out
+
+
+def print_backends(report: dict) -> None:
+    b = report["backends"]
+    print(f"machine: {report['machine']}")
+    print(
+        f"{b['n']} photos, {b['workers']} workers, median of {b['repeats']}; "
+        f"outputs byte-identical across backends: {b['same_bytes']}"
+    )
+    for backend, what in BACKENDS.items():
+        print(f"  {backend}: {what}")
+    print(f"{'stage':9s} {'images':>7s} " + " ".join(f"{name + ' img/s':>18s}" for name in BACKENDS))
+    for stage in BATCH_STAGES:
+        cells = []
+        for backend in BACKENDS:
+            rate = b[backend][stage]["images_per_s"]
+            ratio = "" if backend == "joblib" else f" ({b['over_joblib'][backend][stage]:.2f}x)"
+            cells.append(f"{f'{rate:.1f}{ratio}':>18s}")
+        print(f"{stage:9s} {b['images'][stage]:7d} " + " ".join(cells))
+
+
 # -- the download, side by side ------------------------------------------------------------------
 
 
@@ -448,10 +611,30 @@ def main() -> None:
     parser.add_argument("--img2dataset-threads", type=int, default=32)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="only dedup, bucket, features at the largest size: joblib against Dask (LocalCluster), images/s",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs per backend with --backends (median)")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.backends:
+        try:
+            report = {
+                "backends": backends_side_by_side(work, max(sizes), args.seed, args.n_jobs, args.repeats)
+            }
+            report["machine"] = machine()
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            print_backends(report)
+        return
     try:
         data = data_stages(work, sizes, args.seed, args.n_jobs)
         report: dict = {"data": data, "summary": summarise(data)}

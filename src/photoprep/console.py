@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from photoprep.errors import UserError
 
-__all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "quiet", "reasons", "require_input"]
+__all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "note", "quiet", "reasons", "require_input"]
 
 QUIET_ENV = "PHOTOPREP_QUIET"
 PROGRESS_EVERY_S = 10.0
@@ -72,6 +72,12 @@ def _logger() -> logging.Logger:
         _log.setLevel(logging.INFO)
         _log.propagate = False
     return _log
+
+
+def note(line: str) -> None:
+    """One line on stderr about how the stage runs (where its work went); silenced by PHOTOPREP_QUIET."""
+    if not quiet():
+        _logger().info(line)
 
 
 class Progress:

@@ -1,13 +1,42 @@
-"""Per-image work in batches, through joblib (or a Dask cluster), with progress (photoprep.console)."""
+"""Per-image work in batches, through joblib or as tasks on a Dask cluster, with progress.
+
+`imap_batches` cuts the items (blob locations, pixel rows, positions) into batches of
+``compute.batch_size`` and yields each batch's result in input order, as soon as it and every
+earlier one are back, so the caller memoizes it before the next arrives.
+
+``compute.backend: dask`` runs each batch as one Dask task (`Client.submit`), always on the
+cluster (even one batch: the data may be reachable only there):
+
+- ``compute.scheduler: local`` (or null) starts a `LocalCluster` of ``compute.n_jobs`` worker
+  processes with 1 thread each, closed (processes ended) when the batches are done;
+  ``tcp://host:port`` joins a running scheduler and leaves it running.
+- At most ``2 x`` the cluster's threads tasks are in flight, so memory stays flat whatever the
+  number of batches. A batch over `SCATTER_BYTES` (pixel rows) goes to a worker directly
+  (`Client.scatter(direct=True)`), never through the scheduler; locations are small.
+- An exception on a worker is raised here as the same exception (the stage's rows with a
+  reason stay rows: they are results); the batches still in flight are cancelled.
+- Workers must run this photoprep's code, or outputs could differ: `code_fingerprint` of every
+  worker is compared with ours before any batch goes out.
+- Dask's own logging is held at ERROR; the stage prints one line, where its work ran.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
+import logging
+import os
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-from joblib import Parallel, delayed, parallel_config
+import numpy as np
+from joblib import Parallel, delayed
 
+from photoprep import console
 from photoprep.console import Progress
 from photoprep.errors import UserError
 from photoprep.params import ComputeParams
@@ -15,24 +44,148 @@ from photoprep.params import ComputeParams
 T = TypeVar("T")
 R = TypeVar("R")
 
+SCATTER_BYTES = 1 << 20
+CONNECT_TIMEOUT_S = 10
+WORKERS_TIMEOUT_S = 60
+_DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
+
 
 def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
     """Consecutive slices of at most `size` items."""
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def code_fingerprint() -> str:
+    """sha256 of every module of the installed photoprep package (paths and bytes)."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _quiet_dask_logs() -> None:
+    for name in _DASK_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _local_workers(compute: ComputeParams) -> int:
+    return compute.n_jobs if compute.n_jobs > 0 else os.cpu_count() or 1
+
+
+# The client of the `session` open in this process, by (scheduler, n_jobs): batches reuse it.
+_OPEN: dict[tuple[str, int], Any] = {}
+
+
 @contextlib.contextmanager
-def _backend(compute: ComputeParams) -> Iterator[None]:
-    if compute.backend == "joblib":
+def session(compute: ComputeParams) -> Iterator[None]:
+    """Keep one Dask client (and a LocalCluster's processes) for every `imap_batches` inside.
+
+    A stage that sends batches more than once (dedup: the probe, then the thumbnails) starts its
+    LocalCluster once. With joblib it does nothing.
+    """
+    if compute.backend != "dask":
         yield
         return
-    try:
-        from dask.distributed import Client
-    except ImportError:
-        raise UserError("compute.backend: dask needs `pip install dask[distributed]`") from None
-    client = Client(compute.scheduler) if compute.scheduler else Client(processes=False)
-    with client, parallel_config(backend="dask"):
+    with dask_client(compute):
         yield
+
+
+@contextlib.contextmanager
+def dask_client(compute: ComputeParams) -> Iterator[Any]:
+    """A `distributed.Client` for `compute` (a LocalCluster or a running scheduler), closed after;
+    the one of an open `session` when there is one."""
+    key = (compute.scheduler or "local", compute.n_jobs)
+    if key in _OPEN:
+        yield _OPEN[key]
+        return
+    try:
+        import dask
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise UserError("compute.backend: dask needs Dask: pip install 'photoprep[dask]'") from None
+    _quiet_dask_logs()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set({"distributed.admin.large-graph-warning-threshold": "1GB"}))
+        if compute.scheduler in (None, "local"):
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=_local_workers(compute),
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=":0",
+                    silence_logs=logging.CRITICAL,
+                )
+            )
+            client = stack.enter_context(Client(cluster))
+        else:
+            try:
+                client = stack.enter_context(Client(compute.scheduler, timeout=CONNECT_TIMEOUT_S))
+            except OSError as exc:
+                raise UserError(
+                    f"compute.scheduler: no Dask scheduler answers at {compute.scheduler} ({exc})"
+                ) from None
+            try:
+                client.wait_for_workers(1, timeout=WORKERS_TIMEOUT_S)
+            except TimeoutError:
+                raise UserError(
+                    f"compute.scheduler: the Dask scheduler at {compute.scheduler} has no worker "
+                    f"after {WORKERS_TIMEOUT_S} s"
+                ) from None
+        _check_code(client)
+        threads = client.nthreads()
+        console.note(f"dask: {len(threads)} workers at {client.scheduler.address}")
+        _OPEN[key] = client
+        try:
+            yield client
+        finally:
+            del _OPEN[key]
+
+
+def _check_code(client: Any) -> None:
+    ours = code_fingerprint()
+    try:
+        theirs = client.run(code_fingerprint)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"compute.backend: dask: the workers cannot import photoprep ({exc})") from None
+    other = sorted(address for address, fingerprint in theirs.items() if fingerprint != ours)
+    if other:
+        raise UserError(
+            f"compute.backend: dask: {len(other)} worker(s) run other photoprep code than this stage "
+            f"(e.g. {other[0]}): install the same version there"
+        )
+
+
+def _on_dask(
+    work: Callable[..., R], chunks: list[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
+) -> Iterator[R]:
+    """`work(chunk, *args)` of each chunk as a Dask task; results in input order, bounded in flight."""
+    with dask_client(compute) as client:
+        window = max(2, 2 * sum(client.nthreads().values()))
+        prefix = f"photoprep-{work.__name__.strip('_')}-{uuid.uuid4().hex[:8]}"
+        pending: deque[Any] = deque()
+        todo = iter(enumerate(chunks))
+
+        def submit(index: int, chunk: Sequence[T]) -> None:
+            payload: Any = chunk
+            if isinstance(chunk, np.ndarray) and chunk.nbytes > SCATTER_BYTES:
+                payload = client.scatter(chunk, direct=True, hash=False)
+            pending.append(client.submit(work, payload, *args, key=f"{prefix}-{index}", pure=False))
+
+        try:
+            for index, chunk in itertools.islice(todo, window):
+                submit(index, chunk)
+            while pending:
+                result = pending.popleft().result()
+                for index, chunk in itertools.islice(todo, 1):
+                    submit(index, chunk)
+                yield result
+        finally:
+            if pending:
+                client.cancel(list(pending))
+                pending.clear()
 
 
 def imap_batches(
@@ -46,26 +199,30 @@ def imap_batches(
 
     Each result is yielded as soon as it and every earlier one have come back from the workers,
     so a caller can write it out (or memoize it) before the next one arrives: nothing holds
-    every result at once, and a killed run loses only the batches in flight.
+    every result at once, and a killed run loses only the batches in flight. `work` must be a
+    module-level function (Dask and joblib send it to other processes by name).
     """
     if not len(items):
         return
     chunks = batches(items, compute.batch_size)
     bar = Progress(len(items), desc or "work", unit="img")
+    results: Iterator[R] = iter(())
     try:
-        if compute.n_jobs == 1 or len(chunks) == 1:
-            for chunk in chunks:
-                result = work(chunk, *args)
-                bar.update(len(chunk))
-                yield chunk, result
+        if compute.backend == "dask":
+            results = _on_dask(work, chunks, compute, args)
+        elif compute.n_jobs == 1 or len(chunks) == 1:
+            results = (work(chunk, *args) for chunk in chunks)
         else:
-            with _backend(compute):
-                runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
-                results = runner(delayed(work)(c, *args) for c in chunks)
-                for chunk, result in zip(chunks, results, strict=True):
-                    bar.update(len(chunk))
-                    yield chunk, result
+            runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
+            results = runner(delayed(work)(c, *args) for c in chunks)
+        for chunk, result in zip(chunks, results, strict=True):
+            bar.update(len(chunk))
+            yield chunk, result
     finally:
+        # A caller that stops early (or fails) ends the workers' batches now, not at garbage collection.
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
         bar.close()
 
 

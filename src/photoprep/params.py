@@ -49,11 +49,23 @@ def _positive_pair(v: tuple[int, int]) -> tuple[int, int]:
     return v
 
 
+SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss")
+
+
 class ComputeParams(Section):
     n_jobs: int = Field(2, description="worker processes for per-image work; -1 uses every core")
-    batch_size: int = Field(256, ge=1, description="images per joblib task")
+    batch_size: int = Field(256, ge=1, description="images per task (a joblib task or a Dask task)")
     backend: Literal["joblib", "dask"] = "joblib"
-    scheduler: str | None = Field(None, description="dask scheduler address when backend is dask")
+    scheduler: str | None = Field(
+        None,
+        description="with backend dask: 'local' (a LocalCluster of n_jobs processes, 1 thread each; "
+        "also null) or a scheduler address tcp://host:port",
+    )
+    storage: str | None = Field(
+        None,
+        description="where workers read shards: an fsspec URL prefix (s3://bucket/raw, file:///mnt/raw) "
+        "or an absolute path holding <source>/<shard> like data/raw; null: the local data/raw",
+    )
     portable: bool = Field(
         True, description="pin torch's CPU math to what any AVX2 machine has: same bytes on any x86-64 CPU"
     )
@@ -66,6 +78,35 @@ class ComputeParams(Section):
     def _n_jobs_not_zero(cls, v: int) -> int:
         if v == 0:
             raise ValueError("must be a positive number of workers or -1 for all cores")
+        return v
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_address(cls, v: str | None) -> str | None:
+        if v is None or v == "local":
+            return v
+        scheme, sep, rest = v.partition("://")
+        host, colon, port = rest.rpartition(":")
+        if not sep or scheme not in SCHEDULER_SCHEMES or not colon or not host or not port.isdigit():
+            raise ValueError(f"must be 'local' or a scheduler address like tcp://host:8786 (got {v!r})")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "://" not in v:
+            if not Path(v).is_absolute():
+                raise ValueError(
+                    f"must be an fsspec URL (s3://..., file://...) or an absolute path (got {v!r})"
+                )
+            return v
+        import fsspec  # only when a storage URL is set: stages without one never import it
+
+        protocol = v.split("://", 1)[0]
+        if protocol not in fsspec.available_protocols():
+            raise ValueError(f"unknown fsspec protocol {protocol!r} (got {v!r})")
         return v
 
 

@@ -15,7 +15,7 @@ matrix's column moments: they are computed from the memory map, in column blocks
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,27 @@ def _features_of(positions: Sequence[int], images_path: str, p: FeatureParams) -
     """Feature rows of the images at `positions` of the .npy file (read in the worker)."""
     images = np.load(images_path, mmap_mode="r")
     return features.batch_features(images[list(positions)], p)
+
+
+def _features_of_pixels(pixels: np.ndarray, p: FeatureParams) -> np.ndarray:
+    """Feature rows of a batch of pixel rows sent to the worker (a Dask worker sees no local file)."""
+    return features.batch_features(pixels, p)
+
+
+class PixelRows(Sequence[np.ndarray]):
+    """The rows of `images` at `positions`, read from the memory map only when a batch is sliced."""
+
+    def __init__(self, images: np.ndarray, positions: Sequence[int]):
+        self.images = images
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return np.ascontiguousarray(self.images[self.positions[index]])
+        return self.images[self.positions[index]]
 
 
 def feature_memo(images: np.ndarray, p: FeatureParams) -> memo.Memo:
@@ -63,9 +84,17 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
         for position, key in enumerate(keys):
             first.setdefault(key, position)
         positions = [first[key] for key in todo]
-        batches = parallel.imap_batches(
-            _features_of, positions, compute, str(images_path), p, desc="features"
-        )
+        batches: Iterator[tuple[Sequence[Any], np.ndarray]]
+        if compute.backend == "dask":
+            # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
+            # 64x64) go with the task, straight to a worker (photoprep.parallel).
+            batches = parallel.imap_batches(
+                _features_of_pixels, PixelRows(images, positions), compute, p, desc="features"
+            )
+        else:
+            batches = parallel.imap_batches(
+                _features_of, positions, compute, str(images_path), p, desc="features"
+            )
         cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
     memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
     step = memo.write_step(compute.batch_size, 4 * info["dim"])

@@ -12,7 +12,7 @@ import pandas as pd
 from photoprep import parallel
 from photoprep.images import containers, decode, memo
 from photoprep.ingest import sniff
-from photoprep.ingest.store import BlobReader
+from photoprep.ingest.store import BlobReader, RemoteBlobReader, open_reader
 from photoprep.io import atomic_path
 from photoprep.params import ComputeParams
 
@@ -34,13 +34,23 @@ def _locations(table: pd.DataFrame) -> list[BlobLocation]:
     )
 
 
-def _read(raw_dir: Path, locations: Sequence[BlobLocation]) -> list[bytes]:
-    readers: dict[str, BlobReader] = {}
+def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
+    """Where the workers read shards: ``compute.storage`` (an fsspec URL or a path) or `raw_dir`.
+
+    A Dask worker may run in another folder (or machine), so it gets `raw_dir` as an absolute path.
+    """
+    if compute.storage:
+        return compute.storage
+    return raw_dir.resolve() if compute.backend == "dask" else raw_dir
+
+
+def _read(root: str | Path, locations: Sequence[BlobLocation]) -> list[bytes]:
+    readers: dict[str, BlobReader | RemoteBlobReader] = {}
     try:
         out = []
         for source, shard, offset, size in locations:
             if source not in readers:
-                readers[source] = BlobReader(raw_dir / source)
+                readers[source] = open_reader(root, source)
             out.append(readers[source].read(shard, offset, size))
         return out
     finally:
@@ -50,21 +60,21 @@ def _read(raw_dir: Path, locations: Sequence[BlobLocation]) -> list[bytes]:
 
 def _probe_batch(
     locations: Sequence[BlobLocation],
-    raw_dir: Path,
+    root: str | Path,
     hash_name: str,
     hash_size: int,
     max_pixels: int,
     max_decode_mb: float | None,
     transforms: Sequence[str],
 ) -> list[dict]:
-    blobs = _read(raw_dir, locations)
+    blobs = _read(root, locations)
     return decode.probe_many(blobs, hash_name, hash_size, max_pixels, max_decode_mb, transforms)
 
 
 def _pixels_batch(
-    locations: Sequence[BlobLocation], raw_dir: Path, size: tuple[int, int], fit: str, max_pixels: int
+    locations: Sequence[BlobLocation], root: str | Path, size: tuple[int, int], fit: str, max_pixels: int
 ) -> list[np.ndarray]:
-    return [decode.resized_rgb(data, size, fit, max_pixels) for data in _read(raw_dir, locations)]
+    return [decode.resized_rgb(data, size, fit, max_pixels) for data in _read(root, locations)]
 
 
 def _first_per_sha(table: pd.DataFrame, todo: list[str]) -> pd.DataFrame:
@@ -115,7 +125,7 @@ def probe_images(
             _probe_batch,
             _locations(firsts),
             compute,
-            raw_dir,
+            blob_root(raw_dir, compute),
             hash_name,
             hash_size,
             max_pixels,
@@ -155,7 +165,7 @@ def memoize_pixels(
             _pixels_batch,
             _locations(firsts),
             compute,
-            raw_dir,
+            blob_root(raw_dir, compute),
             tuple(size),
             fit,
             max_pixels,

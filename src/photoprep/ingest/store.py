@@ -21,6 +21,9 @@ handful of large files instead of 100k small ones, and no file name ever comes f
   (`ShardWriter(..., resume=...)`): each member up to the committed length is re-hashed, the
   rest cut off, and appending goes on, so an interrupted and resumed download writes the
   same shards as an uninterrupted one.
+- Blobs are read back by (shard, offset, size): `BlobReader` from a folder, `RemoteBlobReader`
+  through fsspec from a URL prefix (``compute.storage``, Dask workers elsewhere); both refuse a
+  name that is not a shard's, and `open_reader` a source name that is not plain.
 
 Why one module
     The writer, the verifier and the reader share one definition of a shard's bytes (the
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from photoprep.errors import UserError
 from photoprep.io import fsync_directory
 
 SHARD_GLOB = "shard-*.tar"
@@ -488,15 +492,70 @@ class BlobReader:
         fd = self._fds.get(shard)
         if fd is not None:
             return fd
-        if not SHARD_NAME.fullmatch(shard):
-            # A table is data; a shard name that is not ours must not become a path.
-            raise ValueError(f"not a shard name: {shard!r}")
+        check_shard_name(shard)
         with self._lock:
             fd = self._fds.get(shard)
             if fd is None:
                 fd = os.open(self.directory / shard, os.O_RDONLY)
                 self._fds[shard] = fd
         return fd
+
+
+def check_shard_name(shard: str) -> None:
+    """ValueError unless `shard` is a shard file name of ours (never a path)."""
+    if not SHARD_NAME.fullmatch(shard):
+        # A table is data; a shard name that is not ours must not become a path.
+        raise ValueError(f"not a shard name: {shard!r}")
+
+
+class RemoteBlobReader:
+    """Reads blobs through fsspec from ``<url>/<shard>`` (s3://, gs://, file://, memory://, ...).
+
+    Each read is one byte-range request (``fs.cat_file(path, start, end)``); the shard name is
+    checked as `BlobReader` checks it, so a table can never name another object.
+    """
+
+    def __init__(self, url: str):
+        import fsspec  # only on this path: a local run never imports it
+
+        self.url = url
+        self._fs, root = fsspec.core.url_to_fs(url)
+        self._root = root.rstrip("/")
+
+    def __enter__(self) -> RemoteBlobReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read(self, shard: str, offset: int, size: int) -> bytes:
+        """The `size` bytes at `offset` of `shard`, or ValueError when the object is shorter."""
+        check_shard_name(shard)
+        try:
+            data = self._fs.cat_file(f"{self._root}/{shard}", start=offset, end=offset + size)
+        except FileNotFoundError:
+            raise UserError(
+                f"compute.storage: {self.url.rstrip('/')}/{shard} does not exist: mirror data/raw there"
+            ) from None
+        if len(data) != size:
+            raise ValueError(f"blob at offset {offset} (size {size}) runs past the end of {shard}")
+        return bytes(data)
+
+    def close(self) -> None:
+        """Nothing to close: fsspec keeps its own connection pools."""
+
+
+# A source name is a folder name under the store's root (photoprep.ingest.sources checks it too).
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def open_reader(root: str | Path, source: str) -> BlobReader | RemoteBlobReader:
+    """A reader of `source`'s shards under `root`: a local folder (path) or an fsspec URL prefix."""
+    if not SOURCE_NAME.fullmatch(source):
+        raise ValueError(f"not a source name: {source!r}")
+    if isinstance(root, str) and "://" in root:
+        return RemoteBlobReader(f"{root.rstrip('/')}/{source}")
+    return BlobReader(Path(root) / source)
 
 
 def read_blobs(directory: Path, refs: Iterable[tuple[str, int, int]]) -> list[bytes]:
