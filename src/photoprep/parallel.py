@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from joblib import Parallel, delayed
 
 from photoprep import console
 from photoprep.console import Progress
@@ -213,6 +212,10 @@ def imap_batches(
         elif compute.n_jobs == 1 or len(chunks) == 1:
             results = (work(chunk, *args) for chunk in chunks)
         else:
+            # Imported here: a re-run whose batches all come from the memo never starts workers,
+            # and joblib (with loky) is a tenth of a second of every stage's start.
+            from joblib import Parallel, delayed
+
             runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
             results = runner(delayed(work)(c, *args) for c in chunks)
         for chunk, result in zip(chunks, results, strict=True):
