@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 
 from photoprep import errors, params, report
-from photoprep.ingest import fetch, manifest, sources
+from photoprep.ingest import manifest, partitions, sources
 from photoprep.layout import PATHS
 
 
@@ -23,10 +23,11 @@ def main() -> str:
     labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None
-    result = fetch.download(
+    result = partitions.download(
         listed.records,
         PATHS.shards_dir(name),
         p.download,
+        p.compute,
         base_dir=source.directory,
         table_path=table_path,
         previous=previous,

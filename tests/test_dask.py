@@ -323,3 +323,38 @@ def test_every_stage_that_runs_batches_declares_no_compute_param():
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for stage in ("dedup", "bucket", "features"):
         assert not any(str(p).startswith("compute") for p in declared[stage].get("params", []))
+
+
+def test_download_partitions_run_as_tasks_on_both_workers_with_the_bytes_of_joblib(cluster, cdn, tmp_path):
+    from photoprep.ingest import partitions
+    from photoprep.params import DownloadParams
+
+    ids = [f"d{i:03d}" for i in range(40)]
+    for id_ in ids:
+        cdn.add(id_, _jpeg(int(id_[1:])))
+    recs = pd.DataFrame({"source": "demo", "id": ids, "url": [cdn.url(i) for i in ids]})
+    p = DownloadParams(
+        concurrency=8, per_host=8, read_timeout=2.0, retries=2, backoff_base=0.01, partitions=4
+    )
+    since = time.time()
+    for name, compute in [
+        ("joblib", ComputeParams(n_jobs=2)),
+        ("dask", ComputeParams(backend="dask", scheduler=cluster)),
+    ]:
+        result = partitions.download(
+            recs,
+            tmp_path / name,
+            p,
+            compute,
+            base_dir=tmp_path,
+            table_path=tmp_path / f"{name}.parquet",
+            previous=None,
+        )
+        assert (result.table["status"] == "ok").all()
+    assert (tmp_path / "joblib.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
+    shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("shard-*.tar"))
+    assert shards == sorted(
+        p.relative_to(tmp_path / "joblib") for p in (tmp_path / "joblib").rglob("shard-*.tar")
+    )
+    per_worker = _tasks_per_worker(cluster, "photoprep-fetch_partitions-", since)
+    assert sum(per_worker.values()) == 4 and len(per_worker) == 2, per_worker

@@ -193,6 +193,7 @@ def imap_batches(
     compute: ComputeParams,
     *args: Any,
     desc: str = "",
+    unit: str = "img",
 ) -> Iterator[tuple[Sequence[T], R]]:
     """Yield ``(batch, work(batch, *args))`` for consecutive batches of `items`, in input order.
 
@@ -204,7 +205,7 @@ def imap_batches(
     if not len(items):
         return
     chunks = batches(items, compute.batch_size)
-    bar = Progress(len(items), desc or "work", unit="img")
+    bar = Progress(len(items), desc or "work", unit=unit)
     results: Iterator[R] = iter(())
     try:
         if compute.backend == "dask":

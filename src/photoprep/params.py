@@ -142,6 +142,13 @@ class DownloadParams(Section):
         64, ge=1, le=1_000_000, description="images fetched between commits of shards and status rows"
     )
     commit_seconds: float = Field(5.0, gt=0, le=3600, description="seconds between commits at most")
+    partitions: int = Field(
+        1,
+        ge=1,
+        le=9999,
+        description="ids split by a hash of the id into this many partitions, each fetched by one task "
+        "(compute.backend) into data/raw/<source>/part-NNNN/, the caps divided among them; 1: one download",
+    )
 
 
 class DedupParams(Section):

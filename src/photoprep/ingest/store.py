@@ -50,6 +50,10 @@ from photoprep.io import fsync_directory
 
 SHARD_GLOB = "shard-*.tar"
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")
+# A partitioned download (photoprep.ingest.partitions) keeps each partition's shards in a folder
+# of their own: a table then names a shard ``part-0007/shard-<hash>.tar``.
+PART_PREFIX = "part-"
+SHARD_REF = re.compile(r"(?:part-[0-9]{4}/)?shard-[0-9a-f]{16}\.tar")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 10240: archives end on a record boundary, like tar(1) writes them
@@ -502,8 +506,9 @@ class BlobReader:
 
 
 def check_shard_name(shard: str) -> None:
-    """ValueError unless `shard` is a shard file name of ours (never a path)."""
-    if not SHARD_NAME.fullmatch(shard):
+    """ValueError unless `shard` names a shard of ours: a file name, or ``part-NNNN/`` and a
+    file name (never any other path)."""
+    if not SHARD_REF.fullmatch(shard):
         # A table is data; a shard name that is not ours must not become a path.
         raise ValueError(f"not a shard name: {shard!r}")
 
