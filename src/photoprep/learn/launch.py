@@ -33,6 +33,21 @@ def must_launch(nproc: int) -> bool:
     return nproc > 1 and env_rank() is None
 
 
+# torchrun, with its report of a failed rank cut to one line (each rank prints its own error).
+# Inline: importing photoprep here would pin the CPU math of the ranks' parent again.
+_TORCHRUN = """
+import sys
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import main
+try:
+    main(sys.argv[1:])
+except ChildFailedError as exc:
+    rank, failure = exc.get_first_failure()
+    print(f"photoprep: training rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
 def launch(nproc: int, script: str | Path, args: Sequence[str] = ()) -> None:
     """Run ``script`` as ``nproc`` ranks on this machine (torchrun, standalone) and wait.
 
@@ -41,8 +56,8 @@ def launch(nproc: int, script: str | Path, args: Sequence[str] = ()) -> None:
     """
     command = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
+        "-c",
+        _TORCHRUN,
         "--standalone",
         "--nnodes=1",
         f"--nproc-per-node={nproc}",
@@ -62,6 +77,4 @@ def launch(nproc: int, script: str | Path, args: Sequence[str] = ()) -> None:
             proc.wait()
         raise
     if code != 0:
-        raise UserError(
-            f"train.nproc={nproc}: a training process failed (torchrun exit {code}); its error is above"
-        )
+        raise UserError(f"train.nproc={nproc}: a training rank failed, the others were stopped (exit {code})")
