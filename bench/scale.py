@@ -29,6 +29,12 @@ with --img2dataset (default: `img2dataset` on PATH); without it that row is skip
     python bench/scale.py --sizes 2000,10000                    # a table on stdout
     python bench/scale.py --sizes 2000,20000 --json             # one JSON object of the figures
     python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
+
+With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
+process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
+
+    python bench/scale.py --train                               # 1 process x 2 threads vs 2 ranks x 1
+    python bench/scale.py --train --train-epochs 2 --repeats 3 --json
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
+from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
 DATA_STAGES = ["download", "dedup", "validate", "bucket", "features", "split"]
@@ -441,7 +448,17 @@ def main() -> None:
     parser.add_argument("--img2dataset-threads", type=int, default=32)
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
+    parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
+    parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
+    parser.add_argument("--train-threads", type=int, default=2, help="compute.threads of both runs")
+    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--train-model", default="convnet")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each (--train); the median is shown")
     args = parser.parse_args()
+    if args.train:
+        train_main(args)
+        return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -462,6 +479,33 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
+
+
+def train_main(args: argparse.Namespace) -> None:
+    work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = {
+            "train": train_scaling(
+                work,
+                _env(),
+                args.train_n,
+                args.train_nproc,
+                args.train_threads,
+                args.train_epochs,
+                args.train_model,
+                args.repeats,
+            ),
+            "machine": machine(),
+        }
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"machine: {report['machine']}")
+        print_train(report["train"])
 
 
 if __name__ == "__main__":
