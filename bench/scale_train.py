@@ -6,7 +6,10 @@ the split tables, ``reports/splits.json``). Then ``python stages/train.py`` runs
 runs it, with the default params but ``train.epochs`` and ``device: cpu``:
 
 - ``1 process``: ``train.nproc: 1``, ``compute.threads: T`` (one process, T threads);
-- ``N ranks``:   ``train.nproc: N``, ``compute.threads: T`` (gloo, T // N threads per rank).
+- ``N ranks``:   ``train.nproc: N``, ``compute.threads: T`` (gloo, T // N threads per rank);
+- and, for scale, ``1 process x 1 thread``: what one core does alone. On a busy machine T
+  threads of one process can wait on each other (spinning) far longer than N ranks of one
+  thread wait on their all-reduce; this row tells that effect from the gain of more cores.
 
 Per run: the train stage's own ``train_images_per_s`` (reports/train_perf.json: images through
 the optimiser per second of training, every rank's counted) and the stage's wall time (start-up,
@@ -84,10 +87,11 @@ def train_scaling(
     """Train images/s of one process (``threads`` threads) and of ``nproc`` gloo ranks."""
     root = work / "train"
     write_dataset(root, n, seed=0)
-    runs: dict[str, list[dict]] = {"single": [], "ddp": []}
-    for _ in range(repeats):  # interleaved, so that a change in the machine's load hits both
+    runs: dict[str, list[dict]] = {"single": [], "ddp": [], "one_thread": []}
+    for _ in range(repeats):  # interleaved, so that a change in the machine's load hits all
         runs["single"].append(run_train(root, env, 1, threads, epochs, model))
         runs["ddp"].append(run_train(root, env, nproc, threads, epochs, model))
+        runs["one_thread"].append(run_train(root, env, 1, 1, epochs, model))
 
     def median(kind: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs[kind]), 2)
@@ -112,7 +116,14 @@ def train_scaling(
             "images_per_s": ddp,
             "wall_s": median("ddp", "wall_s"),
         },
+        "one_thread": {
+            "processes": 1,
+            "threads": 1,
+            "images_per_s": median("one_thread", "images_per_s"),
+            "wall_s": median("one_thread", "wall_s"),
+        },
         "ratio": round(ddp / single, 2) if single else None,
+        "ratio_to_one_thread": round(ddp / median("one_thread", "images_per_s"), 2),
         "runs": runs,
     }
 
@@ -132,4 +143,7 @@ def print_train(report: dict) -> None:
         f"  {d['processes']} ranks x {d['threads_per_rank']} thread ({d['backend']}): "
         f"{d['images_per_s']:8.1f} train images/s  {d['wall_s']:6.1f} s wall"
     )
-    print(f"  ratio {d['processes']} ranks / 1 process: {t['ratio']}x")
+    o = t["one_thread"]
+    print(f"  1 process x 1 thread:  {o['images_per_s']:8.1f} train images/s  {o['wall_s']:6.1f} s wall")
+    print(f"  ratio {d['processes']} ranks / 1 process x {s['threads']} threads: {t['ratio']}x")
+    print(f"  ratio {d['processes']} ranks / 1 process x 1 thread: {t['ratio_to_one_thread']}x")

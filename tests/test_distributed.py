@@ -25,6 +25,7 @@ import torch
 import yaml
 from test_train import make_workspace
 
+from photoprep import portable
 from photoprep.layout import Layout
 from photoprep.learn import evaluate, train
 from photoprep.learn.checkpoint import load_model
@@ -170,3 +171,18 @@ def _environ(process: psutil.Process) -> dict[str, str]:
         return process.environ()
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return {}
+
+
+def test_one_process_records_no_nproc_so_its_model_files_keep_their_bytes():
+    assert "nproc" not in TrainParams().recorded()
+    assert TrainParams(nproc=2).recorded()["nproc"] == 2
+    assert TrainParams(nproc=2).recorded().keys() - TrainParams().recorded().keys() == {"nproc"}
+
+
+def test_each_rank_pins_its_share_of_the_threads(monkeypatch):
+    for key in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert portable.processes_here(1) == 1 and portable.processes_here(3) == 3  # what the stage launches
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on this node of 8 in all
+    assert portable.processes_here(1) == 4

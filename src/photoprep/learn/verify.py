@@ -207,6 +207,11 @@ def _retrain(
     if init_from and not Path(init_from).is_absolute():
         changes["init_from"] = str(paths.root / init_from)  # the stage ran from the repository root
     p = TrainParams.model_validate(meta["params"] | changes)
+    if p.nproc > 1:  # DDP: another trajectory than one process's, even with the same effective batch
+        return [
+            f"--retrain: {paths.model} was trained by {p.nproc} DDP ranks; "
+            "retraining runs one process, which gives other weights: not checked"
+        ]
     data = load_data(p, paths)
     print(f"photoprep verify: retraining {p.model} on the CPU ({p.epochs} epochs at most)...")
     threads = torch.get_num_threads()
