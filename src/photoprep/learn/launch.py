@@ -37,6 +37,7 @@ def must_launch(nproc: int) -> bool:
 # Inline: importing photoprep here would pin the CPU math of the ranks' parent again.
 _TORCHRUN = """
 import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 try:
@@ -45,6 +46,8 @@ except ChildFailedError as exc:
     rank, failure = exc.get_first_failure()
     print(f"photoprep: training rank {rank} failed first (exit code {failure.exitcode})", file=sys.stderr)
     sys.exit(1)
+except SignalException as exc:  # stopped (SIGTERM from the stage): the ranks are stopped already
+    sys.exit(128 + int(exc.sigval))
 """
 
 
