@@ -23,13 +23,15 @@ import psutil
 import pytest
 import torch
 import yaml
+from test_evaluate import shared_pipeline
 from test_train import make_workspace
 
 from photoprep import portable
 from photoprep.layout import Layout
 from photoprep.learn import evaluate, train
-from photoprep.learn.checkpoint import load_model
+from photoprep.learn.checkpoint import load_model, read_model_file, save_model
 from photoprep.learn.data import Batches, load_data
+from photoprep.learn.verify import verify
 from photoprep.params import EvaluateParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,3 +188,16 @@ def test_each_rank_pins_its_share_of_the_threads(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks on this node of 8 in all
     assert portable.processes_here(1) == 4
+
+
+def test_verify_does_not_claim_to_retrain_a_ddp_model(tmp_path_factory, tmp_path, capsys):
+    ws = Path(shutil.copytree(shared_pipeline(tmp_path_factory), tmp_path / "repo"))
+    state, meta = read_model_file(ws / "models/model.pt")
+    meta["params"]["nproc"] = 2
+    save_model(state, meta, ws / "models/model.pt")
+    raw = yaml.safe_load((ws / "params.yaml").read_text())
+    raw["train"]["nproc"] = 2
+    (ws / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert verify(root=ws) == 0  # the model itself still re-evaluates exactly
+    assert verify(retrain=True, root=ws) == 1
+    assert "trained by 2 DDP ranks; retraining runs one process" in capsys.readouterr().out
