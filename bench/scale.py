@@ -36,6 +36,12 @@ With --backends it runs only dedup, bucket and features at the largest size, wit
 and on a running cluster (a `dask scheduler` and --n-jobs `dask worker` processes on 127.0.0.1,
 started before the clock), each on an empty memo; it prints each stage's throughput (images /
 wall s of the whole stage), the ratio to joblib, and whether the outputs are byte-identical.
+
+With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
+process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
+
+    python bench/scale.py --train                               # 1 process x 2 threads vs 2 ranks x 1
+    python bench/scale.py --train --train-epochs 2 --repeats 3 --json
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
+from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
 DATA_STAGES = ["download", "dedup", "validate", "bucket", "features", "split"]
@@ -616,8 +623,21 @@ def main() -> None:
         action="store_true",
         help="only dedup, bucket, features at the largest size: joblib against Dask (LocalCluster), images/s",
     )
-    parser.add_argument("--repeats", type=int, default=1, help="runs per backend with --backends (median)")
+    parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
+    parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
+    parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
+    parser.add_argument("--train-threads", type=int, default=2, help="compute.threads of both runs")
+    parser.add_argument("--train-epochs", type=int, default=2)
+    parser.add_argument("--train-model", default="convnet")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="runs of each, median shown (--backends: 1, --train: 3)"
+    )
     args = parser.parse_args()
+    if args.repeats is None:
+        args.repeats = 3 if args.train else 1
+    if args.train:
+        train_main(args)
+        return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -652,6 +672,33 @@ def main() -> None:
         print(json.dumps(report, indent=2))
     else:
         print_table(report)
+
+
+def train_main(args: argparse.Namespace) -> None:
+    work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        report = {
+            "train": train_scaling(
+                work,
+                _env(),
+                args.train_n,
+                args.train_nproc,
+                args.train_threads,
+                args.train_epochs,
+                args.train_model,
+                args.repeats,
+            ),
+            "machine": machine(),
+        }
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"machine: {report['machine']}")
+        print_train(report["train"])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""train: fit the model on the train split; val picks the best epoch and stops training early."""
+"""train: fit the model on the train split; val picks the best epoch and stops training early.
+
+With ``train.nproc`` > 1 this script starts itself as that many DDP ranks (torchrun) and waits;
+under torchrun it is one rank, and rank 0 alone writes (photoprep.learn.distributed).
+"""
 
 from _interpreter import ensure_project_python
 
@@ -9,20 +13,32 @@ from photoprep import errors, io, params, portable
 from photoprep.layout import PATHS
 
 
-def main() -> str:
+def main() -> str | None:
     every = params.load()
-    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
-    from photoprep.learn import checkpoint, data, live, train
-
     p = every.train
+    ranks_here = portable.processes_here(p.nproc)  # each rank gets its share of compute.threads
+    portable.pin_cpu_math(every.compute.portable, max(1, every.compute.threads // ranks_here))  # before torch
+    from photoprep.learn import launch
+
+    if launch.must_launch(p.nproc):  # train.nproc > 1: this script again, as that many ranks
+        launch.launch(p.nproc, __file__)
+        return None  # rank 0 printed the summary
+    from photoprep.learn import checkpoint, data, distributed, live, train
+
+    world = distributed.join(p.device)  # None: one process, as without DDP
+    main_rank = world is None or world.is_main
     splits = data.load_data(p, PATHS)
-    log = live.LiveLog(PATHS.live_dir)
-    result = train.fit(splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log)
+    log = live.LiveLog(PATHS.live_dir) if main_rank else None
+    result = train.fit(splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log, world=world)
+    distributed.leave(world)
+    if log is None:
+        return None  # not rank 0: rank 0 alone writes
     log.close(result)
     checkpoint.save_model(result.state_dict, result.meta, PATHS.model)
     io.write_json(result.perf, PATHS.train_perf)
     perf = result.perf
-    return f"{p.model}: {perf.get('epochs_this_run')} epochs on {perf.get('device')}"
+    ranks = f"{world.size} ranks x " if world is not None else ""
+    return f"{p.model}: {perf.get('epochs_this_run')} epochs on {ranks}{perf.get('device')}"
 
 
 if __name__ == "__main__":

@@ -331,6 +331,23 @@ class TrainParams(Section):
     channels_last: bool = Field(True, description="NHWC memory format for image models")
     deterministic: bool = Field(False, description="deterministic algorithms on CUDA (CPU runs always are)")
     seed: int = 0
+    nproc: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description=(
+            "training processes on this machine (DistributedDataParallel; gloo on the CPU, NCCL on CUDA); "
+            "1: one process. Effective batch = nproc x batch_size; lr is not scaled"
+        ),
+    )
+
+    def recorded(self) -> dict[str, Any]:
+        """The params as a model file and a checkpoint's key record them: ``nproc`` only when it is
+        not 1, so that single-process models keep the bytes they had before the param existed."""
+        settings = self.model_dump(mode="json")
+        if settings["nproc"] == 1:
+            del settings["nproc"]
+        return settings
 
     @field_validator("image_size")
     @classmethod

@@ -45,6 +45,7 @@ __all__ = [
     "pin_cpu_math",
     "pin_default",
     "pinned",
+    "processes_here",
     "settings",
 ]
 
@@ -94,6 +95,14 @@ def _set_torch_threads(threads: int) -> None:
 
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def processes_here(nproc: int = 1) -> int:
+    """How many processes of one job share this machine's cores: torchrun's ``LOCAL_WORLD_SIZE``
+    when a launcher started this process, else ``nproc`` (what the stage is about to launch).
+    A rank pins ``compute.threads // processes_here()`` threads (at least one)."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("WORLD_SIZE")
+    return max(1, int(local)) if local and local.isdigit() else max(1, nproc)
 
 
 def pinned() -> dict[str, Any] | None:

@@ -276,13 +276,17 @@ class Batches:
         generator: torch.Generator,
         augment: tuple[str, ...] = (),
         shift_px: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Shuffled, augmented batches of ``batch_size`` (the last partial batch is dropped:
-        batch norm needs more than one sample). The shuffle and the draws come from
-        ``generator`` (on the CPU: the same on every device)."""
+        """Shuffled, augmented batches of ``batch_size`` (the last partial batch is dropped: batch norm
+        needs more than one sample). The shuffle and draws come from ``generator`` (on the CPU: the same
+        on every device); ``shard=(rank, size)`` keeps positions rank, rank + size, ... of them."""
         n = len(self)
         order = torch.randperm(n, generator=generator)
         draws = draw_augmentation(n, augment, shift_px, generator) if self.images and augment else {}
+        if shard is not None:  # distributed training: as many batches on every rank
+            part = slice(shard[0], n - n % shard[1], shard[1])
+            order, draws, n = order[part], {k: v[part] for k, v in draws.items()}, n // shard[1]
         order_dev = self._to_device(order)
         draws = {k: self._to_device(v) for k, v in draws.items()}
         for start in range(0, n - batch_size + 1, batch_size):

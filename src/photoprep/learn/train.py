@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ from photoprep.learn.checkpoint import (
 from photoprep.learn.data import Batches, TrainData, input_stats
 from photoprep.learn.devices import device_name
 from photoprep.params import TrainParams
+
+if TYPE_CHECKING:
+    from photoprep.learn.distributed import World
 
 __all__ = [
     "EpochCallback",
@@ -274,6 +277,8 @@ class _Run:
     start_epoch: int
     train_seconds: float = 0.0
     images_seen: int = 0
+    world: World | None = None  # distributed training (photoprep.learn.distributed); None: one process
+    trainee: nn.Module | None = None  # what the steps run: the DDP wrapper of ``model``, or None
 
     @property
     def has_val(self) -> bool:
@@ -287,15 +292,20 @@ class _Run:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         lr = peak_lr(p)
-        batches = self.train_batches.epoch(self.batch_size, self.generator, self.augment, p.shift_px)
+        world = self.world
+        shard = world.shard() if world is not None else None
+        batches = self.train_batches.epoch(self.batch_size, self.generator, self.augment, p.shift_px, shard)
+        net = self.trainee if self.trainee is not None else self.model
         for b, (x, y) in enumerate(batches):
             lr = lr_at(p, epoch * self.steps + b, self.steps * p.epochs, self.steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            out, loss = train_step(self.model, x, y, self.optimizer, self.scaler, self.criterion, self.amp)
+            out, loss = train_step(net, x, y, self.optimizer, self.scaler, self.criterion, self.amp)
             loss_sum += loss.double() * len(y)  # summed on the device: no sync per step
             correct += (out.argmax(1) == y).sum()
         seen = self.steps * self.batch_size
+        if world is not None:  # every rank's shard: the epoch's figures over all of them
+            loss_sum, correct, seen = world.sum(loss_sum), world.sum(correct), seen * world.size
         record = {"epoch": epoch, "train_loss": float(loss_sum) / seen, "train_accuracy": int(correct) / seen}
         self.train_seconds += time.perf_counter() - started
         self.images_seen += seen
@@ -303,7 +313,12 @@ class _Run:
 
     def validate(self, record: dict[str, float], lr: float) -> dict[str, float]:
         """The epoch's whole record, rounded, with val loss and accuracy; appended to the history."""
-        val_loss, val_acc = evaluate_split(self.model, self.val_batches, max(self.batch_size, 256), self.amp)
+
+        def score() -> tuple[float, float]:
+            return evaluate_split(self.model, self.val_batches, max(self.batch_size, 256), self.amp)
+
+        # Distributed: rank 0 scores (its weights are the ones kept), the others take its figures.
+        val_loss, val_acc = score() if self.world is None else self.world.from_main(score, 2)
         record.update({"val_loss": val_loss, "val_accuracy": val_acc, "lr": lr})
         record = {k: (round(v, 8) if isinstance(v, float) else v) for k, v in record.items()}
         self.progress.history.append(record)
@@ -325,7 +340,7 @@ class _Run:
 
     def checkpoint(self, epoch: int, improved: bool) -> None:
         """``best.pt`` when val improved, ``last.pt`` after every epoch (with a checkpoint folder)."""
-        if self.checkpoint_dir is None:
+        if self.checkpoint_dir is None or (self.world is not None and not self.world.is_main):
             return
         if improved and self.progress.best_state is not None:
             save_best(self.checkpoint_dir / "best.pt", epoch, self.progress.best_state)
@@ -363,7 +378,7 @@ class _Run:
             "parameters": models.count_parameters(self.model),
             "frozen_parameters": int(self.frozen),
             "transfer": self.transfer,
-            "params": p.model_dump(mode="json"),
+            "params": p.recorded(),
             "lr": peak_lr(p),
             "fingerprints": {
                 "train": data.train.fingerprint,
@@ -392,15 +407,21 @@ class _Run:
             "epochs_this_run": len(progress.history) - self.start_epoch,
             "train_images_per_s": round(self.images_seen / seconds, 1) if seconds else None,
         }
+        if self.world is not None:  # images_seen counts every rank's: the run's throughput
+            perf |= {"ranks": self.world.size, "backend": self.world.backend}
         state = progress.best_state if progress.best_state is not None else cpu_state(self.model)
         return TrainResult(state, meta, progress.history, perf)
 
 
 def _prepare(
-    data: TrainData, p: TrainParams, checkpoint_dir: str | Path | None, resident: bool | None
+    data: TrainData,
+    p: TrainParams,
+    checkpoint_dir: str | Path | None,
+    resident: bool | None,
+    world: World | None = None,
 ) -> _Run:
     """Device, seeded model, optimiser, batches; restored from ``last.pt`` when ``p.resume``."""
-    device = training_device(p.device)
+    device = training_device(p.device) if world is None else world.device
     _configure(device, p)
     amp = amp_dtype(device, p.amp)
     if len(data.val) == 0:
@@ -427,7 +448,10 @@ def _prepare(
     }
     train_b = Batches(data.train.inputs, data.train.labels, device, mean, std, **prep)
     val_b = Batches(data.val.inputs, data.val.labels, device, mean, std, **prep)
-    batch_size = min(p.batch_size, len(train_b))
+    shard_size = len(train_b) // (world.size if world is not None else 1)
+    if world is not None and shard_size == 0:
+        raise UserError(f"train.nproc: {world.size} ranks but {len(train_b)} train images")
+    batch_size = min(p.batch_size, shard_size)
 
     key = compat_key(p, data)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -435,6 +459,11 @@ def _prepare(
     if p.resume and ckpt_dir is not None:
         restored = restore_checkpoint(ckpt_dir / "last.pt", key, model, optimizer, scaler, generator, device)
     progress = restored or Progress()
+    trainee = None
+    if world is not None:
+        world.agree(len(progress.history), "the epochs resumed (is models/checkpoints shared?)")
+        ids = [device.index] if device.type == "cuda" else None
+        trainee = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return _Run(
         p=p,
         data=data,
@@ -453,12 +482,14 @@ def _prepare(
         train_batches=train_b,
         val_batches=val_b,
         batch_size=batch_size,
-        steps=len(train_b) // batch_size,
+        steps=shard_size // batch_size,
         augment=tuple(p.augment) if data.kind == "images" else (),
         key=key,
         checkpoint_dir=ckpt_dir,
         progress=progress,
         start_epoch=len(progress.history),
+        world=world,
+        trainee=trainee,
     )
 
 
@@ -468,6 +499,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     on_epoch: EpochCallback | None = None,
     resident: bool | None = None,
+    world: World | None = None,
 ) -> TrainResult:
     """Train ``p.model`` on ``data.train``; pick the best epoch and stop early on ``data.val``.
 
@@ -476,8 +508,15 @@ def fit(
     epoch's record (epoch, train_loss, train_accuracy, val_loss, val_accuracy, lr) once its
     checkpoint is written; on resume the epochs already done are replayed to it first, so a
     logger sees the whole history.
+
+    ``world`` (:func:`photoprep.learn.distributed.join`): this process is one rank of a
+    DistributedDataParallel run of ``world.size`` ranks; every rank calls ``fit`` alike, and
+    only rank 0 should get ``on_epoch`` and write what it returns. ``p.nproc`` is recorded as
+    ``world.size``.
     """
-    run = _prepare(data, p, checkpoint_dir, resident)
+    if world is not None:
+        p = p.model_copy(update={"nproc": world.size})
+    run = _prepare(data, p, checkpoint_dir, resident, world)
     for done in run.progress.history:
         if on_epoch is not None:
             on_epoch(dict(done))
@@ -489,7 +528,7 @@ def fit(
         run.checkpoint(epoch, run.select(record))
         if on_epoch is not None:
             on_epoch(dict(record))
-        if run.progress.stopped_early:
+        if run.progress.stopped_early and (world is None or world.is_main):
             print(
                 f"photoprep: early stop after epoch {epoch}: "
                 f"no better {p.monitor} for {p.early_stopping} epochs",

@@ -151,7 +151,7 @@ def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
         )
         failures += [f"    {line}" for line in diff]
 
-    current = {k: v for k, v in p.train.model_dump(mode="json").items() if k != "resume"}
+    current = {k: v for k, v in p.train.recorded().items() if k != "resume"}
     trained_with = {k: v for k, v in meta["params"].items() if k != "resume"}
     changed = sorted(k for k in current.keys() | trained_with.keys() if current.get(k) != trained_with.get(k))
     if changed:
@@ -207,6 +207,11 @@ def _retrain(
     if init_from and not Path(init_from).is_absolute():
         changes["init_from"] = str(paths.root / init_from)  # the stage ran from the repository root
     p = TrainParams.model_validate(meta["params"] | changes)
+    if p.nproc > 1:  # DDP: another trajectory than one process's, even with the same effective batch
+        return [
+            f"--retrain: {paths.model} was trained by {p.nproc} DDP ranks; "
+            "retraining runs one process, which gives other weights: not checked"
+        ]
     data = load_data(p, paths)
     print(f"photoprep verify: retraining {p.model} on the CPU ({p.epochs} epochs at most)...")
     threads = torch.get_num_threads()
