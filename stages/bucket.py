@@ -20,6 +20,7 @@ def main() -> str:
     cause = f"validate passed 0 of {console.count(len(valid))} images ({broken or 'none to check'})"
     console.require_input(int(valid["valid"].sum()), "bucket", cause, PATHS.broken_csv)
     result = bucket.assign_buckets(valid, p.bucket)
+    del valid  # result.table holds the valid rows: one copy of the wide table, not two
     kept = result.table[result.table["kept"]].reset_index(drop=True)
     dropped = (
         f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
