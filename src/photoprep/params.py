@@ -219,6 +219,11 @@ class TrainParams(Section):
     model: Literal["smallcnn", "convnet", "alexnet", "googlenet", "resnet", "mlp"] = Field(
         "convnet", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
     )
+    input: Literal["images", "features"] | None = Field(
+        None,
+        description="what the model reads: images (pixels) or features (HOG + Cr/Cb); "
+        "null: features for the mlp, images for the others; only the mlp can read either",
+    )
     width: int | None = Field(
         None,
         ge=4,
@@ -299,6 +304,20 @@ class TrainParams(Section):
         if len(set(v)) != len(v):
             raise ValueError(f"each augmentation once (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _input_fits_model(self) -> TrainParams:
+        if self.input == "features" and self.model != "mlp":
+            raise ValueError(f"train.input: features needs train.model: mlp (got {self.model})")
+        return self
+
+    def record(self) -> dict[str, Any]:
+        """The params as a model file and a checkpoint store them: ``input`` only when it is set,
+        so that files written before it existed (and with its default) keep their bytes."""
+        out = self.model_dump(mode="json")
+        if out.get("input") is None:
+            out.pop("input", None)
+        return out
 
     @field_validator("freeze")
     @classmethod

@@ -140,7 +140,7 @@ def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def compat_key(p: TrainParams, data: TrainData) -> str:
     """What must be equal for a checkpoint to be resumed: params (but RESUMABLE_CHANGES), classes, data."""
-    settings = {k: v for k, v in p.model_dump(mode="json").items() if k not in RESUMABLE_CHANGES}
+    settings = {k: v for k, v in p.record().items() if k not in RESUMABLE_CHANGES}
     text = json.dumps(
         {
             "params": settings,

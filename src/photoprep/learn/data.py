@@ -78,7 +78,10 @@ class TrainData:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def input_kind(model: str) -> str:
+def input_kind(model: str, chosen: str | None = None) -> str:
+    """``images`` or ``features``: ``chosen`` (``train.input``) when set, else the model's own."""
+    if chosen is not None:
+        return chosen
     return "features" if model == "mlp" else "images"
 
 
@@ -171,7 +174,7 @@ def load_data(p: TrainParams, paths: Layout = PATHS) -> TrainData:
     report = read_splits_report(paths.splits_report)
     classes = [str(c) for c in report["classes"]]
     fps = dict(report.get("fingerprints", {}))
-    kind = input_kind(p.model)
+    kind = input_kind(p.model, p.input)
     train = load_split("train", kind, classes, paths, fps.get("train"))
     val = load_split("val", kind, classes, paths, fps.get("val"))
     if len(train) == 0:

@@ -151,7 +151,7 @@ def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
         )
         failures += [f"    {line}" for line in diff]
 
-    current = {k: v for k, v in p.train.model_dump(mode="json").items() if k != "resume"}
+    current = {k: v for k, v in p.train.record().items() if k != "resume"}
     trained_with = {k: v for k, v in meta["params"].items() if k != "resume"}
     changed = sorted(k for k in current.keys() | trained_with.keys() if current.get(k) != trained_with.get(k))
     if changed:
