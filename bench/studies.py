@@ -82,7 +82,9 @@ def build_project(root: Path, seed: int) -> Layout:
     env.pop("PHOTOPREP_CACHE", None)
     for stage in PREP_STAGES:
         script = str(root / "stages" / f"{stage[0]}.py")
-        subprocess.run([sys.executable, script, *stage[1:]], cwd=root, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, script, *stage[1:]], cwd=root, env=env, check=True, capture_output=True
+        )
     return Layout(root)
 
 
@@ -122,7 +124,11 @@ def run_row(name: str, epochs: int, a: Layout, pretrained: Path | None, work: Pa
     if name == "transfer-all":
         base |= {"init_from": str(pretrained)}
     if name == "transfer-frozen":
-        frozen = base | {"epochs": epochs - FINE_TUNE_EPOCHS, "init_from": str(pretrained), "freeze": FROZEN_BLOCKS}
+        frozen = base | {
+            "epochs": epochs - FINE_TUNE_EPOCHS,
+            "init_from": str(pretrained),
+            "freeze": FROZEN_BLOCKS,
+        }
         meta1, s1 = fit(a, frozen, work / "frozen.pt")
         lr = train.peak_lr(params.load(REPO / "params.yaml").train) / 10
         tune = base | {"epochs": FINE_TUNE_EPOCHS, "init_from": str(work / "frozen.pt"), "lr": lr}
@@ -190,7 +196,9 @@ def main() -> None:
         if base is not None:
             r["vs_convnet"] = {
                 "accuracy": round(r["test_accuracy"] - base["test_accuracy"], 4),
-                "time": round(r["train_seconds"] / base["train_seconds"], 2) if base["train_seconds"] else None,
+                "time": round(r["train_seconds"] / base["train_seconds"], 2)
+                if base["train_seconds"]
+                else None,
             }
     out["rows"] = rows
     if args.json:

@@ -198,7 +198,7 @@ def test_mlp_on_pixels_reads_images_and_round_trips_through_the_model_file(works
 
 
 def test_input_features_needs_the_mlp_and_the_default_is_not_recorded():
-    with pytest.raises(ValueError, match="train.input: features needs train.model: mlp"):
+    with pytest.raises(ValueError, match=r"train\.input: features needs train\.model: mlp"):
         tiny(input="features")
     assert "input" not in tiny().record()  # model files of the default params keep their bytes
     assert tiny(model="mlp", input="images").record()["input"] == "images"

@@ -337,6 +337,24 @@ class EvaluateParams(Section):
     top_k: int = Field(5, ge=2, le=100, description="top-k accuracy, reported when there are >= 2k classes")
 
 
+class IntrospectParams(Section):
+    perplexity: float = Field(
+        30.0, gt=1, le=100, description="t-SNE perplexity (lowered to what a small test split allows)"
+    )
+    seed: int = Field(0, description="t-SNE's random state (with init pca: the same map every run)")
+    thumbnails: int = Field(
+        40, ge=0, le=500, description="test images drawn as thumbnails on reports/tsne.png"
+    )
+    per_class: int = Field(
+        4, ge=0, le=50, description="test images per true class in reports/top5.png and reports/top5.csv"
+    )
+    top_k: int = Field(5, ge=1, le=20, description="predictions (with probabilities) per image shown")
+    filters: int = Field(
+        64, ge=1, le=1024, description="most filters of the first layer in reports/filters.png"
+    )
+    batch_size: int = Field(256, ge=1, le=65_536)
+
+
 class PredictParams(Section):
     splits: list[Literal["unlabeled", "train", "val", "test"]] = Field(
         default=["unlabeled", "test"],
@@ -437,6 +455,7 @@ class Params(Section):
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    introspect: IntrospectParams = IntrospectParams()
     cluster: ClusterParams = ClusterParams()
     predict: PredictParams = PredictParams()
 

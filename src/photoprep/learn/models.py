@@ -237,7 +237,12 @@ def mlp(
     cin = in_features
     for i in range(depth):
         layers: list[nn.Module] = [_Flatten()] if flatten and i == 0 else []
-        layers += [nn.Linear(cin, width, bias=False), nn.BatchNorm1d(width), _act(activation), nn.Dropout(dropout)]
+        layers += [
+            nn.Linear(cin, width, bias=False),
+            nn.BatchNorm1d(width),
+            _act(activation),
+            nn.Dropout(dropout),
+        ]
         blocks.append(nn.Sequential(*layers))
         cin = width
     blocks.append(nn.Linear(cin, num_classes))
@@ -291,7 +296,9 @@ def build_model(
         if not a["in_features"]:
             raise ValueError("the mlp needs in_features")
         flatten = a["input_size"] is not None
-        return mlp(a["num_classes"], a["in_features"], a["width"], a["depth"], a["dropout"], activation, flatten)
+        return mlp(
+            a["num_classes"], a["in_features"], a["width"], a["depth"], a["dropout"], activation, flatten
+        )
     if a["input_size"] is None:
         raise ValueError(f"{name} needs input_size [H, W]")
     size = (a["input_size"][0], a["input_size"][1])
