@@ -97,6 +97,10 @@ def test_repro_looks_inside_the_model_and_the_page_links_it(demo_repo: Path) -> 
         assert (demo_repo / "reports" / name).stat().st_size > 0, name
     page = (demo_repo / "reports" / "index.html").read_text(encoding="utf-8")
     assert '<img src="tsne.png"' in page and 'href="../plots/tsne.csv"' in page
+    shown = json.loads(_run(["dvc", "plots", "show", "--json", "plots/tsne.csv"], demo_repo))
+    spec = shown["data"]["dvc.yaml::plots/tsne.csv"][0]["content"]  # dvc.yaml's definition
+    assert spec["mark"]["type"] == "point" and spec["encoding"]["x"]["field"] == "x"
+    assert len(spec["data"]["values"]) == len(test)
 
 
 def test_repro_clusters_every_kept_image_beside_both_baselines(demo_repo: Path) -> None:
@@ -194,8 +198,9 @@ def test_train_experiment_reruns_train_evaluate_and_predict_only(demo_repo: Path
 
 
 def test_a_queued_grid_runs_on_one_worker_and_exp_show_ranks_it(demo_repo: Path) -> None:
-    """The README's sweep recipe on a small grid: two models, one epoch each (the fixture's)."""
-    out = _run(["dvc", "exp", "run", "--queue", "-S", "train.model=smallcnn,mlp"], demo_repo)
+    """The README's sweep recipe on a small grid: two models, one epoch each (the fixture's), up
+    to evaluate (the metric ranked) to keep the test short; upstream stages come from the cache."""
+    out = _run(["dvc", "exp", "run", "--queue", "-S", "train.model=smallcnn,mlp", "evaluate"], demo_repo)
     assert out.count("Queued experiment") == 2, out
     try:
         _run(["dvc", "queue", "start", "-j", "1"], demo_repo)

@@ -142,6 +142,7 @@ def draw_tsne(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     fig, ax = plt.subplots(figsize=(9, 8), dpi=100)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
@@ -151,26 +152,15 @@ def draw_tsne(
             ax.scatter(coords[mine, 0], coords[mine, 1], s=14, color=cmap(k % cmap.N), label=name, alpha=0.8)
     if len(coords):
         lo, hi = coords.min(0), coords.max(0)
-        span = float(max(hi - lo)) or 1.0
-        half = 0.03 * span
+        hx, hy = (0.025 * np.maximum(hi - lo, 1e-6)).tolist()  # square on the square-ish axes
         for i in _spread(len(coords), thumbnails):
             x, y = coords[i]
-            ax.imshow(
-                pixels[i], extent=(x - half, x + half, y - half, y + half), zorder=3, interpolation="nearest"
-            )
-            ax.add_patch(
-                matplotlib.patches.Rectangle(
-                    (x - half, y - half),
-                    2 * half,
-                    2 * half,
-                    fill=False,
-                    lw=1.5,
-                    ec=cmap(int(labels[i]) % cmap.N),
-                    zorder=4,
-                )
-            )
-        ax.set_xlim(lo[0] - 2 * half, hi[0] + 2 * half)
-        ax.set_ylim(lo[1] - 2 * half, hi[1] + 2 * half)
+            ax.imshow(pixels[i], extent=(x - hx, x + hx, y - hy, y + hy), zorder=3, interpolation="nearest")
+            edge = cmap(int(labels[i]) % cmap.N)
+            box = Rectangle((x - hx, y - hy), 2 * hx, 2 * hy, fill=False, lw=1.5, ec=edge, zorder=4)
+            ax.add_patch(box)
+        ax.set_xlim(lo[0] - 2 * hx, hi[0] + 2 * hx)
+        ax.set_ylim(lo[1] - 2 * hy, hi[1] + 2 * hy)
         ax.set_aspect("auto")
         ax.legend(title="true class", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(f"t-SNE of the penultimate layer ({len(coords)} test images; thumbnails: a sample)")
@@ -243,14 +233,15 @@ def top_predictions(
 
 
 def draw_top(top: pd.DataFrame, pixels: np.ndarray, top_k: int, path: str | Path) -> None:
-    """A row per true class: each image captioned with its top predictions, ``class prob`` a line."""
+    """A row per true class: each image captioned with its top predictions, ``prob class`` a line."""
     k = sum(1 for c in top.columns if c.startswith("class_"))
     rows: list[list[tuple[np.ndarray, str]]] = []
     titles: list[str] = []
     for actual, group in top.groupby("actual", sort=False):
         cells = []
         for _, r in group.iterrows():
-            lines = [f"{r[f'class_{j + 1}']} {r[f'probability_{j + 1}']:.2f}" for j in range(k)]
+            # Probability first: a long class name is what the sheet's caption width cuts.
+            lines = [f"{r[f'probability_{j + 1}']:.2f} {r[f'class_{j + 1}']}" for j in range(k)]
             cells.append((thumb(pixels[int(r["row"])]), "\n".join(lines)))
         rows.append(cells)
         titles.append(f"true {actual}")
