@@ -7,10 +7,11 @@ BIN    := $(VENV)/bin
 # The CPU wheel of torch lies on local disk here; plain `torch` would pull a CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: run test check lint format typecheck install install-test bench clean help
+.PHONY: run sweep test check lint format typecheck install install-test bench clean help
 
 help:
 	@echo "make run    - set up .venv and run the whole pipeline on the embedded demo (dvc repro)"
+	@echo "make sweep  - queue a grid of DVC experiments (SWEEP=...), run them on one worker, rank them"
 	@echo "make test   - set up .venv with test extras, run make check, then pytest"
 	@echo "make check  - ruff lint, ruff format --check and mypy (what CI runs before the tests)"
 	@echo "make format - apply ruff's fixes and formatting"
@@ -49,6 +50,18 @@ run: install
 	@echo "  labelling:     data/predictions.parquet, metrics/predict.json, reports/predicted.png"
 	@echo "  clusters:      reports/clusters.html, metrics/cluster.json (DEC beside two k-means baselines)"
 	@echo "  review:        $(BIN)/photoprep review export --by cluster review/   (see README: the review loop)"
+
+# A grid of DVC experiments: every combination of the -S values, queued, run by one worker,
+# then ranked by test accuracy. Override the grid: make sweep SWEEP="-S 'train.dropout=0,0.2,0.5'"
+SWEEP ?= -S 'train.model=mlp,smallcnn,convnet,resnet' -S 'train.lr=0.001,0.003' -S train.epochs=5
+SWEEP_JOBS ?= 1
+
+sweep: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp run --queue $(SWEEP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc queue start -j $(SWEEP_JOBS)
+	@while $(BIN)/dvc queue status | grep -qE '\b(Queued|Running)\b'; do sleep 10; done
+	$(BIN)/dvc queue status
+	$(BIN)/dvc exp show --no-pager --only-changed --sort-by metrics/eval.json:accuracy --sort-order desc
 
 test: check
 	$(BIN)/python -m pytest -q

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -84,6 +87,20 @@ def test_repro_builds_the_demo_funnel(demo_repo: Path) -> None:
     assert funnel["broken_by_reason"] == expected["broken"]
     assert funnel["valid"] == expected["valid_unique_images"]
     assert sum(funnel["split"].values()) == funnel["kept"]
+
+
+def test_repro_looks_inside_the_model_and_the_page_links_it(demo_repo: Path) -> None:
+    tsne = pd.read_csv(demo_repo / "plots" / "tsne.csv", dtype=str)
+    test = pd.read_parquet(demo_repo / "data" / "splits" / "test.parquet")
+    assert len(tsne) == len(test) and list(tsne["id"]) == list(test["id"])
+    for name in ("tsne.png", "filters.png", "top5.png", "top5.csv"):
+        assert (demo_repo / "reports" / name).stat().st_size > 0, name
+    page = (demo_repo / "reports" / "index.html").read_text(encoding="utf-8")
+    assert '<img src="tsne.png"' in page and 'href="../plots/tsne.csv"' in page
+    shown = json.loads(_run(["dvc", "plots", "show", "--json", "plots/tsne.csv"], demo_repo))
+    spec = shown["data"]["dvc.yaml::plots/tsne.csv"][0]["content"]  # dvc.yaml's definition
+    assert spec["mark"]["type"] == "point" and spec["encoding"]["x"]["field"] == "x"
+    assert len(spec["data"]["values"]) == len(test)
 
 
 def test_repro_clusters_every_kept_image_beside_both_baselines(demo_repo: Path) -> None:
@@ -175,9 +192,36 @@ def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, t
 def test_train_experiment_reruns_train_evaluate_and_predict_only(demo_repo: Path) -> None:
     out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], demo_repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "predict", "report"}
+    assert ran == {"train", "evaluate", "introspect", "predict", "report"}
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], demo_repo)
     assert "accuracy" in shown and "train.epochs" in shown
+
+
+def test_a_queued_grid_runs_on_one_worker_and_exp_show_ranks_it(demo_repo: Path) -> None:
+    """The README's sweep recipe on a small grid: two models, one epoch each (the fixture's), up
+    to evaluate (the metric ranked) to keep the test short; upstream stages come from the cache."""
+    out = _run(["dvc", "exp", "run", "--queue", "-S", "train.model=smallcnn,mlp", "evaluate"], demo_repo)
+    assert out.count("Queued experiment") == 2, out
+    try:
+        _run(["dvc", "queue", "start", "-j", "1"], demo_repo)
+        deadline = time.monotonic() + 600
+        while True:
+            status = _run(["dvc", "queue", "status"], demo_repo)
+            if not re.search(r"\b(Queued|Running)\b", status):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(2)
+    finally:  # no worker outlives the test, whatever happened
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=demo_repo, capture_output=True, timeout=120)
+    assert status.count("Success") == 2 and "Failed" not in status, status
+    table = _run(["dvc", "exp", "show", "--csv", "--sort-by", "metrics/eval.json:accuracy"], demo_repo)
+    rows = [r for r in csv.DictReader(table.splitlines()) if r.get("State") == "Success"]
+    column = next(c for c in ("metrics/eval.json:accuracy", "accuracy") if rows and c in rows[0])
+    grid = {r["train.model"]: float(r[column]) for r in rows}
+    assert set(grid) == {"smallcnn", "mlp"}, table
+    assert all(0.0 <= a <= 1.0 for a in grid.values())
+    accuracies = [float(r[column]) for r in rows]
+    assert accuracies == sorted(accuracies), "--sort-by ranks the experiments"
 
 
 def test_verify_passes_on_the_pipeline_state_and_fails_on_a_tampered_metric(demo_repo: Path) -> None:

@@ -182,6 +182,27 @@ class Layout:
     def predicted_png(self) -> Path:
         return self.root / "reports" / "predicted.png"
 
+    # ---------------------------------------------------------------- introspect
+    @property
+    def tsne_csv(self) -> Path:
+        return self.root / "plots" / "tsne.csv"
+
+    @property
+    def tsne_png(self) -> Path:
+        return self.root / "reports" / "tsne.png"
+
+    @property
+    def filters_png(self) -> Path:
+        return self.root / "reports" / "filters.png"
+
+    @property
+    def top5_png(self) -> Path:
+        return self.root / "reports" / "top5.png"
+
+    @property
+    def top5_csv(self) -> Path:
+        return self.root / "reports" / "top5.csv"
+
     # ---------------------------------------------------------------- cluster
     @property
     def clusters_table(self) -> Path:

@@ -267,6 +267,11 @@ class TrainParams(Section):
     model: Literal["smallcnn", "convnet", "alexnet", "googlenet", "resnet", "mlp"] = Field(
         "convnet", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
     )
+    input: Literal["images", "features"] | None = Field(
+        None,
+        description="what the model reads: images (pixels) or features (HOG + Cr/Cb); "
+        "null: features for the mlp, images for the others; only the mlp can read either",
+    )
     width: int | None = Field(
         None,
         ge=4,
@@ -343,10 +348,13 @@ class TrainParams(Section):
 
     def recorded(self) -> dict[str, Any]:
         """The params as a model file and a checkpoint's key record them: ``nproc`` only when it is
-        not 1, so that single-process models keep the bytes they had before the param existed."""
+        not 1 and ``input`` only when it is set, so that models trained with the defaults keep the
+        bytes they had before these params existed."""
         settings = self.model_dump(mode="json")
         if settings["nproc"] == 1:
             del settings["nproc"]
+        if settings.get("input") is None:
+            settings.pop("input", None)
         return settings
 
     @field_validator("image_size")
@@ -365,6 +373,12 @@ class TrainParams(Section):
             raise ValueError(f"each augmentation once (got {v})")
         return v
 
+    @model_validator(mode="after")
+    def _input_fits_model(self) -> TrainParams:
+        if self.input == "features" and self.model != "mlp":
+            raise ValueError(f"train.input: features needs train.model: mlp (got {self.model})")
+        return self
+
     @field_validator("freeze")
     @classmethod
     def _freeze_needs_init(cls, v: int, info) -> int:
@@ -381,6 +395,24 @@ class EvaluateParams(Section):
     samples: int = Field(40, ge=0, le=1000, description="test images in reports/predictions.png")
     misclassified: int = Field(40, ge=0, le=1000, description="most images in reports/misclassified.png")
     top_k: int = Field(5, ge=2, le=100, description="top-k accuracy, reported when there are >= 2k classes")
+
+
+class IntrospectParams(Section):
+    perplexity: float = Field(
+        30.0, gt=1, le=100, description="t-SNE perplexity (lowered to what a small test split allows)"
+    )
+    seed: int = Field(0, description="t-SNE's random state (with init pca: the same map every run)")
+    thumbnails: int = Field(
+        40, ge=0, le=500, description="test images drawn as thumbnails on reports/tsne.png"
+    )
+    per_class: int = Field(
+        4, ge=0, le=50, description="test images per true class in reports/top5.png and reports/top5.csv"
+    )
+    top_k: int = Field(5, ge=1, le=20, description="predictions (with probabilities) per image shown")
+    filters: int = Field(
+        64, ge=1, le=1024, description="most filters of the first layer in reports/filters.png"
+    )
+    batch_size: int = Field(256, ge=1, le=65_536)
 
 
 class PredictParams(Section):
@@ -483,6 +515,7 @@ class Params(Section):
     split: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    introspect: IntrospectParams = IntrospectParams()
     cluster: ClusterParams = ClusterParams()
     predict: PredictParams = PredictParams()
 

@@ -12,6 +12,11 @@ normalises it there. On CUDA the uint8 split lives on the GPU when it fits in a 
 free memory; otherwise batches are gathered into pinned buffers and copied asynchronously while
 the GPU works on the previous one. Augmentation draws come from a CPU generator, so they are the
 same on every device.
+
+Why one module
+    A split's rows, its batches and its augmentation share one definition of the order and the
+    draws (one seeded generator per epoch, which DDP ranks also slice); split apart, a change to
+    one would silently change what the others mean, and a model's bytes with it.
 """
 
 from __future__ import annotations
@@ -78,7 +83,10 @@ class TrainData:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def input_kind(model: str) -> str:
+def input_kind(model: str, chosen: str | None = None) -> str:
+    """``images`` or ``features``: ``chosen`` (``train.input``) when set, else the model's own."""
+    if chosen is not None:
+        return chosen
     return "features" if model == "mlp" else "images"
 
 
@@ -171,7 +179,7 @@ def load_data(p: TrainParams, paths: Layout = PATHS) -> TrainData:
     report = read_splits_report(paths.splits_report)
     classes = [str(c) for c in report["classes"]]
     fps = dict(report.get("fingerprints", {}))
-    kind = input_kind(p.model)
+    kind = input_kind(p.model, p.input)
     train = load_split("train", kind, classes, paths, fps.get("train"))
     val = load_split("val", kind, classes, paths, fps.get("val"))
     if len(train) == 0:

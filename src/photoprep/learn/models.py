@@ -15,7 +15,8 @@ Models
                no auxiliary heads, three poolings so 32 px ends at 4x4
     resnet     a small CIFAR-style ResNet: stem, three stages of ``depth`` basic blocks
                (widths 1, 2, 4 x ``width``; strides 1, 2, 2), stem stride 2 from 64 px
-    mlp        linear-BN-activation-dropout layers on a feature vector (HOG + Cr/Cb)
+    mlp        linear-BN-activation-dropout layers on a feature vector (HOG + Cr/Cb), or on the
+               pixels (``train.input: images``: the first block flattens the 3 x H x W image)
 
 Poolings use fixed kernels where the size divides evenly: their backward passes are
 deterministic on CUDA, unlike adaptive pooling's.
@@ -222,18 +223,27 @@ def resnet(num_classes: int, input_size: tuple[int, int], width: int, depth: int
     return Net(blocks)
 
 
-def mlp(num_classes: int, in_features: int, width: int, depth: int, dropout: float, activation: str) -> Net:
+def mlp(
+    num_classes: int,
+    in_features: int,
+    width: int,
+    depth: int,
+    dropout: float,
+    activation: str,
+    flatten: bool = False,
+) -> Net:
+    """``flatten``: the input is an image (N x 3 x H x W, ``in_features`` = 3HW), flattened first."""
     blocks: list[nn.Module] = []
     cin = in_features
-    for _ in range(depth):
-        blocks.append(
-            nn.Sequential(
-                nn.Linear(cin, width, bias=False),
-                nn.BatchNorm1d(width),
-                _act(activation),
-                nn.Dropout(dropout),
-            )
-        )
+    for i in range(depth):
+        layers: list[nn.Module] = [_Flatten()] if flatten and i == 0 else []
+        layers += [
+            nn.Linear(cin, width, bias=False),
+            nn.BatchNorm1d(width),
+            _act(activation),
+            nn.Dropout(dropout),
+        ]
+        blocks.append(nn.Sequential(*layers))
         cin = width
     blocks.append(nn.Linear(cin, num_classes))
     return Net(blocks)
@@ -252,9 +262,12 @@ def architecture(
     dropout: float = 0.0,
     activation: str = "relu",
 ) -> dict[str, Any]:
-    """The plain dict that :func:`build_model` takes, with the model's defaults filled in."""
+    """The plain dict that :func:`build_model` takes, with the model's defaults filled in.
+    An mlp given ``input_size`` reads images: its ``in_features`` is 3 x H x W."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r} (one of {', '.join(ARCHITECTURES)})")
+    if name == "mlp" and input_size is not None:
+        in_features = 3 * int(input_size[0]) * int(input_size[1])
     return {
         "name": name,
         "num_classes": int(num_classes),
@@ -282,7 +295,10 @@ def build_model(
     if name == "mlp":
         if not a["in_features"]:
             raise ValueError("the mlp needs in_features")
-        return mlp(a["num_classes"], a["in_features"], a["width"], a["depth"], a["dropout"], activation)
+        flatten = a["input_size"] is not None
+        return mlp(
+            a["num_classes"], a["in_features"], a["width"], a["depth"], a["dropout"], activation, flatten
+        )
     if a["input_size"] is None:
         raise ValueError(f"{name} needs input_size [H, W]")
     size = (a["input_size"][0], a["input_size"][1])

@@ -164,7 +164,7 @@ def lr_at(p: TrainParams, step: int, total_steps: int, steps_per_epoch: int) -> 
 def architecture_for(p: TrainParams, num_classes: int, inputs: np.ndarray) -> dict[str, Any]:
     """The architecture record of ``p.model`` for these inputs (images: N x H x W x 3, features: N x D)."""
     size = (list(p.image_size) if p.image_size else list(inputs.shape[1:3])) if inputs.ndim == 4 else None
-    feats = int(inputs.shape[1]) if inputs.ndim == 2 else None
+    feats = int(inputs.shape[1]) if inputs.ndim == 2 else None  # an mlp on images: 3 x H x W
     return models.architecture(p.model, num_classes, size, feats, p.width, p.depth, p.dropout, p.activation)
 
 

@@ -323,15 +323,24 @@ def _evaluation_section(page: _Page, inputs: ReportInputs, curves: Path) -> None
     page.image(paths.misclassified_png, "misclassified test images")
 
 
-def _introspection_section(page: _Page, folder: Path) -> None:
+def _introspection_section(page: _Page, inputs: ReportInputs) -> None:
+    paths = inputs.paths
     page.h2("Inside the model", "introspection")
-    images = sorted(folder.glob("*.png")) if folder.is_dir() else []
-    if not images:
-        page.missing(folder)
+    if not paths.tsne_png.is_file():
+        page.missing(paths.tsne_png)
         return
-    for image in images:
-        page.p(_esc(image.stem.replace("_", " ")))
-        page.image(image, image.stem)
+    page.p(
+        "The test images' penultimate-layer embeddings mapped to 2-D by t-SNE, coloured by true "
+        f"class, with thumbnails of a sample (the points: {page.link(paths.tsne_csv, 'tsne.csv')}):"
+    )
+    page.image(paths.tsne_png, "t-SNE map of the test images' embeddings")
+    page.p("The first layer's filters (each scaled to its own range):")
+    page.image(paths.filters_png, "first-layer filters")
+    page.p(
+        "Top predictions with their probabilities, for the first test images of each class "
+        f"(as a table: {page.link(paths.top5_csv, 'top5.csv')}):"
+    )
+    page.image(paths.top5_png, "top predictions per class")
 
 
 def _clusters_section(page: _Page, inputs: ReportInputs) -> None:
@@ -368,22 +377,16 @@ def _predictions_section(page: _Page, inputs: ReportInputs, chart: Path) -> None
     page.image(paths.predicted_png, "the most confident images per predicted class")
 
 
-def write_report(paths: Layout, out: Path, charts_dir: Path, introspection_dir: Path | None = None) -> Path:
-    """Write the run's report page to ``out`` (charts into ``charts_dir``); returns ``out``.
-
-    ``introspection_dir`` holds the model's introspection images (a section per PNG); without
-    one the page has no such section.
-    """
+def write_report(paths: Layout, out: Path, charts_dir: Path) -> Path:
+    """Write the run's report page to ``out`` (charts into ``charts_dir``); returns ``out``."""
     inputs = ReportInputs(paths)
     page = _Page(out)
-    shown = [s for s in SECTIONS if s[0] != "introspection" or introspection_dir is not None]
-    nav = " ".join(f'<a href="#{anchor}">{_esc(title)}</a>' for anchor, title in shown)
+    nav = " ".join(f'<a href="#{anchor}">{_esc(title)}</a>' for anchor, title in SECTIONS)
     _funnel_section(page, inputs.read_json(paths.funnel), charts_dir / "funnel.png")
     _data_section(page, inputs)
     _splits_section(page, inputs.read_json(paths.splits_report))
     _evaluation_section(page, inputs, charts_dir / "learning_curves.png")
-    if introspection_dir is not None:
-        _introspection_section(page, introspection_dir)
+    _introspection_section(page, inputs)
     _clusters_section(page, inputs)
     _predictions_section(page, inputs, charts_dir / "confidence.png")
     document = (
