@@ -8,7 +8,7 @@ ensure_project_python()
 import numpy as np
 import pandas as pd
 
-from photoprep import console, errors, io, params
+from photoprep import console, errors, io, memory, params
 from photoprep.images import bucket, probe, sheets
 from photoprep.layout import PATHS
 
@@ -21,6 +21,7 @@ def main() -> str:
     console.require_input(int(valid["valid"].sum()), "bucket", cause, PATHS.broken_csv)
     result = bucket.assign_buckets(valid, p.bucket)
     del valid  # result.table holds the valid rows: one copy of the wide table, not two
+    memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     kept = result.table[result.table["kept"]].reset_index(drop=True)
     dropped = (
         f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
@@ -29,6 +30,7 @@ def main() -> str:
     probe.write_pixels(
         kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute, PATHS.images_array
     )
+    memory.release()
     pixels = np.load(PATHS.images_array, mmap_mode="r")
     io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)
     io.write_table(result.resolutions, PATHS.resolutions_csv)

@@ -5,7 +5,7 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import console, errors, io, parallel, params, report
+from photoprep import console, errors, io, memory, parallel, params, report
 from photoprep.images import dedup, probe, sheets
 from photoprep.layout import PATHS
 
@@ -16,6 +16,7 @@ def main() -> str:
     fetched = table[table["status"] == "ok"]
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
     console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
+    memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
         probed = probe.probe_images(
             fetched,
@@ -28,11 +29,14 @@ def main() -> str:
             transforms=p.dedup.transforms,
         )
         table = table.join(probed)
+        del probed
+        memory.release()
         result = dedup.find_duplicates(table, p.dedup, p.sources)
         # The fine and transformed hashes served the grouping; later stages need neither.
         io.write_table(result.table.drop(columns=["fine_hash", "transform_hashes"]), PATHS.dedup_table)
         io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
         io.write_json(result.counts, PATHS.stage_counts("dedup"))
+        memory.release()
         groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)
         thumbs = probe.thumbnails(groups, PATHS.raw_dir, sheets.THUMB, p.validate.max_pixels, p.compute)
     sheets.draw_near_groups(groups, thumbs, PATHS.duplicates_png)

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 import photoprep
+from photoprep import memory
 from photoprep.io import write_table, write_with
 
 CACHE_ENV = "PHOTOPREP_CACHE"
@@ -248,6 +249,7 @@ class Memo:
             keys = [str(k) for k in todo[done : done + len(batch)]]
             done += len(batch)
             self.put(*part(keys, result))
+            memory.release()  # the batch is on disk: its copies need not stay in the heap
 
     def compact(self) -> None:
         """Merge the parts of a row-only memo into one (no-op for memos with arrays)."""
