@@ -19,12 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
+def _env() -> dict[str, str]:
+    """The environment of the commands: this interpreter's bin first (dvc, photoprep, python)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     env.pop("PHOTOPREP_CACHE", None)
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return done.stdout + done.stderr
@@ -212,7 +217,9 @@ def test_a_queued_grid_runs_on_one_worker_and_exp_show_ranks_it(demo_repo: Path)
             assert time.monotonic() < deadline, status
             time.sleep(2)
     finally:  # no worker outlives the test, whatever happened
-        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=demo_repo, capture_output=True, timeout=120)
+        subprocess.run(
+            ["dvc", "queue", "stop", "--kill"], cwd=demo_repo, env=_env(), capture_output=True, timeout=120
+        )
     assert status.count("Success") == 2 and "Failed" not in status, status
     table = _run(["dvc", "exp", "show", "--csv", "--sort-by", "metrics/eval.json:accuracy"], demo_repo)
     rows = [r for r in csv.DictReader(table.splitlines()) if r.get("State") == "Success"]
