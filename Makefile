@@ -47,6 +47,7 @@ run: install
 	@echo "  dataset:       data/processed/, data/features/, data/splits/, reports/splits.json"
 	@echo "  model:         models/model.pt; metrics/eval.json (test split), metrics/perf.json, dvclive/"
 	@echo "  predictions:   reports/predictions.png, reports/misclassified.png, plots/confusion.csv"
+	@echo "  inside model:  reports/tsne.png (plots/tsne.csv), reports/filters.png, reports/top5.png"
 	@echo "  labelling:     data/predictions.parquet, metrics/predict.json, reports/predicted.png"
 	@echo "  clusters:      reports/clusters.html, metrics/cluster.json (DEC beside two k-means baselines)"
 	@echo "  review:        $(BIN)/photoprep review export --by cluster review/   (see README: the review loop)"
