@@ -204,7 +204,8 @@ def slow_cdn(cdn):
 
 def outputs(root: Path) -> dict[str, bytes]:
     """The download's outputs: table, shards, reports (the bytes of each file)."""
-    files = [root / "data" / "raw" / "x.parquet", *sorted((root / "data" / "raw" / "x").iterdir())]
+    store = root / "data" / "raw" / "x"
+    files = [root / "data" / "raw" / "x.parquet", *sorted(p for p in store.rglob("*") if p.is_file())]
     files += sorted((root / "reports" / "download" / "x").iterdir())
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in files}
 
@@ -469,3 +470,30 @@ def test_label_rows_matching_no_id_are_counted_in_the_funnel_and_listed(tmp_path
     assert counts["labels_unmatched"] == 2
     assert pd.read_csv(tmp_path / "reports" / "labels_unmatched.csv")["id"].tolist() == ["ghost", "zombie"]
     assert report.funnel({"s": dict(counts)}, {})["labels_unmatched"] == 2
+
+
+def test_ctrl_c_of_a_partitioned_download_says_what_is_kept_and_the_rerun_ends_byte_identical(
+    tmp_path, slow_cdn
+):
+    params = {**RESUME_PARAMS, "partitions": 3}
+    root = make_project(tmp_path / "interrupted", RESUME_IDS, slow_cdn.url_template, params)
+    proc = start_stage(root, "download", "x")
+    deadline = time.monotonic() + 60
+    while slow_cdn.total_requests < len(RESUME_IDS) // 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    line = one_line(stderr)
+    assert line.startswith("photoprep: interrupted: each of the 3 partitions keeps the shards"), line
+    first = set(asked(slow_cdn, 0))
+    assert len(first) < len(RESUME_IDS), "the run ended before the interrupt"
+    before = slow_cdn.total_requests
+    done = run_stage(root, "download", "x")
+    assert done.returncode == 0, done.stderr
+    again = first & set(asked(slow_cdn, before))
+    # Each partition resumes from its journal: what was committed is not asked again.
+    assert len(again) <= 0.25 * len(first), f"{len(again)} of {len(first)} asked again"
+    straight = make_project(tmp_path / "straight", RESUME_IDS, slow_cdn.url_template, params)
+    assert run_stage(straight, "download", "x").returncode == 0
+    assert outputs(root) == outputs(straight)

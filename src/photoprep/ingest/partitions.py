@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from photoprep import parallel
+from photoprep.errors import Interrupted
 from photoprep.ingest import fetch
 from photoprep.ingest.store import PART_PREFIX
 from photoprep.io import write_table
@@ -148,18 +149,24 @@ def download(
     ]
     one_each = compute.model_copy(update={"batch_size": 1})
     results: list[tuple[int, fetch.FetchResult]] = []
-    for _, done in parallel.imap_batches(
-        fetch_partitions,
-        items,
-        one_each,
-        str(Path(store_dir).resolve()),
-        partition_params(p),
-        str(Path(base_dir).resolve()),
-        allow_cross_host,
-        desc=f"fetch {len(items)} partitions",
-        unit="part",
-    ):
-        results.extend(done)
+    try:
+        for _, done in parallel.imap_batches(
+            fetch_partitions,
+            items,
+            one_each,
+            str(Path(store_dir).resolve()),
+            partition_params(p),
+            str(Path(base_dir).resolve()),
+            allow_cross_host,
+            desc=f"fetch {len(items)} partitions",
+            unit="part",
+        ):
+            results.extend(done)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.run_stage): the tasks are stopped with it
+        raise Interrupted(
+            f"interrupted: each of the {len(items)} partitions keeps the shards and status rows it had "
+            f"committed (in {Path(store_dir).as_posix()}/part-NNNN/); run it again to resume"
+        ) from None
     result = merge(results)
     if not result.interrupted:
         write_table(result.table, table_path, durable=True)
