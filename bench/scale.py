@@ -59,6 +59,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -639,46 +640,53 @@ def main() -> None:
         train_main(args)
         return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
-    work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-"))
-    work.mkdir(parents=True, exist_ok=True)
     if args.backends:
-        try:
-            report = {
+        run_and_print(
+            args,
+            "photoprep-scale-",
+            lambda work: {
                 "backends": backends_side_by_side(work, max(sizes), args.seed, args.n_jobs, args.repeats)
-            }
-            report["machine"] = machine()
-        finally:
-            if args.keep is None:
-                shutil.rmtree(work, ignore_errors=True)
-        if args.json:
-            print(json.dumps(report, indent=2))
-        else:
-            print_backends(report)
+            },
+            print_backends,
+        )
         return
-    try:
+
+    def data_and_download(work: Path) -> dict:
         data = data_stages(work, sizes, args.seed, args.n_jobs)
-        report: dict = {"data": data, "summary": summarise(data)}
+        out: dict = {"data": data, "summary": summarise(data)}
         if args.download_n:
             source = work / f"n{max(sizes)}" / "pipeline" / "sources" / SOURCE
             n = min(args.download_n, max(sizes))
-            report["download"] = download_side_by_side(
+            out["download"] = download_side_by_side(
                 work, source, n, args.img2dataset, args.img2dataset_processes, args.img2dataset_threads
             )
-        report["machine"] = machine()
+        return out
+
+    run_and_print(args, "photoprep-scale-", data_and_download, print_table)
+
+
+def run_and_print(
+    args: argparse.Namespace, prefix: str, measure: Callable[[Path], dict], printer: Callable[[dict], None]
+) -> None:
+    """Run `measure` in a work folder (--keep, or a temporary one removed after), add the machine,
+    and print the report: one JSON object with --json, else `printer`'s table."""
+    work = args.keep or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        figures = measure(work)
+        figures["machine"] = machine()
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(figures, indent=2))
     else:
-        print_table(report)
+        printer(figures)
 
 
 def train_main(args: argparse.Namespace) -> None:
-    work = args.keep or Path(tempfile.mkdtemp(prefix="photoprep-scale-train-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        report = {
+    def measure(work: Path) -> dict:
+        return {
             "train": train_scaling(
                 work,
                 _env(),
@@ -688,17 +696,14 @@ def train_main(args: argparse.Namespace) -> None:
                 args.train_epochs,
                 args.train_model,
                 args.repeats,
-            ),
-            "machine": machine(),
+            )
         }
-    finally:
-        if args.keep is None:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"machine: {report['machine']}")
-        print_train(report["train"])
+
+    def printer(figures: dict) -> None:
+        print(f"machine: {figures['machine']}")
+        print_train(figures["train"])
+
+    run_and_print(args, "photoprep-scale-train-", measure, printer)
 
 
 if __name__ == "__main__":
