@@ -10,6 +10,14 @@ Two data sets per size, both deterministic for a seed:
   so they crowd the same buckets: the hard case for a multi-index), 5% are exact copies of three
   "blank image" hashes, the rest is the ``random`` set.
 
+Each set is searched twice: its hashes alone, and with the dedup stage's defaults, where every
+image also brings one cropped hash per `dedup.crops` entry (``others``) and the search finds
+the (hash, cropped hash) pairs too. A cropped hash is modelled as the image's own hash with each
+bit flipped with probability 0.18 (a 3 to 6 % crop moves a real photo's phash by 8 to 14 bits,
+bench/dedup_quality.py), so a skewed set's cropped hashes cluster like its hashes; 1 % of the
+images are planted as cropped copies (their hash within the threshold of another image's
+cropped hash).
+
 Peak memory is measured in a separate, untimed call with tracemalloc (numpy reports its buffers to it).
 """
 
@@ -25,11 +33,14 @@ from collections.abc import Callable
 import numpy as np
 
 from photoprep.images.hamming import brute_force_pairs, near_duplicate_search
+from photoprep.params import DedupParams
 
 HASH_BYTES = 8
 BRUTE_FORCE_SIZE = 10_000
 TEMPLATE_COUNT = 12
 TEMPLATE_FLIP_PROBABILITY = 0.15
+CROP_FLIP_PROBABILITY = 0.18
+DEFAULT_CROPS = len(DedupParams().crops)
 
 
 def planted_hashes(n: int, threshold: int, rng: np.random.Generator, fraction: float = 0.01) -> np.ndarray:
@@ -66,6 +77,21 @@ def skewed_hashes(n: int, threshold: int, rng: np.random.Generator) -> np.ndarra
     return hashes
 
 
+def cropped_hashes(
+    hashes: np.ndarray, n_crops: int, threshold: int, rng: np.random.Generator, fraction: float = 0.01
+) -> np.ndarray:
+    """n_crops cropped hashes per image (stacked crop by crop), and `fraction` of the images
+    turned into cropped copies of others (their hash within `threshold` of a cropped hash)."""
+    n = len(hashes)
+    noise = rng.random((n_crops * n, HASH_BYTES * 8)) < CROP_FLIP_PROBABILITY
+    others = np.tile(hashes, (n_crops, 1)) ^ np.packbits(noise, axis=1)
+    n_copies = int(n * fraction)
+    sources = rng.integers(0, len(others), size=n_copies)
+    targets = rng.choice(n, size=n_copies, replace=False)
+    hashes[targets] = flip_bits(others[sources], rng.integers(0, threshold + 1, size=n_copies), rng)
+    return others
+
+
 def timed(function: Callable[[], object], repeats: int) -> tuple[float, float, object]:
     """Median wall time (time.perf_counter) and CPU time of `repeats` calls, and the last result.
 
@@ -92,13 +118,17 @@ def peak_memory_mib(function: Callable[[], object]) -> float:
         tracemalloc.stop()
 
 
-def measure_search(hashes: np.ndarray, threshold: int) -> dict:
+def measure_search(hashes: np.ndarray, threshold: int, others: np.ndarray | None = None) -> dict:
     """Time the multi-index search on one data set and collect its figures."""
     repeats = 3 if len(hashes) <= 100_000 else 1
-    seconds, cpu_seconds, (found, stats) = timed(lambda: near_duplicate_search(hashes, threshold), repeats)
-    peak = peak_memory_mib(lambda: near_duplicate_search(hashes, threshold))
+    seconds, cpu_seconds, (found, stats) = timed(
+        lambda: near_duplicate_search(hashes, threshold, others), repeats
+    )
+    peak = peak_memory_mib(lambda: near_duplicate_search(hashes, threshold, others))
     return {
         "n": len(hashes),
+        "crops": 0 if others is None else len(others) // len(hashes),
+        "across": stats.across,
         "seconds": round(seconds, 4),
         "cpu_seconds": round(cpu_seconds, 4),
         "repeats": repeats,
@@ -135,35 +165,64 @@ def measure_brute_force(hashes: np.ndarray, threshold: int, repeats: int = 3) ->
     }
 
 
-def run(sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000), threshold: int = 4, seed: int = 0) -> dict:
-    """Benchmark figures: search on random and skewed sets per size, brute force at 10k."""
+def run(
+    sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000),
+    threshold: int = 4,
+    seed: int = 0,
+    crops: int = DEFAULT_CROPS,
+) -> dict:
+    """Benchmark figures: search on random and skewed sets per size, alone and with `crops`
+    cropped hashes per image; brute force at 10k."""
     figures: dict = {"threshold": threshold, "seed": seed, "hash_bits": HASH_BYTES * 8, "search": []}
     for n in sizes:
         for kind, make in (("random", planted_hashes), ("skewed", skewed_hashes)):
-            hashes = make(n, threshold, np.random.default_rng(seed))
+            rng = np.random.default_rng(seed)
+            hashes = make(n, threshold, rng)
+            others = cropped_hashes(hashes, crops, threshold, rng) if crops else None
             figures["search"].append({"set": kind, **measure_search(hashes, threshold)})
+            if others is not None:
+                figures["search"].append({"set": kind, **measure_search(hashes, threshold, others)})
             if n == BRUTE_FORCE_SIZE:
                 brute = measure_brute_force(hashes, threshold)
                 figures.setdefault("brute_force", []).append({"set": kind, **brute})
-                found = near_duplicate_search(hashes, threshold)[0]
-                if not np.array_equal(found.expand(), brute_force_pairs(hashes, threshold)):
-                    raise AssertionError(f"search and brute force disagree on the {kind} set")
+                check_against_brute_force(hashes, others, threshold, kind)
     return figures
+
+
+def check_against_brute_force(
+    hashes: np.ndarray, others: np.ndarray | None, threshold: int, kind: str
+) -> None:
+    """The search's pairs, and its (hash, cropped hash) pairs, are exactly brute force's."""
+    found = near_duplicate_search(hashes, threshold, others)[0]
+    if not np.array_equal(found.expand(), brute_force_pairs(hashes, threshold)):
+        raise AssertionError(f"search and brute force disagree on the {kind} set")
+    if others is None:
+        return
+    n = len(hashes)
+    both = brute_force_pairs(np.concatenate([hashes, others]), threshold)
+    want = both[(both[:, 0] < n) & (both[:, 1] >= n)]
+    u, w = found.inverse[want[:, 0]], found.other_inverse[want[:, 1] - n]
+    got = {(int(a), int(b), int(d)) for a, b, d in found.across}
+    if got != {(int(a), int(b), int(d)) for a, b, d in zip(u, w, want[:, 2], strict=True)}:
+        raise AssertionError(f"search and brute force disagree on the cropped hashes of the {kind} set")
 
 
 def format_table(figures: dict) -> str:
     """A readable table of `run`'s figures."""
     lines = [
         f"near-duplicate search, {figures['hash_bits']}-bit hashes, threshold {figures['threshold']}",
-        f"{'set':<7} {'n':>9} {'seconds':>8} {'cpu s':>7} {'unique':>9} {'chunks':>6} {'keys':>5} "
-        f"{'candidates':>11} {'est.cand':>11} {'uniq.pairs':>10} {'input pairs':>11} {'peak MiB':>8}",
+        f"{'set':<7} {'n':>9} {'crops':>5} {'seconds':>8} {'cpu s':>7} {'unique':>9} {'chunks':>6} "
+        f"{'keys':>5} {'candidates':>11} {'est.cand':>11} {'uniq.pairs':>10} {'input pairs':>11} "
+        f"{'crop pairs':>10} {'peak MiB':>8}",
     ]
     for row in figures["search"]:
         lines.append(
-            f"{row['set']:<7} {row['n']:>9,} {row['seconds']:>8.3f} {row['cpu_seconds']:>7.3f} "
+            f"{row['set']:<7} {row['n']:>9,} {row['crops']:>5} {row['seconds']:>8.3f} "
+            f"{row['cpu_seconds']:>7.3f} "
             f"{row['unique']:>9,} {row['chunks']:>6} {row['keys']:>5} {row['candidates']:>11,} "
             f"{row['estimated_candidates']:>11,} "
-            f"{row['unique_pairs']:>10,} {row['input_pairs']:>11,} {row['peak_mib']:>8.1f}"
+            f"{row['unique_pairs']:>10,} {row['input_pairs']:>11,} {row['across']:>10,} "
+            f"{row['peak_mib']:>8.1f}"
         )
     for row in figures.get("brute_force", []):
         lines.append(
@@ -182,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--threshold", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--crops", type=int, default=DEFAULT_CROPS, help="cropped hashes per image (dedup.crops); 0: none"
+    )
     args = parser.parse_args(argv)
-    figures = run(tuple(args.sizes), args.threshold, args.seed)
+    figures = run(tuple(args.sizes), args.threshold, args.seed, args.crops)
     print(json.dumps(figures) if args.json else format_table(figures))
 
 

@@ -316,3 +316,40 @@ def test_pack_hashes_bits_and_errors() -> None:
         pack_hashes(["zz"])
     with pytest.raises(ValueError):
         pack_hashes(["00 f", "00ff"])
+
+
+def _across_by_brute_force(hashes: np.ndarray, others: np.ndarray, threshold: int) -> set:
+    both = brute_force_pairs(np.concatenate([hashes, others]), threshold)
+    n = len(hashes)
+    return {(int(i), int(j) - n, int(d)) for i, j, d in both if i < n <= j}
+
+
+def _across_found(found, n_others: int) -> set:
+    out = set()
+    for u, w, d in found.across:
+        for i in np.flatnonzero(found.inverse == u):
+            for j in np.flatnonzero(found.other_inverse == w):
+                out.add((int(i), int(j), int(d)))
+    return out
+
+
+@pytest.mark.parametrize(("threshold", "n_bytes"), [(0, 8), (3, 8), (4, 8), (6, 4), (10, 32)])
+def test_others_give_every_cross_pair_and_no_pair_between_two_others(threshold, n_bytes):
+    rng = np.random.default_rng(threshold)
+    hashes = rng.integers(0, 256, size=(1500, n_bytes), dtype=np.uint8)
+    others = rng.integers(0, 256, size=(2500, n_bytes), dtype=np.uint8)
+    others[:600] = hashes[rng.integers(0, 1500, 600)]  # equal to a hash ...
+    bit = rng.integers(0, n_bytes * 8, 300)
+    others[np.arange(300), bit // 8] ^= (1 << (bit % 8)).astype(np.uint8)  # ... or a bit away
+    hashes[-30:] = hashes[:30]  # identical hashes on each side
+    others[-30:] = others[:30]
+    found, stats = near_duplicate_search(hashes, threshold, others)
+    assert _across_found(found, len(others)) == _across_by_brute_force(hashes, others, threshold)
+    alone = near_duplicate_pairs(hashes, threshold)
+    assert np.array_equal(found.pairs, alone.pairs)  # the others change no pair among hashes
+    assert stats.n_others == len(others) and stats.across == len(found.across) > 0
+
+
+def test_others_of_another_width_are_refused():
+    with pytest.raises(ValueError, match="bytes a hash"):
+        near_duplicate_pairs(np.zeros((3, 8), np.uint8), 4, np.zeros((2, 4), np.uint8))

@@ -12,6 +12,11 @@ Hashes are rows of a uint8 array (N x B bytes, most significant bit first, as im
    candidate is verified with a popcount.
 3. A pair usually shares several keys; it is kept only by the first key (in lexicographic order of
    chunk combinations) it agrees on, so no global de-duplication of candidates is needed.
+4. With `others` (a second set, e.g. the hashes of each image's cropped versions), the same pass
+   also finds every (hash, other) pair within the threshold, and no (other, other) pair: the
+   distinct hashes come first and the distinct others after them, so within a bucket (rows in
+   ascending order) only positions of hashes start pairs. A cross search costs about what a
+   self-search of the two sets together would cost in passes, and only the wanted candidates.
 
 ``m`` is chosen per input from a cost model whose candidate counts are measured on a fixed random
 sample of the hashes, so clustered (skewed) data gets more, narrower-keyed chunks than random data.
@@ -26,8 +31,10 @@ Why one module
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
@@ -57,6 +64,10 @@ _BRUTE_BLOCK = 1 << 22
 # Found pairs are packed into one int64 each while (distinct hashes)^2 * (threshold + 1) stays below this.
 _PACK_LIMIT = 2**63
 
+# Keys searched at once, one thread each (bounded by the CPUs this process may use): each holds
+# its own sorted bucket array, about 16 bytes a hash.
+_SEARCH_THREADS = 4
+
 _U64 = np.uint64
 _GOLDEN = _U64(0x9E3779B97F4A7C15)  # odd multiplier for key hashing (2^64 / golden ratio)
 
@@ -68,6 +79,11 @@ class NearPairs:
     unique: np.ndarray  # uint8 U x B: the distinct hashes, in lexicographic byte order
     inverse: np.ndarray  # int64 N: row of `unique` for each input hash
     pairs: np.ndarray  # int64 M x 3: (u, v, distance) over rows of `unique`, u < v, 1 <= d <= t, sorted
+    # With `others`: their distinct hashes, the row of `other_unique` for each other hash, and
+    # (u, w, distance) rows: unique[u] is within t of other_unique[w] (0 <= d), sorted.
+    other_unique: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))
+    other_inverse: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    across: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
 
     def expand(self) -> np.ndarray:
         """All input-level pairs (i, j, distance), i < j, sorted by (i, j); identical hashes give 0.
@@ -90,6 +106,8 @@ class SearchStats:
     candidates: int  # candidate pairs generated over all keys (each verified by popcount)
     estimated_candidates: float  # what the cost model expected, from the sample
     pairs: int  # distinct-hash pairs found
+    n_others: int = 0  # other hashes searched against (`others`)
+    across: int = 0  # (hash, other) pairs found
 
 
 @dataclass(frozen=True)
@@ -123,34 +141,59 @@ def pack_hashes(hex_hashes: Sequence[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(len(hex_hashes), n_bytes).copy()
 
 
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int) -> NearPairs:
-    """All pairs within `threshold` bits, found with a multi-index (pigeonhole) search, never all pairs.
+def near_duplicate_pairs(hashes: np.ndarray, threshold: int, others: np.ndarray | None = None) -> NearPairs:
+    """All pairs within `threshold` bits, found with a multi-index (pigeonhole) search, never all pairs;
+    with `others`, also every (hash, other) pair within it (`NearPairs.across`).
 
     (The one exception: when the threshold is so large for the hash size that every pigeonhole
     chunking would generate more candidates than there are pairs, all pairs are compared, in batches.)
     """
-    return near_duplicate_search(hashes, threshold)[0]
+    return near_duplicate_search(hashes, threshold, others)[0]
 
 
-def near_duplicate_search(hashes: np.ndarray, threshold: int) -> tuple[NearPairs, SearchStats]:
+def near_duplicate_search(
+    hashes: np.ndarray, threshold: int, others: np.ndarray | None = None
+) -> tuple[NearPairs, SearchStats]:
     """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count)."""
     hashes = _check_hashes(hashes, threshold)
+    if others is None:
+        others = np.zeros((0, hashes.shape[1]), dtype=np.uint8)
+    others = _check_hashes(others, threshold)
+    if len(others) and others.shape[1] != hashes.shape[1]:
+        raise ValueError(
+            f"others must have {hashes.shape[1]} bytes a hash like hashes (got {others.shape[1]})"
+        )
     n_bits = hashes.shape[1] * 8
     columns = _to_columns(hashes)
     first, inverse = _unique_rows(columns)
-    unique_columns = columns[:, first]
-    unique = _read_only(hashes[first])
-    n_unique = len(first)
+    other_columns = _to_columns(others)
+    other_first, other_inverse = _unique_rows(other_columns)
+    n_unique, n_other = len(first), len(other_first)
+    # The distinct hashes, then the distinct others: only positions below n_unique start pairs.
+    stacked = columns[:, first]
+    if n_unique and n_other:
+        stacked = np.concatenate([stacked, other_columns[:, other_first]], axis=1)
 
     pairs = np.zeros((0, 3), dtype=np.int64)
     n_chunks = n_keys = candidates = 0
     estimated = 0.0
-    # Distinct hashes are >= 1 bit apart, so threshold 0 (or fewer than 2 of them) needs no search.
-    if threshold > 0 and n_unique >= 2:
-        plan = _choose_plan(unique_columns, threshold, n_bits)
-        pairs, candidates = _search(unique_columns, threshold, plan)
+    # Distinct hashes are >= 1 bit apart, so threshold 0 (or fewer than 2 of them) needs no
+    # search unless there are others, which may equal a hash.
+    if (threshold > 0 and n_unique >= 2) or (n_unique and n_other):
+        plan = _choose_plan(stacked, threshold, n_bits, n_unique)
+        pairs, candidates = _search(stacked, threshold, plan, n_unique)
         n_chunks, n_keys, estimated = len(plan.chunk_masks), len(plan.keys), plan.estimated_candidates
-    result = NearPairs(unique=unique, inverse=_read_only(inverse), pairs=_read_only(pairs))
+    is_across = pairs[:, 1] >= n_unique
+    across = pairs[is_across]
+    across[:, 1] -= n_unique
+    result = NearPairs(
+        unique=_read_only(hashes[first]),
+        inverse=_read_only(inverse),
+        pairs=_read_only(pairs[~is_across]),
+        other_unique=_read_only(others[other_first]),
+        other_inverse=_read_only(other_inverse),
+        across=_read_only(across),
+    )
     stats = SearchStats(
         n_hashes=len(hashes),
         n_unique=n_unique,
@@ -160,7 +203,9 @@ def near_duplicate_search(hashes: np.ndarray, threshold: int) -> tuple[NearPairs
         n_keys=n_keys,
         candidates=candidates,
         estimated_candidates=estimated,
-        pairs=len(pairs),
+        pairs=len(result.pairs),
+        n_others=len(others),
+        across=len(across),
     )
     return result, stats
 
@@ -319,7 +364,7 @@ def _colliding_pairs(values: np.ndarray) -> int:
     return int((counts * (counts - 1) // 2).sum())
 
 
-def _choose_plan(columns: np.ndarray, threshold: int, n_bits: int) -> _Plan:
+def _choose_plan(columns: np.ndarray, threshold: int, n_bits: int, n_first: int) -> _Plan:
     """The chunking with the lowest modelled cost, candidate counts measured on a sample.
 
     More chunks mean wider keys (fewer candidates per key) but more keys (more passes); start at the
@@ -328,11 +373,13 @@ def _choose_plan(columns: np.ndarray, threshold: int, n_bits: int) -> _Plan:
     pairs (tiny keys), the plan is one empty key: a single bucket, i.e. all pairs, still in batches.
     """
     n = columns.shape[1]
-    all_pairs = n * (n - 1) / 2
+    # Wanted pairs: both among the first n_first rows, or one of them (never two later rows).
+    all_pairs = n_first * (n_first - 1) / 2 + n_first * (n - n_first)
     empty = np.zeros((0, len(columns)), dtype=_U64)
     best_cost = n * _COST_PER_ROW_KEY + all_pairs * _COST_PER_CANDIDATE
     best = _Plan(chunk_masks=empty, keys=((),), estimated_candidates=all_pairs)
-    sample = columns[:, _sample_rows(n)]
+    rows = _sample_rows(n)
+    sample, later = columns[:, rows], rows >= n_first
     for n_chunks in range(threshold + 1, n_bits + 1):
         n_keys = math.comb(n_chunks, threshold)
         pass_cost = n_keys * n * _COST_PER_ROW_KEY
@@ -340,27 +387,42 @@ def _choose_plan(columns: np.ndarray, threshold: int, n_bits: int) -> _Plan:
             break
         masks = _chunk_masks(n_bits, len(columns), n_chunks)
         keys = tuple(combinations(range(n_chunks), n_chunks - threshold))
-        estimate = sum(_estimate_key_candidates(sample, n, _key_mask(masks, key)) for key in keys)
+        estimate = sum(
+            _estimate_key_candidates(sample, later, n, all_pairs, _key_mask(masks, key)) for key in keys
+        )
         cost = pass_cost + estimate * _COST_PER_CANDIDATE
         if cost < best_cost:
             best_cost, best = cost, _Plan(chunk_masks=masks, keys=keys, estimated_candidates=estimate)
     return best
 
 
-def _estimate_key_candidates(sample: np.ndarray, n: int, key_mask: np.ndarray) -> float:
-    """Expected same-key pairs among n hashes, scaled up from the pairs colliding in `sample`."""
+def _estimate_key_candidates(
+    sample: np.ndarray, later: np.ndarray, n: int, all_pairs: float, key_mask: np.ndarray
+) -> float:
+    """Expected wanted same-key pairs among n hashes (`all_pairs` of them wanted), scaled up from
+    the pairs colliding in `sample` (less those between two `later` rows, never wanted)."""
     s = sample.shape[1]
-    measured = _colliding_pairs(_key_values(sample, key_mask)) * (n * (n - 1)) / (s * (s - 1))
+    values = _key_values(sample, key_mask)
+    colliding = _colliding_pairs(values) - (_colliding_pairs(values[later]) if later.any() else 0)
+    measured = colliding * (n * (n - 1)) / (s * (s - 1))
     # A key of b bits does no better than uniform hashes do: a floor against a lucky small sample.
-    uniform = n * (n - 1) / 2 * 2.0 ** -int(_popcount(key_mask).sum())
+    uniform = all_pairs * 2.0 ** -int(_popcount(key_mask).sum())
     return max(measured, uniform)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # --- the search -----------------------------------------------------------------------------------
 
 
-def _search(columns: np.ndarray, threshold: int, plan: _Plan) -> tuple[np.ndarray, int]:
-    """(u, v, distance) rows, u < v, sorted, for distinct hashes `columns`; and the candidate count."""
+def _search(columns: np.ndarray, threshold: int, plan: _Plan, n_first: int) -> tuple[np.ndarray, int]:
+    """(u, v, distance) rows, u < v, u < n_first, sorted, for hashes `columns` (distinct among the
+    first n_first and among the rest); and the candidate count."""
     n = columns.shape[1]
     index_bits = max(1, (n - 1).bit_length())
     rows = np.arange(n, dtype=_U64)
@@ -369,16 +431,29 @@ def _search(columns: np.ndarray, threshold: int, plan: _Plan) -> tuple[np.ndarra
     # so sorting is the only post-processing needed.
     span = threshold + 1
     packable = n * n * span < _PACK_LIMIT
-    found: list[np.ndarray] = []
-    candidates = 0
-    for key_number, key in enumerate(plan.keys):
-        values = _key_values(columns, _key_mask(plan.chunk_masks, key))
+
+    def one_key(key_number: int) -> tuple[list[np.ndarray], int]:
+        values = _key_values(columns, _key_mask(plan.chunk_masks, plan.keys[key_number]))
         packed, positions, counts = _buckets(values, rows, index_bits)
+        if n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
+            starts = _unpack_rows(packed[positions], index_bits) < n_first
+            positions, counts = positions[starts], counts[starts]
+        found, candidates = [], 0
         for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
             candidates += len(a)
             row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
             u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
             found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+        return found, candidates
+
+    # Keys are independent passes, and numpy's sorts and array operations release the GIL: threads
+    # share the columns, and the pairs are sorted at the end, so the result is the same for any count.
+    workers = max(1, min(len(plan.keys), _SEARCH_THREADS, _cpus()))
+    with ThreadPoolExecutor(workers) as pool:
+        per_key = list(pool.map(one_key, range(len(plan.keys))))
+    found = [block for blocks, _ in per_key for block in blocks]
+    candidates = sum(count for _, count in per_key)
+    del per_key
     if not packable:  # over ~10^9 distinct hashes: sort (u, v, d) rows instead
         pairs = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
         return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))], candidates
