@@ -27,13 +27,16 @@ def main() -> str:
             p.compute,
             max_decode_mb=p.validate.max_decode_mb,
             transforms=p.dedup.transforms,
+            margin=p.dedup.margin,
+            crops=p.dedup.crops,
         )
         table = table.join(probed)
         del probed
         memory.release()
         result = dedup.find_duplicates(table, p.dedup, p.sources)
-        # The fine and transformed hashes served the grouping; later stages need neither.
-        io.write_table(result.table.drop(columns=["fine_hash", "transform_hashes"]), PATHS.dedup_table)
+        # The fine, transformed and cropped hashes served the grouping; later stages need none.
+        served = ["fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes"]
+        io.write_table(result.table.drop(columns=served), PATHS.dedup_table)
         io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
         io.write_json(result.counts, PATHS.stage_counts("dedup"))
         memory.release()

@@ -148,9 +148,38 @@ def test_a_good_jpeg_gives_the_full_record():
         "camera": False,
         "fine_hash": record["fine_hash"],
         "transform_hashes": "",
+        "crop_hashes": "",
+        "crop_fine_hashes": "",
     }
     assert len(record["hash"]) == 16 and int(record["hash"], 16) >= 0
     assert len(record["fine_hash"]) == 64
+
+
+def test_margin_leaves_out_a_caption_band_and_crop_hashes_see_a_cropped_copy():
+    from PIL import ImageDraw
+
+    picture = Image.fromarray(astronaut())
+    captioned = picture.copy()
+    ImageDraw.Draw(captioned).rectangle((0, 512 - 40, 512, 512), fill="white")  # 8 % band
+    cropped = picture.crop((20, 20, 492, 492))  # about 4 % off each side
+    whole = [probe(encode(np.asarray(im), "PNG")) for im in (picture, captioned, cropped)]
+    inner = [
+        probe(encode(np.asarray(im), "PNG"), margin=0.1, crops=(0.04,))
+        for im in (picture, captioned, cropped)
+    ]
+
+    def d(a: str, b: str) -> int:
+        return imagehash.hex_to_hash(a) - imagehash.hex_to_hash(b)
+
+    assert d(whole[0]["hash"], whole[1]["hash"]) > 4  # the band moves the whole-picture hash
+    assert d(inner[0]["hash"], inner[1]["hash"]) <= 2  # the margin leaves it out
+    assert d(inner[0]["hash"], inner[2]["hash"]) > 4  # a crop moves the hash ...
+    crop_hash, crop_fine = inner[0]["crop_hashes"], inner[0]["crop_fine_hashes"]
+    assert d(crop_hash, inner[2]["hash"]) <= 2  # ... but not the original's cropped hash
+    assert len(crop_hash) == 16 and len(crop_fine) == 64
+    assert "," not in crop_hash and whole[0]["crop_hashes"] == ""
+    with pytest.raises(ValueError, match="margin and crops"):
+        probe(astronaut_jpeg(), margin=0.3, crops=(0.2,))
 
 
 def test_probe_is_deterministic_and_batches_agree():

@@ -1,6 +1,7 @@
 """Grouping: exact and near duplicates become groups with one deterministic representative."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -212,12 +213,15 @@ def test_verification_drops_candidate_pairs_whose_fine_hashes_disagree():
     }
 
 
-def _real(pictures: dict[str, np.ndarray], transforms: tuple[str, ...]) -> pd.DataFrame:
+def _real(
+    pictures: dict[str, np.ndarray], transforms: tuple[str, ...], p: DedupParams | None = None
+) -> pd.DataFrame:
+    p = p or DedupParams(margin=0, crops=[])
     rows = []
     for name, picture in pictures.items():
         out = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(picture)).save(out, "PNG")
-        record = decode.probe(out.getvalue(), transforms=transforms)
+        record = decode.probe(out.getvalue(), transforms=transforms, margin=p.margin, crops=p.crops)
         rows.append({"source": "s", "id": name, "sha256": name, "status": "ok"} | record)
     return pd.DataFrame(rows)
 
@@ -276,3 +280,45 @@ def test_real_copies_keep_the_camera_original():
         "c_half": "pixels",
         "d_resaved": "camera",
     }
+
+
+def test_margin_and_crops_find_captioned_and_cropped_copies():
+    photo = samples.chelsea()  # 300 x 451
+    h, w = photo.shape[:2]
+    captioned = photo.copy()
+    captioned[h - 27 :] = 255  # a white band over the bottom 9 %
+    pictures = {
+        "a_original": photo,
+        "b_cropped": photo[h * 5 // 100 : h * 95 // 100, w * 5 // 100 : w * 95 // 100],  # 5 % a side
+        "c_captioned": captioned,
+        "d_other": samples.coffee(),
+    }
+    whole = DedupParams(margin=0, crops=[])
+    assert dedup.find_duplicates(_real(pictures, (), whole), whole).counts["near_duplicates"] == 0
+    p = DedupParams()  # margin 0.1, crops [0.03, 0.06]
+    result = dedup.find_duplicates(_real(pictures, (), p), p)
+    table = result.table.set_index("id")
+    assert table.loc["a_original", "dup_of"] == ""
+    assert table.loc["b_cropped", "dup_of"] == "s/a_original"
+    assert table.loc["b_cropped", "dup_reason"] == "near_crop"
+    assert table.loc["c_captioned", "dup_of"] == "s/a_original"
+    assert table.loc["c_captioned", "dup_reason"] == "near"
+    assert table.loc["d_other", "group"] != table.loc["a_original", "group"]
+    assert result.counts["near_duplicates"] == 2
+
+
+def test_a_crop_match_counts_only_when_the_fine_hashes_agree(monkeypatch):
+    """Two different handwritten 3s of the demo: 4 bits apart through a cropped hash, 70
+    through the fine one. The fine check is what keeps them apart."""
+    cdn = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo" / "cdn"
+    p = DedupParams()
+    rows = [
+        {"source": "demo", "id": rid, "sha256": rid, "status": "ok"}
+        | decode.probe((cdn / rid).read_bytes(), margin=p.margin, crops=p.crops)
+        for rid in ("2ec30a31-43f7-522d-b292-c34efdb62e60", "3578ba50-f885-59d3-a609-35cad0ae8083")
+    ]
+    table = pd.DataFrame(rows)
+    assert dedup.find_duplicates(table, p).counts["near_duplicates"] == 0
+    monkeypatch.setattr(dedup, "CROP_FINE_THRESHOLD", 256)
+    matched = dedup.find_duplicates(table, p).table
+    assert matched["dup_reason"].tolist().count("near_crop") == 1

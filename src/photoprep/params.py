@@ -167,6 +167,13 @@ class DedupParams(Section):
     transforms: list[Literal["hflip", "rot90", "rot180", "rot270"]] = Field(
         default_factory=list, description="also match mirrored and rotated copies"
     )
+    margin: float = Field(
+        0.1, ge=0.0, le=0.2, description="share of each side the hashes leave out (caption bands, frames)"
+    )
+    crops: list[float] = Field(
+        default_factory=lambda: [0.03, 0.06],
+        description="also match copies cropped by about this share of each side; []: off",
+    )
     contact_groups: int = Field(12, ge=0, description="largest near groups drawn in the contact sheet")
 
     @field_validator("transforms")
@@ -174,6 +181,13 @@ class DedupParams(Section):
     def _transforms_once(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"each transform once (got {v})")
+        return v
+
+    @field_validator("crops")
+    @classmethod
+    def _crops_ascending(cls, v: list[float]) -> list[float]:
+        if any(not 0 < c <= 0.2 for c in v) or sorted(set(v)) != v:
+            raise ValueError(f"shares of each side in (0, 0.2], ascending, each once (got {v})")
         return v
 
     @model_validator(mode="after")

@@ -91,6 +91,8 @@ PROBE_FIELDS = (
     "camera",
     "fine_hash",
     "transform_hashes",
+    "crop_hashes",
+    "crop_fine_hashes",
 )
 REASONS = (
     "zero_bytes",
@@ -104,6 +106,8 @@ REASONS = (
 TRANSFORMS = ("hflip", "rot90", "rot180", "rot270")
 """Transformed versions whose hashes `probe` adds (`transform_hashes`, comma-separated):
 the picture mirrored left-right, or turned 90, 180, 270 degrees anticlockwise."""
+MAX_TRIM = 0.35
+"""The most of each side `margin` and a crop (together) may take off before hashing."""
 FINE_HASH = ("phash", 16)
 """The finer similarity of the probe's `fine_hash` (256 bits): the dedup stage's medoid and
 its verification of candidate pairs."""
@@ -224,6 +228,8 @@ def probe(
     max_pixels: int = 50_000_000,
     max_decode_mb: float | None = None,
     transforms: Sequence[str] = (),
+    margin: float = 0.0,
+    crops: Sequence[float] = (),
 ) -> dict:
     """Everything the dedup and validate stages need from one decode of `data`.
 
@@ -233,8 +239,12 @@ def probe(
     `REASONS`), hash (hex of `hash_name` with `hash_size`, "" when invalid), colour (the
     picture has chroma), lossless (the format stores pixels exactly), quality (JPEG quality
     estimated from the quantisation tables, 0 when unknown or not a JPEG), camera (EXIF names
-    a camera or a capture time), fine_hash (`FINE_HASH`) and transform_hashes (the hash of
-    each of `transforms`, comma-separated, "" when none asked).
+    a camera or a capture time), fine_hash (`FINE_HASH`), transform_hashes (the hash of
+    each of `transforms`, comma-separated, "" when none asked) and crop_hashes (the hash of the
+    picture as a copy cropped by each of `crops` of every side would hash, comma-separated;
+    crop_fine_hashes likewise with `FINE_HASH`).
+    Every hash is of the picture without `margin` of each side (`trimmed`): a caption band,
+    a frame or a watermark strip there changes nothing.
     The result depends only on the bytes, the arguments and the codec versions
     (`codec_versions`).
     """
@@ -242,6 +252,8 @@ def probe(
     fine_hasher = _hasher(*FINE_HASH)
     _check_max_pixels(max_pixels)
     _check_transforms(transforms)
+    trims = [margin, *(crop_trim(c, margin) for c in crops)]
+    _check_trims(trims)
     record: dict = dict.fromkeys(PROBE_FIELDS, "")
     record.update(width=0, height=0, valid=False, colour=False, lossless=False, quality=0, camera=False)
     with _pillow_quiet():
@@ -254,7 +266,8 @@ def probe(
             record["width"], record["height"] = _oriented(header_size, orientation)
             _check_pixels(im, data, max_pixels)
             record.update(lossless=_lossless(im, data), quality=_jpeg_quality(im))
-            side = hash_side(hash_size)
+            # The hash input keeps `hash_side` pixels on its shorter side after the deepest trim.
+            side = math.ceil(hash_side(hash_size) / (1 - 2 * max(trims)))
             if jpeg:
                 # Y (the grey the hash is computed on) and chroma straight from libjpeg, at the
                 # smallest 1/1..1/8 scale whose shorter side is still >= `side`; the whole
@@ -278,9 +291,13 @@ def probe(
             if not record["format"]:  # refused before opening: the format its signature names
                 record["format"] = containers.format_of(data)
             return record
-        record["hash"] = str(hasher(gray))
-        record["fine_hash"] = str(fine_hasher(gray))
-        record["transform_hashes"] = ",".join(str(hasher(transformed(gray, t))) for t in transforms)
+        picture = trimmed(gray, margin)
+        record["hash"] = str(hasher(picture))
+        record["fine_hash"] = str(fine_hasher(picture))
+        record["transform_hashes"] = ",".join(str(hasher(transformed(picture, t))) for t in transforms)
+        crops_seen = [trimmed(gray, trim) for trim in trims[1:]]
+        record["crop_hashes"] = ",".join(str(hasher(c)) for c in crops_seen)
+        record["crop_fine_hashes"] = ",".join(str(fine_hasher(c)) for c in crops_seen)
         record["colour"] = chroma >= COLOUR_CHROMA
     record["valid"] = True
     return record
@@ -293,9 +310,30 @@ def probe_many(
     max_pixels: int = 50_000_000,
     max_decode_mb: float | None = None,
     transforms: Sequence[str] = (),
+    margin: float = 0.0,
+    crops: Sequence[float] = (),
 ) -> list[dict]:
     """`probe` over a batch (one joblib task)."""
-    return [probe(blob, hash_name, hash_size, max_pixels, max_decode_mb, transforms) for blob in blobs]
+    return [
+        probe(blob, hash_name, hash_size, max_pixels, max_decode_mb, transforms, margin, crops)
+        for blob in blobs
+    ]
+
+
+def crop_trim(crop: float, margin: float) -> float:
+    """The share of each side to take off a picture so that it shows what a copy cropped by
+    `crop` of every side shows once its own `margin` is taken off."""
+    return crop + margin * (1 - 2 * crop)
+
+
+def trimmed(im: Image.Image, trim: float) -> Image.Image:
+    """`im` without `trim` of its width off the left and right and of its height off the top
+    and bottom (symmetric, so trimming and turning commute)."""
+    if trim <= 0:
+        return im
+    w, h = im.size
+    dx, dy = round(w * trim), round(h * trim)
+    return im.crop((dx, dy, w - dx, h - dy))
 
 
 def transformed(im: Image.Image, transform: str) -> Image.Image:
@@ -521,6 +559,13 @@ def _check_transforms(transforms: Sequence[str]) -> None:
     unknown = [t for t in transforms if t not in TRANSFORMS]
     if unknown:
         raise ValueError(f"transforms must be among {TRANSFORMS} (got {unknown})")
+
+
+def _check_trims(trims: Sequence[float]) -> None:
+    if any(not 0 <= t <= MAX_TRIM for t in trims):
+        raise ValueError(
+            f"margin and crops must trim between 0 and {MAX_TRIM} of each side (got {list(trims)})"
+        )
 
 
 def _check_max_pixels(max_pixels: int) -> None:

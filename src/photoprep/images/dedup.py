@@ -2,9 +2,11 @@
 
 Pairs become groups (connected components): rows with the same sha256; rows whose hashes are
 within `near_threshold` bits (optionally confirmed by the 256-bit fine hash,
-`verify_threshold`); and with `transforms`, a row whose hash is within the threshold of
-another row's mirrored or rotated hash. Broken payloads take no part: the validate stage
-reports each of them.
+`verify_threshold`); with `crops`, a row whose hash is within the threshold of another row's
+cropped hash (what a copy of it cropped by that share of each side hashes to); and with
+`transforms`, a row whose hash is within the threshold of another row's mirrored or rotated
+hash. Every hash leaves out `margin` of each side of the picture (the probe's). Broken
+payloads take no part: the validate stage reports each of them.
 
 Which copy a group keeps (`dedup.keep`):
 
@@ -23,9 +25,9 @@ medoid, key, first).
 
 Counts are by pair, not by the copy kept: within a group, every row byte-identical to a row
 ranked before it is ``exact``; the first row of each distinct payload other than the kept
-one is ``near`` (or ``near_hflip``, ``near_rot90``, ... when the kept copy's transformed
-hash is what it is closest to). So ``exact_duplicates`` counts the redundant byte copies
-whatever is kept.
+one is ``near`` (or ``near_crop`` when a cropped hash of it or of the kept copy is closest,
+``near_hflip``, ``near_rot90``, ... when the kept copy's transformed hash is). So
+``exact_duplicates`` counts the redundant byte copies whatever is kept.
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ from photoprep.errors import UserError
 from photoprep.images import graph, hamming
 from photoprep.params import DedupParams
 
+CROP_FINE_THRESHOLD = 56
+"""A match through a cropped hash counts only when the fine hashes (256 bits) of the two views
+are within this distance. On bench/dedup_quality.py's photographs the true crop matches were
+at most 46 apart; the one false crop match of the demo (two different handwritten 3s, 4 bits
+apart in the 64-bit hash) 70."""
+
 KEEP_REASONS = ("colour", "pixels", "lossless", "quality", "camera", "medoid", "key", "first")
 
 # Probe columns the keep rule reads, and their values when a table lacks them.
@@ -51,6 +59,8 @@ _DEFAULTS = {
     "camera": False,
     "fine_hash": "",
     "transform_hashes": "",
+    "crop_hashes": "",
+    "crop_fine_hashes": "",
     "format": "",
 }
 
@@ -106,11 +116,25 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
     return first
 
 
-def _near_edges(hashes: list[str], fine: list[str], p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
-    """Row pairs joined by near hashes: each row to the first row of its hash, and the first
-    rows of hashes within the threshold; with `verify_threshold`, only pairs whose fine
-    hashes are that close."""
-    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold)
+def _near_edges(
+    hashes: list[str],
+    fine: list[str],
+    cropped: list[list[str]],
+    cropped_fine: list[list[str]],
+    p: DedupParams,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs joined by near hashes: each row to the first row of its hash, the first rows
+    of hashes within the threshold (with `verify_threshold`, only pairs whose fine hashes are
+    that close) and, with `crops`, each row to the rows whose cropped hash is within the
+    threshold of its hash (found by the same search) and whose cropped fine hash is within
+    `CROP_FINE_THRESHOLD` (or `verify_threshold` when smaller) of its fine hash."""
+    # (row, crop) of each cropped hash searched; rows probed without crops take no part.
+    probed = [i for i, c in enumerate(cropped) if len(c) == len(p.crops)]
+    entry_row = probed * len(p.crops)
+    entry_crop = [j for j in range(len(p.crops)) for _ in probed]
+    others = [cropped[i][j] for i, j in zip(entry_row, entry_crop, strict=True)]
+    packed_others = hamming.pack_hashes(others) if others else None
+    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold, packed_others)
     first = _first_rows(near.inverse, len(near.unique))
     src = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
     dst = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
@@ -119,6 +143,18 @@ def _near_edges(hashes: list[str], fine: list[str], p: DedupParams) -> tuple[np.
         fine_b = [fine[i] for i in dst]
         keep = _distances(fine_a, fine_b) <= p.verify_threshold
         src, dst = src[keep], dst[keep]
+    if len(near.across):
+        # Every row whose cropped hash is a found `other` joins the first row of the near hash.
+        entries = pd.DataFrame({"w": near.other_inverse, "entry": np.arange(len(entry_row))})
+        links = pd.DataFrame({"u": near.across[:, 0], "w": near.across[:, 1]}).merge(entries, on="w")
+        a = first[links["u"].to_numpy()]
+        b = np.asarray(entry_row, np.int64)[links["entry"].to_numpy()]
+        crop = np.asarray(entry_crop, np.int64)[links["entry"].to_numpy()]
+        seen = _distances([fine[i] for i in a], [cropped_fine[i][j] for i, j in zip(b, crop, strict=True)])
+        limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
+        keep = seen <= limit
+        src = np.concatenate([src, a[keep]])
+        dst = np.concatenate([dst, b[keep]])
     return src, dst
 
 
@@ -153,7 +189,10 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
     src, dst = [rows], [sha_first.loc[candidates["sha256"]].to_numpy()]
     if p.near_threshold >= 0 and n:
         hashes = list(candidates["hash"])
-        near_src, near_dst = _near_edges(hashes, list(candidates["fine_hash"]), p)
+        cropped = [h.split(",") if h else [] for h in candidates["crop_hashes"]] if p.crops else []
+        cropped_fine = [h.split(",") if h else [] for h in candidates["crop_fine_hashes"]] if p.crops else []
+        fine = list(candidates["fine_hash"])
+        near_src, near_dst = _near_edges(hashes, fine, cropped, cropped_fine, p)
         src.append(near_src)
         dst.append(near_dst)
         if p.transforms:
@@ -293,6 +332,15 @@ def _assign(
             better = ~exact & (d < dist)
             reason[better] = f"near_{name}"
             dist = np.minimum(dist, np.where(~exact, d, dist))
+    for j in range(len(p.crops)):
+        # A cropped copy of the kept row, or the kept row a cropped copy of the member.
+        d = np.minimum(
+            _crop_distances(order["hash"], reps["crop_hashes"], j),
+            _crop_distances(reps["hash"], order["crop_hashes"], j),
+        )
+        better = ~exact & (d < dist)
+        reason[better] = "near_crop"
+        dist = np.where(better, d, dist)
     # The runner-up (the best other payload) decides why the kept row won; each member says
     # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
     others = order[is_dup & (order["sha256"].to_numpy() != reps["sha256"].to_numpy())]
@@ -309,6 +357,17 @@ def _assign(
     table.loc[order.index, "dup_reason"] = np.where(is_dup, reason, "")
     table.loc[order.index, "dup_distance"] = np.where(is_dup, dist, -1)
     table.loc[order.index, "keep_reason"] = keep_reason
+
+
+def _crop_distances(hashes: pd.Series, cropped: pd.Series, j: int) -> np.ndarray:
+    """Distance of each hash to the j-th cropped hash of the same position (a large number
+    where there is none)."""
+    other = [c.split(",")[j] if c else "" for c in cropped]
+    has = np.array([bool(o) for o in other], bool)
+    d = np.full(len(other), 1 << 30, np.int64)
+    if has.any():
+        d[has] = _distances(list(hashes.to_numpy()[has]), [o for o in other if o])
+    return d
 
 
 REPORT_COLUMNS = [

@@ -66,9 +66,13 @@ def _probe_batch(
     max_pixels: int,
     max_decode_mb: float | None,
     transforms: Sequence[str],
+    margin: float,
+    crops: Sequence[float],
 ) -> list[dict]:
     blobs = _read(root, locations)
-    return decode.probe_many(blobs, hash_name, hash_size, max_pixels, max_decode_mb, transforms)
+    return decode.probe_many(
+        blobs, hash_name, hash_size, max_pixels, max_decode_mb, transforms, margin, crops
+    )
 
 
 def _pixels_batch(
@@ -98,12 +102,15 @@ def probe_images(
     compute: ComputeParams,
     max_decode_mb: float | None = None,
     transforms: Sequence[str] = (),
+    margin: float = 0.0,
+    crops: Sequence[float] = (),
 ) -> pd.DataFrame:
     """Format, size after orientation, mode, validity, perceptual hashes and the facts the
     keep rule reads (`decode.probe`) of each row's bytes.
 
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
-    most once per (hash, hash_size, max_pixels, max_decode_mb, transforms, decoder code);
+    most once per (hash, hash_size, max_pixels, max_decode_mb, transforms, margin, crops,
+    decoder code);
     later calls read the memo, which takes one part per batch as the batch comes back (a killed
     run keeps the finished batches).
     """
@@ -113,6 +120,8 @@ def probe_images(
         "max_pixels": max_pixels,
         "max_decode_mb": max_decode_mb,
         "transforms": list(transforms),
+        "margin": margin,
+        "crops": list(crops),
         "codecs": decode.codec_versions(),
     }
     # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
@@ -131,6 +140,8 @@ def probe_images(
             max_pixels,
             max_decode_mb,
             tuple(transforms),
+            margin,
+            tuple(crops),
             desc="decode+hash",
         )
         cache.fill(todo, batches, _probe_part)
