@@ -266,8 +266,9 @@ def probe(
             record["width"], record["height"] = _oriented(header_size, orientation)
             _check_pixels(im, data, max_pixels)
             record.update(lossless=_lossless(im, data), quality=_jpeg_quality(im))
-            # The hash input keeps `hash_side` pixels on its shorter side after the deepest trim.
-            side = math.ceil(hash_side(hash_size) / (1 - 2 * max(trims)))
+            # The same decode scale whatever the margin and crops (the default's deepest trim,
+            # 15 % a side, still leaves 134 of 192 pixels): a hash never depends on the crops asked.
+            side = hash_side(hash_size)
             if jpeg:
                 # Y (the grey the hash is computed on) and chroma straight from libjpeg, at the
                 # smallest 1/1..1/8 scale whose shorter side is still >= `side`; the whole
