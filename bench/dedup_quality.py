@@ -10,10 +10,14 @@ saved as a camera would (JPEG quality 95 with Make, Model and DateTimeOriginal i
 original. Its edited copies, saved as other tools would (no camera EXIF):
 
 - reencode (JPEG quality 70), resize (half size), thumbnail (160 px on the longer side),
-  crop (5 % off each side), caption (a white band with text over the bottom 9 %), grey,
-  brighten (x1.25), exif_rotate (the pixels turned, with an orientation tag that turns them
-  back, camera EXIF kept, quality 90): the *edits* that dedup must find;
-- hflip, rot90, rot180: the *transforms*, found only with `dedup.transforms`.
+  crop (2 to 9 % off each side, each side within 1 % of the others), caption (a white band
+  with text over the bottom 5 to 12 %), grey, brighten (x1.25), exif_rotate (the pixels
+  turned, with an orientation tag that turns them back, camera EXIF kept, quality 90): the
+  *edits* that dedup must find. The crop and band sizes are drawn per photograph from a
+  generator seeded by its name, so they differ between photographs and not between runs;
+- hflip, rot90, rot180: the *transforms*, found only with `dedup.transforms`;
+- corner_crop (10 % off the left and the top only): a *limit*, reported, not counted in the
+  recall: the hashes see the whole picture, and an off-centre crop moves all of it.
 
 Every image goes through the pipeline's own code (`decode.probe`, `dedup.find_duplicates`).
 Figures per hash and threshold: recall (edited copies grouped with their original),
@@ -41,6 +45,7 @@ from photoprep.images import decode, dedup
 from photoprep.params import DedupParams
 
 EDITS = ("reencode", "resize", "thumbnail", "crop", "caption", "grey", "brighten", "exif_rotate")
+LIMITS = ("corner_crop",)
 TRANSFORM_EDITS = {"hflip": "hflip", "rot90": "rot90", "rot180": "rot180"}
 HASHES = (("phash", 8), ("dhash", 8), ("whash", 8), ("phash", 16), ("dhash", 16), ("whash", 16))
 
@@ -98,10 +103,10 @@ def _jpeg(im: Image.Image, quality: int, exif: bytes | None = None) -> bytes:
     return out.getvalue()
 
 
-def _caption(im: Image.Image) -> Image.Image:
+def _caption(im: Image.Image, share: float) -> Image.Image:
     captioned = im.convert("RGB")
     draw = ImageDraw.Draw(captioned)
-    band = max(12, im.height * 9 // 100)
+    band = max(12, round(im.height * share))
     draw.rectangle((0, im.height - band, im.width, im.height), fill="white")
     draw.text(
         (6, im.height - band + 2), "Heritage Observatory, 1962", fill="black", font=ImageFont.load_default()
@@ -109,20 +114,24 @@ def _caption(im: Image.Image) -> Image.Image:
     return captioned
 
 
-def variants(pixels: np.ndarray) -> dict[str, bytes]:
+def variants(pixels: np.ndarray, name: str) -> dict[str, bytes]:
     """The original (a camera JPEG) and every edited and transformed copy of one photograph."""
     im = Image.fromarray(pixels)
     w, h = im.size
     thumb = im.copy()
     thumb.thumbnail((160, 160), Image.Resampling.LANCZOS)
-    dx, dy = w // 20, h // 20
+    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big"))
+    share = rng.uniform(0.02, 0.09)
+    left, top, right, bottom = (share + rng.uniform(-0.01, 0.01, size=4)).tolist()
+    crop_box = (round(w * left), round(h * top), w - round(w * right), h - round(h * bottom))
+    band = float(rng.uniform(0.05, 0.12))
     edits: dict[str, Callable[[], bytes]] = {
         "original": lambda: _jpeg(im, 95, _camera_exif()),
         "reencode": lambda: _jpeg(im, 70),
         "resize": lambda: _jpeg(im.resize((w // 2, h // 2), Image.Resampling.LANCZOS), 90),
         "thumbnail": lambda: _jpeg(thumb, 85),
-        "crop": lambda: _jpeg(im.crop((dx, dy, w - dx, h - dy)), 90),
-        "caption": lambda: _jpeg(_caption(im), 90),
+        "crop": lambda: _jpeg(im.crop(crop_box), 90),
+        "caption": lambda: _jpeg(_caption(im, band), 90),
         "grey": lambda: _jpeg(im.convert("L"), 90),
         "brighten": lambda: _jpeg(ImageEnhance.Brightness(im).enhance(1.25), 90),
         # Stored turned a quarter clockwise... tagged 8 (turn anticlockwise to view): upright again.
@@ -130,6 +139,7 @@ def variants(pixels: np.ndarray) -> dict[str, bytes]:
         "hflip": lambda: _jpeg(im.transpose(Image.Transpose.FLIP_LEFT_RIGHT), 90),
         "rot90": lambda: _jpeg(im.transpose(Image.Transpose.ROTATE_90), 90),
         "rot180": lambda: _jpeg(im.transpose(Image.Transpose.ROTATE_180), 90),
+        "corner_crop": lambda: _jpeg(im.crop((w // 10, h // 10, w, h)), 90),
     }
     return {name: build() for name, build in edits.items()}
 
@@ -145,17 +155,17 @@ class Collection:
 def collection() -> Collection:
     rows, payloads = [], []
     for photo, pixels in photographs().items():
-        for edit, payload in variants(pixels).items():
+        for edit, payload in variants(pixels, photo).items():
             rows.append({"photo": photo, "edit": edit, "id": f"{photo}/{edit}"})
             payloads.append(payload)
     return Collection(pd.DataFrame(rows), payloads)
 
 
-def probed(
-    images: Collection, hash_name: str, hash_size: int, transforms: tuple[str, ...] = ()
-) -> pd.DataFrame:
+def probed(images: Collection, p: DedupParams) -> pd.DataFrame:
     """The table find_duplicates reads, from the pipeline's probe of every payload."""
-    records = decode.probe_many(images.payloads, hash_name, hash_size, 50_000_000, None, transforms)
+    records = decode.probe_many(
+        images.payloads, p.hash, p.hash_size, 50_000_000, None, p.transforms, p.margin, p.crops
+    )
     table = pd.concat([images.rows, pd.DataFrame(records)], axis=1)
     table["source"], table["status"] = "bench", "ok"
     table["sha256"] = [hashlib.sha256(p).hexdigest() for p in images.payloads]
@@ -191,16 +201,50 @@ def run(max_threshold: int = 40) -> dict:
     figures: dict = {"photos": images.rows["photo"].nunique(), "images": len(images.rows), "hashes": []}
     tables = {}
     for hash_name, size in HASHES:
-        table = probed(images, hash_name, size)
+        table = probed(images, DedupParams(hash=hash_name, hash_size=size))
         tables[(hash_name, size)] = table
         bits = size * size
         for threshold in range(0, min(max_threshold, bits // 2) + 1, 1 if size == 8 else 4):
             s = score(table, DedupParams(hash=hash_name, hash_size=size, near_threshold=threshold), EDITS)
             figures["hashes"].append({"hash": hash_name, "size": size, "threshold": threshold, **s})
+    figures["defaults"] = defaults(tables[("phash", 8)])
+    figures["margins"] = margins(images)
     figures["keep"] = keep_rule(tables[("phash", 8)])
     figures["verify"] = verification(tables[("phash", 8)])
     figures["transforms"] = transforms(images)
     return figures
+
+
+def defaults(table: pd.DataFrame) -> dict:
+    """At the default params: the score, the recall of each edit and of the limits."""
+    p = DedupParams()
+    s = score(table, p, EDITS)
+    missed = {edit: sum(m.endswith(f"/{edit}") for m in s["missed"]) for edit in EDITS}
+    n = table["photo"].nunique()
+    limits = {edit: score(table, p, (edit,))["recall"] for edit in LIMITS}
+    return {**s, "per_edit": {edit: round(1 - missed[edit] / n, 4) for edit in EDITS}, "limits": limits}
+
+
+MARGINS = (0.0, 0.06, 0.1, 0.12)
+CROPS = ((), (0.05,), (0.03, 0.06), (0.03, 0.06, 0.09))
+
+
+def margins(images: Collection) -> list[dict]:
+    """Recall and precision at the default hash and threshold for each margin and crop set
+    (each probed on its own: the deepest trim sets the decode scale, so hashes depend on it)."""
+    rows = []
+    for margin in MARGINS:
+        for crops in CROPS:
+            p = DedupParams(margin=margin, crops=list(crops))
+            s = score(probed(images, p), p, EDITS)
+            rows.append(
+                {
+                    "margin": margin,
+                    "crops": list(crops),
+                    **{k: s[k] for k in ("recall", "precision", "mixed_groups")},
+                }
+            )
+    return rows
 
 
 def best_thresholds(figures: dict) -> list[dict]:
@@ -252,7 +296,7 @@ def verification(table: pd.DataFrame) -> list[dict]:
 
 
 def transforms(images: Collection, threshold: int = DEFAULT_THRESHOLD) -> list[dict]:
-    table = probed(images, "phash", 8, ("hflip", "rot90", "rot180", "rot270"))
+    table = probed(images, DedupParams(transforms=["hflip", "rot90", "rot180", "rot270"]))
     rows = []
     for enabled in ((), ("hflip", "rot90", "rot180", "rot270")):
         params = DedupParams(near_threshold=threshold, transforms=list(enabled))
@@ -315,6 +359,21 @@ def print_tables(figures: dict) -> None:
                 f"| {row['threshold']} | {row['recall']:.3f} | {row['precision']:.3f} | "
                 f"{row['mixed_groups']} | {row['kept_original']:.3f} | {missed} |"
             )
+    d = figures["defaults"]
+    print(
+        f"\nat the defaults: recall {d['recall']:.3f}, precision {d['precision']:.3f}, "
+        f"{d['mixed_groups']} mixed groups; recall per edit: "
+        + ", ".join(f"{edit} {r:.2f}" for edit, r in d["per_edit"].items())
+    )
+    print("  limits (not in the recall): " + ", ".join(f"{e} {r:.2f}" for e, r in d["limits"].items()))
+    print("\nmargin and crops (phash 8, threshold 4):")
+    print("| margin | crops | recall | precision | mixed groups |")
+    print("|---|---|---|---|---|")
+    for row in figures["margins"]:
+        print(
+            f"| {row['margin']} | {row['crops'] or 'off'} | {row['recall']:.3f} | {row['precision']:.3f} "
+            f"| {row['mixed_groups']} |"
+        )
     print(f"\nkeep rule (phash 8, threshold {figures['keep'][0]['threshold']}):")
     for row in figures["keep"]:
         print(f"  keep={row['keep']}: kept copy is the original in {row['kept_original']:.1%} of the groups")
