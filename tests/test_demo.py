@@ -13,6 +13,7 @@ from PIL import Image
 from photoprep import demo
 from photoprep.images import decode, hamming
 from photoprep.ingest import manifest, sources
+from photoprep.params import DedupParams
 
 DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo"
 EXPECTED = json.loads((DEMO / "expected.json").read_text())
@@ -78,6 +79,28 @@ def test_distinct_digits_stay_far_apart_under_phash():
     packed = hamming.pack_hashes([decode.probe(_bytes(rid))["hash"] for rid in distinct])
     assert len(hamming.near_duplicate_pairs(packed, 9).pairs) == 0
     assert EXPECTED["min_distinct_phash_distance"] >= 10
+
+
+def test_distinct_digits_stay_apart_at_the_default_dedup_params():
+    p = DedupParams()
+    copies = set(EXPECTED["ids"]["exact"]) | set(EXPECTED["ids"]["near"]) | set(EXPECTED["ids"]["broken"])
+    distinct = sorted(f.name for f in (DEMO / "cdn").iterdir() if f.name not in copies)
+    records = [decode.probe(_bytes(rid), margin=p.margin, crops=p.crops) for rid in distinct]
+    hashes = hamming.pack_hashes([r["hash"] for r in records])
+    assert len(hamming.near_duplicate_pairs(hashes, 5).pairs) == 0  # 6 bits apart at least
+    cropped = [r["crop_hashes"].split(",") for r in records]
+    others = hamming.pack_hashes([c[j] for j in range(len(p.crops)) for c in cropped])
+    found = hamming.near_duplicate_pairs(hashes, p.near_threshold, others)
+    owner = np.tile(np.arange(len(distinct)), len(p.crops))
+    close = {
+        (distinct[a], distinct[b])
+        for u, w, _ in found.across
+        for a in np.flatnonzero(found.inverse == u)
+        for b in owner[np.flatnonzero(found.other_inverse == w)]
+        if a != b
+    }
+    # One pair of different 3s; tests/test_dedup.py shows the fine-hash check refusing it.
+    assert close == {("3578ba50-f885-59d3-a609-35cad0ae8083", "2ec30a31-43f7-522d-b292-c34efdb62e60")}
 
 
 def test_images_are_real_digits_at_mixed_resolutions():

@@ -70,7 +70,10 @@ def test_repository_params_load_with_the_demo_enabled():
             "params.yaml: dedup.verify_threshold: must be <= 256 (got 300)",
         ),
         ({"dedup": {"margin": 0.3}}, "params.yaml: dedup.margin: must be <= 0.2 (got 0.3)"),
-        ({"dedup": {"crops": [0.06, 0.03]}}, "params.yaml: dedup.crops: shares of each side in (0, 0.2], ascending"),
+        (
+            {"dedup": {"crops": [0.06, 0.03]}},
+            "params.yaml: dedup.crops: shares of each side in (0, 0.2], ascending",
+        ),
         ({"dedup": {"crops": [0.5]}}, "params.yaml: dedup.crops: shares of each side in (0, 0.2], ascending"),
         ({"validate": {"max_decode_mb": 0}}, "params.yaml: validate.max_decode_mb: must be >= 1 (got 0)"),
     ],
