@@ -117,24 +117,15 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
 
 
 def _near_edges(
-    hashes: list[str],
-    fine: list[str],
-    cropped: list[list[str]],
-    cropped_fine: list[list[str]],
-    p: DedupParams,
+    hashes: list[str], fine: list[str], crop_hashes: pd.Series, crop_fine: pd.Series, p: DedupParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs joined by near hashes: each row to the first row of its hash, the first rows
     of hashes within the threshold (with `verify_threshold`, only pairs whose fine hashes are
     that close) and, with `crops`, each row to the rows whose cropped hash is within the
     threshold of its hash (found by the same search) and whose cropped fine hash is within
     `CROP_FINE_THRESHOLD` (or `verify_threshold` when smaller) of its fine hash."""
-    # (row, crop) of each cropped hash searched; rows probed without crops take no part.
-    probed = [i for i, c in enumerate(cropped) if len(c) == len(p.crops)]
-    entry_row = probed * len(p.crops)
-    entry_crop = [j for j in range(len(p.crops)) for _ in probed]
-    others = [cropped[i][j] for i, j in zip(entry_row, entry_crop, strict=True)]
-    packed_others = hamming.pack_hashes(others) if others else None
-    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold, packed_others)
+    entry_row, others = _cropped(crop_hashes, len(p.crops))
+    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold, others)
     first = _first_rows(near.inverse, len(near.unique))
     src = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
     dst = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
@@ -144,18 +135,35 @@ def _near_edges(
         keep = _distances(fine_a, fine_b) <= p.verify_threshold
         src, dst = src[keep], dst[keep]
     if len(near.across):
-        # Every row whose cropped hash is a found `other` joins the first row of the near hash.
-        entries = pd.DataFrame({"w": near.other_inverse, "entry": np.arange(len(entry_row))})
+        # Every row whose cropped hash is a found `other` joins the first row of the near hash,
+        # once the fine hashes of the two views agree (split only for the rows found).
+        entries = pd.DataFrame({"w": near.other_inverse, "entry": np.arange(len(near.other_inverse))})
         links = pd.DataFrame({"u": near.across[:, 0], "w": near.across[:, 1]}).merge(entries, on="w")
         a = first[links["u"].to_numpy()]
-        b = np.asarray(entry_row, np.int64)[links["entry"].to_numpy()]
-        crop = np.asarray(entry_crop, np.int64)[links["entry"].to_numpy()]
-        seen = _distances([fine[i] for i in a], [cropped_fine[i][j] for i, j in zip(b, crop, strict=True)])
+        crop, position = np.divmod(links["entry"].to_numpy(), len(entry_row))
+        b = entry_row[position]
+        seen_fine = [crop_fine.iat[i].split(",")[j] for i, j in zip(b, crop, strict=True)]
+        seen = _distances([fine[i] for i in a], seen_fine)
         limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
         keep = seen <= limit
         src = np.concatenate([src, a[keep]])
         dst = np.concatenate([dst, b[keep]])
     return src, dst
+
+
+def _cropped(crop_hashes: pd.Series, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows that have k cropped hashes, and those hashes packed crop by crop (all rows'
+    first cropped hash, then all rows' second, ...); (empty, None) when k is 0 or none has."""
+    if k == 0:
+        return np.zeros(0, np.int64), None
+    text = crop_hashes.to_numpy()
+    commas = crop_hashes.str.count(",").to_numpy()
+    rows = np.flatnonzero((crop_hashes.str.len().to_numpy() > 0) & (commas == k - 1))
+    if not len(rows):
+        return rows, None
+    packed = hamming.pack_hashes(",".join(text[rows]).split(","))  # row by row, k a row
+    others = packed.reshape(len(rows), k, -1).transpose(1, 0, 2).reshape(len(rows) * k, -1)
+    return rows, np.ascontiguousarray(others)
 
 
 def _transform_edges(hashes: list[str], transformed: list[list[str]], p: DedupParams) -> pd.DataFrame:
@@ -189,10 +197,9 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
     src, dst = [rows], [sha_first.loc[candidates["sha256"]].to_numpy()]
     if p.near_threshold >= 0 and n:
         hashes = list(candidates["hash"])
-        cropped = [h.split(",") if h else [] for h in candidates["crop_hashes"]] if p.crops else []
-        cropped_fine = [h.split(",") if h else [] for h in candidates["crop_fine_hashes"]] if p.crops else []
         fine = list(candidates["fine_hash"])
-        near_src, near_dst = _near_edges(hashes, fine, cropped, cropped_fine, p)
+        crops, crop_fine = candidates["crop_hashes"], candidates["crop_fine_hashes"]
+        near_src, near_dst = _near_edges(hashes, fine, crops, crop_fine, p)
         src.append(near_src)
         dst.append(near_dst)
         if p.transforms:
@@ -332,15 +339,16 @@ def _assign(
             better = ~exact & (d < dist)
             reason[better] = f"near_{name}"
             dist = np.minimum(dist, np.where(~exact, d, dist))
+    members = np.flatnonzero(is_dup & ~exact)  # the rest keep their reason
     for j in range(len(p.crops)):
         # A cropped copy of the kept row, or the kept row a cropped copy of the member.
         d = np.minimum(
-            _crop_distances(order["hash"], reps["crop_hashes"], j),
-            _crop_distances(reps["hash"], order["crop_hashes"], j),
+            _crop_distances(order["hash"].iloc[members], reps["crop_hashes"].iloc[members], j),
+            _crop_distances(reps["hash"].iloc[members], order["crop_hashes"].iloc[members], j),
         )
-        better = ~exact & (d < dist)
+        better = members[d < dist[members]]
         reason[better] = "near_crop"
-        dist = np.where(better, d, dist)
+        dist[members] = np.minimum(dist[members], d)
     # The runner-up (the best other payload) decides why the kept row won; each member says
     # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
     others = order[is_dup & (order["sha256"].to_numpy() != reps["sha256"].to_numpy())]
