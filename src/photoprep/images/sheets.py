@@ -59,8 +59,8 @@ MAX_PER_ROW = 10
 
 def member_caption(member: pd.Series) -> str:
     """Three lines under a thumbnail: the role (kept, and the criterion it won on; or the
-    distance to the kept copy and the criterion the member lost on), the transform (mirror,
-    rotation) and size, the format, JPEG quality and grey."""
+    distance to the kept copy and the criterion the member lost on), how it matched (crop,
+    mirror, rotation) and size, the format, JPEG quality and grey."""
     reason = str(member.get("keep_reason", "") or "")
     if member["dup_of"] == "":
         role, turn = (f"kept ({reason})" if reason else "kept"), ""
