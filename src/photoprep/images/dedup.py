@@ -28,6 +28,12 @@ ranked before it is ``exact``; the first row of each distinct payload other than
 one is ``near`` (or ``near_crop`` when a cropped hash of it or of the kept copy is closest,
 ``near_hflip``, ``near_rot90``, ... when the kept copy's transformed hash is). So
 ``exact_duplicates`` counts the redundant byte copies whatever is kept.
+
+Why one module
+    Grouping and the keep rule read the same narrow table of ranked columns, and the reasons
+    they write (`dup_reason`, `keep_reason`, `near_crop`) come from what grouping found; split,
+    the half-built table and its invariants would travel between modules. The search itself
+    (`hamming`) and the components (`graph`) live on their own.
 """
 
 from __future__ import annotations
