@@ -155,12 +155,14 @@ def test_second_repro_runs_nothing(demo_repo: Path) -> None:
 
 def test_near_threshold_experiment_decodes_nothing_again(demo_repo: Path) -> None:
     before = len(_decodes(demo_repo))
-    out = _run(["dvc", "exp", "run", "-S", "dedup.near_threshold=6"], demo_repo)
+    # 5: the demo's distinct digits are 6 bits apart at the default margin, so the groups stay.
+    out = _run(["dvc", "exp", "run", "-S", "dedup.near_threshold=5"], demo_repo)
     assert "Running stage 'dedup'" in out
     assert "download@demo" not in out.split("Running stage")[-1] or "Running stage 'download@demo'" not in out
     new = _decodes(demo_repo)[before:]
     assert new, "the dedup stage ran, so it logged its decodes"
     assert all(entry["decoded"] == 0 for entry in new), new
+    assert "Running stage 'validate'" not in out  # same groups, same table: nothing after dedup runs
 
 
 def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) -> None:
