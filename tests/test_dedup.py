@@ -322,3 +322,21 @@ def test_a_crop_match_counts_only_when_the_fine_hashes_agree(monkeypatch):
     monkeypatch.setattr(dedup, "CROP_FINE_THRESHOLD", 256)
     matched = dedup.find_duplicates(table, p).table
     assert matched["dup_reason"].tolist().count("near_crop") == 1
+
+
+def test_crops_and_transforms_share_one_search():
+    photo = samples.chelsea()
+    h, w = photo.shape[:2]
+    pictures = {
+        "a_original": photo,
+        "b_cropped": photo[h * 5 // 100 : h * 95 // 100, w * 5 // 100 : w * 95 // 100],
+        "c_mirror": photo[:, ::-1],
+        "d_other": samples.coffee(),
+    }
+    transforms = ("hflip", "rot90", "rot180", "rot270")
+    p = DedupParams(transforms=list(transforms))
+    table = dedup.find_duplicates(_real(pictures, transforms, p), p).table.set_index("id")
+    assert table.loc["b_cropped", "dup_reason"] == "near_crop"
+    assert table.loc["c_mirror", "dup_reason"] == "near_hflip"
+    assert table.loc[["b_cropped", "c_mirror"], "dup_of"].tolist() == ["s/a_original"] * 2
+    assert table.loc["d_other", "group"] != table.loc["a_original", "group"]

@@ -122,76 +122,68 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
     return first
 
 
-def _near_edges(
-    hashes: list[str], fine: list[str], crop_hashes: pd.Series, crop_fine: pd.Series, p: DedupParams
-) -> tuple[np.ndarray, np.ndarray]:
-    """Row pairs joined by near hashes: each row to the first row of its hash, the first rows
-    of hashes within the threshold (with `verify_threshold`, only pairs whose fine hashes are
-    that close) and, with `crops`, each row to the rows whose cropped hash is within the
-    threshold of its hash (found by the same search) and whose cropped fine hash is within
-    `CROP_FINE_THRESHOLD` (or `verify_threshold` when smaller) of its fine hash."""
-    entry_row, others = _cropped(crop_hashes, len(p.crops))
+def _near_edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs joined by near hashes, from one search:
+
+    - each row to the first row of its hash, and the first rows of hashes within the
+      threshold (with `verify_threshold`, only pairs whose fine hashes are that close);
+    - with `crops`, each row to the rows whose cropped hash is within the threshold of its
+      hash, when the fine hashes of the two views are within `CROP_FINE_THRESHOLD` (or
+      `verify_threshold` when smaller);
+    - with `transforms`, each row to the rows whose mirrored or turned hash is within the
+      threshold of its hash.
+
+    The cropped and transformed hashes are the search's second set (`others`): only their
+    pairs with a row's own hash are found, never a pair of two of them.
+    """
+    hashes, fine = list(candidates["hash"]), list(candidates["fine_hash"])
+    crop_rows, cropped = _extra_hashes(candidates["crop_hashes"], len(p.crops))
+    turn_rows, turned = _extra_hashes(candidates["transform_hashes"], len(p.transforms))
+    sets = [s for s in (cropped, turned) if s is not None]
+    others = np.concatenate(sets) if sets else None
     near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold, others)
     first = _first_rows(near.inverse, len(near.unique))
-    src = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
-    dst = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
-    if p.verify_threshold is not None and len(src):
-        fine_a = [fine[i] for i in src]
-        fine_b = [fine[i] for i in dst]
-        keep = _distances(fine_a, fine_b) <= p.verify_threshold
-        src, dst = src[keep], dst[keep]
+    a = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
+    b = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
+    if p.verify_threshold is not None and len(a):
+        keep = _distances([fine[i] for i in a], [fine[i] for i in b]) <= p.verify_threshold
+        a, b = a[keep], b[keep]
+    src, dst = [a], [b]
     if len(near.across):
-        # Every row whose cropped hash is a found `other` joins the first row of the near hash,
-        # once the fine hashes of the two views agree (split only for the rows found).
+        # Every row whose extra hash is a found `other` joins the first row of the near hash.
         entries = pd.DataFrame({"w": near.other_inverse, "entry": np.arange(len(near.other_inverse))})
         links = pd.DataFrame({"u": near.across[:, 0], "w": near.across[:, 1]}).merge(entries, on="w")
-        a = first[links["u"].to_numpy()]
-        crop, position = np.divmod(links["entry"].to_numpy(), len(entry_row))
-        b = entry_row[position]
-        seen_fine = [crop_fine.iat[i].split(",")[j] for i, j in zip(b, crop, strict=True)]
-        seen = _distances([fine[i] for i in a], seen_fine)
+        a, entry = first[links["u"].to_numpy()], links["entry"].to_numpy()
+        n_cropped = 0 if cropped is None else len(cropped)
+        is_crop = entry < n_cropped
+        # A crop match counts once the fine hashes of the two views agree (split only here).
+        crop, position = np.divmod(entry[is_crop], max(1, len(crop_rows)))
+        b = crop_rows[position]
+        crop_fine = candidates["crop_fine_hashes"]
+        seen = _distances(
+            [fine[i] for i in a[is_crop]],
+            [crop_fine.iat[i].split(",")[j] for i, j in zip(b, crop, strict=True)],
+        )
         limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
-        keep = seen <= limit
-        src = np.concatenate([src, a[keep]])
-        dst = np.concatenate([dst, b[keep]])
-    return src, dst
+        src += [a[is_crop][seen <= limit], a[~is_crop]]
+        dst += [b[seen <= limit], turn_rows[(entry[~is_crop] - n_cropped) % max(1, len(turn_rows))]]
+    return np.concatenate(src), np.concatenate(dst)
 
 
-def _cropped(crop_hashes: pd.Series, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows that have k cropped hashes, and those hashes packed crop by crop (all rows'
-    first cropped hash, then all rows' second, ...); (empty, None) when k is 0 or none has."""
+def _extra_hashes(column: pd.Series, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows that have k comma-separated hashes in `column` (cropped or transformed), and
+    those hashes packed one kind after another (every row's first, then every row's second,
+    ...); (empty, None) when k is 0 or no row has them."""
     if k == 0:
         return np.zeros(0, np.int64), None
-    text = crop_hashes.to_numpy()
-    commas = crop_hashes.str.count(",").to_numpy()
-    rows = np.flatnonzero((crop_hashes.str.len().to_numpy() > 0) & (commas == k - 1))
+    text = column.to_numpy()
+    commas = column.str.count(",").to_numpy()
+    rows = np.flatnonzero((column.str.len().to_numpy() > 0) & (commas == k - 1))
     if not len(rows):
         return rows, None
     packed = hamming.pack_hashes(",".join(text[rows]).split(","))  # row by row, k a row
     others = packed.reshape(len(rows), k, -1).transpose(1, 0, 2).reshape(len(rows) * k, -1)
     return rows, np.ascontiguousarray(others)
-
-
-def _transform_edges(hashes: list[str], transformed: list[list[str]], p: DedupParams) -> pd.DataFrame:
-    """(row, other, transform, distance): `row`'s hash is within the threshold of the
-    `transform` of `other`'s picture. One search over the plain and transformed hashes."""
-    n, k = len(hashes), len(p.transforms)
-    stacked = list(hashes) + [t[j] for j in range(k) for t in transformed]
-    near = hamming.near_duplicate_pairs(hamming.pack_hashes(stacked), p.near_threshold)
-    entries = pd.DataFrame({"u": near.inverse, "row": np.tile(np.arange(n), k + 1)})
-    entries["t"] = np.repeat(np.arange(-1, k), n)
-    plain = entries[entries["t"] < 0].groupby("u", sort=False)["row"].min()
-    both_ways = np.concatenate([near.pairs, near.pairs[:, [1, 0, 2]]])
-    links = pd.DataFrame(both_ways, columns=["u", "v", "distance"])
-    same = pd.DataFrame({"u": plain.index, "v": plain.index, "distance": 0})
-    links = pd.concat([links, same], ignore_index=True)
-    links = links[links["u"].isin(plain.index)]
-    links["row"] = plain.loc[links["u"]].to_numpy()
-    moved = entries[entries["t"] >= 0].rename(columns={"u": "v", "row": "other"})
-    found = links.merge(moved, on="v")
-    found = found[found["row"] != found["other"]]
-    found["transform"] = np.asarray(p.transforms, dtype=object)[found["t"].to_numpy()]
-    return found[["row", "other", "transform", "distance"]].reset_index(drop=True)
 
 
 def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
@@ -202,17 +194,9 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
     sha_first = pd.Series(rows[first_of_sha], index=candidates["sha256"].to_numpy()[first_of_sha])
     src, dst = [rows], [sha_first.loc[candidates["sha256"]].to_numpy()]
     if p.near_threshold >= 0 and n:
-        hashes = list(candidates["hash"])
-        fine = list(candidates["fine_hash"])
-        crops, crop_fine = candidates["crop_hashes"], candidates["crop_fine_hashes"]
-        near_src, near_dst = _near_edges(hashes, fine, crops, crop_fine, p)
+        near_src, near_dst = _near_edges(candidates, p)
         src.append(near_src)
         dst.append(near_dst)
-        if p.transforms:
-            transformed = [h.split(",") for h in candidates["transform_hashes"]]
-            edges = _transform_edges(hashes, transformed, p)
-            src.append(edges["row"].to_numpy())
-            dst.append(edges["other"].to_numpy())
     a, b = np.concatenate(src), np.concatenate(dst)
     return graph.components(n, a, b)
 
