@@ -34,9 +34,7 @@ def main() -> str:
         del probed
         memory.release()
         result = dedup.find_duplicates(table, p.dedup, p.sources)
-        # The fine, transformed and cropped hashes served the grouping; later stages need none.
-        served = ["fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes"]
-        io.write_table(result.table.drop(columns=served), PATHS.dedup_table)
+        io.write_table(result.table.drop(columns=list(dedup.GROUPING_ONLY)), PATHS.dedup_table)
         io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
         io.write_json(result.counts, PATHS.stage_counts("dedup"))
         memory.release()

@@ -57,6 +57,9 @@ apart in the 64-bit hash) 70."""
 
 KEEP_REASONS = ("colour", "pixels", "lossless", "quality", "camera", "medoid", "key", "first")
 
+GROUPING_ONLY = ("fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes")
+"""Probe columns only grouping and ranking read: the dedup stage's table leaves them out."""
+
 # Probe columns the keep rule reads, and their values when a table lacks them.
 _DEFAULTS = {
     "colour": True,
@@ -318,26 +321,17 @@ def _assign(
     exact = order.duplicated(["_group", "sha256"]).to_numpy()
     dist = _distances(list(order["hash"]), list(reps["hash"]))
     reason = np.where(exact, "exact", "near").astype(object)
-    if p.transforms:
-        for j, name in enumerate(p.transforms):
-            turned = [h.split(",")[j] if h else "" for h in reps["transform_hashes"]]
-            has = np.array([bool(t) for t in turned])
-            if not has.any():
-                continue
-            d = np.full(len(order), 1 << 30, np.int64)
-            d[has] = _distances(list(order["hash"][has]), [t for t in turned if t])
-            better = ~exact & (d < dist)
-            reason[better] = f"near_{name}"
-            dist = np.minimum(dist, np.where(~exact, d, dist))
-    members = np.flatnonzero(is_dup & ~exact)  # the rest keep their reason
-    for j in range(len(p.crops)):
-        # A cropped copy of the kept row, or the kept row a cropped copy of the member.
-        d = np.minimum(
-            _crop_distances(order["hash"].iloc[members], reps["crop_hashes"].iloc[members], j),
-            _crop_distances(reps["hash"].iloc[members], order["crop_hashes"].iloc[members], j),
-        )
+    members = np.flatnonzero(is_dup & ~exact)  # only a near member's reason can change
+    extra = [(f"near_{name}", "transform_hashes", j) for j, name in enumerate(p.transforms)]
+    extra += [("near_crop", "crop_hashes", j) for j in range(len(p.crops))]
+    for label, column, j in extra:
+        # The member's hash against the kept row's transformed or cropped hash; for a crop also
+        # the other way round (the kept row a cropped copy of the member).
+        d = _extra_distances(order["hash"].iloc[members], reps[column].iloc[members], j)
+        if column == "crop_hashes":
+            d = np.minimum(d, _extra_distances(reps["hash"].iloc[members], order[column].iloc[members], j))
         better = members[d < dist[members]]
-        reason[better] = "near_crop"
+        reason[better] = label
         dist[members] = np.minimum(dist[members], d)
     # The runner-up (the best other payload) decides why the kept row won; each member says
     # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
@@ -357,10 +351,10 @@ def _assign(
     table.loc[order.index, "keep_reason"] = keep_reason
 
 
-def _crop_distances(hashes: pd.Series, cropped: pd.Series, j: int) -> np.ndarray:
-    """Distance of each hash to the j-th cropped hash of the same position (a large number
-    where there is none)."""
-    other = [c.split(",")[j] if c else "" for c in cropped]
+def _extra_distances(hashes: pd.Series, extra: pd.Series, j: int) -> np.ndarray:
+    """Distance of each hash to the j-th transformed or cropped hash of the same position (a
+    large number where there is none)."""
+    other = [c.split(",")[j] if c else "" for c in extra]
     has = np.array([bool(o) for o in other], bool)
     d = np.full(len(other), 1 << 30, np.int64)
     if has.any():
