@@ -43,7 +43,7 @@ from sklearn.datasets import load_digits
 
 from photoprep import demo
 from photoprep.images.features import compute_features
-from photoprep.learn import cluster, dec
+from photoprep.learn import cluster, dec, scores
 from photoprep.params import ClusterParams, FeatureParams
 
 DIM = 3036
@@ -101,7 +101,7 @@ def time_dec(n: int, device: str, epochs: int, max_iter: int) -> dict:
             scale_s + fit.perf["pretrain_s"] + fit.perf["kmeans_embedding_s"] + fit.perf["refine_s"], 3
         ),
         "projected_default_s": round(DEFAULT_EPOCHS * per_epoch + rest, 1),
-        "synthetic_accuracy": round(cluster.unsupervised_accuracy(truth, fit.clusters), 4),
+        "synthetic_accuracy": round(scores.unsupervised_accuracy(truth, fit.clusters), 4),
     }
 
 
@@ -142,7 +142,8 @@ def digits_quality(n: int, device: str, epochs: int, n_jobs: int) -> dict:
     features_s = time.perf_counter() - t0
     keys = pd.DataFrame({"source": "bench", "id": [f"{i:06d}" for i in range(n)], "row": np.arange(n)})
     p = ClusterParams(blocks=["hog"], pretrain_epochs=epochs, device=device)
-    result = cluster.cluster_features(features, info, keys, [str(v) for v in labels], p, log=None)
+    inp = cluster.features_input(features, info, keys, p)
+    result = cluster.cluster_features(inp, [str(v) for v in labels], p, log=None)
     perf = result.perf
     return {
         "n": n,

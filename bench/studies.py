@@ -24,7 +24,7 @@ val images are drawings of A's train and val digits only: no test digit is seen 
 pretraining (checked). The pretraining time is reported apart, not in the rows.
 
 Wall time: seconds of ``train.fit`` on this machine, torch's CPU math pinned as the pipeline
-pins it (``compute.portable``, 2 threads). ``vs_convnet``: the row's test accuracy minus the
+pins it (``compute.cpu_math: portable``, 2 threads). ``vs_convnet``: the row's test accuracy minus the
 baseline's, and its time over the baseline's, both from the same run. ``--json`` prints one
 JSON object.
 """
@@ -44,7 +44,7 @@ from typing import Any
 
 from photoprep import portable
 
-portable.pin_cpu_math(portable=True, threads=2)  # before torch loads, as the stages do
+portable.pin_cpu_math("portable", threads=2)  # before torch loads, as the stages do
 
 import pandas as pd  # noqa: E402
 

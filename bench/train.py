@@ -1,12 +1,21 @@
 """Benchmark: training throughput (images/s) through photoprep's own batch path.
 
-    python bench/train.py [--models smallcnn resnet convnet] [--sizes 32 64] [--steps 20] [--json]
-    python bench/train.py --cpu-math=both --models convnet --sizes 32   # portable against free
+    python bench/train.py [--models smallcnn convnet timm/resnet18] [--sizes 32 64] [--steps 20] [--json]
+    python bench/train.py --cpu-math=all --models convnet --sizes 32   # every CPU-math mode, same run
 
-``--cpu-math=portable`` (the default) pins torch's CPU math as the pipeline does
-(``compute.portable: true``), ``--cpu-math=free`` leaves it to the libraries, and
-``--cpu-math=both`` runs each in a fresh process (pinning must come before torch loads) and
-prints the throughput ratio portable / free per model and size.
+``--cpu-math`` picks how the CPU math is pinned (before torch loads, so each mode is its own
+process):
+
+    portable        ``compute.cpu_math: portable`` (the default): vendor-neutral (MKL's COMPATIBLE
+                    branch, oneDNN at AVX2, OpenBLAS and numpy pinned, fused AdamW)
+    no-onednn       the same with oneDNN switched off (convolutions by ATen and MKL)
+    vendor          ``compute.cpu_math: vendor``: MKL's AVX2 branch, the rest as portable
+    legacy          the pinning of earlier versions (MKL's AVX2 branch, unfused AdamW, numpy and
+                    OpenBLAS free): per machine at best
+    native          ``compute.cpu_math: native``: every choice left to the libraries
+
+``--cpu-math=all`` runs each in a fresh process and prints each mode's throughput as a ratio of
+``portable``'s, per model and size.
 
 Synthetic uint8 images (N x H x W x 3, random, fixed seed) go through the same path as the
 train stage: ``data.Batches`` (index a uint8 tensor per batch, move to the device, translate
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,17 +43,26 @@ import time
 
 from photoprep import portable
 
-# Before torch loads (see photoprep.portable); "both" pins in the child processes instead.
+MODES = ("portable", "no-onednn", "vendor", "legacy", "native")
+# The pinning of photoprep before the vendor-neutral mode (measured against it here).
+LEGACY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
+# Before torch loads (see photoprep.portable); "all" pins in the child processes instead.
 CPU_MATH = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu-math=")), "portable")
-if CPU_MATH in ("portable", "free"):
-    portable.pin_cpu_math(portable=CPU_MATH == "portable", threads=2)
+if CPU_MATH == "legacy":
+    os.environ.update(LEGACY_ENV | {"MKL_DYNAMIC": "FALSE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
+    portable.pin_cpu_math("native", threads=2)
+elif CPU_MATH in MODES:
+    portable.pin_cpu_math("portable" if CPU_MATH == "no-onednn" else CPU_MATH, threads=2)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from photoprep.learn import data, devices, models, train  # noqa: E402
+from photoprep.learn import data, devices, models, optim, train  # noqa: E402
 from photoprep.params import TrainParams  # noqa: E402
+
+if CPU_MATH == "no-onednn":
+    torch.backends.mkldnn.enabled = False
 
 
 def _sync(device: torch.device) -> None:
@@ -53,11 +72,13 @@ def _sync(device: torch.device) -> None:
 
 def _setup(model_name: str, size: int, device: torch.device, p: TrainParams):
     torch.manual_seed(0)
-    arch = models.architecture(model_name, 10, (size, size))
-    model = models.build_model(**arch).to(device)
+    model = models.build_model(models.Architecture.of(model_name, 10, (size, size))).to(device)
     if p.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = train.make_optimizer(model, p)
+    if CPU_MATH == "legacy":  # the unfused AdamW of earlier versions
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=optim.peak_lr(p))
+    else:
+        optimizer = optim.make_optimizer(model, p, device)
     amp = train.amp_dtype(device, p.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
     return model, optimizer, scaler, nn.CrossEntropyLoss(), amp
@@ -94,9 +115,8 @@ def bench_one(
     pixels = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n).astype(np.int64)
     mean, std = data.input_stats(pixels[:512])
-    batches = data.Batches(
-        pixels, labels, device, mean, std, p.channels_last, resident, per_image=p.normalize == "image"
-    )
+    prep = data.Prep(mean, std, per_image=True, channels_last=p.channels_last)
+    batches = data.Batches(pixels, labels, device, prep, resident)
     model, optimizer, scaler, criterion, amp = _setup(model_name, size, device, p)
     model.train()
     generator = torch.Generator().manual_seed(0)
@@ -139,10 +159,11 @@ def bench_synthetic(
 
 
 def compare_cpu_math(argv: list[str]) -> int:
-    """Run this benchmark pinned and unpinned, each in its own process; print both and the ratio."""
+    """Run this benchmark in every CPU-math mode, each in its own process; print each mode's
+    images/s and its ratio to portable's."""
     rest = [a for a in argv if not a.startswith("--cpu-math=") and a != "--json"]
     runs = {}
-    for mode in ("portable", "free"):
+    for mode in MODES:
         done = subprocess.run(
             [sys.executable, __file__, f"--cpu-math={mode}", "--json", *rest],
             capture_output=True,
@@ -150,31 +171,26 @@ def compare_cpu_math(argv: list[str]) -> int:
             check=True,
         )
         runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])["cpu"]["images_per_s"]
-    ratios = {key: round(runs["portable"][key] / runs["free"][key], 3) for key in runs["portable"]}
+    keys = list(runs["portable"])
+    ratios = {m: {k: round(runs[m][k] / runs["portable"][k], 3) for k in keys} for m in MODES}
     if "--json" in argv:
-        print(
-            json.dumps({"portable": runs["portable"], "free": runs["free"], "ratio": ratios}, sort_keys=True)
-        )
+        print(json.dumps({"images_per_s": runs, "vs_portable": ratios, "cpu": portable.cpu_model()}))
     else:
-        for key, ratio in ratios.items():
-            print(
-                f"{key}: portable {runs['portable'][key]:.0f} images/s, "
-                f"free {runs['free'][key]:.0f} images/s, ratio {ratio:.3f} ({portable.cpu_model()})"
-            )
+        for key in keys:
+            cells = ", ".join(f"{m} {runs[m][key]:.0f} (x{ratios[m][key]:.2f})" for m in MODES)
+            print(f"{key}: images/s {cells} ({portable.cpu_model()})")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if CPU_MATH == "both":
+    if CPU_MATH == "all":
         return compare_cpu_math(argv)
     argv = [a for a in argv if not a.startswith("--cpu-math=")]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--models", nargs="+", default=["smallcnn", "resnet", "convnet"], choices=models.IMAGE_MODELS
-    )
+    parser.add_argument("--models", nargs="+", default=["smallcnn", "convnet", "timm/resnet18"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[32, 64])
     parser.add_argument("--n", type=int, default=2048, help="synthetic images in the split")
     parser.add_argument("--steps", type=int, default=20)

@@ -5,13 +5,14 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, io, params, portable
+from photoprep import errors, params, portable
 from photoprep.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
-    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
+    from photoprep import io
     from photoprep.learn import checkpoint, evaluate
 
     p = every.evaluate

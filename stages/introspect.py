@@ -5,20 +5,22 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, io, params, portable
+from photoprep import errors, params, portable
 from photoprep.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
-    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
-    from photoprep.learn import checkpoint, evaluate, introspect
+    portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
+    from photoprep import io
+    from photoprep.learn import checkpoint, embed, evaluate, introspect
 
     p = every.introspect
     model, meta = checkpoint.load_model(PATHS.model)
     test = evaluate.load_test(meta, PATHS)
     classes = list(meta["classes"])
-    embeddings, probs = introspect.forward(model, meta, test.inputs, p.batch_size)
+    embeddings, probs = embed.forward(model, meta, test.inputs, p.batch_size)
+    assert probs is not None  # a model file's classifier
     predicted = probs.argmax(1) if len(probs) else test.labels
     pixels = evaluate.split_pixels(test, PATHS)
     coords = introspect.tsne_map(embeddings, p.perplexity, p.seed)

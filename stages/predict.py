@@ -5,15 +5,16 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-import numpy as np
-
-from photoprep import errors, io, params, portable
+from photoprep import errors, params, portable
 from photoprep.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
-    portable.pin_cpu_math(every.compute.portable, every.compute.threads)  # before torch loads
+    portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
+    import numpy as np
+
+    from photoprep import io
     from photoprep.learn import checkpoint, predict
 
     p = every.predict

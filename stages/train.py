@@ -9,7 +9,7 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, io, params, portable
+from photoprep import errors, params, portable
 from photoprep.layout import PATHS
 
 
@@ -17,19 +17,23 @@ def main() -> str | None:
     every = params.load()
     p = every.train
     ranks_here = portable.processes_here(p.nproc)  # each rank gets its share of compute.threads
-    portable.pin_cpu_math(every.compute.portable, max(1, every.compute.threads // ranks_here))  # before torch
+    portable.pin_cpu_math(every.compute.cpu_math, max(1, every.compute.threads // ranks_here))  # first
     from photoprep.learn import launch
 
     if launch.must_launch(p.nproc):  # train.nproc > 1: this script again, as that many ranks
         launch.launch(p.nproc, __file__)
         return None  # rank 0 printed the summary
-    from photoprep.learn import checkpoint, data, distributed, live, train
+    from photoprep import io
+    from photoprep.learn import checkpoint, data, distributed, live, pretrained, train
 
     world = distributed.join(p.device)  # None: one process, as without DDP
     main_rank = world is None or world.is_main
     splits = data.load_data(p, PATHS)
+    start = pretrained.load_fetched(p, PATHS)
     log = live.LiveLog(PATHS.live_dir) if main_rank else None
-    result = train.fit(splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log, world=world)
+    result = train.fit(
+        splits, p, checkpoint_dir=PATHS.checkpoints_dir, on_epoch=log, world=world, pretrained=start
+    )
     distributed.leave(world)
     if log is None:
         return None  # not rank 0: rank 0 alone writes
@@ -38,7 +42,8 @@ def main() -> str | None:
     io.write_json(result.perf, PATHS.train_perf)
     perf = result.perf
     ranks = f"{world.size} ranks x " if world is not None else ""
-    return f"{p.model}: {perf.get('epochs_this_run')} epochs on {ranks}{perf.get('device')}"
+    weights = f" from {p.pretrained}" if p.pretrained else ""
+    return f"{p.model}{weights}: {perf.get('epochs_this_run')} epochs on {ranks}{perf.get('device')}"
 
 
 if __name__ == "__main__":

@@ -319,3 +319,97 @@ def webdav(tmp_path: Path) -> Iterator[WebDAVServer]:
         server.terminate()
         server.wait(timeout=10)
         log.close()
+
+
+# -- loopback model hub ------------------------------------------------------------------
+
+
+class LoopbackHub:
+    """A Hugging Face hub stand-in on 127.0.0.1: ``/<org>/<repo>/resolve/<revision>/<file>``, HEAD
+    and GET, with the headers huggingface_hub reads (X-Repo-Commit, ETag, Content-Length) and the
+    hub's error codes (404 with X-Error-Code EntryNotFound or RepoNotFound). Point
+    ``HF_ENDPOINT`` at :attr:`url`. Every request is logged."""
+
+    COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, str], bytes] = {}
+        self.log: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _hub_handler_for(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
+
+    def __enter__(self) -> LoopbackHub:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def add(self, repo: str, filename: str, data: bytes) -> None:
+        self.files[(repo, filename)] = data
+
+    def downloads(self) -> int:
+        """GET requests for files (not HEAD, not the hub's other endpoints)."""
+        with self._lock:
+            return sum(1 for method, path in self.log if method == "GET" and "/resolve/" in path)
+
+
+def _hub_handler_for(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
+    import hashlib
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def _answer(self, body: bool) -> None:
+            with hub._lock:
+                hub.log.append((self.command, self.path))
+            parts = unquote(self.path.split("?", 1)[0]).strip("/").split("/")
+            if len(parts) < 5 or parts[2] != "resolve":
+                self._status(404, "")
+                return
+            repo, filename = "/".join(parts[:2]), "/".join(parts[4:])
+            data = hub.files.get((repo, filename))
+            if data is None:
+                known = any(r == repo for r, _ in hub.files)
+                self._status(404, "EntryNotFound" if known else "RepoNotFound")
+                return
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", hub.COMMIT)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def _status(self, status: int, code: str) -> None:
+            self.send_response(status)
+            if code:
+                self.send_header("X-Error-Code", code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return Handler
+
+
+@pytest.fixture
+def hub() -> Iterator[LoopbackHub]:
+    """A loopback model hub; see LoopbackHub."""
+    with LoopbackHub() as server:
+        yield server

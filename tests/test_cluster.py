@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 
 from photoprep import params
 from photoprep.errors import UserError
-from photoprep.learn import checkpoint, cluster, dec
+from photoprep.learn import checkpoint, cluster, dec, scores
 from photoprep.params import ClusterParams
 
 # Small and quick: 8x8 digits as 64 features, a small autoencoder, a few epochs.
@@ -44,7 +44,8 @@ def digits() -> tuple[np.ndarray, pd.DataFrame, list[str | None]]:
 @pytest.fixture(scope="module")
 def run(digits) -> cluster.ClusterResult:
     features, keys, labels = digits
-    return cluster.cluster_features(features, {}, keys, labels, ClusterParams(**FAST), log=None)
+    p = ClusterParams(**FAST)
+    return cluster.cluster_features(cluster.features_input(features, {}, keys, p), labels, p, log=None)
 
 
 # --------------------------------------------------------------------------- input
@@ -83,21 +84,21 @@ def test_blocks_are_cut_where_features_json_says() -> None:
 def test_hungarian_accuracy_is_one_for_a_permuted_labelling() -> None:
     truth = np.repeat(np.arange(5), 20)
     permuted = np.array([3, 0, 4, 1, 2])[truth]
-    assert cluster.unsupervised_accuracy(truth, permuted) == 1.0
-    scores = cluster.agreement([str(t) for t in truth], permuted)
-    assert scores == {"accuracy": 1.0, "nmi": 1.0, "ari": 1.0}
+    assert scores.unsupervised_accuracy(truth, permuted) == 1.0
+    agreed = scores.agreement([str(t) for t in truth], permuted)
+    assert agreed == {"accuracy": 1.0, "nmi": 1.0, "ari": 1.0}
 
 
 def test_hungarian_accuracy_counts_the_best_one_to_one_mapping() -> None:
     truth = ["a"] * 6 + ["b"] * 4
     pred = [7] * 5 + [9] + [9] * 3 + [7]  # 7 -> a (5 right), 9 -> b (3 right)
-    assert cluster.unsupervised_accuracy(truth, pred) == pytest.approx(0.8)
+    assert scores.unsupervised_accuracy(truth, pred) == pytest.approx(0.8)
     # a third cluster can map to no class: its members count as wrong
-    assert cluster.unsupervised_accuracy(["a", "a", "b", "b"], [0, 1, 2, 2]) == pytest.approx(0.75)
+    assert scores.unsupervised_accuracy(["a", "a", "b", "b"], [0, 1, 2, 2]) == pytest.approx(0.75)
 
 
 def test_purity_is_the_majority_share_among_labelled_members() -> None:
-    table = cluster.purity(["1", "1", "2", None, None], [0, 0, 0, 0, 1])
+    table = scores.purity(["1", "1", "2", None, None], [0, 0, 0, 0, 1])
     first, second = table.iloc[0], table.iloc[1]
     assert (first["size"], first["labeled"], first["majority"]) == (4, 3, "1")
     assert first["purity"] == pytest.approx(2 / 3, abs=1e-6)
@@ -110,9 +111,9 @@ def test_purity_is_the_majority_share_among_labelled_members() -> None:
 def test_metrics_hold_three_methods_with_accuracy_nmi_ari_and_n_init(run, digits) -> None:
     m = run.metrics
     assert set(m["methods"]) == {"kmeans_features", "kmeans_embedding", "dec"}
-    for scores in m["methods"].values():
-        assert set(scores) == {"accuracy", "nmi", "ari"}
-        assert 0.0 <= scores["accuracy"] <= 1.0
+    for figures in m["methods"].values():
+        assert set(figures) == {"accuracy", "nmi", "ari"}
+        assert 0.0 <= figures["accuracy"] <= 1.0
     assert m["kmeans"]["n_init"] >= 10
     assert m["n_labeled"] == sum(lab is not None for lab in digits[2])
     assert sum(m["cluster_sizes"].values()) == len(digits[0])
@@ -136,7 +137,8 @@ def test_refinement_beats_its_start_on_digits(run) -> None:
 
 def test_two_cpu_runs_are_identical(run, digits) -> None:
     features, keys, labels = digits
-    again = cluster.cluster_features(features, {}, keys, labels, ClusterParams(**FAST), log=None)
+    p = ClusterParams(**FAST)
+    again = cluster.cluster_features(cluster.features_input(features, {}, keys, p), labels, p, log=None)
     pd.testing.assert_frame_equal(run.table, again.table)
     assert run.metrics == again.metrics
     assert run.state_dict.keys() == again.state_dict.keys()
@@ -150,7 +152,7 @@ from photoprep.params import ClusterParams
 x = np.random.default_rng(0).normal(0, 1, (1797, 2916)).astype(np.float32)  # the demo's shapes
 keys = pd.DataFrame({"source": "s", "id": [str(i) for i in range(len(x))], "row": range(len(x))})
 p = ClusterParams(pretrain_epochs=2, max_iter=4, device="cpu")
-result = cluster.cluster_features(x, {}, keys, None, p, log=None)
+result = cluster.cluster_features(cluster.features_input(x, {}, keys, p), None, p, log=None)
 digest = hashlib.sha256()
 for name, tensor in sorted(result.state_dict.items()):
     digest.update(tensor.numpy().tobytes())
@@ -179,13 +181,9 @@ def test_a_run_leaves_torch_global_state_as_it_found_it(digits) -> None:
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
+    p = ClusterParams(**{**FAST, "pretrain_epochs": 1, "max_iter": 5})
     cluster.cluster_features(
-        features[:100],
-        {},
-        keys[:100],
-        labels[:100],
-        ClusterParams(**{**FAST, "pretrain_epochs": 1, "max_iter": 5}),
-        log=None,
+        cluster.features_input(features[:100], {}, keys[:100], p), labels[:100], p, log=None
     )
     assert torch.equal(torch.rand(3), expected)
     assert not torch.are_deterministic_algorithms_enabled()
@@ -196,7 +194,9 @@ def test_layerwise_pretraining_runs(digits) -> None:
     p = ClusterParams(
         **{**FAST, "pretrain": "layerwise", "layer_epochs": 2, "pretrain_epochs": 2, "max_iter": 20}
     )
-    result = cluster.cluster_features(features[:200], {}, keys[:200], labels[:200], p, log=None)
+    result = cluster.cluster_features(
+        cluster.features_input(features[:200], {}, keys[:200], p), labels[:200], p, log=None
+    )
     phases = result.pretrain_history["phase"].unique().tolist()
     assert phases == ["layer1", "layer2", "layer3", "end_to_end"]
 
@@ -226,7 +226,10 @@ def test_labels_come_from_the_split_tables(tmp_path) -> None:
 def test_too_few_images_for_the_clusters_is_a_user_error(digits) -> None:
     features, keys, labels = digits
     with pytest.raises(UserError, match="n_clusters"):
-        cluster.cluster_features(features[:5], {}, keys[:5], labels[:5], ClusterParams(**FAST), log=None)
+        p = ClusterParams(**FAST)
+        cluster.cluster_features(
+            cluster.features_input(features[:5], {}, keys[:5], p), labels[:5], p, log=None
+        )
 
 
 def test_bad_cluster_params_name_the_key() -> None:
@@ -236,3 +239,20 @@ def test_bad_cluster_params_name_the_key() -> None:
         params.parse({"cluster": {"dims": []}})
     with pytest.raises(UserError, match=r"cluster\.pretrain"):
         params.parse({"cluster": {"pretrain": "greedy"}})
+
+
+def test_embeddings_are_clustered_beside_k_means_on_the_hand_made_features(run, digits) -> None:
+    features, keys, labels = digits
+    p = ClusterParams(**{**FAST, "input": "embeddings"})
+    codes = features @ np.random.default_rng(1).normal(size=(features.shape[1], 32)).astype(np.float32)
+    order = np.random.default_rng(2).permutation(len(keys))  # the embed stage's rows, in its own order
+    info = {"input": "embeddings", "embeddings": "model", "model": "timm/resnet18", "pretrained": None}
+    inp = cluster.embeddings_input(codes[order], info, keys.iloc[order], features, {}, keys, p)
+    assert np.array_equal(inp.features, features[order])  # each image's own HOG + colour row
+    result = cluster.cluster_features(inp, [labels[i] for i in order], p, log=None)
+    m = result.metrics
+    assert set(m["methods"]) == {"kmeans_features", "kmeans_cnn", "kmeans_embedding", "dec"}
+    assert m["input"]["kind"] == "embeddings" and m["input"]["model"] == "timm/resnet18"
+    assert m["input"]["dim"] == 32 and result.meta["input"] == "embeddings"
+    with pytest.raises(UserError, match="holds none: run the embed stage"):
+        cluster.embeddings_input(codes, {"input": "features"}, keys, features, {}, keys, p)

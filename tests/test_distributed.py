@@ -29,8 +29,8 @@ from test_train import make_workspace
 from photoprep import portable
 from photoprep.layout import Layout
 from photoprep.learn import evaluate, train
-from photoprep.learn.checkpoint import load_model, read_model_file, save_model
-from photoprep.learn.data import Batches, load_data
+from photoprep.learn.checkpoint import load_model, model_from, read_model_file, save_model
+from photoprep.learn.data import Batches, Prep, load_data
 from photoprep.learn.verify import verify
 from photoprep.params import EvaluateParams, TrainParams
 
@@ -91,9 +91,8 @@ def test_two_gloo_ranks_reach_the_one_process_accuracy_on_the_demo(demo):
     finally:
         torch.set_num_threads(threads)
     test = evaluate.load_test(one.meta, paths)
-    net = train.models.build_model(**one.meta["architecture"])
-    net.load_state_dict(one.state_dict)
-    one_acc = evaluate.evaluate(net.eval(), one.meta, test, EvaluateParams()).metrics["accuracy"]
+    net = model_from(one.state_dict, one.meta)
+    one_acc = evaluate.evaluate(net, one.meta, test, EvaluateParams()).metrics["accuracy"]
     assert one_acc >= TARGET
 
     # Two ranks: the train stage launches them itself (compute.threads 2: one thread each).
@@ -118,7 +117,7 @@ def test_each_rank_trains_on_its_strided_slice_of_one_shared_order():
     n, size = 23, 3
     x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 4, 4, 3).contiguous().numpy()
     y = torch.arange(n).numpy()
-    batches = Batches(x, y, torch.device("cpu"), [0.0] * 3, [1.0] * 3)
+    batches = Batches(x, y, torch.device("cpu"), Prep([0.0] * 3, [1.0] * 3))
 
     def labels(shard, seed=0):
         gen = torch.Generator().manual_seed(seed)

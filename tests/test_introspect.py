@@ -14,7 +14,8 @@ from PIL import Image
 from test_evaluate import run_stage, shared_pipeline
 from test_train import one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep.learn import introspect, models
+from photoprep.learn import embed, introspect, models
+from photoprep.learn.models import Architecture
 
 OUTPUTS = (
     "plots/tsne.csv",
@@ -88,7 +89,7 @@ def test_a_second_run_is_byte_identical(looked):
 
 
 def test_filters_are_the_first_convolution_scaled_to_their_range():
-    model = models.build_model("convnet", 10, input_size=(32, 32), width=8, depth=2)
+    model = models.build_model(Architecture.of("convnet", 10, (32, 32), width=8, depth=2))
     filters = introspect.first_layer_filters(model, {"input": "images"}, count=5)
     assert filters is not None and filters.shape == (5, 3, 3, 3) and filters.dtype == np.uint8
     assert (filters.reshape(5, -1).min(1) == 0).all() and (filters.reshape(5, -1).max(1) == 255).all()
@@ -97,10 +98,10 @@ def test_filters_are_the_first_convolution_scaled_to_their_range():
 
 
 def test_an_mlp_on_pixels_shows_its_first_weights_and_one_on_features_shows_none(tmp_path):
-    pixels = models.build_model("mlp", 10, input_size=(16, 16), width=12)
+    pixels = models.build_model(Architecture.of("mlp", 10, (16, 16), width=12))
     filters = introspect.first_layer_filters(pixels, {"input": "images", "input_size": [16, 16]}, count=64)
     assert filters is not None and filters.shape == (12, 16, 16, 3)
-    feats = models.build_model("mlp", 10, in_features=40, width=12)
+    feats = models.build_model(Architecture.of("mlp", 10, in_features=40, width=12))
     assert introspect.first_layer_filters(feats, {"input": "features", "input_size": None}, 64) is None
     introspect.draw_filters(None, tmp_path / "none.png")
     assert (tmp_path / "none.png").stat().st_size > 0
@@ -108,15 +109,43 @@ def test_an_mlp_on_pixels_shows_its_first_weights_and_one_on_features_shows_none
 
 def test_embeddings_are_the_input_of_the_last_linear_layer():
     torch.manual_seed(0)
-    model = models.build_model("convnet", 3, input_size=(16, 16), width=4, depth=2)
+    model = models.build_model(Architecture.of("convnet", 3, (16, 16), width=4, depth=2))
     meta = {
         "normalization": {"kind": "image", "mean": [0.5] * 3, "std": [0.25] * 3},
         "input_size": [16, 16],
         "architecture": {"num_classes": 3},
     }
     images = np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8)
-    emb, probs = introspect.forward(model, meta, images, batch_size=3)
+    emb, probs = embed.forward(model, meta, images, batch_size=3)
+    assert probs is not None
     assert emb.shape == (7, 8) and probs.shape == (7, 3)  # width 4 doubled once: 8 channels
     head = model.blocks[-1][-1]
     logits = head(torch.from_numpy(emb)).detach()
     assert np.allclose(torch.softmax(logits, 1).numpy(), probs, atol=1e-5)
+
+
+def test_a_timm_model_embeds_its_pooled_features_and_a_headless_backbone_its_output():
+    torch.manual_seed(0)
+    arch = Architecture.of("timm/resnet18", 3, (32, 32))
+    model = models.build_model(arch).eval()
+    meta = {
+        "normalization": {"kind": "pretrained", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+        "input_size": [32, 32],
+        "interpolation": "bicubic",
+        "architecture": arch.to_dict(),
+    }
+    images = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 3), dtype=np.uint8)
+    emb, probs = embed.forward(model, meta, images)
+    assert emb.shape == (5, 512) and probs is not None and probs.shape == (5, 3)
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bicubic", antialias=True)
+        x = (x / 255 - torch.tensor(meta["normalization"]["mean"]).view(1, 3, 1, 1)) / torch.tensor(
+            meta["normalization"]["std"]
+        ).view(1, 3, 1, 1)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert np.allclose(emb, pooled.numpy(), atol=1e-4)
+    headless = models.build_model(Architecture.of("timm/resnet18", 0, (32, 32))).eval()
+    headless.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    same, none = embed.forward(headless, meta | {"architecture": {"num_classes": 0}}, images)
+    assert none is None and np.allclose(same, emb, atol=1e-5)

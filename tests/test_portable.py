@@ -20,7 +20,7 @@ from photoprep import portable
 TRAIN = r"""
 import hashlib, json, sys
 from photoprep import portable
-portable.pin_cpu_math(portable=sys.argv[1] == "portable", threads=2)
+portable.pin_cpu_math(sys.argv[1], threads=2)
 import torch
 portable.apply_threads()
 torch.manual_seed(0)
@@ -55,7 +55,7 @@ def runs() -> dict[str, dict]:
     return {
         "portable": _train("portable", {}),
         "portable_other_cpu": _train("portable", OTHER_CPU),
-        "free_other_cpu": _train("free", OTHER_CPU),
+        "native_other_cpu": _train("native", OTHER_CPU),
     }
 
 
@@ -64,24 +64,26 @@ def test_pinned_training_ignores_what_another_cpu_would_pick(runs):
 
 
 def test_the_pinned_choices_matter_unpinned_training_differs(runs):
-    assert runs["free_other_cpu"]["digest"] != runs["portable"]["digest"]
+    assert runs["native_other_cpu"]["digest"] != runs["portable"]["digest"]
 
 
 def test_what_was_pinned_is_recorded_with_the_cpu(runs):
     described = runs["portable_other_cpu"]["describe"]
-    assert described["portable"] is True
+    assert described["mode"] == "portable"
     assert described["aten_cpu_capability"] == "AVX2"
     assert described["threads"] == 2
-    assert described["env"]["MKL_CBWR"] == "AVX2,STRICT"
+    assert described["env"]["MKL_CBWR"] == "COMPATIBLE,STRICT"  # MKL's one branch that holds on AMD
+    assert described["env"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert described["loaded_before_pinning"] == []  # numpy and torch read the settings when they load
     assert described["cpu"]
 
 
 def test_pinning_twice_differently_is_refused():
     script = (
         "from photoprep import portable\n"
-        "portable.pin_cpu_math(portable=True, threads=2)\n"
-        "assert portable.pin_cpu_math(portable=True, threads=2)['threads'] == 2\n"
-        "portable.pin_cpu_math(portable=True, threads=3)\n"
+        "portable.pin_cpu_math('portable', threads=2)\n"
+        "assert portable.pin_cpu_math('portable', threads=2)['threads'] == 2\n"
+        "portable.pin_cpu_math('portable', threads=3)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "already pinned" in done.stderr

@@ -18,7 +18,7 @@ from photoprep.errors import UserError
 from photoprep.ingest import manifest, sources
 from photoprep.ingest.store import ShardWriter
 from photoprep.layout import Layout
-from photoprep.learn import cluster
+from photoprep.learn import scores
 from photoprep.review import clusters
 from photoprep.review import export as review
 
@@ -271,7 +271,7 @@ def test_cluster_sheets_and_index_link_relatively_and_load_nothing_else(
     ]
     with Image.open(sheets[0]) as sheet:
         assert sheet.size[1] > 2 * 16  # two rows: nearest, farthest
-    summary = cluster.purity(labels, table["cluster"])
+    summary = scores.purity(labels, table["cluster"])
     page = reports / "clusters.html"
     clusters.write_cluster_index(
         summary, sheets, page, {"methods": {"dec": {"accuracy": 1, "nmi": 1, "ari": 1}}}

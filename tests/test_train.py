@@ -1,4 +1,5 @@
-"""Training learns, is bit-reproducible on the CPU, resumes, stops early, freezes and transfers.
+"""Training learns, is bit-reproducible on the CPU, resumes, stops early, freezes and transfers,
+and runs the fine-tuning recipe (head first, layer decay, mixup, timm's schedules).
 
 The data is sklearn's digits drawn as small RGB photos (a coloured glyph on a smooth colour
 gradient, shifted a little), written as the earlier stages would: ``images.npy``, the split
@@ -25,8 +26,16 @@ from photoprep import io
 from photoprep.dataset.split import assign_splits, split_report
 from photoprep.errors import UserError
 from photoprep.layout import Layout
-from photoprep.learn import checkpoint, live, train
-from photoprep.learn.data import Batches, augment_images, draw_augmentation, input_stats, load_data
+from photoprep.learn import checkpoint, live, optim, train
+from photoprep.learn.data import (
+    Batches,
+    Prep,
+    Rows,
+    augment_images,
+    draw_augmentation,
+    input_stats,
+    load_data,
+)
 from photoprep.params import FeatureParams, SplitParams, TrainParams
 
 # --------------------------------------------------------------------------- data
@@ -149,6 +158,7 @@ def states_equal(a: dict, b: dict) -> bool:
 
 def test_splits_load_as_uint8_images_with_class_indices(data):
     assert data.kind == "images"
+    assert isinstance(data.train.inputs, Rows)  # memory-mapped rows, read when a batch needs them
     assert data.classes == [str(d) for d in range(10)]
     assert data.train.inputs.dtype == np.uint8 and data.train.inputs.shape[1:] == (32, 32, 3)
     assert len(data.train) + len(data.val) > 0.7 * 600
@@ -198,7 +208,7 @@ def test_mlp_on_pixels_reads_images_and_round_trips_through_the_model_file(works
 
 
 def test_input_features_needs_the_mlp_and_the_default_is_not_recorded():
-    with pytest.raises(ValueError, match=r"train\.input: features needs train\.model: mlp"):
+    with pytest.raises(ValueError, match=r"input: features needs train\.model: mlp"):
         tiny(input="features")
     assert "input" not in tiny().recorded()  # model files of the default params keep their bytes
     assert tiny(model="mlp", input="images").recorded()["input"] == "images"
@@ -339,7 +349,7 @@ def test_flip_mirrors_and_colour_permutes_or_inverts_channels():
 def test_batches_normalise_to_channels_last_float(data):
     mean, std = input_stats(data.train.inputs)
     cpu = torch.device("cpu")
-    b = Batches(data.train.inputs, data.train.labels, cpu, mean, std, channels_last=True)
+    b = Batches(data.train.inputs, data.train.labels, cpu, Prep(mean, std, channels_last=True))
     x, y = next(b.in_order(64))
     assert x.dtype == torch.float32 and x.shape == (64, 3, 32, 32)
     assert x.is_contiguous(memory_format=torch.channels_last)
@@ -348,9 +358,9 @@ def test_batches_normalise_to_channels_last_float(data):
 
 
 def test_staged_batches_equal_resident_batches(data):
-    """The path for a split too big for the GPU (gather into two host buffers in turn)."""
+    """The path for a split too big to hold (read from the memory map into two host buffers in turn)."""
     mean, std = input_stats(data.train.inputs)
-    args = (data.train.inputs, data.train.labels, torch.device("cpu"), mean, std)
+    args = (data.train.inputs, data.train.labels, torch.device("cpu"), Prep(mean, std))
     resident, staged = Batches(*args, resident=True), Batches(*args, resident=False)
     assert not staged.resident
     a = list(resident.epoch(48, torch.Generator().manual_seed(5), ("translate", "colour"), 3))
@@ -362,16 +372,91 @@ def test_staged_batches_equal_resident_batches(data):
 @pytest.mark.parametrize("schedule", ["none", "step", "cosine", "onecycle"])
 def test_learning_rate_schedules(schedule):
     p = tiny(schedule=schedule, lr=0.1, step_size=2, gamma=0.5, epochs=4)
-    lrs = [train.lr_at(p, s, 40, 10) for s in range(40)]
+    net = torch.nn.Linear(3, 2)
+    schedule_ = optim.Schedule(p, optim.make_optimizer(net, p, torch.device("cpu")), steps_per_epoch=10)
+    lrs = [schedule_.at(s) for s in range(40)]
     assert max(lrs) <= 0.1 + 1e-12
     if schedule == "none":
         assert set(lrs) == {0.1}
     if schedule == "step":
-        assert lrs[0] == 0.1 and lrs[20] == 0.05
+        assert lrs[0] == 0.1 and lrs[20] == pytest.approx(0.05)
     if schedule == "cosine":
         assert lrs[0] == 0.1 and lrs[-1] < 0.001
     if schedule == "onecycle":
         assert lrs[0] < 0.01 and max(lrs) == pytest.approx(0.1, rel=1e-3) and lrs[-1] < 0.001
+
+
+def test_layer_decay_and_the_backbone_scale_give_each_group_its_share_of_the_rate():
+    from photoprep.learn import models
+    from photoprep.learn.models import Architecture
+
+    model = models.build_model(Architecture.of("timm/resnet18", 4, (32, 32)))
+    p = tiny(model="timm/resnet18", layer_decay=0.5, backbone_lr_scale=0.1, lr=0.01, schedule="none")
+    optimizer = optim.make_optimizer(model, p, torch.device("cpu"))
+    optim.Schedule(p, optimizer, steps_per_epoch=1)
+    head = {id(t) for t in model.get_classifier().parameters()}
+    by_kind: dict[bool, list[float]] = {True: [], False: []}
+    for group in optimizer.param_groups:
+        in_head = {id(t) in head for t in group["params"]}
+        assert len(in_head) == 1  # no group mixes the classifier with the rest
+        by_kind[in_head.pop()].append(group["lr"])
+    assert set(by_kind[True]) == {0.01}
+    assert max(by_kind[False]) <= 0.01 * 0.1 * 0.5 + 1e-12  # backbone scale times at least one decay
+    assert min(by_kind[False]) < max(by_kind[False])  # deeper groups learn slower
+    assert optimizer.defaults.get("fused") is True  # AdamW fused: the same bits on any CPU
+
+
+def test_head_epochs_train_the_classifier_alone_then_every_layer(data, tmp_path):
+    from photoprep.learn import models
+
+    p = tiny(epochs=2, head_epochs=1)
+    torch.manual_seed(p.seed)  # the seeded network fit starts from
+    start = models.build_model(
+        train.architecture_for(p, len(data.classes), data.train.inputs.shape)
+    ).state_dict()
+
+    class Stop(Exception):
+        pass
+
+    def after_the_head_epoch(record):
+        raise Stop
+
+    with pytest.raises(Stop):
+        train.fit(data, p, tmp_path / "cut", on_epoch=after_the_head_epoch)
+    head_epoch = checkpoint.read_checkpoint(tmp_path / "cut/last.pt")["model"]
+    classifier = ("blocks.4.2.weight", "blocks.4.2.bias")  # the convnet's last linear layer
+    for name, tensor in head_epoch.items():
+        moved = not torch.equal(tensor, start[name])
+        assert moved == (name in classifier), name  # batch norm statistics included
+    whole = train.fit(data, p)
+    assert not torch.equal(whole.state_dict["blocks.0.0.weight"], start["blocks.0.0.weight"])
+
+
+@pytest.mark.parametrize("mix", [{"mixup": 0.4}, {"cutmix": 1.0}])
+def test_mixup_and_cutmix_train_reproducibly(data, mix):
+    p = tiny(epochs=2, **mix)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    a = train.fit(data, p)
+    assert (np.random.get_state()[1] == before).all()  # mixup drew from numpy's generator, restored after
+    b = train.fit(data, p)
+    assert states_equal(a.state_dict, b.state_dict) and a.history == b.history
+    plain = train.fit(data, tiny(epochs=2))
+    assert not states_equal(a.state_dict, plain.state_dict)
+
+
+def test_the_amp_step_runs_on_the_cpu_where_torch_allows_it(data):
+    """The CUDA step's code path (autocast, a gradient scaler) run on the CPU with bfloat16."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    p = tiny(optimizer="sgd", lr=0.1)
+    optimizer = optim.make_optimizer(model, p, torch.device("cpu"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = Batches(data.train.inputs, data.train.labels, torch.device("cpu"), Prep([0.5] * 3, [0.25] * 3))
+    x, y = next(batches.in_order(32))
+    before = [t.detach().clone() for t in model.parameters()]
+    out, loss = train.train_step(model, x, y, optimizer, scaler, torch.nn.CrossEntropyLoss(), torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_dvclive_log_writes_learning_curves_and_no_dvc_yaml(data, tmp_path, monkeypatch):

@@ -77,7 +77,7 @@ def _verify(args: argparse.Namespace) -> None:
 
     if PATHS.params.is_file():  # as the stages do: the CPU math pinned from compute.* before torch loads
         compute = params.load(PATHS.params).compute
-        portable.pin_cpu_math(compute.portable, compute.threads)
+        portable.pin_cpu_math(compute.cpu_math, compute.threads)
     from photoprep.learn import verify
 
     code = verify.verify(retrain=args.retrain, tolerance=args.tolerance)

@@ -35,6 +35,11 @@ class Layout:
     def source_dir(self, source: str) -> Path:
         return self.sources_dir / source
 
+    @property
+    def local_weights_dir(self) -> Path:
+        """Where ``train.pretrained`` may name a local weights file (a dependency of ``pretrained``)."""
+        return self.root / "pipeline" / "pretrained"
+
     # ---------------------------------------------------------------- download@<source>
     @property
     def raw_dir(self) -> Path:
@@ -129,7 +134,21 @@ class Layout:
     def funnel(self) -> Path:
         return self.root / "reports" / "funnel.json"
 
-    # ---------------------------------------------------------------- train, evaluate, predict
+    # ---------------------------------------------------------------- pretrained, train, evaluate, predict
+    @property
+    def pretrained_dir(self) -> Path:
+        return self.root / "models" / "pretrained"
+
+    @property
+    def pretrained_weights(self) -> Path:
+        """The fetched weights, always safetensors (a .pth is read with weights_only and converted)."""
+        return self.pretrained_dir / "weights.safetensors"
+
+    @property
+    def pretrained_info(self) -> Path:
+        """Where the weights came from, their hash and the backbone's data config."""
+        return self.pretrained_dir / "pretrained.json"
+
     @property
     def model(self) -> Path:
         return self.root / "models" / "model.pt"
@@ -203,7 +222,23 @@ class Layout:
     def top5_csv(self) -> Path:
         return self.root / "reports" / "top5.csv"
 
-    # ---------------------------------------------------------------- cluster
+    # ---------------------------------------------------------------- embed, cluster
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.root / "data" / "embeddings"
+
+    @property
+    def embeddings_array(self) -> Path:
+        return self.embeddings_dir / "embeddings.npy"
+
+    @property
+    def embeddings_table(self) -> Path:
+        return self.embeddings_dir / "embeddings.parquet"
+
+    @property
+    def embeddings_info(self) -> Path:
+        return self.embeddings_dir / "embeddings.json"
+
     @property
     def clusters_table(self) -> Path:
         return self.root / "data" / "clusters.parquet"

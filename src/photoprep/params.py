@@ -11,6 +11,7 @@ Why one module
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -66,12 +67,23 @@ class ComputeParams(Section):
         description="where workers read shards: an fsspec URL prefix (s3://bucket/raw, file:///mnt/raw) "
         "or an absolute path holding <source>/<shard> like data/raw; null: the local data/raw",
     )
-    portable: bool = Field(
-        True, description="pin torch's CPU math to what any AVX2 machine has: same bytes on any x86-64 CPU"
+    cpu_math: Literal["portable", "vendor", "native"] = Field(
+        "portable",
+        description="portable: the same bytes on any x86-64 CPU with AVX2, Intel or AMD; vendor: on CPUs of "
+        "one vendor (MKL's faster AVX2 branch); native: on this machine only (the libraries choose)",
     )
     threads: int = Field(
         2, ge=1, le=1024, description="CPU threads of torch (part of what makes runs repeatable)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "portable" in data:
+            raise ValueError(
+                "portable: renamed: write compute.cpu_math: portable (was true) | native (was false) | vendor"
+            )
+        return data
 
     @field_validator("n_jobs")
     @classmethod
@@ -277,9 +289,24 @@ class SplitParams(Section):
         return v
 
 
+SMALL_MODELS = ("smallcnn", "convnet", "mlp")
+# Hand-written networks of earlier versions, now taken from timm: what to write instead.
+_FROM_TIMM = {"alexnet": "timm/resnet18", "googlenet": "timm/inception_v3", "resnet": "timm/resnet18"}
+_TIMM_NAME = re.compile(r"^timm/[a-z0-9_]+(\.[a-z0-9_]+)?$")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
 class TrainParams(Section):
-    model: Literal["smallcnn", "convnet", "alexnet", "googlenet", "resnet", "mlp"] = Field(
-        "convnet", description="mlp trains on the HOG + Cr/Cb feature vectors, the others on the images"
+    model: str = Field(
+        "convnet",
+        description="smallcnn | convnet (small networks for 32-64 px) | mlp (on the HOG + Cr/Cb features) | "
+        "timm/<architecture>: any timm model, e.g. timm/resnet18, timm/mobilenetv3_small_100",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="weights to start a timm model from, fetched by the pretrained stage: null (from "
+        "scratch) | imagenet (the architecture's default pretrained tag) | another tag (a1_in1k) | a hub id "
+        "(hf-hub:timm/resnet18.a1_in1k) | a local .safetensors or .pth file under pipeline/pretrained/",
     )
     input: Literal["images", "features"] | None = Field(
         None,
@@ -290,33 +317,57 @@ class TrainParams(Section):
         None,
         ge=4,
         le=1024,
-        description="base channels (image models) or hidden units (mlp); null: the model's default",
+        description="base channels (smallcnn, convnet) or hidden units (mlp); null: the model's default",
     )
     depth: int | None = Field(
-        None,
-        ge=1,
-        le=12,
-        description=(
-            "conv blocks (convnet), residual blocks per stage (resnet), hidden layers (mlp); null: default"
-        ),
+        None, ge=1, le=12, description="conv blocks (convnet), hidden layers (mlp); null: default"
     )
-    dropout: float = Field(
-        0.2, ge=0, lt=1, description="before the classifier (convnet, alexnet, googlenet, mlp)"
-    )
+    dropout: float = Field(0.2, ge=0, lt=1, description="before the classifier")
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth of timm models that have it")
     activation: Literal["relu", "sigmoid"] = Field("relu", description="convnet and mlp only")
     init_from: str | None = Field(
-        None, description="local checkpoint (a model.pt or a state dict) to start from"
+        None, description="a local photoprep checkpoint (a model.pt or a state dict) to start from"
     )
-    freeze: int = Field(0, ge=0, description="freeze the first N blocks (layers) of the model")
+    freeze: int = Field(
+        0,
+        ge=0,
+        description="freeze the first N blocks (small models) or stages (timm: stem, stages, ...) for the "
+        "whole run; needs init_from or pretrained",
+    )
+    head_epochs: int = Field(
+        0,
+        ge=0,
+        description="train the classifier alone for this many epochs (the rest frozen, batch norm "
+        "statistics kept), then every layer",
+    )
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=10, description="the learning rate of every layer but the classifier, as a share of lr"
+    )
+    layer_decay: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="layer-wise learning-rate decay (timm's): each layer group from the classifier "
+        "down gets this share of the next one's rate; null: off",
+    )
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
     lr: float | None = Field(
-        None, gt=0, le=10, description="peak learning rate; null: the model's (mlp 0.001, others 0.01)"
+        None,
+        gt=0,
+        le=10,
+        description="peak learning rate; null: the model's (mlp 0.001, timm models 0.001, others 0.01)",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")
     weight_decay: float = Field(5e-4, ge=0, description="not applied to biases and batch norm")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    schedule: Literal["none", "step", "cosine", "onecycle"] = "onecycle"
+    mixup: float = Field(0.0, ge=0, le=10, description="mixup's alpha (timm's Mixup); 0: off")
+    cutmix: float = Field(0.0, ge=0, le=10, description="cutmix's alpha (timm's Mixup); 0: off")
+    schedule: Literal["none", "step", "cosine", "onecycle"] = Field(
+        "onecycle",
+        description="timm's schedulers, per step: step (x gamma every step_size epochs), cosine (to 0), "
+        "onecycle (warm-up from lr/25 over 30 % of the steps, then cosine to lr/25e4)",
+    )
     step_size: int = Field(10, ge=1, description="epochs between decays (schedule: step)")
     gamma: float = Field(0.1, gt=0, le=1, description="decay factor (schedule: step)")
     epochs: int = Field(20, ge=1, le=10_000)
@@ -326,12 +377,16 @@ class TrainParams(Section):
         description="flip: mirror left-right (not for digits or text); crop: zero-padded random crop; "
         "translate: random shift with edge pixels repeated; colour: shuffle RGB channels and invert",
     )
-    image_size: tuple[int, int] | None = Field(
+    image_size: tuple[int, int] | Literal["auto"] | None = Field(
         (32, 32),
-        description="[H, W] the model sees: images are resized on the device; null keeps bucket.size",
+        description="[H, W] the model sees (resized on the device); null keeps bucket.size; auto: the "
+        "pretrained backbone's input size (224 for most ImageNet weights), else bucket.size",
     )
-    normalize: Literal["dataset", "image"] = Field(
-        "image", description="dataset: the train split's mean and std per channel; image: each image's own"
+    normalize: Literal["auto", "dataset", "image", "pretrained"] = Field(
+        "auto",
+        description="dataset: the train split's mean and std per channel; image: each image's own; "
+        "pretrained: the backbone's (from its pretrained config); auto: pretrained with train.pretrained, "
+        "else image",
     )
     shift_px: int = Field(6, ge=0, le=64, description="largest shift of crop and translate, in stored pixels")
     early_stopping: int = Field(
@@ -360,10 +415,13 @@ class TrainParams(Section):
         ),
     )
 
+    @property
+    def is_timm(self) -> bool:
+        return self.model.startswith("timm/")
+
     def recorded(self) -> dict[str, Any]:
         """The params as a model file and a checkpoint's key record them: ``nproc`` only when it is
-        not 1 and ``input`` only when it is set, so that models trained with the defaults keep the
-        bytes they had before these params existed."""
+        not 1 and ``input`` only when it is set."""
         settings = self.model_dump(mode="json")
         if settings["nproc"] == 1:
             del settings["nproc"]
@@ -371,10 +429,26 @@ class TrainParams(Section):
             settings.pop("input", None)
         return settings
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        if v in SMALL_MODELS or _TIMM_NAME.match(v):
+            return v
+        if v in _FROM_TIMM:
+            raise ValueError(f"{v} is taken from timm now: write {_FROM_TIMM[v]} (or another timm/<name>)")
+        raise ValueError(f"one of {', '.join(SMALL_MODELS)} or timm/<architecture> (got {v!r})")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("null, a tag, a hub id or a file (got an empty string)")
+        return v
+
     @field_validator("image_size")
     @classmethod
-    def _image_size(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not (min(v) >= 16 and max(v) <= 512):
+    def _image_size(cls, v: tuple[int, int] | str | None) -> tuple[int, int] | str | None:
+        if isinstance(v, tuple) and not (min(v) >= 16 and max(v) <= 512):
             raise ValueError(f"both sides must be between 16 and 512 (got {list(v)})")
         return v
 
@@ -388,17 +462,30 @@ class TrainParams(Section):
         return v
 
     @model_validator(mode="after")
-    def _input_fits_model(self) -> TrainParams:
+    def _consistent(self) -> TrainParams:
         if self.input == "features" and self.model != "mlp":
-            raise ValueError(f"train.input: features needs train.model: mlp (got {self.model})")
+            raise ValueError(f"input: features needs train.model: mlp (got {self.model})")
+        if self.pretrained is not None and not self.is_timm:
+            raise ValueError(
+                f"pretrained: {self.model} has no pretrained weights (a timm/<architecture> has); "
+                "start it from a photoprep checkpoint with train.init_from"
+            )
+        if self.pretrained is not None and self.init_from is not None:
+            raise ValueError(
+                "pretrained: train.pretrained and train.init_from both give starting weights: choose one"
+            )
+        if self.freeze and not (self.init_from or self.pretrained):
+            raise ValueError(
+                f"freeze: freezing layers needs starting weights (train.init_from or train.pretrained; "
+                f"got freeze {self.freeze})"
+            )
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise ValueError(f"batch_size: mixup and cutmix need an even batch (got {self.batch_size})")
+        if self.head_epochs >= self.epochs and self.head_epochs:
+            raise ValueError(
+                f"head_epochs: {self.head_epochs} of {self.epochs} epochs would never train the backbone"
+            )
         return self
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze_needs_init(cls, v: int, info) -> int:
-        if v and not info.data.get("init_from"):
-            raise ValueError(f"freezing layers needs train.init_from, a trained checkpoint (got {v})")
-        return v
 
 
 class EvaluateParams(Section):
@@ -457,6 +544,17 @@ class PredictParams(Section):
 
 
 class ClusterParams(Section):
+    input: Literal["features", "embeddings"] = Field(
+        "features",
+        description="what is clustered: features (HOG + Cr/Cb, cluster.blocks) or embeddings (a CNN's pooled "
+        "features, written by the embed stage); metrics/cluster.json then compares them with k-means on "
+        "the features",
+    )
+    embeddings: Literal["model", "pretrained"] = Field(
+        "model",
+        description="whose pooled features the embed stage writes: model (the trained classifier's) or "
+        "pretrained (the backbone as fetched by the pretrained stage, not fine-tuned)",
+    )
     n_clusters: int = Field(10, ge=2, le=10_000, description="clusters of DEC and of both k-means baselines")
     blocks: list[Literal["hog", "color"]] = Field(
         default=["hog", "color"],

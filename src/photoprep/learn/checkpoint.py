@@ -33,6 +33,7 @@ from photoprep.errors import UserError
 from photoprep.io import write_bytes
 from photoprep.learn import models
 from photoprep.learn.data import TrainData
+from photoprep.learn.models import Architecture
 from photoprep.params import TrainParams
 
 __all__ = [
@@ -41,9 +42,11 @@ __all__ = [
     "MODEL_FORMAT",
     "RESUMABLE_CHANGES",
     "Progress",
+    "Resumable",
     "compat_key",
     "cpu_state",
     "load_model",
+    "model_from",
     "read_checkpoint",
     "read_init_weights",
     "read_model_file",
@@ -108,12 +111,20 @@ def read_model_file(
     return blob["state_dict"], blob["meta"]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[models.Net, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """The classifier of a model file, weights loaded, in eval mode; and its metadata."""
     state, meta = read_model_file(path, MODEL_FORMAT)
-    model = models.build_model(**meta["architecture"])
+    return model_from(state, meta, device), meta
+
+
+def model_from(
+    state: dict[str, torch.Tensor], meta: dict[str, Any], device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The network a model file's metadata describes, built again (no pickled code), with ``state``
+    loaded, in eval mode."""
+    model = models.build_model(Architecture.from_dict(meta["architecture"]))
     model.load_state_dict(state)
-    return model.to(device).eval(), meta
+    return model.to(device).eval()
 
 
 def read_init_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -185,25 +196,27 @@ def save_best(path: Path, epoch: int, state: dict[str, torch.Tensor]) -> None:
     write_torch({"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": state}, path)
 
 
-def save_last(
-    path: Path,
-    key: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    device: torch.device,
-    progress: Progress,
-) -> None:
+@dataclass(frozen=True)
+class Resumable:
+    """What ``last.pt`` saves and restores besides the progress: the training's moving parts."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    device: torch.device
+
+
+def save_last(path: Path, key: str, state: Resumable, progress: Progress) -> None:
     """``last.pt``: everything needed to continue after this epoch as if never stopped."""
     write_torch(
         {
             "format": CHECKPOINT_FORMAT,
             "key": key,
-            "model": cpu_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "rng": _rng_state(generator, device),
+            "model": cpu_state(state.model),
+            "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else None,
+            "rng": _rng_state(state.generator, state.device),
             "history": progress.history,
             "best": progress.best,
             "best_model": progress.best_state,
@@ -214,15 +227,7 @@ def save_last(
     )
 
 
-def restore_checkpoint(
-    path: Path,
-    key: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    generator: torch.Generator,
-    device: torch.device,
-) -> Progress | None:
+def restore_checkpoint(path: Path, key: str, state: Resumable) -> Progress | None:
     """Load ``last.pt`` into the model, optimiser, scaler and generators when it exists and was
     made with the same params and data (``key``); its progress, or None to start afresh."""
     ckpt = read_checkpoint(path)
@@ -235,13 +240,13 @@ def restore_checkpoint(
             file=sys.stderr,
         )
         return None
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    generator.set_state(ckpt["rng"]["generator"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.generator.set_state(ckpt["rng"]["generator"])
     torch.set_rng_state(ckpt["rng"]["torch"])
-    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+    if state.device.type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     progress = Progress(
         history=[dict(r) for r in ckpt["history"]],

@@ -1,13 +1,20 @@
-"""Clustering of the feature vectors, as the cluster stage runs it: DEC beside two k-means baselines.
+"""Clustering, as the cluster stage runs it: DEC beside k-means baselines, on hand-made features
+or on a CNN's embeddings.
 
 The steps (``p`` is ``params.cluster``):
 
-1. **Input.** The feature blocks named by ``p.blocks`` (``hog``, ``color``; their place in the
-   vector comes from ``data/features/features.json``), each column centred when ``p.center``,
-   then multiplied by one number ``s`` chosen as the paper does, so that the mean over images
-   of ``(1/d) ||x||^2`` is 1. (The centring is ours: the 'original' HOG scaling leaves every
-   column far from zero, and an autoencoder fed that learns little but the mean.)
-2. **Baseline.** k-means (``p.kmeans_n_init`` restarts) on those scaled input features.
+1. **Input** (:class:`ClusterInput`). ``cluster.input: features``: the feature blocks named by
+   ``p.blocks`` (``hog``, ``color``; their place in the vector comes from
+   ``data/features/features.json``). ``cluster.input: embeddings``: the pooled features of a CNN
+   (the embed stage's ``data/embeddings/``: the trained classifier's or the pretrained
+   backbone's), as the GoogLeNet study clustered its CNN codes. Either way each column is
+   centred when ``p.center``, then multiplied by one number ``s`` chosen as the paper does, so
+   that the mean over images of ``(1/d) ||x||^2`` is 1. (The centring is ours: the 'original'
+   HOG scaling leaves every column far from zero, and an autoencoder fed that learns little but
+   the mean.)
+2. **Baselines.** k-means (``p.kmeans_n_init`` restarts) on the scaled HOG + colour blocks
+   (``kmeans_features``), and with embeddings also on the scaled embeddings (``kmeans_cnn``): the
+   two feature kinds side by side in ``metrics/cluster.json``.
 3. **DEC.** Pretraining, k-means in the embedding (DEC's start, the second baseline) and the
    refinement: :func:`photoprep.learn.dec.fit_dec`, whose notes give the method and its
    determinism.
@@ -32,37 +39,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from photoprep import portable
 from photoprep.dataset.split import clean_label, read_labels
 from photoprep.errors import UserError
+from photoprep.layout import PATHS, Layout
 from photoprep.learn.checkpoint import DEC_FORMAT, save_model
 from photoprep.learn.dec import DEC, Log, fit_dec, hard_assign, run_kmeans
 from photoprep.learn.devices import pick_device
+from photoprep.learn.scores import agreement, purity
 from photoprep.params import ClusterParams
 
 __all__ = [
     "BLOCKS",
     "METHODS",
     "TABLE_COLUMNS",
+    "ClusterInput",
     "ClusterResult",
-    "agreement",
     "assign",
     "cluster_features",
+    "embeddings_input",
+    "features_input",
     "history_tables",
     "input_scaling",
     "labels_for",
-    "purity",
+    "read_input",
     "save_dec",
     "scale_inputs",
     "select_blocks",
-    "unsupervised_accuracy",
 ]
 
 BLOCKS = ("hog", "color")
-METHODS = ("kmeans_features", "kmeans_embedding", "dec")
+METHODS = ("kmeans_features", "kmeans_cnn", "kmeans_embedding", "dec")  # kmeans_cnn: embeddings only
 TABLE_COLUMNS = ["source", "id", "row", "cluster", "confidence", "distance"]
 
 
@@ -112,62 +120,6 @@ def scale_inputs(x: np.ndarray, center: bool = True) -> tuple[np.ndarray, np.nda
     return ((np.asarray(x, dtype=np.float32) - mean) * np.float32(scale)).astype(np.float32), mean, scale
 
 
-# --------------------------------------------------------------------------- metrics
-
-
-def unsupervised_accuracy(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray) -> float:
-    """Share of images whose cluster maps to their class under the best one-to-one mapping.
-
-    The mapping maximises the matches (Hungarian method, scipy's ``linear_sum_assignment``);
-    with more clusters than classes the extra clusters count as wrong, and vice versa.
-    """
-    truth, pred = np.asarray(y_true), np.asarray(y_pred)
-    if len(truth) != len(pred):
-        raise ValueError(f"{len(truth)} labels but {len(pred)} assignments")
-    if not len(truth):
-        return float("nan")
-    classes, t = np.unique(truth, return_inverse=True)
-    clusters, c = np.unique(pred, return_inverse=True)
-    counts = np.zeros((len(clusters), len(classes)), dtype=np.int64)
-    np.add.at(counts, (c, t), 1)
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum() / len(truth))
-
-
-def agreement(y_true: Sequence[Any] | np.ndarray, y_pred: Sequence[Any] | np.ndarray) -> dict[str, float]:
-    """Unsupervised accuracy, NMI and ARI of assignments against labels, rounded to 6 places."""
-    return {
-        "accuracy": round(unsupervised_accuracy(y_true, y_pred), 6),
-        "nmi": round(float(normalized_mutual_info_score(y_true, y_pred)), 6),
-        "ari": round(float(adjusted_rand_score(y_true, y_pred)), 6),
-    }
-
-
-def purity(labels: Sequence[Any] | np.ndarray, clusters: Sequence[int] | np.ndarray) -> pd.DataFrame:
-    """Per cluster: size, labelled members, majority label and its share among them."""
-    frame = pd.DataFrame({"cluster": np.asarray(clusters, dtype=np.int64), "label": list(labels)})
-    rows = []
-    for c, members in frame.groupby("cluster", sort=True):
-        known = members["label"].dropna()
-        counts = known.value_counts(sort=False)
-        if len(counts):
-            best = int(counts.max())
-            majority = sorted(str(k) for k, v in counts.items() if v == best)[0]
-            share = round(best / len(known), 6)
-        else:
-            majority, share = None, None
-        rows.append(
-            {
-                "cluster": int(c),
-                "size": len(members),
-                "labeled": len(known),
-                "majority": majority,
-                "purity": share,
-            }
-        )
-    return pd.DataFrame(rows, columns=["cluster", "size", "labeled", "majority", "purity"])
-
-
 # --------------------------------------------------------------------------- the stage's run
 
 
@@ -184,6 +136,55 @@ class ClusterResult:
     perf: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ClusterInput:
+    """What is clustered: one vector per image (``keys``: source, id, row), what metrics say of it,
+    and with embeddings the HOG + colour blocks of the same images for the side-by-side k-means."""
+
+    kind: str  # features | embeddings
+    vectors: np.ndarray  # float32 N x D
+    keys: pd.DataFrame
+    describe: dict[str, Any]
+    source_dim: int  # columns of the array the vectors came from (features.npy: all blocks)
+    features: np.ndarray | None = None  # embeddings only: the same rows' HOG + colour blocks
+
+
+def features_input(
+    features: np.ndarray, info: dict[str, Any], keys: pd.DataFrame, p: ClusterParams
+) -> ClusterInput:
+    """The HOG + colour blocks of ``p.blocks`` of every row of ``features``."""
+    vectors = select_blocks(features, info, p.blocks)
+    return ClusterInput(
+        "features", vectors, keys, {"blocks": list(p.blocks)}, int(np.asarray(features).shape[1])
+    )
+
+
+def embeddings_input(
+    vectors: np.ndarray,
+    info: dict[str, Any],
+    keys: pd.DataFrame,
+    features: np.ndarray,
+    features_info: dict[str, Any],
+    feature_keys: pd.DataFrame,
+    p: ClusterParams,
+) -> ClusterInput:
+    """The embeddings of the embed stage, with the HOG + colour blocks of the same images."""
+    if info.get("input") != "embeddings" or len(vectors) != len(keys):
+        raise UserError("cluster.input: embeddings, but data/embeddings holds none: run the embed stage")
+    at = pd.Series(
+        np.arange(len(feature_keys)), index=pd.MultiIndex.from_frame(feature_keys[["source", "id"]])
+    )
+    found = at.reindex(pd.MultiIndex.from_frame(keys[["source", "id"]]))
+    if found.isna().any():
+        raise UserError(
+            "data/embeddings and data/features hold other images: run the features and embed stages"
+        )
+    blocks = select_blocks(np.asarray(features)[found.to_numpy(dtype=np.int64)], features_info, p.blocks)
+    describe = {k: info.get(k) for k in ("embeddings", "model", "pretrained", "architecture", "input_size")}
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return ClusterInput("embeddings", vectors, keys, describe, int(vectors.shape[1]), blocks)
+
+
 def _method_scores(
     labels: np.ndarray, assignments: dict[str, np.ndarray]
 ) -> dict[str, dict[str, float] | None]:
@@ -194,70 +195,49 @@ def _method_scores(
     return {name: agreement(truth, a[known]) for name, a in assignments.items()}
 
 
-def cluster_features(
-    features: np.ndarray,
-    info: dict[str, Any],
-    keys: pd.DataFrame,
-    labels: Sequence[Any] | None,
+def _labels(labels: Sequence[Any] | None, n: int) -> np.ndarray:
+    out = np.array([clean_label(lab) for lab in (labels if labels is not None else [None] * n)], dtype=object)
+    if len(out) != n:
+        raise UserError(f"cluster: {n} rows to cluster but {len(out)} labels")
+    return out
+
+
+def _baselines(
+    inp: ClusterInput, x: np.ndarray, p: ClusterParams, perf: dict[str, Any], log: Log
+) -> dict[str, np.ndarray]:
+    """k-means on the HOG + colour blocks, and on the embeddings when those are the input."""
+    out = {}
+    runs = [("kmeans_features", x if inp.features is None else scale_inputs(inp.features, p.center)[0])]
+    if inp.features is not None:
+        runs.append(("kmeans_cnn", x))
+    for name, vectors in runs:
+        t0 = time.perf_counter()
+        out[name] = run_kmeans(vectors, p.n_clusters, p.kmeans_n_init, p.seed).labels_
+        perf[f"{name}_s"] = time.perf_counter() - t0
+        log(f"{name}: k-means on {vectors.shape[1]} columns: {perf[f'{name}_s']:.1f} s")
+    return out
+
+
+def _metrics(
+    inp: ClusterInput,
+    x_dim: int,
+    scale: float,
+    fit: Any,
+    scores: dict[str, Any],
+    labels: np.ndarray,
     p: ClusterParams,
-    log: Log | None = _stderr,
-) -> ClusterResult:
-    """Cluster every row of ``features`` with DEC and score it, with both k-means baselines.
-
-    ``keys`` (``source``, ``id``, ``row``) names the rows; ``labels`` (one per row, None or NaN
-    for unlabelled) is used for the metrics and nothing else.
-    """
-    log = log or (lambda line: None)
-    t_start = time.perf_counter()
-    n = len(features)
-    if len(keys) != n:
-        raise UserError(f"cluster: {n} feature rows but {len(keys)} keys")
-    if n < p.n_clusters:  # before the scaling, which has nothing to average over an empty set
-        raise UserError(f"cluster.n_clusters: {p.n_clusters} clusters but only {n} images")
-    label_array = np.array(
-        [clean_label(lab) for lab in (labels if labels is not None else [None] * n)],
-        dtype=object,
-    )
-    if len(label_array) != n:
-        raise UserError(f"cluster: {n} feature rows but {len(label_array)} labels")
-
-    x_np, mean, scale = scale_inputs(select_blocks(features, info, p.blocks), p.center)
-    pick_device(p.device, "cluster.device")  # a missing GPU stops the run before k-means takes its time
-    perf: dict[str, Any] = {"device": None, "n_images": n, "input_dim": int(x_np.shape[1])}
-
-    t0 = time.perf_counter()
-    km_features = run_kmeans(x_np, p.n_clusters, p.kmeans_n_init, p.seed)
-    perf["kmeans_features_s"] = time.perf_counter() - t0
-    log(f"k-means on {x_np.shape[1]} feature columns: {perf['kmeans_features_s']:.1f} s")
-
-    fit = fit_dec(x_np, mean, scale, p, log)
-    perf.update(fit.perf)
-    clusters, refinement, pre_history = fit.clusters, fit.refinement, fit.pretrain_history
-
-    table = pd.DataFrame(
-        {
-            "source": keys["source"].astype(str).to_numpy(dtype=object),
-            "id": keys["id"].astype(str).to_numpy(dtype=object),
-            "row": keys["row"].astype("int64").to_numpy() if "row" in keys else np.arange(n, dtype=np.int64),
-            "cluster": clusters,
-            "confidence": np.round(fit.confidence, 6),
-            "distance": np.round(fit.distance, 6),
-        },
-        columns=TABLE_COLUMNS,
-    )
-
-    assignments = {"kmeans_features": km_features.labels_, "kmeans_embedding": fit.start, "dec": clusters}
-    scores = _method_scores(label_array, assignments)
-    summary = purity(label_array, clusters)
-    n_labeled = int(sum(lab is not None for lab in label_array))
-    metrics = {
-        "n_images": n,
-        "n_labeled": n_labeled,
-        "n_classes": len({lab for lab in label_array if lab is not None}),
+) -> dict[str, Any]:
+    summary = purity(labels, fit.clusters)
+    refinement, pre_history = fit.refinement, fit.pretrain_history
+    return {
+        "n_images": len(inp.keys),
+        "n_labeled": int(sum(lab is not None for lab in labels)),
+        "n_classes": len({lab for lab in labels if lab is not None}),
         "n_clusters": p.n_clusters,
         "input": {
-            "blocks": list(p.blocks),
-            "dim": int(x_np.shape[1]),
+            "kind": inp.kind,
+            **inp.describe,
+            "dim": int(x_dim),
             "center": p.center,
             "scale": round(float(scale), 6),
         },
@@ -280,43 +260,96 @@ def cluster_features(
             for c, v in zip(summary["cluster"], summary["purity"], strict=True)
         },
     }
+
+
+def cluster_features(
+    inp: ClusterInput,
+    labels: Sequence[Any] | None,
+    p: ClusterParams,
+    log: Log | None = _stderr,
+) -> ClusterResult:
+    """Cluster every row of ``inp`` with DEC and score it beside the k-means baselines.
+
+    ``labels`` (one per row, None or NaN for unlabelled) is used for the metrics and nothing else.
+    """
+    log = log or (lambda line: None)
+    t_start = time.perf_counter()
+    n = len(inp.vectors)
+    if len(inp.keys) != n:
+        raise UserError(f"cluster: {n} rows to cluster but {len(inp.keys)} keys")
+    if n < p.n_clusters:  # before the scaling, which has nothing to average over an empty set
+        raise UserError(f"cluster.n_clusters: {p.n_clusters} clusters but only {n} images")
+    label_array = _labels(labels, n)
+    x_np, mean, scale = scale_inputs(inp.vectors, p.center)
+    pick_device(p.device, "cluster.device")  # a missing GPU stops the run before k-means takes its time
+    perf: dict[str, Any] = {"device": None, "n_images": n, "input_dim": int(x_np.shape[1])}
+    assignments = _baselines(inp, x_np, p, perf, log)
+    fit = fit_dec(x_np, mean, scale, p, log)
+    perf.update(fit.perf)
+    assignments |= {"kmeans_embedding": fit.start, "dec": fit.clusters}
+    keys = inp.keys
+    table = pd.DataFrame(
+        {
+            "source": keys["source"].astype(str).to_numpy(dtype=object),
+            "id": keys["id"].astype(str).to_numpy(dtype=object),
+            "row": keys["row"].astype("int64").to_numpy() if "row" in keys else np.arange(n, dtype=np.int64),
+            "cluster": fit.clusters,
+            "confidence": np.round(fit.confidence, 6),
+            "distance": np.round(fit.distance, 6),
+        },
+        columns=TABLE_COLUMNS,
+    )
+    scores = _method_scores(label_array, assignments)
+    metrics = _metrics(inp, x_np.shape[1], scale, fit, scores, label_array, p)
     scored = {name: s for name, s in scores.items() if s is not None}
     if scored:
         log(
-            f"accuracy / NMI / ARI on {n_labeled} labelled images: "
+            f"accuracy / NMI / ARI on {metrics['n_labeled']} labelled images: "
             + "; ".join(
-                f"{name} {s['accuracy']:.3f} / {s['nmi']:.3f} / {s['ari']:.3f}" for name, s in scored.items()
+                f"{k} {s['accuracy']:.3f} / {s['nmi']:.3f} / {s['ari']:.3f}" for k, s in scored.items()
             )
         )
     meta = {
         "format": DEC_FORMAT,
+        "input": inp.kind,
         "input_dim": int(x_np.shape[1]),
         "blocks": list(p.blocks),
-        "feature_dim": int(np.asarray(features).shape[1]),
+        "feature_dim": inp.source_dim,
         "dims": list(p.dims),
         "n_clusters": p.n_clusters,
         "alpha": p.alpha,
         "params": p.model_dump(mode="json"),
-        "iterations": refinement.iterations,
-        "converged": refinement.converged,
+        "iterations": fit.refinement.iterations,
+        "converged": fit.refinement.converged,
     }
-    perf["total_s"] = time.perf_counter() - t_start
-    perf["threads"] = p.threads or torch.get_num_threads()
+    perf |= {"total_s": time.perf_counter() - t_start, "threads": p.threads or torch.get_num_threads()}
     perf["cpu"] = portable.describe()
-    pre = pd.DataFrame(pre_history, columns=["phase", "epoch", "loss"])
-    ref = pd.DataFrame(refinement.history, columns=["iteration", "kl", "changed"])
-    return ClusterResult(
-        table=table,
-        state_dict=fit.state_dict,
-        meta=meta,
-        metrics=metrics,
-        pretrain_history=pre,
-        refine_history=ref,
-        perf=perf,
-    )
+    pre = pd.DataFrame(fit.pretrain_history, columns=["phase", "epoch", "loss"])
+    ref = pd.DataFrame(fit.refinement.history, columns=["iteration", "kl", "changed"])
+    return ClusterResult(table, fit.state_dict, meta, metrics, pre, ref, perf)
 
 
 # --------------------------------------------------------------------------- files
+
+
+def read_input(p: ClusterParams, paths: Layout = PATHS) -> ClusterInput:
+    """What the cluster stage clusters (``cluster.input``), read from the features stage's files
+    and, for embeddings, the embed stage's."""
+    from photoprep.io import read_json
+
+    features = np.load(paths.features_array, mmap_mode="r")
+    info = read_json(paths.features_info)
+    keys = pd.read_parquet(paths.features_table, columns=["source", "id", "row"])
+    if p.input == "features":
+        return features_input(features, info, keys, p)
+    embedded = read_json(paths.embeddings_info)
+    if embedded.get("input") != "embeddings":
+        raise UserError(
+            f"cluster.input: embeddings, but {PATHS.embeddings_dir} holds none: run the embed stage"
+        )
+    vectors = np.load(paths.embeddings_array)
+    embedded_keys = pd.read_parquet(paths.embeddings_table)
+    return embeddings_input(vectors, embedded, embedded_keys, features, info, keys, p)
 
 
 def labels_for(keys: pd.DataFrame, splits_dir: str | Path) -> list[str | None]:

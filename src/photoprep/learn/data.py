@@ -1,17 +1,19 @@
 """The learn room's data: split tables and their arrays, as the models want them, cut into batches.
 
 A split is read from its table (``data/splits/<name>.parquet``, whose fingerprint must equal the
-one in ``reports/splits.json``) and the rows it names are gathered once from the memory-mapped
-``images.npy`` (uint8 N x H x W x 3) or ``features.npy`` (float32 N x D): :class:`SplitData`.
-Train, evaluate, predict and verify all read splits through here, with the paths of a
+one in ``reports/splits.json``); the rows it names stay in the memory-mapped ``images.npy``
+(uint8 N x H x W x 3) or ``features.npy`` (float32 N x D), read when a batch needs them
+(:class:`Rows`): a split of 224 px photographs is never loaded whole. Train, evaluate, predict,
+introspect, embed and verify all read splits through here, with the paths of a
 :class:`~photoprep.layout.Layout`.
 
-The hot path has no per-sample Python: a split's pixels are one uint8 tensor; :class:`Batches`
-cuts each batch from it with an index tensor, moves it to the device, then shifts / mirrors and
-normalises it there. On CUDA the uint8 split lives on the GPU when it fits in a quarter of the
-free memory; otherwise batches are gathered into pinned buffers and copied asynchronously while
-the GPU works on the previous one. Augmentation draws come from a CPU generator, so they are the
-same on every device.
+The hot path has no per-sample Python. :class:`Batches` cuts each batch with an index tensor,
+moves it to the device, then shifts / mirrors, resizes and normalises it there. A split of at
+most :data:`RESIDENT_BYTES` is read once into one uint8 tensor (on CUDA: onto the GPU when it
+fits in a quarter of the free memory); a larger one is read batch by batch from the memory map
+into two pinned buffers in turn, each copied asynchronously while the GPU works on the other.
+Both paths give the same batches, byte for byte. Augmentation draws come from a CPU generator,
+so they are the same on every device.
 
 Why one module
     A split's rows, its batches and its augmentation share one definition of the order and the
@@ -38,7 +40,10 @@ from photoprep.layout import PATHS, Layout
 from photoprep.params import TrainParams
 
 __all__ = [
+    "RESIDENT_BYTES",
     "Batches",
+    "Prep",
+    "Rows",
     "SplitData",
     "TrainData",
     "augment_images",
@@ -52,21 +57,76 @@ __all__ = [
     "load_split",
     "read_split_table",
     "read_splits_report",
+    "resize",
     "standardise_per_image",
 ]
+
+
+RESIDENT_BYTES = 1 << 30  # a split up to this size is read into memory once; larger ones per batch
 
 
 # --------------------------------------------------------------------------- splits
 
 
+class Rows:
+    """Rows ``rows`` of an array (memory-mapped), in that order, read only when asked for.
+
+    It answers ``len``, ``shape``, ``ndim``, ``dtype`` and ``nbytes`` like an array; indexing
+    with an int gives one row, with a slice or an index array a fresh array of those rows, read
+    in sorted order (a sequential read of the memory map), then put back in the asked order.
+    ``np.asarray(rows)`` reads them all.
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array = array
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    @property
+    def ndim(self) -> int:
+        return int(self.array.ndim)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(len(self.rows) * self.array[:1].nbytes)
+
+    def take(self, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The rows at ``positions`` (of this split), into ``out`` when given."""
+        wanted = self.rows[np.asarray(positions, dtype=np.int64)]
+        order = np.argsort(wanted, kind="stable")
+        if out is None:
+            out = np.empty((len(wanted), *self.array.shape[1:]), dtype=self.array.dtype)
+        out[order] = self.array[wanted[order]]
+        return out
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return np.asarray(self.array[self.rows[key]])
+        return self.take(np.arange(len(self.rows))[key])
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.take(np.arange(len(self.rows)))
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
 @dataclass
 class SplitData:
-    """One split: its table, its inputs (uint8 N x H x W x 3 images or float32 N x D features),
-    its labels as class indices, and its fingerprint."""
+    """One split: its table, its inputs (rows of the uint8 N x H x W x 3 images or the float32
+    N x D features, read on demand), its labels as class indices, and its fingerprint."""
 
     name: str
     table: pd.DataFrame
-    inputs: np.ndarray
+    inputs: Rows
     labels: np.ndarray
     fingerprint: str
 
@@ -158,20 +218,17 @@ def read_split_table(
     return table, fp
 
 
-def gather_rows(kind: str, rows: np.ndarray, array_path: Path, table_path: Path | str) -> np.ndarray:
-    """Rows ``rows`` of images.npy (uint8 N x H x W x 3) or features.npy (float32 N x D), in that order."""
+def gather_rows(kind: str, rows: np.ndarray, array_path: Path, table_path: Path | str) -> Rows:
+    """Rows ``rows`` of images.npy (uint8 N x H x W x 3) or features.npy (float32 N x D), in that
+    order, memory-mapped (read when used)."""
     array = np.load(array_path, mmap_mode="r")
     if len(rows) and (rows.min() < 0 or rows.max() >= len(array)):
         raise UserError(f"{table_path}: row {int(rows.max())} is outside {array_path} ({len(array)} rows)")
-    # One gather in sorted order reads the memory map sequentially; then back to table order.
-    order = np.argsort(rows, kind="stable")
-    inputs = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
-    inputs[order] = array[rows[order]]
-    if kind == "images" and (inputs.ndim != 4 or inputs.shape[-1] != 3 or inputs.dtype != np.uint8):
-        raise UserError(f"{array_path}: expected uint8 N x H x W x 3 (got {inputs.dtype} {inputs.shape})")
-    if kind == "features":
-        inputs = inputs.astype(np.float32, copy=False)
-    return inputs
+    if kind == "images" and (array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8):
+        raise UserError(f"{array_path}: expected uint8 N x H x W x 3 (got {array.dtype} {array.shape})")
+    if kind == "features" and (array.ndim != 2 or array.dtype != np.float32):
+        raise UserError(f"{array_path}: expected float32 N x D (got {array.dtype} {array.shape})")
+    return Rows(array, rows)
 
 
 def load_data(p: TrainParams, paths: Layout = PATHS) -> TrainData:
@@ -187,7 +244,7 @@ def load_data(p: TrainParams, paths: Layout = PATHS) -> TrainData:
     return TrainData(train, val, classes, kind, fps)
 
 
-def input_stats(inputs: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+def input_stats(inputs: np.ndarray | Rows, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Mean and std per channel (images, in [0, 1] units) or per column (features), in float64."""
     axes = (0, 1, 2) if inputs.ndim == 4 else (0,)
     width = inputs.shape[-1]
@@ -210,57 +267,89 @@ def input_stats(inputs: np.ndarray, chunk: int = 4096) -> tuple[list[float], lis
 # --------------------------------------------------------------------------- batches
 
 
+@dataclass(frozen=True)
+class Prep:
+    """How a batch is prepared on the device, as the model file records it (``meta``).
+
+    ``mean`` and ``std`` per channel (in [0, 1] units) or per column; ``per_image``: each image
+    standardised by its own statistics instead; ``size`` [H, W] the model sees (None: as stored);
+    ``interpolation``: how images are resized to it (None: area averaging when shrinking,
+    bilinear when enlarging; a pretrained backbone's own, e.g. ``bicubic``, antialiased when
+    shrinking); ``channels_last`` memory format.
+    """
+
+    mean: list[float]
+    std: list[float]
+    per_image: bool = False
+    size: tuple[int, int] | None = None
+    interpolation: str | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], channels_last: bool = False) -> Prep:
+        """The preparation a model file's metadata describes."""
+        norm = meta["normalization"]
+        size = meta.get("input_size")
+        return cls(
+            mean=list(norm["mean"]),
+            std=list(norm["std"]),
+            per_image=norm.get("kind") == "image",
+            size=(int(size[0]), int(size[1])) if size is not None else None,
+            interpolation=meta.get("interpolation"),
+            channels_last=channels_last,
+        )
+
+
 class Batches:
-    """A split's inputs as one tensor, cut into batches by index and prepared on the device.
+    """A split's inputs cut into batches by index and prepared on the device (see :class:`Prep`).
 
     Images stay uint8 until they are on the device; augmentation runs there on uint8, then they
-    become float (NCHW, channels_last strides when asked), are resized to ``size`` when one is
-    given (area averaging when smaller) and normalised: by the split's mean and std (one
-    multiply-add), or ``per_image``, each image and channel by its own.
+    become float (NCHW, channels_last strides when asked), are resized and normalised.
 
-    ``resident``: keep the whole split on the CUDA device (None: when it fits in a quarter of
-    the free memory; otherwise each batch is gathered on the host into one of two pinned
-    buffers and copied asynchronously). On the CPU, None means resident; False takes the
-    staging path too, without pinning (so that the path can be tested without a GPU). An epoch's
-    order and random draws are made on the CPU at its start and moved to the device at once,
-    so no step waits on a small host-to-device copy.
+    ``resident``: read the whole split once (None: when it is at most :data:`RESIDENT_BYTES` and,
+    on CUDA, fits in a quarter of the free memory, where it then lives). Otherwise each batch is
+    read from the memory map into one of two host buffers in turn (pinned on CUDA, copied
+    asynchronously). On the CPU ``resident=False`` takes that path too, so it is tested without a
+    GPU. An epoch's order and random draws are made on the CPU at its start and moved to the
+    device at once, so no step waits on a small host-to-device copy.
     """
 
     def __init__(
         self,
-        inputs: np.ndarray,
+        inputs: np.ndarray | Rows,
         labels: np.ndarray,
         device: torch.device,
-        mean: list[float],
-        std: list[float],
-        channels_last: bool = False,
+        prep: Prep,
         resident: bool | None = None,
-        per_image: bool = False,
-        size: tuple[int, int] | list[int] | None = None,
     ) -> None:
         self.device = device
         self.images = inputs.ndim == 4
-        self.per_image = per_image and self.images
+        self.per_image = prep.per_image and self.images
         stored = tuple(inputs.shape[1:3]) if self.images else None
-        self.size = tuple(size) if self.images and size is not None and tuple(size) != stored else None
-        self.channels_last = channels_last and self.images
-        x = torch.from_numpy(np.ascontiguousarray(inputs))
+        size = (int(prep.size[0]), int(prep.size[1])) if prep.size else None
+        self.size = size if self.images and size is not None and size != stored else None
+        self.interpolation = prep.interpolation
+        self.channels_last = prep.channels_last and self.images
+        self.rows = inputs if isinstance(inputs, Rows) else Rows(np.asarray(inputs), np.arange(len(inputs)))
         cuda = device.type == "cuda"
-        if cuda and resident is None:
-            free, _ = torch.cuda.mem_get_info(device)
-            resident = x.numel() * x.element_size() <= free // 4
-        self.resident = resident is not False
-        if cuda and self.resident:
-            x = x.to(device)
-        elif not self.resident:
-            self._staging = [self._host_buffer((0,), x.dtype) for _ in range(2)]
+        if resident is None:
+            resident = self.rows.nbytes <= RESIDENT_BYTES
+            if cuda and resident:
+                free, _ = torch.cuda.mem_get_info(device)
+                resident = self.rows.nbytes <= free // 4
+        self.resident = resident
+        self.x: torch.Tensor | None = None
+        if resident:
+            x = torch.from_numpy(np.ascontiguousarray(np.asarray(self.rows)))
+            self.x = x.to(device) if cuda else x
+        else:
+            self._staging = [self._host_buffer((0,)) for _ in range(2)]
             self._copied: list[torch.cuda.Event | None] = [None, None]
             self._turn = 0
-        self.x = x
         self.y = self._to_device(torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
         shape = (1, -1, 1, 1) if self.images else (1, -1)
-        mean_t = torch.tensor(mean, dtype=torch.float32)
-        std_t = torch.tensor(std, dtype=torch.float32)
+        mean_t = torch.tensor(prep.mean, dtype=torch.float32)
+        std_t = torch.tensor(prep.std, dtype=torch.float32)
         # x_norm = (x / 255 - mean) / std = x * scale + shift
         unit = 255.0 if self.images else 1.0
         self.scale = (1.0 / (unit * std_t)).view(shape).to(device)
@@ -269,8 +358,8 @@ class Batches:
     def __len__(self) -> int:
         return len(self.y)
 
-    def _host_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype)
+    def _host_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(self.rows.dtype)])
         return buf.pin_memory() if self.device.type == "cuda" else buf
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -310,19 +399,20 @@ class Batches:
             yield self._prepare(idx[part], idx_dev[part], {})
 
     def _gather(self, idx: torch.Tensor, idx_dev: torch.Tensor) -> torch.Tensor:
-        if self.resident:
+        if self.x is not None:
             return self.x[idx_dev]
-        # Two pinned buffers in turn: the one refilled now was last copied from two batches ago.
+        # Two host buffers in turn: the one refilled now was last copied from two batches ago.
         k = self._turn
         self._turn ^= 1
         copied = self._copied[k]
         if copied is not None:
             copied.synchronize()
-        n, row = len(idx), self.x[0].numel()
+        row_shape = self.rows.shape[1:]
+        n, row = len(idx), int(np.prod(row_shape))
         if self._staging[k].numel() < n * row:
-            self._staging[k] = self._host_buffer((n, *self.x.shape[1:]), self.x.dtype)
-        buf = self._staging[k].view(-1)[: n * row].view(n, *self.x.shape[1:])
-        torch.index_select(self.x, 0, idx, out=buf)
+            self._staging[k] = self._host_buffer((n, *row_shape))
+        buf = self._staging[k].view(-1)[: n * row].view(n, *row_shape)
+        self.rows.take(idx.numpy(), out=buf.numpy())
         if self.device.type != "cuda":
             return buf.clone()  # the buffer is refilled two batches later
         out = buf.to(self.device, non_blocking=True)
@@ -342,13 +432,27 @@ class Batches:
             x = x.permute(0, 3, 1, 2)  # NHWC -> NCHW view with channels_last strides
             x = x.float() if self.channels_last else x.contiguous().float()
             if self.size is not None:
-                smaller = self.size[0] <= x.shape[2] and self.size[1] <= x.shape[3]
-                x = nn.functional.interpolate(x, size=self.size, mode="area" if smaller else "bilinear")
+                x = resize(x, self.size, self.interpolation)
         else:
             x = x.float()
         if self.per_image:
             return standardise_per_image(x), y
         return x.mul_(self.scale).add_(self.shift), y
+
+
+_TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
+
+
+def resize(x: torch.Tensor, size: tuple[int, int], interpolation: str | None = None) -> torch.Tensor:
+    """N x C x H x W floats to ``size``: area averaging when shrinking and bilinear when enlarging
+    (``interpolation`` None), or the named mode (a pretrained backbone's), antialiased when shrinking."""
+    smaller = size[0] <= x.shape[2] and size[1] <= x.shape[3]
+    if interpolation is None:
+        return nn.functional.interpolate(x, size=size, mode="area" if smaller else "bilinear")
+    mode = interpolation if interpolation in ("bilinear", "bicubic", "nearest") else "bilinear"
+    if mode == "nearest":
+        return nn.functional.interpolate(x, size=size, mode=mode)
+    return nn.functional.interpolate(x, size=size, mode=mode, antialias=smaller, align_corners=False)
 
 
 def standardise_per_image(x: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from torch import nn
 
+from photoprep import portable
 from photoprep.errors import UserError
 from photoprep.learn.checkpoint import DEC_FORMAT, read_model_file
 from photoprep.learn.devices import device_name, pick_device
@@ -224,10 +225,12 @@ def _dropped(x: torch.Tensor, rate: float, generator: torch.Generator) -> torch.
     return x * keep / (1.0 - rate)
 
 
-def _adam(parameters: Any, p: ClusterParams) -> torch.optim.Optimizer:
+def _adam(parameters: Any, p: ClusterParams, device: torch.device) -> torch.optim.Optimizer:
+    """Adam (AdamW with weight decay), fused: the same bits on any CPU (photoprep.portable)."""
+    fused = portable.cpu_optimizer_options(device.type)
     if p.weight_decay > 0:
-        return torch.optim.AdamW(parameters, lr=p.pretrain_lr, weight_decay=p.weight_decay)
-    return torch.optim.Adam(parameters, lr=p.pretrain_lr)
+        return torch.optim.AdamW(parameters, lr=p.pretrain_lr, weight_decay=p.weight_decay, **fused)
+    return torch.optim.Adam(parameters, lr=p.pretrain_lr, **fused)
 
 
 # --------------------------------------------------------------------------- pretraining
@@ -244,7 +247,7 @@ def _fit_layer_pair(
     cpu_generator: torch.Generator,
 ) -> list[float]:
     """One layer pair as a denoising autoencoder of ``h`` (dropout on its input and hidden layer)."""
-    opt = _adam([*enc.parameters(), *dec.parameters()], p)
+    opt = _adam([*enc.parameters(), *dec.parameters()], p, h.device)
     batches = _batches(len(h), p.batch_size, cpu_generator)
     steps = math.ceil(len(h) / p.batch_size)
     losses = []
@@ -290,7 +293,7 @@ def pretrain_autoencoder(
             h = embed(enc, h)
             h = F.relu(h) if not last else h
         del h
-    opt = _adam(model.parameters(), p)
+    opt = _adam(model.parameters(), p, x.device)
     batches = _batches(len(x), p.batch_size, cpu_generator)
     steps = math.ceil(len(x) / p.batch_size)
     model.train()
@@ -383,7 +386,9 @@ def hard_assign(model: DEC, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, 
     q = soft_assign(z, model.centres, model.alpha)
     hard = q.argmax(dim=1)
     confidence = q.max(dim=1).values.cpu().numpy().astype(np.float64)
-    distance = (z - model.centres[hard]).pow(2).sum(dim=1).sqrt().cpu().numpy().astype(np.float64)
+    # Rooted by numpy: torch.sqrt's MKL kernel rounds by the CPU's approximate square root.
+    squared = (z - model.centres[hard]).pow(2).sum(dim=1).cpu().numpy().astype(np.float64)
+    distance = np.sqrt(squared)
     return hard, confidence, distance
 
 

@@ -23,7 +23,7 @@ from photoprep.errors import UserError
 from photoprep.images import sheets
 from photoprep.layout import PATHS, Layout
 from photoprep.learn import devices
-from photoprep.learn.data import Batches, SplitData, check_classes, load_split, read_splits_report
+from photoprep.learn.data import Batches, Prep, Rows, SplitData, check_classes, load_split, read_splits_report
 from photoprep.params import EvaluateParams
 
 DECIMALS = 6
@@ -61,16 +61,11 @@ def load_test(meta: dict[str, Any], paths: Layout = PATHS, check_model: bool = T
 
 
 def logits_of(
-    model: nn.Module, meta: dict[str, Any], inputs: np.ndarray, batch_size: int, device: torch.device
+    model: nn.Module, meta: dict[str, Any], inputs: np.ndarray | Rows, batch_size: int, device: torch.device
 ) -> tuple[np.ndarray, float]:
     """Logits (float32 N x K) of ``inputs`` in full precision, and the seconds it took."""
-    norm = meta["normalization"]
     model = model.to(device).eval()
-    labels = np.zeros(len(inputs), dtype=np.int64)
-    per_image = norm.get("kind") == "image"
-    batches = Batches(
-        inputs, labels, device, norm["mean"], norm["std"], per_image=per_image, size=meta["input_size"]
-    )
+    batches = Batches(inputs, np.zeros(len(inputs), dtype=np.int64), device, Prep.of(meta))
     out = []
     started = time.perf_counter()
     with torch.no_grad():
@@ -162,12 +157,12 @@ def perf_report(result: Evaluation, train_perf: dict[str, Any] | None, batch_siz
 # --------------------------------------------------------------------------- grids
 
 
-def split_pixels(test: SplitData, paths: Layout = PATHS) -> np.ndarray:
-    """The test split's pixels (for the grids), whatever the model's input was."""
+def split_pixels(test: SplitData, paths: Layout = PATHS) -> Rows:
+    """The test split's pixels (for the grids, read when drawn), whatever the model's input was."""
     if test.inputs.ndim == 4:
         return test.inputs
     images = np.load(paths.images_array, mmap_mode="r")
-    return np.asarray(images[test.table["row"].to_numpy(dtype=np.int64)])
+    return Rows(images, test.table["row"].to_numpy(dtype=np.int64))
 
 
 def thumb(pixels: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Looking inside a trained model, on the test split: what it sees, what it learned, how sure it is.
 
-:func:`forward` runs the test images through the model once and keeps both the penultimate
-layer's activations (the input of the classifier's last linear layer: the embedding) and the
-class probabilities. From them:
+:func:`photoprep.learn.embed.forward` runs the test images through the model once and keeps
+both the embeddings (what the classifier reads: a timm model's pooled features, a small net's
+penultimate layer; the same vectors ``cluster.input: embeddings`` clusters) and the class
+probabilities. From them:
 
 - :func:`tsne_map` maps the embeddings to 2-D with scikit-learn's t-SNE (``init="pca"``, a
   fixed random state and ``n_jobs=1``: the same map on every run); :func:`draw_tsne` draws it
@@ -29,7 +30,6 @@ from torch import nn
 
 from photoprep.images import sheets
 from photoprep.io import write_with
-from photoprep.learn.data import Batches
 from photoprep.learn.evaluate import thumb
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "draw_top",
     "draw_tsne",
     "first_layer_filters",
-    "forward",
     "top_predictions",
     "tsne_map",
     "tsne_table",
@@ -46,46 +45,6 @@ __all__ = [
 DECIMALS = 4
 FILTER_PX = 32  # each filter is enlarged (nearest neighbour) to at least this many pixels
 FILTER_COLUMNS = 16
-
-
-def _classifier(model: nn.Module) -> nn.Linear:
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not last:
-        raise ValueError("the model has no linear layer")
-    return last[-1]
-
-
-def forward(
-    model: nn.Module, meta: dict[str, Any], inputs: np.ndarray, batch_size: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The penultimate-layer embeddings (float32 N x D) and class probabilities (float32 N x K)
-    of ``inputs`` on the CPU, prepared as the evaluate stage prepares them."""
-    norm = meta["normalization"]
-    model = model.to("cpu").eval()
-    batches = Batches(
-        inputs,
-        np.zeros(len(inputs), dtype=np.int64),
-        torch.device("cpu"),
-        norm["mean"],
-        norm["std"],
-        per_image=norm.get("kind") == "image",
-        size=meta["input_size"],
-    )
-    seen: list[torch.Tensor] = []
-    hook = _classifier(model).register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().float())
-    )
-    probs: list[torch.Tensor] = []
-    try:
-        with torch.no_grad():
-            for x, _ in batches.in_order(batch_size):
-                probs.append(torch.softmax(model(x).float(), dim=1))
-    finally:
-        hook.remove()
-    k = int(meta["architecture"]["num_classes"])
-    if not probs:
-        return np.zeros((0, 0), np.float32), np.zeros((0, k), np.float32)
-    return torch.cat(seen).flatten(1).numpy(), torch.cat(probs).numpy()
 
 
 def tsne_map(embeddings: np.ndarray, perplexity: float, seed: int) -> np.ndarray:

@@ -34,6 +34,7 @@ from photoprep.images import sheets
 from photoprep.layout import PATHS, Layout
 from photoprep.learn import devices, evaluate
 from photoprep.learn.data import (
+    Rows,
     check_classes,
     gather_rows,
     input_array_path,
@@ -54,9 +55,7 @@ class Predictions:
     seconds: float
 
 
-def load_rows(
-    splits: list[str], meta: dict[str, Any], paths: Layout = PATHS
-) -> tuple[pd.DataFrame, np.ndarray]:
+def load_rows(splits: list[str], meta: dict[str, Any], paths: Layout = PATHS) -> tuple[pd.DataFrame, Rows]:
     """The rows of ``splits`` (source, id, row, split, label) and their model inputs, in that order.
 
     Each split table must match its fingerprint in the splits report, and the model's

@@ -2,27 +2,30 @@
 
 :func:`fit` is a short loop over named steps::
 
-    prepare                     device, seeded model, optimiser, batches, resume from last.pt
+    prepare                     device, seeded model (timm's, with its pretrained weights, or a
+                                small net), optimiser, schedule, batches, resume from last.pt
     for each epoch:
-        train_epoch             one shuffled pass over train, the LR schedule per step
+        train_epoch             which layers train (head first, then all), one shuffled pass over
+                                train with mixup when asked, the LR schedule per step
         validate                loss and accuracy on val (no smoothing), the epoch's record
         select                  the best epoch by ``train.monitor``; early stopping
         checkpoint              best.pt when val improved, last.pt always
     finish                      the best weights, the model file's metadata, wall-clock figures
 
 Data (splits, batches, augmentation) is :mod:`photoprep.learn.data`; model files and checkpoints
-are :mod:`photoprep.learn.checkpoint`; the networks are :mod:`photoprep.learn.models`.
+are :mod:`photoprep.learn.checkpoint`; the networks are :mod:`photoprep.learn.models`; the
+optimiser, schedule, mixup and phases are :mod:`photoprep.learn.optim` (timm's helpers); the
+starting weights of ``train.pretrained`` come from :mod:`photoprep.learn.pretrained`.
 
 Randomness: one CPU generator seeded with ``train.seed`` draws the shuffles and augmentation
-offsets (so they are the same on every device), and the global torch seed covers weight init
-and dropout. Two CPU runs with the same seed give identical weights; on CUDA
+offsets (so they are the same on every device), the global torch seed covers weight init and
+dropout, and numpy's generator, seeded per epoch, mixup's draws. Two CPU runs with the same seed
+give identical weights (on any x86-64 CPU with AVX2: :mod:`photoprep.portable`); on CUDA
 ``train.deterministic`` turns on deterministic algorithms.
 
 Why one module
-    What is left here is the optimisation itself: the device setup, the optimiser and LR
-    schedule a step uses, the step, and the loop's steps over one shared state (``_Run``).
-    Each piece is short; apart, the loop would import its own schedule and step from
-    elsewhere and a reader would follow one epoch across files.
+    What is left here is the loop itself: the device setup, the step, and the loop's steps over
+    one shared state (``_Run``), with what a model file records of the run.
 """
 
 from __future__ import annotations
@@ -36,16 +39,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from photoprep import portable
 from photoprep.errors import UserError
-from photoprep.learn import devices, models
+from photoprep.learn import backbones, devices, models, optim
 from photoprep.learn.checkpoint import (
     MODEL_FORMAT,
     Progress,
+    Resumable,
     compat_key,
     cpu_state,
     read_init_weights,
@@ -53,8 +56,10 @@ from photoprep.learn.checkpoint import (
     save_best,
     save_last,
 )
-from photoprep.learn.data import Batches, TrainData, input_stats
+from photoprep.learn.data import Batches, Prep, TrainData, input_stats
 from photoprep.learn.devices import device_name
+from photoprep.learn.models import Architecture
+from photoprep.learn.pretrained import Pretrained
 from photoprep.params import TrainParams
 
 if TYPE_CHECKING:
@@ -66,9 +71,7 @@ __all__ = [
     "amp_dtype",
     "architecture_for",
     "fit",
-    "lr_at",
-    "make_optimizer",
-    "peak_lr",
+    "input_prep",
     "train_step",
     "training_device",
 ]
@@ -114,58 +117,64 @@ def amp_dtype(device: torch.device, amp: str) -> torch.dtype | None:
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-# --------------------------------------------------------------------------- optimisation
+# --------------------------------------------------------------------------- what the model sees
 
 
-def peak_lr(p: TrainParams) -> float:
-    """``train.lr``, or the model's default when it is null."""
-    return p.lr if p.lr is not None else models.default_lr(p.model)
+def architecture_for(
+    p: TrainParams, num_classes: int, inputs_shape: tuple[int, ...], pretrained: Pretrained | None = None
+) -> Architecture:
+    """The architecture of ``p.model`` for inputs of this shape (images: N x H x W x 3, features:
+    N x D): ``train.image_size`` as given, the stored size (null), or the pretrained weights' own
+    input size (auto)."""
+    size = None
+    if len(inputs_shape) == 4:
+        stored = (int(inputs_shape[1]), int(inputs_shape[2]))
+        if p.image_size == "auto":
+            size = tuple(pretrained.data_config["input_size"]) if pretrained is not None else stored
+        else:
+            size = tuple(p.image_size) if p.image_size else stored
+    feats = int(inputs_shape[1]) if len(inputs_shape) == 2 else None  # an mlp on images: 3 x H x W
+    return Architecture.of(
+        p.model,
+        num_classes,
+        size,
+        feats,
+        width=p.width,
+        depth=p.depth,
+        dropout=p.dropout,
+        activation=p.activation,
+        **({"drop_path": p.drop_path} if p.is_timm else {}),
+    )
 
 
-def make_optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    """SGD (momentum, Nesterov), Adam or AdamW; no weight decay on biases and norm weights."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    lr = peak_lr(p)
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=p.momentum, nesterov=p.nesterov and p.momentum > 0)
-    if p.optimizer == "adam":
-        # Adam's own weight_decay is L2 in the gradient; AdamW decouples it.
-        return torch.optim.Adam(groups, lr=lr)
-    return torch.optim.AdamW(groups, lr=lr)
-
-
-def lr_at(p: TrainParams, step: int, total_steps: int, steps_per_epoch: int) -> float:
-    """The learning rate at an optimiser step: a pure function, so resuming needs no state.
-
-    step: x ``gamma`` every ``step_size`` epochs; cosine: from lr down to 0; onecycle: a
-    cosine warm-up from lr/25 to lr over the first 30 % of steps, then cosine down to lr/25e4
-    (torch's OneCycleLR defaults, without the momentum cycle).
-    """
-    lr = peak_lr(p)
-    if p.schedule == "step":
-        return lr * p.gamma ** (step // steps_per_epoch // p.step_size)
-    if p.schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * min(step / max(total_steps, 1), 1.0)))
-    if p.schedule == "onecycle":
-        start, end = lr / 25, lr / 25e4
-        warm = max(1, int(0.3 * total_steps))
-        if step < warm:
-            return start + (lr - start) * (1 - math.cos(math.pi * step / warm)) / 2
-        t = min((step - warm) / max(total_steps - warm, 1), 1.0)
-        return end + (lr - end) * (1 + math.cos(math.pi * t)) / 2
-    return lr
-
-
-def architecture_for(p: TrainParams, num_classes: int, inputs: np.ndarray) -> dict[str, Any]:
-    """The architecture record of ``p.model`` for these inputs (images: N x H x W x 3, features: N x D)."""
-    size = (list(p.image_size) if p.image_size else list(inputs.shape[1:3])) if inputs.ndim == 4 else None
-    feats = int(inputs.shape[1]) if inputs.ndim == 2 else None  # an mlp on images: 3 x H x W
-    return models.architecture(p.model, num_classes, size, feats, p.width, p.depth, p.dropout, p.activation)
+def input_prep(
+    p: TrainParams, data: TrainData, arch: Architecture, pretrained: Pretrained | None
+) -> tuple[str, Prep]:
+    """How the inputs are normalised (``train.normalize``; auto: the pretrained weights' mean and
+    std when there are any, else each image's own) and resized; the normalisation's kind."""
+    if data.kind == "features":
+        mean, std = input_stats(data.train.inputs)
+        return "dataset", Prep(mean, std)
+    kind = p.normalize if p.normalize != "auto" else ("pretrained" if pretrained is not None else "image")
+    interpolation = None
+    if kind == "pretrained":
+        if not p.is_timm:
+            raise UserError(f"train.normalize: pretrained needs a timm/ model (got {p.model})")
+        cfg = pretrained.data_config if pretrained else backbones.data_config(backbones.timm_name(p.model))
+        mean, std, interpolation = cfg["mean"], cfg["std"], cfg["interpolation"]
+    elif kind == "dataset":
+        mean, std = input_stats(data.train.inputs)
+    else:
+        mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    prep = Prep(
+        mean=[round(float(v), 8) for v in mean],
+        std=[round(float(v), 8) for v in std],
+        per_image=kind == "image",
+        size=arch.input_size,
+        interpolation=interpolation,
+        channels_last=p.channels_last,
+    )
+    return kind, prep
 
 
 # --------------------------------------------------------------------------- steps
@@ -207,7 +216,9 @@ def train_step(
     criterion: nn.Module,
     amp: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimiser step on a prepared batch; returns the (detached) logits and loss."""
+    """One optimiser step on a prepared batch (``y``: class indices, or soft targets after mixup);
+    returns the (detached) logits and loss. ``amp`` runs the forward pass under autocast on the
+    batch's device (CUDA in the stages; the CPU too, where torch allows it: the tests)."""
     with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         out = model(x)
         loss = criterion(out.float(), y)
@@ -228,13 +239,24 @@ def _better(monitor: str, record: dict[str, float], best: dict[str, float] | Non
     )
 
 
-def _build_model(
-    p: TrainParams, data: TrainData
-) -> tuple[models.Net, dict[str, Any], dict[str, Any] | None, int]:
-    """The network (seeded), its architecture, what init_from loaded, and the frozen parameter count."""
+@dataclass(frozen=True)
+class _Start:
+    """The network as it starts: built and seeded, with its starting weights, and what a model file
+    records of them."""
+
+    model: nn.Module
+    arch: Architecture
+    transfer: dict[str, Any] | None  # train.init_from: what was loaded
+    pretrained: dict[str, Any] | None  # train.pretrained: where the weights came from
+    frozen: frozenset[str]  # train.freeze: parameter names frozen for the whole run
+
+
+def _build_model(p: TrainParams, data: TrainData, pretrained: Pretrained | None) -> _Start:
     torch.manual_seed(p.seed)
-    arch = architecture_for(p, len(data.classes), data.train.inputs)
-    model = models.build_model(**arch)
+    arch = architecture_for(p, len(data.classes), data.train.inputs.shape, pretrained)
+    if p.is_timm:
+        backbones.check_architecture(p.model)
+    model = models.build_model(arch, pretrained.state_dict if pretrained is not None else None)
     transfer: dict[str, Any] | None = None
     if p.init_from:
         loaded, skipped = models.load_matching(model, read_init_weights(p.init_from))
@@ -242,10 +264,11 @@ def _build_model(
             raise UserError(f"train.init_from: no tensor of {p.init_from} fits model {p.model!r}")
         transfer = {"init_from": p.init_from, "loaded": len(loaded), "skipped": len(skipped)}
     try:
-        frozen = models.freeze_blocks(model, p.freeze)
+        frozen = models.frozen_names(model, p.freeze) if p.freeze else set()
     except ValueError as exc:
         raise UserError(f"train.freeze: {exc}") from None
-    return model, arch, transfer, frozen
+    summary = pretrained.summary() if pretrained is not None else None
+    return _Start(model, arch, transfer, summary, frozenset(frozen))
 
 
 @dataclass
@@ -256,16 +279,15 @@ class _Run:
     data: TrainData
     device: torch.device
     amp: torch.dtype | None
-    model: models.Net
-    arch: dict[str, Any]
-    transfer: dict[str, Any] | None
-    frozen: int
+    start: _Start
     optimizer: torch.optim.Optimizer
+    schedule: optim.Schedule
+    mixup: tuple[Any, nn.Module] | None  # timm's Mixup and its soft-target loss, or None
     scaler: torch.amp.GradScaler
     generator: torch.Generator
     criterion: nn.Module
-    mean: list[float]
-    std: list[float]
+    normalization: str
+    prep: Prep
     train_batches: Batches
     val_batches: Batches
     batch_size: int
@@ -279,30 +301,52 @@ class _Run:
     images_seen: int = 0
     world: World | None = None  # distributed training (photoprep.learn.distributed); None: one process
     trainee: nn.Module | None = None  # what the steps run: the DDP wrapper of ``model``, or None
+    trains: frozenset[str] = frozenset()  # the parameters the wrapper was built for
+
+    @property
+    def model(self) -> nn.Module:
+        return self.start.model
 
     @property
     def has_val(self) -> bool:
         return len(self.data.val) > 0
 
+    def _phase(self, epoch: int) -> nn.Module:
+        """Set which parameters train in ``epoch`` (:func:`optim.trainable`); what the steps run
+        (DDP wraps again when that set changed: it syncs the gradients of the ones it was built for)."""
+        optim.trainable(self.model, self.p, epoch, set(self.start.frozen))
+        models.train_mode(self.model)
+        if self.world is None:
+            return self.model
+        trains = frozenset(n for n, t in self.model.named_parameters() if t.requires_grad)
+        if self.trainee is None or trains != self.trains:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.trainee = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.trains = trains
+        return self.trainee
+
     def train_epoch(self, epoch: int) -> tuple[dict[str, float], float]:
         """One shuffled pass over the train split: its record (loss, accuracy) and the last LR."""
         p, device = self.p, self.device
         started = time.perf_counter()
-        models.train_mode(self.model, p.freeze)
+        net = self._phase(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        lr = peak_lr(p)
+        lr = optim.peak_lr(p)
         world = self.world
         shard = world.shard() if world is not None else None
         batches = self.train_batches.epoch(self.batch_size, self.generator, self.augment, p.shift_px, shard)
-        net = self.trainee if self.trainee is not None else self.model
-        for b, (x, y) in enumerate(batches):
-            lr = lr_at(p, epoch * self.steps + b, self.steps * p.epochs, self.steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            out, loss = train_step(net, x, y, self.optimizer, self.scaler, self.criterion, self.amp)
-            loss_sum += loss.double() * len(y)  # summed on the device: no sync per step
-            correct += (out.argmax(1) == y).sum()
+        with self.schedule.mixing(epoch):
+            for b, (x, y) in enumerate(batches):
+                lr = self.schedule.at(epoch * self.steps + b)
+                if self.mixup is not None:
+                    mix, soft_loss = self.mixup
+                    x, target = mix(x, y)
+                    out, loss = train_step(net, x, target, self.optimizer, self.scaler, soft_loss, self.amp)
+                else:
+                    out, loss = train_step(net, x, y, self.optimizer, self.scaler, self.criterion, self.amp)
+                loss_sum += loss.double() * len(y)  # summed on the device: no sync per step
+                correct += (out.argmax(1) == y).sum()
         seen = self.steps * self.batch_size
         if world is not None:  # every rank's shard: the epoch's figures over all of them
             loss_sum, correct, seen = world.sum(loss_sum), world.sum(correct), seen * world.size
@@ -344,22 +388,14 @@ class _Run:
             return
         if improved and self.progress.best_state is not None:
             save_best(self.checkpoint_dir / "best.pt", epoch, self.progress.best_state)
-        save_last(
-            self.checkpoint_dir / "last.pt",
-            self.key,
-            self.model,
-            self.optimizer,
-            self.scaler,
-            self.generator,
-            self.device,
-            self.progress,
-        )
+        parts = Resumable(self.model, self.optimizer, self.scaler, self.generator, self.device)
+        save_last(self.checkpoint_dir / "last.pt", self.key, parts, self.progress)
 
     def finish(self) -> TrainResult:
         """The best weights (the last ones when nothing was selected), their metadata and perf."""
-        p, data, arch, progress = self.p, self.data, self.arch, self.progress
+        p, data, progress = self.p, self.data, self.progress
+        arch = self.start.arch.to_dict()
         best = progress.best
-        has_val = self.has_val
         images = data.kind == "images"
         meta = {
             "format": MODEL_FORMAT,
@@ -370,16 +406,20 @@ class _Run:
             "stored_size": list(data.train.inputs.shape[1:3]) if images else None,
             "in_features": arch["in_features"],
             "normalization": {
-                "kind": p.normalize if images else "dataset",
-                "mean": self.mean,
-                "std": self.std,
+                "kind": self.normalization,
+                "mean": self.prep.mean,
+                "std": self.prep.std,
                 "scale": "x/255" if images else "x",
             },
+            "interpolation": self.prep.interpolation,
             "parameters": models.count_parameters(self.model),
-            "frozen_parameters": int(self.frozen),
-            "transfer": self.transfer,
+            "frozen_parameters": int(
+                sum(t.numel() for n, t in self.model.named_parameters() if n in self.start.frozen)
+            ),
+            "transfer": self.start.transfer,
+            "pretrained": self.start.pretrained,
             "params": p.recorded(),
-            "lr": peak_lr(p),
+            "lr": optim.peak_lr(p),
             "fingerprints": {
                 "train": data.train.fingerprint,
                 "val": data.val.fingerprint,
@@ -387,7 +427,9 @@ class _Run:
             },
             "best_epoch": int(best["epoch"]) if best else len(progress.history) - 1,
             "best_val": (
-                {"loss": best["val_loss"], "accuracy": best["val_accuracy"]} if best and has_val else None
+                {"loss": best["val_loss"], "accuracy": best["val_accuracy"]}
+                if best and self.has_val
+                else None
             ),
             "epochs_run": len(progress.history),
             "stopped_early": bool(progress.stopped_early),
@@ -419,8 +461,9 @@ def _prepare(
     checkpoint_dir: str | Path | None,
     resident: bool | None,
     world: World | None = None,
+    pretrained: Pretrained | None = None,
 ) -> _Run:
-    """Device, seeded model, optimiser, batches; restored from ``last.pt`` when ``p.resume``."""
+    """Device, seeded model, optimiser, schedule, batches; restored from ``last.pt`` when ``p.resume``."""
     device = training_device(p.device) if world is None else world.device
     _configure(device, p)
     amp = amp_dtype(device, p.amp)
@@ -430,66 +473,59 @@ def _prepare(
             file=sys.stderr,
         )
 
-    model, arch, transfer, frozen = _build_model(p, data)
-    model = model.to(device)
+    start = _build_model(p, data, pretrained)
+    model = start.model.to(device)
     if p.channels_last and data.kind == "images":
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
-    optimizer = make_optimizer(model, p)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    optimizer = optim.make_optimizer(model, p, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     generator = torch.Generator().manual_seed(p.seed)
     criterion = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
 
-    mean, std = input_stats(data.train.inputs)
-    prep: dict[str, Any] = {
-        "channels_last": p.channels_last,
-        "resident": resident,
-        "per_image": p.normalize == "image",
-        "size": arch["input_size"],
-    }
-    train_b = Batches(data.train.inputs, data.train.labels, device, mean, std, **prep)
-    val_b = Batches(data.val.inputs, data.val.labels, device, mean, std, **prep)
+    normalization, prep = input_prep(p, data, start.arch, pretrained)
+    train_b = Batches(data.train.inputs, data.train.labels, device, prep, resident)
+    val_b = Batches(data.val.inputs, data.val.labels, device, prep, resident)
     shard_size = len(train_b) // (world.size if world is not None else 1)
     if world is not None and shard_size == 0:
         raise UserError(f"train.nproc: {world.size} ranks but {len(train_b)} train images")
     batch_size = min(p.batch_size, shard_size)
+    if (p.mixup or p.cutmix) and batch_size % 2:
+        batch_size -= 1  # mixup pairs each image with another of its batch
+    steps = shard_size // batch_size
 
     key = compat_key(p, data)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     restored = None
     if p.resume and ckpt_dir is not None:
-        restored = restore_checkpoint(ckpt_dir / "last.pt", key, model, optimizer, scaler, generator, device)
+        parts = Resumable(model, optimizer, scaler, generator, device)
+        restored = restore_checkpoint(ckpt_dir / "last.pt", key, parts)
     progress = restored or Progress()
-    trainee = None
     if world is not None:
         world.agree(len(progress.history), "the epochs resumed (is models/checkpoints shared?)")
-        ids = [device.index] if device.type == "cuda" else None
-        trainee = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return _Run(
         p=p,
         data=data,
         device=device,
         amp=amp,
-        model=model,
-        arch=arch,
-        transfer=transfer,
-        frozen=frozen,
+        start=start,
         optimizer=optimizer,
+        schedule=optim.Schedule(p, optimizer, steps),
+        mixup=optim.make_mixup(p, len(data.classes)),
         scaler=scaler,
         generator=generator,
         criterion=criterion,
-        mean=mean,
-        std=std,
+        normalization=normalization,
+        prep=prep,
         train_batches=train_b,
         val_batches=val_b,
         batch_size=batch_size,
-        steps=shard_size // batch_size,
+        steps=steps,
         augment=tuple(p.augment) if data.kind == "images" else (),
         key=key,
         checkpoint_dir=ckpt_dir,
         progress=progress,
         start_epoch=len(progress.history),
         world=world,
-        trainee=trainee,
     )
 
 
@@ -500,8 +536,12 @@ def fit(
     on_epoch: EpochCallback | None = None,
     resident: bool | None = None,
     world: World | None = None,
+    pretrained: Pretrained | None = None,
 ) -> TrainResult:
     """Train ``p.model`` on ``data.train``; pick the best epoch and stop early on ``data.val``.
+
+    ``pretrained``: the starting weights of ``train.pretrained``, as the pretrained stage fetched
+    them (:func:`photoprep.learn.pretrained.load_fetched`); timm loads them, all but the classifier.
 
     With ``checkpoint_dir``, ``last.pt`` is written after every epoch and ``best.pt`` when val
     improves; with ``p.resume``, training continues from ``last.pt``. ``on_epoch`` gets each
@@ -516,7 +556,9 @@ def fit(
     """
     if world is not None:
         p = p.model_copy(update={"nproc": world.size})
-    run = _prepare(data, p, checkpoint_dir, resident, world)
+    if p.pretrained is not None and pretrained is None:
+        raise UserError(f"train.pretrained: {p.pretrained} was not fetched (run the pretrained stage first)")
+    run = _prepare(data, p, checkpoint_dir, resident, world, pretrained)
     for done in run.progress.history:
         if on_epoch is not None:
             on_epoch(dict(done))

@@ -94,7 +94,7 @@ def write_cluster_index(
 ) -> None:
     """``clusters.html``: a table of clusters (size, labelled, majority, purity) and each sheet.
 
-    ``summary`` is :func:`photoprep.learn.cluster.purity`'s table; links are relative to ``path``.
+    ``summary`` is :func:`photoprep.learn.scores.purity`'s table; links are relative to ``path``.
     """
     path = Path(path)
     k = len(summary)
