@@ -199,7 +199,8 @@ def test_export_writes_a_split_for_tools_outside_the_pipeline(demo_repo: Path, t
 def test_train_experiment_reruns_train_evaluate_and_predict_only(demo_repo: Path) -> None:
     out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], demo_repo)
     ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-    assert ran == {"train", "evaluate", "introspect", "predict", "report"}
+    # embed reads the model but, clustering features, writes the same note: cluster does not re-run.
+    assert ran == {"train", "evaluate", "introspect", "predict", "embed", "report"}
     shown = _run(["dvc", "exp", "show", "--no-pager", "--md"], demo_repo)
     assert "accuracy" in shown and "train.epochs" in shown
 
@@ -233,7 +234,14 @@ def test_a_queued_grid_runs_on_one_worker_and_exp_show_ranks_it(demo_repo: Path)
     assert accuracies == sorted(accuracies), "--sort-by ranks the experiments"
 
 
+def _commit(repo: Path, message: str) -> None:
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    _run([*git, "add", "-A"], repo)
+    _run([*git, "commit", "-qm", message, "--allow-empty"], repo)
+
+
 def test_verify_passes_on_the_pipeline_state_and_fails_on_a_tampered_metric(demo_repo: Path) -> None:
+    _commit(demo_repo, "results")  # verify compares with the committed figures (HEAD)
     _run(["photoprep", "verify"], demo_repo)
     path = demo_repo / "metrics" / "eval.json"
     original = path.read_text()
@@ -345,3 +353,70 @@ def test_reviewed_cluster_folders_come_back_as_labels_in_the_splits(demo_repo: P
     assert {key: after[key] for key in expected} == expected
     assert all(after[(r["source"], r["id"])] == "8" for r in moved)
     assert all(after[(r["source"], r["id"])] == "3" for r in deleted), "a deleted file keeps the old label"
+
+
+def _standin_weights(root: Path) -> bytes:
+    """Weights the test makes, as the hub would serve them: timm's test ResNet trained briefly on
+    other drawings of the digits (the stand-in for ImageNet), saved as safetensors."""
+    import torch
+    from safetensors.torch import save
+    from test_train import make_workspace
+
+    from photoprep.layout import Layout
+    from photoprep.learn import train
+    from photoprep.learn.data import load_data
+    from photoprep.params import TrainParams
+
+    make_workspace(root, n=300, size=32, seed=1)
+    p = TrainParams(model="timm/test_resnet", epochs=2, batch_size=32, device="cpu", normalize="pretrained")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = train.fit(load_data(p, Layout(root)), p)
+    finally:
+        torch.set_num_threads(threads)
+    return bytes(save({k: v.contiguous() for k, v in result.state_dict.items()}))
+
+
+def test_a_timm_backbone_fetched_from_the_hub_once_trains_clusters_and_verifies(
+    demo_repo: Path, hub, tmp_path: Path
+) -> None:
+    """fetch -> train -> evaluate -> predict -> introspect -> embed -> cluster on the embeddings,
+    through a loopback hub (HF_ENDPOINT); then nothing downloads again and verify passes. Last in
+    this module: it leaves a timm model behind."""
+    hub.add("timm/test_resnet.r160_in1k", "model.safetensors", _standin_weights(tmp_path / "b"))
+    env = _env() | {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home")}
+    changes = [
+        "train.model=timm/test_resnet",
+        "train.pretrained=imagenet",
+        "train.head_epochs=1",
+        "train.epochs=2",
+        "cluster.input=embeddings",
+    ]
+    command = ["dvc", "exp", "run", *(a for c in changes for a in ("-S", c))]
+    done = subprocess.run(command, cwd=demo_repo, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ran = {line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")}
+    assert {"pretrained", "train", "evaluate", "introspect", "predict", "embed", "cluster"} <= ran
+    assert hub.downloads() == 1
+
+    import yaml
+
+    lock = yaml.safe_load((demo_repo / "dvc.lock").read_text())
+    fetched = {o["path"]: o for o in lock["stages"]["pretrained"]["outs"]}["models/pretrained"]
+    assert fetched["md5"].endswith(".dir") and fetched["nfiles"] == 2  # the weights' hash, versioned
+    record = json.loads((demo_repo / "models" / "pretrained" / "pretrained.json").read_text())
+    assert record["source"]["repo"] == "timm/test_resnet.r160_in1k"
+    metrics = json.loads((demo_repo / "metrics" / "cluster.json").read_text())
+    assert metrics["input"]["kind"] == "embeddings" and metrics["input"]["model"] == "timm/test_resnet"
+    assert {"kmeans_features", "kmeans_cnn", "dec"} <= set(metrics["methods"])  # side by side
+    tsne = pd.read_csv(demo_repo / "plots" / "tsne.csv")
+    assert len(tsne) == len(pd.read_parquet(demo_repo / "data" / "splits" / "test.parquet"))
+
+    _commit(demo_repo, "a timm backbone")
+    assert "ok" in _run(["photoprep", "verify"], demo_repo)
+    out = subprocess.run(
+        ["dvc", "repro"], cwd=demo_repo, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and "Running stage" not in out.stdout
+    assert hub.downloads() == 1  # training, and every stage after the fetch, never download

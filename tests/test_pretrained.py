@@ -256,3 +256,25 @@ def test_training_starts_from_the_fetched_weights_and_records_them(digits, proje
     with pytest.raises(UserError, match=r"was not fetched"):
         train.fit(data, p)
     assert np.isfinite(result.history[-1]["train_loss"])
+
+
+def test_weights_photoprep_saved_carry_their_data_config_and_auto_follows_it(digits, project):
+    path = project.local_weights_dir / "own.safetensors"
+    config = {"input_size": [32, 32], "mean": [0.0] * 3, "std": [1.0] * 3, "normalize": "image"}
+    pretrained.save_weights(weights_of(), path, config | {"interpolation": None})
+    p = params(pretrained=str(path), image_size="auto")
+    record = pretrained.fetch(pretrained.resolve(p, project), project)
+    assert record["data_config"] == config | {"interpolation": None}
+    fetched = pretrained.load_fetched(p, project)
+    kind, prep = train.input_prep(
+        p, load_data(p, Layout(digits)), train.architecture_for(p, 10, (1, 32, 32, 3), fetched), fetched
+    )
+    assert kind == "image" and prep.per_image and prep.size == (32, 32)  # as the weights were trained
+    timm_cfg = pretrained.fetch(pretrained.resolve(params(pretrained=str(_plain(project))), project), project)
+    assert timm_cfg["data_config"]["normalize"] == "pretrained"  # no metadata: timm's config
+
+
+def _plain(project: Layout) -> Path:
+    path = project.local_weights_dir / "plain.safetensors"
+    path.write_bytes(safetensors_bytes(weights_of()))
+    return path

@@ -83,9 +83,12 @@ def render_digits(n: int | None = None, size: int = 32, seed: int = 0) -> tuple[
     return out, labels
 
 
-def make_workspace(root: Path, n: int | None = 600, size: int = 32, features: bool = False) -> Path:
-    """A folder laid out as the pipeline leaves it before the train stage, built from digits."""
-    pixels, labels = render_digits(n, size)
+def make_workspace(
+    root: Path, n: int | None = 600, size: int = 32, features: bool = False, seed: int = 0
+) -> Path:
+    """A folder laid out as the pipeline leaves it before the train stage, built from digits
+    (drawn with ``seed``: another seed draws the same digits on other backgrounds)."""
+    pixels, labels = render_digits(n, size, seed)
     table = pd.DataFrame(
         {
             "source": "digits",
@@ -445,18 +448,26 @@ def test_mixup_and_cutmix_train_reproducibly(data, mix):
     assert not states_equal(a.state_dict, plain.state_dict)
 
 
-def test_the_amp_step_runs_on_the_cpu_where_torch_allows_it(data):
-    """The CUDA step's code path (autocast, a gradient scaler) run on the CPU with bfloat16."""
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16-scaled"])
+def test_the_amp_step_runs_on_the_cpu_where_torch_allows_it(data, amp):
+    """The CUDA step's code path (autocast; fp16 with a gradient scaler), run on the CPU."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 30 * 30, 10)
+    )
+    model = model.to(memory_format=torch.channels_last)
     p = tiny(optimizer="sgd", lr=0.1)
     optimizer = optim.make_optimizer(model, p, torch.device("cpu"))
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    batches = Batches(data.train.inputs, data.train.labels, torch.device("cpu"), Prep([0.5] * 3, [0.25] * 3))
+    scaler = torch.amp.GradScaler("cpu", enabled=amp == torch.float16)
+    prep = Prep([0.5] * 3, [0.25] * 3, channels_last=True)
+    batches = Batches(data.train.inputs, data.train.labels, torch.device("cpu"), prep)
     x, y = next(batches.in_order(32))
     before = [t.detach().clone() for t in model.parameters()]
-    out, loss = train.train_step(model, x, y, optimizer, scaler, torch.nn.CrossEntropyLoss(), torch.bfloat16)
-    assert out.dtype == torch.bfloat16 and torch.isfinite(loss)
+    out, loss = train.train_step(model, x, y, optimizer, scaler, torch.nn.CrossEntropyLoss(), amp)
+    assert out.dtype == amp and torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    if scaler.is_enabled():
+        assert scaler.get_scale() == 65536.0  # no inf or nan in the scaled gradients: the step was taken
 
 
 def test_dvclive_log_writes_learning_curves_and_no_dvc_yaml(data, tmp_path, monkeypatch):

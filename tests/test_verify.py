@@ -96,3 +96,37 @@ def test_compare_metrics_reports_missing_extra_and_changed_text():
         "- c.d: 2 (committed; not produced now)",
         "+ e: 3 (produced now; not committed)",
     ]
+
+
+def _git(ws: Path, *args: str) -> None:
+    import subprocess
+
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, *args], cwd=ws, check=True, capture_output=True)
+
+
+def test_the_committed_figures_come_from_head_not_from_the_working_tree(ws, capsys):
+    _git(ws, "init", "-q")
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "results")
+    assert verify(root=ws) == 0
+    out = capsys.readouterr().out
+    assert (
+        "at HEAD" in out and "committed model trained on cpu" in out and "CPU math in force: portable" in out
+    )
+    # A local run that wrote other figures is compared with HEAD's, and fails.
+    edit_json(ws / "metrics/eval.json", lambda m: m.update(accuracy=round(m["accuracy"] - 0.01, 6)))
+    assert verify(root=ws) == 1
+    assert "in the working tree is not the committed one" in capsys.readouterr().out
+
+
+def test_an_uncommitted_experiment_is_checked_against_its_own_figures(ws, capsys):
+    _git(ws, "init", "-q")
+    _git(ws, "add", "-A")
+    _git(ws, "commit", "-qm", "results")
+    edit_json(ws / "metrics/eval.json", lambda m: m.update(accuracy=round(m["accuracy"] - 0.01, 6)))
+    (ws / "params.yaml").write_text((ws / "params.yaml").read_text().replace("samples: 20", "samples: 21"))
+    assert verify(root=ws) == 1  # the experiment's own (tampered) figures are checked
+    out = capsys.readouterr().out
+    assert "params.yaml differs from HEAD's in evaluate.samples: an experiment" in out
+    assert "~ accuracy: committed" in out

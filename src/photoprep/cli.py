@@ -72,6 +72,25 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"rendered the demo source into {args.out}: {counts}")
 
 
+def _pretrain(args: argparse.Namespace) -> None:
+    from photoprep import portable
+
+    if PATHS.params.is_file():  # as the stages do: the CPU math pinned from compute.* before torch loads
+        compute = params.load(PATHS.params).compute
+        portable.pin_cpu_math(compute.cpu_math, compute.threads)
+    from photoprep import demo
+
+    out = Path(args.out)
+    if not args.model.startswith("timm/"):
+        raise UserError(f"photoprep pretrain: {args.model}: name a timm/<architecture>")
+    done = demo.pretrain_standin(args.model, out, epochs=args.epochs, size=args.size, seed=args.seed)
+    print(
+        f"trained {args.model} on rendering {args.seed} of the demo ({done['images']} images of the train "
+        f"and val digits, val accuracy {done['val_accuracy']}); wrote {out} (sha256 {done['sha256'][:12]})"
+    )
+    print(f"start from it: dvc exp run -S train.model={args.model} -S train.pretrained={out}")
+
+
 def _verify(args: argparse.Namespace) -> None:
     from photoprep import portable
 
@@ -138,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out", nargs="?", default=str(PATHS.source_dir("demo")))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    pre = sub.add_parser(
+        "pretrain",
+        help="stand-in pretrained weights for the offline demo: a timm model trained on another rendering",
+        description="Train a timm backbone on another rendering of the demo's digits (the stand-in for "
+        "ImageNet, drawn for the digits of the train and val splits only) and save its weights as "
+        "safetensors, for train.pretrained. Run the pipeline first (the splits say which digits).",
+    )
+    pre.add_argument("model", help="timm/<architecture>, e.g. timm/resnet18")
+    pre.add_argument("out", help=f"the weights file, under {PATHS.local_weights_dir}/ (.safetensors)")
+    pre.add_argument("--epochs", type=int, default=20, help="epochs (val picks the best; no early stop)")
+    pre.add_argument("--size", type=int, default=32, help="image side in pixels (train.image_size)")
+    pre.add_argument("--seed", type=int, default=1, help="the rendering (0 is the embedded demo itself)")
+    pre.set_defaults(func=_pretrain)
     ver = sub.add_parser(
         "verify", help="re-evaluate the committed model on the committed test split and compare metrics"
     )

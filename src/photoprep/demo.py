@@ -25,7 +25,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from photoprep.images import decode, hamming
-from photoprep.layout import PATHS
+from photoprep.layout import PATHS, Layout
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
 MIN_DISTANCE = 12  # phash bits between any two distinct images (checked on render)
@@ -284,3 +284,51 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def drawings(ids: list[str], seed: int, size: int, source_dir: Path | None = None) -> np.ndarray:
+    """The digits behind ``ids`` (ids of the embedded demo; a kept copy stands for its original)
+    as rendering ``seed`` draws them: uint8 N x size x size x 3, resized by Pillow."""
+    import tempfile
+
+    source_dir = source_dir or PATHS.source_dir("demo")
+    kinds = json.loads((source_dir / "expected.json").read_text(encoding="utf-8"))["ids"]
+    original = kinds["exact"] | kinds["near"]
+    out = np.empty((len(ids), size, size, 3), np.uint8)
+    with tempfile.TemporaryDirectory(prefix="photoprep-demo-") as tmp:
+        render_demo(Path(tmp), seed=seed)
+        for k, rid in enumerate(ids):
+            data = (Path(tmp) / "cdn" / original.get(rid, rid)).read_bytes()
+            with Image.open(io.BytesIO(data)) as image:
+                out[k] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    return out
+
+
+def pretrain_standin(
+    model: str, out: Path, epochs: int = 20, size: int = 32, seed: int = 1, paths: Layout = PATHS
+) -> dict[str, Any]:
+    """Stand-in pretrained weights for the offline demo: ``model`` (a ``timm/<architecture>``)
+    trained on rendering ``seed`` of the demo's digits, the stand-in for ImageNet, saved as
+    safetensors at ``out``. Only the digits of the demo's train and val splits are drawn (read
+    from ``data/splits/``: run the pipeline first), so no test digit is ever seen."""
+    from photoprep.learn import pretrained, train
+    from photoprep.learn.data import SplitData, TrainData, read_split_table, read_splits_report
+    from photoprep.params import TrainParams
+
+    classes = [str(c) for c in read_splits_report(paths.splits_report)["classes"]]
+    parts = []
+    for name in ("train", "val"):
+        table, _ = read_split_table(paths.split_table(name))
+        table = table[table["source"] == "demo"].reset_index(drop=True)
+        pixels = drawings(table["id"].astype(str).tolist(), seed, size, paths.source_dir("demo"))
+        labels = np.array([classes.index(str(v)) for v in table["label"]], dtype=np.int64)
+        parts.append(SplitData.from_arrays(name, table, pixels, labels))
+    # Each image standardised by its own statistics, as the demo's convnet is: that takes the random
+    # backgrounds' colour cast out (with ImageNet's mean and std a ResNet-18 learned far slower
+    # here). The weights carry it in their data config: train.normalize: auto fine-tunes alike.
+    p = TrainParams(model=model, epochs=epochs, image_size=(size, size), normalize="image", early_stopping=0)
+    result = train.fit(TrainData(parts[0], parts[1], classes, "images"), p)
+    config = {"input_size": [size, size], "mean": [0.0] * 3, "std": [1.0] * 3, "normalize": "image"}
+    digest = pretrained.save_weights(result.state_dict, out, config | {"interpolation": None})
+    best = result.meta.get("best_val") or {}
+    return {"images": len(parts[0]) + len(parts[1]), "val_accuracy": best.get("accuracy"), "sha256": digest}

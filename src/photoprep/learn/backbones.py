@@ -127,6 +127,7 @@ def data_config(name: str) -> dict[str, Any]:
         "mean": [float(v) for v in resolved.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)],
         "std": [float(v) for v in resolved.get("std", timm.data.IMAGENET_DEFAULT_STD)],
         "interpolation": str(resolved.get("interpolation") or "bilinear"),
+        "normalize": "pretrained",  # by this mean and std (weights photoprep saved may say "image")
     }
 
 

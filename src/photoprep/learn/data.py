@@ -133,6 +133,12 @@ class SplitData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @classmethod
+    def from_arrays(cls, name: str, table: pd.DataFrame, inputs: np.ndarray, labels: np.ndarray) -> SplitData:
+        """A split held in memory (rows of ``inputs`` in ``table``'s order), not read from the pipeline."""
+        rows = Rows(np.ascontiguousarray(inputs), np.arange(len(inputs)))
+        return cls(name, table, rows, np.asarray(labels, dtype=np.int64), split_fingerprint(table))
+
 
 @dataclass
 class TrainData:

@@ -74,8 +74,8 @@ def backbone(
     p: TrainParams, pretrained: Pretrained, stored_size: tuple[int, int]
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The fetched backbone without a classifier, and metadata like a model file's: its inputs
-    resized as ``train.image_size`` says (auto: the weights' own size) and normalised with the
-    weights' mean and std."""
+    resized as ``train.image_size`` says (auto: the weights' own size) and normalised as the
+    weights were trained (their mean and std, or each image by its own)."""
     cfg = pretrained.data_config
     if p.image_size == "auto":
         size = tuple(cfg["input_size"])
@@ -86,8 +86,8 @@ def backbone(
     meta = {
         "architecture": arch.to_dict(),
         "input_size": list(size),
-        "normalization": {"kind": "pretrained", "mean": cfg["mean"], "std": cfg["std"]},
-        "interpolation": cfg["interpolation"],
+        "normalization": {"kind": cfg.get("normalize", "pretrained"), "mean": cfg["mean"], "std": cfg["std"]},
+        "interpolation": cfg.get("interpolation"),
     }
     return model, meta
 

@@ -30,6 +30,7 @@ they came as, so training only ever reads safetensors.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -53,11 +54,14 @@ __all__ = [
     "check_fits",
     "fetch",
     "load_fetched",
+    "own_data_config",
     "read_weights",
     "resolve",
+    "save_weights",
 ]
 
 FORMAT = "photoprep.pretrained/1"
+_CONFIG_KEY = "photoprep.data_config"  # safetensors metadata of weights photoprep saved
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repositories hold, preferred first
 _PICKLE_STARTS = (b"\x80", b"PK\x03\x04")  # a pickle protocol 2+ opcode, or torch.save's zip archive
 
@@ -228,9 +232,9 @@ def fetch(source: WeightsSource, paths: Layout = PATHS) -> dict[str, Any]:
         state = read_weights(local, shown)
         check_fits(source.model, state, shown)
         digest = _sha256(local)
+        cfg = own_data_config(local, shown) or backbones.data_config(source.config or source.architecture)
     blob = _safetensors_bytes(state)
     write_bytes(blob, paths.pretrained_weights)
-    cfg = backbones.data_config(source.config or source.architecture)
     record |= {
         "source": origin,
         "sha256": digest,
@@ -289,11 +293,46 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _safetensors_bytes(state: dict[str, torch.Tensor]) -> bytes:
+def save_weights(
+    state: dict[str, torch.Tensor], path: str | Path, data_config: dict[str, Any] | None = None
+) -> str:
+    """A state dict as a safetensors file, atomically (what ``train.pretrained`` can name), with the
+    data config the weights were trained with in its metadata; the file's sha256."""
+    blob = _safetensors_bytes(state, data_config)
+    write_bytes(blob, path)
+    return hashlib.sha256(blob).hexdigest()
+
+
+def own_data_config(path: Path, shown: str) -> dict[str, Any] | None:
+    """The data config a safetensors file carries in its metadata (weights photoprep saved: their
+    input size, normalisation and interpolation), or None."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(_CONFIG_KEY)
+    if text is None:
+        return None
+    try:
+        cfg = json.loads(text)
+        return {
+            "input_size": [int(v) for v in cfg["input_size"]],
+            "mean": [float(v) for v in cfg["mean"]],
+            "std": [float(v) for v in cfg["std"]],
+            "interpolation": cfg.get("interpolation"),
+            "normalize": str(cfg.get("normalize", "pretrained")),
+        }
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{shown}: its metadata's {_CONFIG_KEY} is not a data config") from None
+
+
+def _safetensors_bytes(state: dict[str, torch.Tensor], data_config: dict[str, Any] | None = None) -> bytes:
     from safetensors.torch import save
 
+    metadata = {_CONFIG_KEY: json.dumps(data_config, sort_keys=True)} if data_config else None
     # Own, contiguous copies: safetensors refuses tensors that share memory (tied weights).
-    return bytes(save({k: v.detach().contiguous().clone() for k, v in sorted(state.items())}))
+    return bytes(save({k: v.detach().contiguous().clone() for k, v in sorted(state.items())}, metadata))
 
 
 # --------------------------------------------------------------------------- reading what was fetched

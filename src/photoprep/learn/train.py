@@ -150,17 +150,18 @@ def architecture_for(
 def input_prep(
     p: TrainParams, data: TrainData, arch: Architecture, pretrained: Pretrained | None
 ) -> tuple[str, Prep]:
-    """How the inputs are normalised (``train.normalize``; auto: the pretrained weights' mean and
-    std when there are any, else each image's own) and resized; the normalisation's kind."""
+    """How the inputs are normalised (``train.normalize``; auto: as the pretrained weights were,
+    when there are any, else each image by its own statistics) and resized; the normalisation's kind."""
     if data.kind == "features":
         mean, std = input_stats(data.train.inputs)
         return "dataset", Prep(mean, std)
-    kind = p.normalize if p.normalize != "auto" else ("pretrained" if pretrained is not None else "image")
-    interpolation = None
+    cfg = pretrained.data_config if pretrained else None
+    kind = p.normalize if p.normalize != "auto" else (cfg.get("normalize", "pretrained") if cfg else "image")
+    interpolation = cfg.get("interpolation") if cfg else None
     if kind == "pretrained":
         if not p.is_timm:
             raise UserError(f"train.normalize: pretrained needs a timm/ model (got {p.model})")
-        cfg = pretrained.data_config if pretrained else backbones.data_config(backbones.timm_name(p.model))
+        cfg = cfg or backbones.data_config(backbones.timm_name(p.model))
         mean, std, interpolation = cfg["mean"], cfg["std"], cfg["interpolation"]
     elif kind == "dataset":
         mean, std = input_stats(data.train.inputs)

@@ -1,9 +1,11 @@
 """`photoprep verify`: does the committed model still give the committed metrics?
 
 The committed figures are those of ``git show HEAD:metrics/eval.json`` when the project is a git
-repository that tracks them (else the working tree's, and it says so): after a local
-``dvc repro`` the working tree holds that run's figures, and comparing a model with its own
-figures would prove nothing. Checks, from the repository root:
+repository that tracks them: after a local ``dvc repro`` the working tree holds that run's
+figures, and comparing a model with its own figures would prove nothing. Two exceptions, each
+said: a project outside git, or one whose ``params.yaml`` differs from HEAD's (an experiment, as
+``dvc exp run -S ...`` leaves it, whose figures HEAD does not have), is checked against the
+working tree's figures. Checks, from the repository root:
 
 0. the machines: which CPU and which CPU-math settings made the committed model (its metadata,
    and ``reports/train_perf.json`` at HEAD) and which are in force now;
@@ -44,7 +46,7 @@ from photoprep.learn.checkpoint import load_model, model_from, read_model_file
 from photoprep.learn.data import SplitData, check_classes, load_data, load_split, read_splits_report
 from photoprep.params import EvaluateParams, TrainParams
 
-__all__ = ["committed_json", "compare_metrics", "figure_lines", "flatten", "verify"]
+__all__ = ["at_head", "committed_json", "compare_metrics", "figure_lines", "flatten", "verify"]
 
 CUDA_EVAL_TOLERANCE = 1e-4  # fp32 kernels differ between devices in the last bits
 CUDA_RETRAIN_TOLERANCE = 0.02  # another device's training lands on other weights
@@ -88,9 +90,8 @@ def figure_lines(committed: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return [f"{key}: committed {a.get(key)!r}, now {b.get(key)!r}" for key in sorted(a.keys() | b.keys())]
 
 
-def committed_json(path: Path) -> tuple[Any, str]:
-    """The JSON file ``path`` as git's HEAD holds it, and where it came from (``HEAD``); the working
-    tree's file (``the working tree``) when ``path`` is in no git repository or not tracked at HEAD."""
+def at_head(path: Path) -> str | None:
+    """The text of ``path`` as git's HEAD holds it; None outside git or when HEAD has no such file."""
     path = Path(path)
     try:
         top = subprocess.run(
@@ -100,22 +101,45 @@ def committed_json(path: Path) -> tuple[Any, str]:
             text=True,
             timeout=30,
         )
-        if top.returncode == 0:
-            relative = path.resolve().relative_to(Path(top.stdout.strip()).resolve()).as_posix()
-            shown = subprocess.run(
-                ["git", "show", f"HEAD:{relative}"],
-                cwd=path.parent,
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            if shown.returncode == 0:
-                return json.loads(shown.stdout), "HEAD"
+        if top.returncode != 0:
+            return None
+        relative = path.resolve().relative_to(Path(top.stdout.strip()).resolve()).as_posix()
+        shown = subprocess.run(
+            ["git", "show", f"HEAD:{relative}"], cwd=path.parent, capture_output=True, text=True, timeout=30
+        )
     except (OSError, ValueError, subprocess.TimeoutExpired):
-        pass
+        return None
+    return shown.stdout if shown.returncode == 0 else None
+
+
+def committed_json(path: Path, params_path: Path | None = None) -> tuple[Any, str]:
+    """The JSON file ``path`` as git's HEAD holds it, and where it came from (``HEAD``). The working
+    tree's file, and why, outside git, when HEAD has no such file, or when ``params_path`` differs
+    from HEAD's (an experiment)."""
+    path = Path(path)
+    text = at_head(path)
+    why = "outside git, or not committed"
+    if text is not None and params_path is not None:
+        changed = _changed_params(params_path)
+        if changed:
+            text, why = None, f"params.yaml differs from HEAD's in {', '.join(changed[:4])}: an experiment"
+    if text is not None:
+        return json.loads(text), "HEAD"
     if not path.exists():
         raise UserError(f"{path} not found (run `dvc repro`, or `dvc pull`, first)")
-    return read_json(path), "the working tree"
+    return read_json(path), f"the working tree ({why})"
+
+
+def _changed_params(params_path: Path) -> list[str]:
+    """The keys (``train.model``) whose values differ between ``params_path`` and HEAD's copy."""
+    import yaml
+
+    text = at_head(params_path)
+    if text is None:
+        return []
+    head = flatten(yaml.safe_load(text) or {})
+    now = flatten(yaml.safe_load(Path(params_path).read_text(encoding="utf-8")) or {})
+    return sorted(k for k in head.keys() | now.keys() if head.get(k) != now.get(k))
 
 
 def _short(fp: str | None) -> str:
@@ -160,7 +184,7 @@ def _machines(paths: Layout, meta: dict[str, Any]) -> _Check:
     check = _Check("0. the machines")
     made_on = "not recorded"
     if paths.train_perf.exists():
-        perf, _ = committed_json(paths.train_perf)
+        perf, _ = committed_json(paths.train_perf, paths.params)
         made_on = str(((perf or {}).get("cpu") or {}).get("cpu") or perf.get("device") or made_on)
     check.lines.append(f"committed model trained on {meta.get('trained_on')}: {made_on}")
     check.lines.append(f"  its CPU math: {_math_line(meta.get('cpu_math'))}")
@@ -211,7 +235,7 @@ def _reevaluate(
             f"{PATHS.eval_metrics} differs from a re-evaluation of {PATHS.model} (tolerance {tol:g}):"
         )
         check.failures += [f"    {line}" for line in diff]
-    if origin == "HEAD" and paths.eval_metrics.exists():
+    if origin == "HEAD" and paths.eval_metrics.exists():  # the working tree must hold the committed file
         local = read_json(paths.eval_metrics)
         if local != figures:
             check.failures.append(f"{PATHS.eval_metrics} in the working tree is not the committed one:")
@@ -242,7 +266,7 @@ def verify(retrain: bool = False, tolerance: float | None = None, *, root: str |
 def _verify(paths: Layout, retrain: bool, tolerance: float | None) -> int:
     # Messages name the files as the layout does from the project root (PATHS), read from ``paths``.
     p = params.load(paths.params)
-    committed = committed_json(paths.eval_metrics)
+    committed = committed_json(paths.eval_metrics, paths.params)
     splits = read_splits_report(paths.splits_report)
     if not splits.get("fingerprints", {}).get("test"):
         raise UserError(f"{PATHS.splits_report} has no test fingerprint")
