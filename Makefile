@@ -54,7 +54,7 @@ run: install
 
 # A grid of DVC experiments: every combination of the -S values, queued, run by one worker,
 # then ranked by test accuracy. Override the grid: make sweep SWEEP="-S 'train.dropout=0,0.2,0.5'"
-SWEEP ?= -S 'train.model=mlp,smallcnn,convnet,resnet' -S 'train.lr=0.001,0.003' -S train.epochs=5
+SWEEP ?= -S 'train.model=mlp,smallcnn,convnet,timm/resnet18' -S 'train.lr=0.001,0.003' -S train.epochs=5
 SWEEP_JOBS ?= 1
 
 sweep: install

@@ -18,10 +18,18 @@ Rows (every one ``--epochs`` epochs, the defaults of params.yaml otherwise):
     transfer-frozen  pretrained on rendering B, the first 2 blocks frozen for the first
                      ``epochs - 2`` epochs, then every layer fine-tuned for 2 epochs at lr/10
     transfer-all     pretrained on rendering B, every layer fine-tuned for ``epochs`` epochs
+    timm-scratch     timm's ResNet-18 (``train.model: timm/resnet18``) from scratch
+    timm-pretrained  the same from weights pretrained on rendering B (``photoprep pretrain``,
+                     the stand-in for ImageNet): every layer fine-tuned
+    timm-head-first  the same: the classifier alone for 2 epochs, then every layer with the
+                     backbone at lr/10 (``train.head_epochs``, ``train.backbone_lr_scale``)
+    timm-head-only   the same, only the classifier trained (every other layer group frozen)
 
 The split is by a hash of (source, id) and both renderings share their ids, so B's train and
 val images are drawings of A's train and val digits only: no test digit is seen in
-pretraining (checked). The pretraining time is reported apart, not in the rows.
+pretraining (checked). The pretraining times are reported apart, not in the rows:
+``--pretrain-epochs`` epochs of the timm model on B (``demo.pretrain_standin``, val picks the
+epoch), the convnet's as its rows' ``--epochs``.
 
 Wall time: seconds of ``train.fit`` on this machine, torch's CPU math pinned as the pipeline
 pins it (``compute.cpu_math: portable``, 2 threads). ``vs_convnet``: the row's test accuracy minus the
@@ -50,9 +58,10 @@ import pandas as pd  # noqa: E402
 
 from photoprep import demo, params  # noqa: E402
 from photoprep.layout import Layout  # noqa: E402
-from photoprep.learn import checkpoint, evaluate, train  # noqa: E402
+from photoprep.learn import checkpoint, evaluate, pretrained, train  # noqa: E402
 from photoprep.learn.data import load_data  # noqa: E402
 
+TIMM = "timm/resnet18"
 REPO = Path(__file__).resolve().parents[1]
 PREP_STAGES = (["download", "demo"], ["dedup"], ["validate"], ["bucket"], ["features"], ["split"])
 ROWS = {
@@ -64,9 +73,18 @@ ROWS = {
     "dropout-0.5": ("ConvNet, dropout 0.5", {"dropout": 0.5}),
     "transfer-frozen": ("ConvNet from rendering B: 2 blocks frozen, then all fine-tuned", {}),
     "transfer-all": ("ConvNet from rendering B: all layers fine-tuned", {}),
+    "timm-scratch": ("timm ResNet-18, from scratch", {"model": TIMM}),
+    "timm-pretrained": ("timm ResNet-18 from rendering B: all layers fine-tuned", {"model": TIMM}),
+    "timm-head-first": (
+        "timm ResNet-18 from rendering B: head 2 epochs, then all at backbone lr/10",
+        {"model": TIMM, "head_epochs": 2, "backbone_lr_scale": 0.1},
+    ),
+    "timm-head-only": ("timm ResNet-18 from rendering B: head only", {"model": TIMM, "freeze": 5}),
 }
 FINE_TUNE_EPOCHS = 2
 FROZEN_BLOCKS = 2
+STANDIN = "resnet18-b.safetensors"
+# timm-head-only freezes 5 layer groups of the ResNet-18: its stem and four stages, all but the head.
 
 
 def build_project(root: Path, seed: int) -> Layout:
@@ -103,8 +121,12 @@ def fit(layout: Layout, changes: dict[str, Any], out: Path) -> tuple[dict[str, A
     p = params.load(REPO / "params.yaml").train.model_copy(update=changes)
     p = type(p).model_validate(p.model_dump())  # validated, as a params.yaml would be
     data = load_data(p, layout)
+    start = None
+    if p.pretrained:  # as the pretrained stage does, into the project's models/pretrained/
+        pretrained.fetch(pretrained.resolve(p, layout), layout)
+        start = pretrained.load_fetched(p, layout)
     started = time.perf_counter()
-    result = train.fit(data, p)
+    result = train.fit(data, p, pretrained=start)
     seconds = time.perf_counter() - started
     checkpoint.save_model(result.state_dict, result.meta, out)
     return result.meta, seconds
@@ -117,16 +139,18 @@ def score(layout: Layout, model_path: Path) -> float:
     return float(result.metrics["accuracy"])
 
 
-def run_row(name: str, epochs: int, a: Layout, pretrained: Path | None, work: Path) -> dict[str, Any]:
+def run_row(name: str, epochs: int, a: Layout, convnet_b: Path | None, work: Path) -> dict[str, Any]:
     label, changes = ROWS[name]
     base = {"epochs": epochs, "device": "cpu", **changes}
     model_path = work / f"{name}.pt"
     if name == "transfer-all":
-        base |= {"init_from": str(pretrained)}
+        base |= {"init_from": str(convnet_b)}
+    if name.startswith("timm-") and name != "timm-scratch":
+        base |= {"pretrained": str(a.local_weights_dir / STANDIN)}
     if name == "transfer-frozen":
         frozen = base | {
             "epochs": epochs - FINE_TUNE_EPOCHS,
-            "init_from": str(pretrained),
+            "init_from": str(convnet_b),
             "freeze": FROZEN_BLOCKS,
         }
         meta1, s1 = fit(a, frozen, work / "frozen.pt")
@@ -165,6 +189,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=5, help="epochs of every row (early stopping stays on)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--pretrain-epochs", type=int, default=20, help="epochs of the timm model on rendering B")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     if args.epochs <= FINE_TUNE_EPOCHS and "transfer-frozen" in args.rows:
@@ -176,20 +201,31 @@ def main() -> None:
         started = time.perf_counter()
         a = build_project(work / "a", seed=0)
         out["prepare_seconds"] = round(time.perf_counter() - started, 1)
-        pretrained = None
+        convnet_b = None
         if any(r.startswith("transfer") for r in args.rows):
             b = build_project(work / "b", seed=1)
             out["test_digits_unseen_in_pretraining"] = test_ids_unseen(a, b)
             meta, seconds = fit(b, {"epochs": args.epochs, "device": "cpu"}, work / "pretrained.pt")
-            pretrained = work / "pretrained.pt"
+            convnet_b = work / "pretrained.pt"
             out["pretrain"] = {
                 "rendering": "B (demo.render_demo seed=1)",
                 "epochs": meta["epochs_run"],
                 "train_seconds": round(seconds, 1),
-                "test_accuracy_on_b": round(score(b, pretrained), 4),
+                "test_accuracy_on_b": round(score(b, convnet_b), 4),
+            }
+        if any(r.startswith("timm-") and r != "timm-scratch" for r in args.rows):
+            started = time.perf_counter()
+            weights = a.local_weights_dir / STANDIN
+            done = demo.pretrain_standin(TIMM, weights, epochs=args.pretrain_epochs, paths=a)
+            out["pretrain_timm"] = {
+                "model": TIMM,
+                "rendering": "B (demo.render_demo seed=1)",
+                "epochs": args.pretrain_epochs,
+                "train_seconds": round(time.perf_counter() - started, 1),
+                "val_accuracy_on_b": done["val_accuracy"],
             }
         for name in args.rows:
-            rows.append(run_row(name, args.epochs, a, pretrained, work))
+            rows.append(run_row(name, args.epochs, a, convnet_b, work))
             print(f"studies: {rows[-1]}", file=sys.stderr, flush=True)
     base = next((r for r in rows if r["row"] == "convnet"), None)
     for r in rows:
