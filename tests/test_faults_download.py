@@ -26,11 +26,12 @@ import brotli
 import pandas as pd
 import pytest
 import yaml
-from test_fetch import FAST, assert_failed, assert_ok, photo, records
+from downloads import FAST, assert_failed, assert_ok, photo, records
 
 from photoprep import report
 from photoprep.ingest import journal, manifest
-from photoprep.ingest.fetch import download, parse_retry_after
+from photoprep.ingest.client import parse_retry_after
+from photoprep.ingest.fetch import download
 from photoprep.ingest.sources import SourceConfig
 from photoprep.params import DownloadParams
 

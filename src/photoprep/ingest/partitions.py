@@ -35,6 +35,7 @@ import pandas as pd
 from photoprep import parallel
 from photoprep.errors import Interrupted
 from photoprep.ingest import fetch
+from photoprep.ingest.rows import KEY
 from photoprep.ingest.store import PART_PREFIX
 from photoprep.io import write_table
 from photoprep.params import ComputeParams, DownloadParams
@@ -115,7 +116,7 @@ def merge(results: Sequence[tuple[int, fetch.FetchResult]]) -> fetch.FetchResult
         interrupted = interrupted or result.interrupted
     merged = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(merged):
-        merged = merged.sort_values(list(fetch.KEY), kind="mergesort").reset_index(drop=True)
+        merged = merged.sort_values(list(KEY), kind="mergesort").reset_index(drop=True)
     return fetch.FetchResult(merged, requested, reused, hosts_down, notes, interrupted, kept)
 
 
