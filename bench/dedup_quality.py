@@ -19,7 +19,7 @@ original. Its edited copies, saved as other tools would (no camera EXIF):
 - corner_crop (10 % off the left and the top only): a *limit*, reported, not counted in the
   recall: the hashes see the whole picture, and an off-centre crop moves all of it.
 
-Every image goes through the pipeline's own code (`decode.probe`, `dedup.find_duplicates`).
+Every image goes through the pipeline's own code (`probe.probe`, `dedup.find_duplicates`).
 Figures per hash and threshold: recall (edited copies grouped with their original),
 precision (pairs of images grouped together that show the same photograph) and the number
 of groups that mix two photographs; then the keep rule (the share of groups whose kept copy
@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from photoprep.images import decode, dedup
+from photoprep.images import dedup
+from photoprep.images.probe import ProbeSpec, probe_many
 from photoprep.params import DedupParams
 
 EDITS = ("reencode", "resize", "thumbnail", "crop", "caption", "grey", "brighten", "exif_rotate")
@@ -163,9 +164,7 @@ def collection() -> Collection:
 
 def probed(images: Collection, p: DedupParams) -> pd.DataFrame:
     """The table find_duplicates reads, from the pipeline's probe of every payload."""
-    records = decode.probe_many(
-        images.payloads, p.hash, p.hash_size, 50_000_000, None, p.transforms, p.margin, p.crops
-    )
+    records = probe_many(images.payloads, ProbeSpec.from_dedup(p))
     table = pd.concat([images.rows, pd.DataFrame(records)], axis=1)
     table["source"], table["status"] = "bench", "ok"
     table["sha256"] = [hashlib.sha256(p).hexdigest() for p in images.payloads]

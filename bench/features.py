@@ -9,7 +9,7 @@
     batch, so decoding runs in parallel too. As in the pipeline (photoprep.images), the bytes lie
     in a tar shard written by photoprep.store and each batch reads its own from (shard, offset,
     size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is
-    photoprep.images.decode.resized_rgb when
+    photoprep.images.resize.resized_rgb when
     that module exists, else the bench's own ``_bench_decode`` (figure ``decoder`` says which).
 
 The images are photo-like JPEGs (skimage.data photos, rescaled to 640x480 .. 1024x768, cropped,
@@ -86,12 +86,12 @@ def _bench_decode(data: bytes, size: tuple[int, int], fit: str = "stretch") -> n
 
 
 def _decoder() -> tuple[Callable[[bytes, tuple[int, int], str], np.ndarray], str]:
-    """photoprep.images.decode.resized_rgb when that module exists, else the bench's own decoder."""
+    """photoprep.images.resize.resized_rgb when that module exists, else the bench's own decoder."""
     try:
-        from photoprep.images.decode import resized_rgb
+        from photoprep.images.resize import resized_rgb
     except ImportError:
-        return _bench_decode, "bench._bench_decode (photoprep.decode absent)"
-    return resized_rgb, "photoprep.images.decode.resized_rgb"
+        return _bench_decode, "bench._bench_decode (photoprep.images.resize absent)"
+    return resized_rgb, "photoprep.images.resize.resized_rgb"
 
 
 def _seed_decode(data: bytes) -> np.ndarray:

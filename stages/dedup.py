@@ -6,7 +6,9 @@ ensure_project_python()
 
 
 from photoprep import console, errors, io, memory, parallel, params, report
-from photoprep.images import dedup, probe, sheets
+from photoprep.images import dedup, sheets, stored
+from photoprep.images.decode import DecodeLimits
+from photoprep.images.probe import ProbeSpec
 from photoprep.layout import PATHS
 
 
@@ -18,18 +20,7 @@ def main() -> str:
     console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
-        probed = probe.probe_images(
-            fetched,
-            PATHS.raw_dir,
-            p.dedup.hash,
-            p.dedup.hash_size,
-            p.validate.max_pixels,
-            p.compute,
-            max_decode_mb=p.validate.max_decode_mb,
-            transforms=p.dedup.transforms,
-            margin=p.dedup.margin,
-            crops=p.dedup.crops,
-        )
+        probed = stored.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
         table = table.join(probed)
         del probed
         memory.release()
@@ -39,7 +30,9 @@ def main() -> str:
         io.write_json(result.counts, PATHS.stage_counts("dedup"))
         memory.release()
         groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)
-        thumbs = probe.thumbnails(groups, PATHS.raw_dir, sheets.THUMB, p.validate.max_pixels, p.compute)
+        thumbs = stored.thumbnails(
+            groups, PATHS.raw_dir, sheets.THUMB, DecodeLimits.after_probe(p), p.compute
+        )
     sheets.draw_near_groups(groups, thumbs, PATHS.duplicates_png)
     c = result.counts
     return (

@@ -24,7 +24,8 @@ from PIL import Image
 
 from photoprep import parallel
 from photoprep.errors import UserError
-from photoprep.images import probe
+from photoprep.images import stored
+from photoprep.images.probe import ProbeSpec
 from photoprep.ingest.store import RemoteBlobReader, ShardWriter, open_reader
 from photoprep.params import ComputeParams, load
 
@@ -214,15 +215,14 @@ def test_dask_workers_probe_shards_read_from_storage_as_joblib_reads_them_locall
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-local"))
     raw = tmp_path / "raw"
     table = _shards(raw / "src", [_jpeg(i) for i in range(6)])
-    args = ("phash", 8, 50_000_000)
-    local = probe.probe_images(table, raw, *args, ComputeParams(n_jobs=1, batch_size=2))
+    local = stored.probe_images(table, raw, ProbeSpec(), ComputeParams(n_jobs=1, batch_size=2))
     storage = tmp_path / "bucket"
     shutil.copytree(raw, storage)
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-dask"))
     remote = ComputeParams(backend="dask", scheduler=cluster, batch_size=2, storage=f"file://{storage}")
     # raw_dir is nowhere: the workers read only through compute.storage.
     since = time.time()
-    got = probe.probe_images(table, tmp_path / "nowhere", *args, remote)
+    got = stored.probe_images(table, tmp_path / "nowhere", ProbeSpec(), remote)
     pd.testing.assert_frame_equal(got, local)
     assert sum(_tasks_per_worker(cluster, "photoprep-probe_batch-", since).values()) == 3
 

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from skimage import data as samples
 
-from photoprep.images import decode, dedup, sheets
+from photoprep.images import dedup, sheets
+from photoprep.images.probe import ProbeSpec, probe
 from photoprep.params import DedupParams
 
 A = "f0f0f0f0f0f0f0f0"
@@ -221,7 +222,9 @@ def _real(
     for name, picture in pictures.items():
         out = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(picture)).save(out, "PNG")
-        record = decode.probe(out.getvalue(), transforms=transforms, margin=p.margin, crops=p.crops)
+        record = probe(
+            out.getvalue(), ProbeSpec.from_dedup(p.model_copy(update={"transforms": list(transforms)}))
+        )
         rows.append({"source": "s", "id": name, "sha256": name, "status": "ok"} | record)
     return pd.DataFrame(rows)
 
@@ -268,7 +271,7 @@ def test_real_copies_keep_the_camera_original():
         "d_resaved": jpeg(photo, 95),
     }
     rows = [
-        {"source": "s", "id": name, "sha256": name, "status": "ok"} | decode.probe(payload)
+        {"source": "s", "id": name, "sha256": name, "status": "ok"} | probe(payload)
         for name, payload in payloads.items()
     ]
     table = dedup.find_duplicates(pd.DataFrame(rows), DedupParams(near_threshold=4)).table.set_index("id")
@@ -314,7 +317,7 @@ def test_a_crop_match_counts_only_when_the_fine_hashes_agree(monkeypatch):
     p = DedupParams()
     rows = [
         {"source": "demo", "id": rid, "sha256": rid, "status": "ok"}
-        | decode.probe((cdn / rid).read_bytes(), margin=p.margin, crops=p.crops)
+        | probe((cdn / rid).read_bytes(), ProbeSpec.from_dedup(p))
         for rid in ("2ec30a31-43f7-522d-b292-c34efdb62e60", "3578ba50-f885-59d3-a609-35cad0ae8083")
     ]
     table = pd.DataFrame(rows)

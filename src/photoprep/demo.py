@@ -7,7 +7,7 @@ renders are byte-identical.
 Plain upscaled 8x8 digits collide under perceptual hashing, so each digit is drawn on its
 own smooth colour background (a gradient and a soft blob) at a small random offset, and a
 rendering whose hash comes within `MIN_DISTANCE` bits of one already drawn is drawn again
-with the next random background. The hash checked is the pipeline's own (`decode.probe`).
+with the next random background. The hash checked is the pipeline's own (`probe.probe`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep.images import decode, hamming
+from photoprep.images import hamming, probe
 from photoprep.layout import PATHS
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
@@ -111,7 +111,7 @@ def _encode(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
 
 
 def _hash(data: bytes) -> np.ndarray:
-    return hamming.pack_hashes([decode.probe(data)["hash"]])[0]
+    return hamming.pack_hashes([probe.probe(data)["hash"]])[0]
 
 
 class _Spread:

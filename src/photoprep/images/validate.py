@@ -1,6 +1,6 @@
 """Validity: every remaining image was fully decoded once; here each gets its verdict and reason.
 
-The decode itself happens in the single-pass probe (`photoprep.images.probe.probe_images`), which the
+The decode itself happens in the single-pass probe (`photoprep.images.probe`), which the
 dedup stage runs on every fetched payload. This module adds the checks that need no pixels.
 """
 
