@@ -5,10 +5,11 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import console, errors, io, memory, parallel, params, report
+from photoprep import console, errors, io, memory, parallel, params
 from photoprep.images import dedup, sheets, stored
 from photoprep.images.decode import DecodeLimits
 from photoprep.images.probe import ProbeSpec
+from photoprep.ingest import reports
 from photoprep.layout import PATHS
 
 
@@ -17,7 +18,7 @@ def main() -> str:
     table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
     fetched = table[table["status"] == "ok"]
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
-    console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
+    console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
         probed = stored.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)

@@ -9,8 +9,8 @@ import sys
 
 import pandas as pd
 
-from photoprep import errors, params, report
-from photoprep.ingest import manifest, partitions, sources
+from photoprep import errors, params
+from photoprep.ingest import manifest, partitions, reports, sources
 from photoprep.layout import PATHS
 
 
@@ -37,9 +37,9 @@ def main() -> str:
         print(line, file=sys.stderr, flush=True)
     if result.interrupted:
         raise errors.Interrupted(result.interrupted_line(stage))
-    reports = PATHS.download_reports(name)
-    report.write_download_reports(name, listed, result.table, reports, labels)
-    result.check_fetched(stage, reports / "failed.csv")
+    folder = PATHS.download_reports(name)
+    reports.write_download_reports(name, listed, result.table, folder, labels)
+    result.check_fetched(stage, folder / "failed.csv")
     return result.summary()
 
 

@@ -28,12 +28,12 @@ import pytest
 import yaml
 from downloads import FAST, assert_failed, assert_ok, photo, records
 
-from photoprep import report
-from photoprep.ingest import journal, manifest
+from photoprep.ingest import journal, manifest, reports
 from photoprep.ingest.client import parse_retry_after
 from photoprep.ingest.fetch import download
 from photoprep.ingest.sources import SourceConfig
 from photoprep.params import DownloadParams
+from photoprep.review import funnel
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_IDS = 5000
@@ -466,11 +466,11 @@ def test_label_rows_matching_no_id_are_counted_in_the_funnel_and_listed(tmp_path
     listed = manifest.read_manifest(cfg)
     labels = pd.DataFrame({"source": ["s"] * 3, "id": ["a", "ghost", "zombie"], "label": ["x", "y", "z"]})
     table = listed.records.assign(status="failed", reason="http_404", http_status=404, attempts=1)
-    report.write_download_reports("s", listed, table, tmp_path / "reports", labels)
+    reports.write_download_reports("s", listed, table, tmp_path / "reports", labels)
     counts = pd.read_json(tmp_path / "reports" / "counts.json", typ="series")
     assert counts["labels_unmatched"] == 2
     assert pd.read_csv(tmp_path / "reports" / "labels_unmatched.csv")["id"].tolist() == ["ghost", "zombie"]
-    assert report.funnel({"s": dict(counts)}, {})["labels_unmatched"] == 2
+    assert funnel.funnel({"s": dict(counts)}, {})["labels_unmatched"] == 2
 
 
 def test_ctrl_c_of_a_partitioned_download_says_what_is_kept_and_the_rerun_ends_byte_identical(
