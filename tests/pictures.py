@@ -8,7 +8,9 @@ import struct
 import zlib
 from functools import cache
 
+import cv2
 import numpy as np
+import skimage.data
 from PIL import Image
 from skimage import data as samples
 from sklearn.datasets import load_digits
@@ -148,3 +150,23 @@ def verdict(record: dict) -> dict:
     """The header and verdict fields of a probe record (a rejected record has no hashes)."""
     assert record["hash"] == record["fine_hash"] == record["transform_hashes"] == ""
     return {key: record[key] for key in ("format", "width", "height", "mode", "valid", "reason", "hash")}
+
+
+def shrunk_photos(hw: tuple[int, int]) -> np.ndarray:
+    """Real photos from skimage.data, shrunk to ``hw`` = (H, W): uint8 N x H x W x 3."""
+    rgbs = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
+    camera = skimage.data.camera()
+    rgbs.append(np.repeat(camera[:, :, None], 3, axis=2))
+    return np.stack([cv2.resize(im, hw[::-1], interpolation=cv2.INTER_AREA) for im in rgbs])
+
+
+def shrunk_crops(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """``n`` different uint8 images of ``hw``: random crops of real photos, shrunk."""
+    rng = np.random.default_rng(seed)
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    out = []
+    for i in range(n):
+        im = photos[i % len(photos)]
+        top, left = rng.integers(0, im.shape[0] // 2), rng.integers(0, im.shape[1] // 2)
+        out.append(cv2.resize(im[top:, left:], hw[::-1], interpolation=cv2.INTER_AREA))
+    return np.stack(out)
