@@ -1,4 +1,5 @@
-"""validate: the verdict on every remaining image (decoded once, in the dedup stage's probe)."""
+"""validate: the dataset's verdict on every image dedup left: the decode's reason (from dedup's
+probe) or too_small."""
 
 from _interpreter import ensure_project_python
 

@@ -27,8 +27,9 @@ from pictures import (
 from PIL import Image
 
 from photoprep.images.decode import open_rgb
-from photoprep.images.formats import DECODE_REASONS, ImageRejected
+from photoprep.images.formats import ImageRejected
 from photoprep.images.probe import probe
+from photoprep.images.reasons import DECODE_REASONS
 from photoprep.images.resize import resized_rgb
 from photoprep.ingest.sniff import sniff_mime
 

@@ -203,12 +203,28 @@ class DedupParams(Section):
         return self
 
 
-class ValidateParams(Section):
-    min_side: int = Field(32, ge=1, description="shorter side below this is too_small")
-    max_pixels: int = Field(50_000_000, ge=1, description="more pixels than this is too_many_pixels")
+class DecodeParams(Section):
+    """The limits of every decode (the dedup stage's probe, which gives the decode's verdict; the
+    bucket stage's resize; the contact sheets), checked from headers before any pixel is decoded."""
+
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="more pixels than this (any frame or embedded image) is too_many_pixels"
+    )
     max_decode_mb: int = Field(
         256, ge=1, le=1_000_000, description="estimated peak MB of one decode; more is over_budget"
     )
+
+
+class ValidateParams(Section):
+    min_side: int = Field(32, ge=1, description="shorter side below this is too_small")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _limits_moved(cls, v: Any) -> Any:
+        moved = [key for key in ("max_pixels", "max_decode_mb") if isinstance(v, dict) and key in v]
+        if moved:
+            raise ValueError(f"{moved[0]}: moved to decode.{moved[0]} (the limits of every decode)")
+        return v
 
 
 class BucketRange(Section):
@@ -522,6 +538,7 @@ class Params(Section):
     sources: list[str] = Field(default_factory=lambda: ["demo"])
     compute: ComputeParams = ComputeParams()
     download: DownloadParams = DownloadParams()
+    decode: DecodeParams = DecodeParams()
     dedup: DedupParams = DedupParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     bucket: BucketParams = BucketParams()

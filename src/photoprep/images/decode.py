@@ -69,15 +69,15 @@ class DecodeLimits:
 
     @classmethod
     def from_params(cls, p: Params) -> DecodeLimits:
-        """The limits params.yaml sets for every decode."""
-        return cls(p.validate.max_pixels, p.validate.max_decode_mb)
+        """The limits of params.yaml's `decode` section."""
+        return cls(p.decode.max_pixels, p.decode.max_decode_mb)
 
     @classmethod
     def after_probe(cls, p: Params) -> DecodeLimits:
         """The limits of a later decode of bytes the probe passed (resize, thumbnails): the pixel
         count alone, so that a valid image is never refused for a budget its RGB decode (larger
         than the probe's grey one) would exceed."""
-        return cls(p.validate.max_pixels)
+        return cls(p.decode.max_pixels)
 
 
 NO_BUDGET = DecodeLimits()

@@ -7,11 +7,11 @@ image format that no opener here reads (EPS, which would run Ghostscript; HEIC w
 pillow-heif; JPEG XL, OpenEXR) is ``unsupported``. HEIF opens where pillow-heif is installed
 (`register_plugins`).
 
-A bad image is never an exception to the probe's caller: it is a record with one of
-`DECODE_REASONS`. Inside the decode it travels as `ImageRejected`. A decoder's error is named
-by `failure_reason`: Pillow says 'image file is truncated' when data runs out mid-decode, other
-decoders only report a broken stream, so the container's own sizes settle
-``truncated`` against ``corrupt``.
+A bad image is never an exception to the probe's caller: it is a record with one of the
+decode's reasons (`photoprep.images.reasons`). Inside the decode it travels as `ImageRejected`.
+A decoder's error is named by `failure_reason`: Pillow says 'image file is truncated' when data
+runs out mid-decode, other decoders only report a broken stream, so the container's own sizes
+settle ``truncated`` against ``corrupt``.
 
 Why by hand: the end-of-file checks read a few container fields (PNG chunks,
 ISO boxes, the BMP and RIFF sizes) that Pillow does not expose after a failed decode.
@@ -26,17 +26,6 @@ import imagehash
 from PIL import Image, features
 
 from photoprep.ingest.sniff import is_image_mime, sniff_mime
-
-DECODE_REASONS = (
-    "zero_bytes",
-    "not_an_image",
-    "truncated",
-    "corrupt",
-    "too_many_pixels",
-    "over_budget",
-    "unsupported",
-)
-
 
 OPENED_FORMATS = (
     "JPEG",
