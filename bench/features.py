@@ -40,7 +40,8 @@ import skimage.data
 from PIL import Image
 
 from photoprep.images.features import compute_features, reference_features
-from photoprep.ingest.store import ShardWriter, read_blobs
+from photoprep.ingest.blobs import read_blobs
+from photoprep.ingest.store import ShardWriter
 from photoprep.params import FeatureParams
 
 SIZE = (64, 64)  # [H, W] of the images the features are computed on

@@ -26,7 +26,8 @@ from photoprep import parallel
 from photoprep.errors import UserError
 from photoprep.images import stored
 from photoprep.images.probe import ProbeSpec
-from photoprep.ingest.store import RemoteBlobReader, ShardWriter, open_reader
+from photoprep.ingest.blobs import RemoteBlobReader, open_reader
+from photoprep.ingest.store import ShardWriter
 from photoprep.params import ComputeParams, load
 
 distributed = pytest.importorskip("distributed")

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from photoprep.ingest import partitions
-from photoprep.ingest.store import BlobReader, check_shard_name
+from photoprep.ingest.blobs import BlobReader, check_shard_name
 from photoprep.params import ComputeParams, DownloadParams
 
 FAST = {

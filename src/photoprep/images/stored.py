@@ -21,7 +21,7 @@ from photoprep.images.decode import DecodeLimits
 from photoprep.images.probe import PROBE_FIELDS, ProbeSpec
 from photoprep.images.resize import PixelSpec
 from photoprep.ingest import sniff
-from photoprep.ingest.store import BlobReader, RemoteBlobReader, open_reader
+from photoprep.ingest.blobs import BlobReader, RemoteBlobReader, open_reader
 from photoprep.io import atomic_path
 from photoprep.params import ComputeParams
 

@@ -46,7 +46,7 @@ import pandas as pd
 from photoprep.dataset import export
 from photoprep.dataset.split import clean_label, natural_sorted, read_labels
 from photoprep.errors import UserError
-from photoprep.ingest.store import BlobReader
+from photoprep.ingest.blobs import BlobReader
 from photoprep.ingest.targets import target_of
 from photoprep.layout import PATHS, Layout
 from photoprep.review.clusters import cluster_folder
