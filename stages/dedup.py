@@ -6,9 +6,10 @@ ensure_project_python()
 
 
 from photoprep import console, errors, io, memory, parallel, params
-from photoprep.images import dedup, sheets, stored
+from photoprep.images import dedup, probe, provenance, sheets, stored
 from photoprep.images.decode import DecodeLimits
 from photoprep.images.probe import ProbeSpec
+from photoprep.images.provenance import ProvenanceSpec
 from photoprep.ingest import reports
 from photoprep.layout import PATHS
 
@@ -21,11 +22,12 @@ def main() -> str:
     console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
-        probed = stored.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
+        probed = probe.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
         table = table.join(probed)
         del probed
         memory.release()
-        result = dedup.find_duplicates(table, p.dedup, p.sources)
+        evidence = provenance.provenance_reader(PATHS.raw_dir, ProvenanceSpec.from_params(p), p.compute)
+        result = dedup.find_duplicates(table, p.dedup, p.sources, evidence)
         io.write_table(result.table.drop(columns=list(dedup.GROUPING_ONLY)), PATHS.dedup_table)
         io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
         io.write_json(result.counts, PATHS.stage_counts("dedup"))

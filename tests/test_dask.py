@@ -24,8 +24,7 @@ from PIL import Image
 
 from photoprep import parallel
 from photoprep.errors import UserError
-from photoprep.images import stored
-from photoprep.images.probe import ProbeSpec
+from photoprep.images.probe import ProbeSpec, probe_images
 from photoprep.ingest.blobs import RemoteBlobReader, open_reader
 from photoprep.ingest.store import ShardWriter
 from photoprep.params import ComputeParams, load
@@ -216,14 +215,14 @@ def test_dask_workers_probe_shards_read_from_storage_as_joblib_reads_them_locall
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-local"))
     raw = tmp_path / "raw"
     table = _shards(raw / "src", [_jpeg(i) for i in range(6)])
-    local = stored.probe_images(table, raw, ProbeSpec(), ComputeParams(n_jobs=1, batch_size=2))
+    local = probe_images(table, raw, ProbeSpec(), ComputeParams(n_jobs=1, batch_size=2))
     storage = tmp_path / "bucket"
     shutil.copytree(raw, storage)
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-dask"))
     remote = ComputeParams(backend="dask", scheduler=cluster, batch_size=2, storage=f"file://{storage}")
     # raw_dir is nowhere: the workers read only through compute.storage.
     since = time.time()
-    got = stored.probe_images(table, tmp_path / "nowhere", ProbeSpec(), remote)
+    got = probe_images(table, tmp_path / "nowhere", ProbeSpec(), remote)
     pd.testing.assert_frame_equal(got, local)
     assert sum(_tasks_per_worker(cluster, "photoprep-probe_batch-", since).values()) == 3
 

@@ -50,8 +50,21 @@ _TRANSFORM = {
 }
 
 
-# Sum of libjpeg's standard luminance quantisation table (quality 50).
-_STD_LUMA_SUM = 3688  # 16 + 11 + 10 + ... + 99
+STD_LUMA_TABLE = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    np.float64,
+).ravel()
+"""libjpeg's standard luminance quantisation table (quality 50), in natural (row-major) order."""
+_STD_LUMA_SUM = float(STD_LUMA_TABLE.sum())  # 3688
 
 
 def crop_trim(crop: float, margin: float) -> float:
@@ -104,9 +117,19 @@ def jpeg_quality(im: Image.Image) -> int:
         return 0
     if max(tables[0]) <= 1:
         return 100
-    scale = 100.0 * float(np.sum(tables[0])) / _STD_LUMA_SUM
-    quality = (200.0 - scale) / 2 if scale <= 100 else 5000.0 / scale
+    return quality_of_scale(100.0 * float(np.sum(tables[0])) / _STD_LUMA_SUM)
+
+
+def quality_of_scale(scale: float) -> int:
+    """libjpeg's quality setting (1..100) for a table `scale` % of the standard one."""
+    quality = (200.0 - scale) / 2 if scale <= 100 else 5000.0 / max(scale, 1e-9)
     return int(min(100, max(1, round(quality))))
+
+
+def libjpeg_luma_table(quality: int) -> np.ndarray:
+    """The luminance table libjpeg writes at `quality` (baseline: steps 1..255), natural order."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip(np.floor((STD_LUMA_TABLE * scale + 50) / 100), 1, 255)
 
 
 def names_a_camera(im: Image.Image) -> bool:

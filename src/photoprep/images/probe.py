@@ -20,13 +20,16 @@ as one `ProbeSpec`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from PIL import Image, ImageFile
 
-from photoprep.images import containers
+from photoprep.images import containers, decode, fingerprint, formats, memo, stored
 from photoprep.images.decode import (
     LATE_EXIF,
     NO_BUDGET,
@@ -58,7 +61,8 @@ from photoprep.images.fingerprint import (
     trimmed,
 )
 from photoprep.images.formats import JPEG_FORMATS, ImageRejected, codec_versions, stores_exactly
-from photoprep.params import DedupParams, Params
+from photoprep.ingest import sniff
+from photoprep.params import ComputeParams, DedupParams, Params
 
 PROBE_FIELDS = (
     "format",
@@ -242,3 +246,36 @@ def _jpeg_draft_mode(im: Image.Image) -> str:
     if im.mode in ("RGB", "YCbCr"):
         return "RGB" if im.info.get("adobe_transform") == 0 else "YCbCr"
     return "L"
+
+
+PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in PROBE_FIELDS]
+"""The probe's fields as the dedup stage's table names them (its reason is the decode's)."""
+
+
+def _probe_batch(located: Sequence[stored.BlobLocation], root: str | Path, spec: ProbeSpec) -> list[dict]:
+    return probe_many(stored.read_blobs(root, located), spec)
+
+
+def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.DataFrame, None]:
+    rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
+    rows.insert(0, "sha256", keys)
+    return rows[["sha256", *PROBE_COLUMNS]], None
+
+
+def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: ComputeParams) -> pd.DataFrame:
+    """Format, size after orientation, mode, validity, perceptual hashes and the facts the
+    keep rule reads (`probe`) of each row's bytes, as `PROBE_COLUMNS`.
+
+    Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
+    most once per spec and decoder code; later calls read the memo, which takes one part per
+    batch as the batch comes back (a killed run keeps the finished batches).
+    """
+    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
+    code = (sys.modules[__name__], decode, fingerprint, formats, containers, sniff)
+    job = stored.Pass(
+        "probe", memo.fingerprint(spec.settings(), *code), _probe_batch, (spec,), _probe_part, "decode+hash"
+    )
+    cache = stored.decode_missing(table, raw_dir, compute, job)
+    if cache.parts > memo.COMPACT_PARTS:
+        cache.compact()
+    return cache.rows(table["sha256"].tolist())[PROBE_COLUMNS].set_index(table.index)

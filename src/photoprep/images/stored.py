@@ -1,14 +1,18 @@
 """Per-image work over stored bytes: each distinct sha256 read from its shard and decoded at most
 once per settings (memoized, `photoprep.images.memo`), in batches on the compute backend.
 
-The probe records of the dedup stage (`probe_images`), the bucket stage's resized pixels
-(`write_pixels`), and the contact sheets' thumbnails (`thumbnails`). Workers are sent
-locations (source, shard, offset, size), never bytes; they read the shards themselves.
+`decode_missing` runs one such pass (a `Pass`: the memo's namespace and key, the task a worker
+runs on a batch of blobs, and how a batch's results become a memo part); the probe
+(`photoprep.images.probe.probe_images`) and the keep rule's provenance
+(`photoprep.images.provenance.provenance_reader`) are passes, and so are the pixels here: the
+bucket stage's (`write_pixels`) and the contact sheets' thumbnails (`thumbnails`). Workers are
+sent locations (source, shard, offset, size), never bytes; they read the shards themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +20,34 @@ import numpy as np
 import pandas as pd
 
 from photoprep import parallel
-from photoprep.images import containers, decode, fingerprint, formats, memo, probe, resize
+from photoprep.images import containers, decode, formats, memo, resize
 from photoprep.images.decode import DecodeLimits
-from photoprep.images.probe import PROBE_FIELDS, ProbeSpec
 from photoprep.images.resize import PixelSpec
-from photoprep.ingest import sniff
 from photoprep.ingest.blobs import BlobReader, RemoteBlobReader, open_reader
 from photoprep.io import atomic_path
 from photoprep.params import ComputeParams
-
-PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in PROBE_FIELDS]
 
 # (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
 BlobLocation = tuple[str, str, int, int]
 
 
-def _locations(table: pd.DataFrame) -> list[BlobLocation]:
+@dataclass(frozen=True)
+class Pass:
+    """One memoized pass over stored images: where its results live (`namespace`, `key`: a
+    fingerprint of the settings and code), the module-level `task(locations, root, *args)` a
+    worker runs on a batch, and `part(keys, results)`, a batch's memo rows and arrays."""
+
+    namespace: str
+    key: str
+    task: Callable[..., Any]
+    args: tuple[Any, ...]
+    part: Callable[[list[str], Any], tuple[pd.DataFrame, np.ndarray | None]]
+    desc: str
+    arrays: bool = False
+
+
+def locations(table: pd.DataFrame) -> list[BlobLocation]:
+    """Where each row's bytes lie."""
     return list(
         zip(
             table["source"],
@@ -53,11 +69,12 @@ def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
     return raw_dir.resolve() if compute.backend == "dask" else raw_dir
 
 
-def _read(root: str | Path, locations: Sequence[BlobLocation]) -> list[bytes]:
+def read_blobs(root: str | Path, located: Sequence[BlobLocation]) -> list[bytes]:
+    """The bytes at each location, read in a worker."""
     readers: dict[str, BlobReader | RemoteBlobReader] = {}
     try:
         out = []
-        for source, shard, offset, size in locations:
+        for source, shard, offset, size in located:
             if source not in readers:
                 readers[source] = open_reader(root, source)
             out.append(readers[source].read(shard, offset, size))
@@ -67,78 +84,38 @@ def _read(root: str | Path, locations: Sequence[BlobLocation]) -> list[bytes]:
             reader.close()
 
 
-def _probe_batch(locations: Sequence[BlobLocation], root: str | Path, spec: ProbeSpec) -> list[dict]:
-    return probe.probe_many(_read(root, locations), spec)
-
-
-def _pixels_batch(locations: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> list[np.ndarray]:
-    return [resize.resized_rgb(data, spec.size, spec.fit, spec.limits) for data in _read(root, locations)]
-
-
-def _first_per_sha(table: pd.DataFrame, todo: list[str]) -> pd.DataFrame:
-    """One row (a place to read the bytes from) for each sha256 still to decode."""
-    firsts = table.drop_duplicates("sha256").set_index("sha256")
-    return firsts.loc[todo].reset_index()
-
-
-def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.DataFrame, None]:
-    rows = pd.DataFrame(results).rename(columns={"reason": "decode_reason"})
-    rows.insert(0, "sha256", keys)
-    return rows[["sha256", *PROBE_COLUMNS]], None
-
-
-def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: ComputeParams) -> pd.DataFrame:
-    """Format, size after orientation, mode, validity, perceptual hashes and the facts the
-    keep rule reads (`probe.probe`) of each row's bytes.
-
-    Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
-    most once per spec and decoder code; later calls read the memo, which takes one part per
-    batch as the batch comes back (a killed run keeps the finished batches).
-    """
-    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
-    code = (probe, decode, fingerprint, formats, containers, sniff)
-    cache = memo.Memo("probe", memo.fingerprint(spec.settings(), *code))
+def decode_missing(table: pd.DataFrame, raw_dir: Path, compute: ComputeParams, job: Pass) -> memo.Memo:
+    """The memo of `job`, holding every row's sha256: only the sha256s missing from it are
+    decoded, one memo part per batch as the batches come back from the workers, so a killed run
+    keeps every finished batch."""
+    cache = memo.Memo(job.namespace, job.key, arrays=job.arrays)
     keys = table["sha256"].tolist()
     todo = cache.missing(keys)
     if todo:
-        firsts = _first_per_sha(table, todo)
-        batches = parallel.imap_batches(
-            _probe_batch, _locations(firsts), compute, blob_root(raw_dir, compute), spec, desc="decode+hash"
-        )
-        cache.fill(todo, batches, _probe_part)
-        if cache.parts > memo.COMPACT_PARTS:
-            cache.compact()
-    memo.log_decodes("probe", decoded=len(todo), cached=len(set(keys)) - len(todo))
-    probed = cache.rows(keys)
-    return probed[PROBE_COLUMNS].set_index(table.index)
+        firsts = table.drop_duplicates("sha256").set_index("sha256").loc[todo].reset_index()
+        root = blob_root(raw_dir, compute)
+        batches = parallel.imap_batches(job.task, locations(firsts), compute, root, *job.args, desc=job.desc)
+        cache.fill(todo, batches, job.part)
+    memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
+    return cache
+
+
+def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> list[np.ndarray]:
+    return [resize.resized_rgb(data, spec.size, spec.fit, spec.limits) for data in read_blobs(root, located)]
+
+
+def _pixels_part(keys: list[str], arrays: list[np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+    return pd.DataFrame({"sha256": keys}), np.stack(arrays)
 
 
 def memoize_pixels(
     table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, namespace: str = "pixels"
 ) -> memo.Memo:
-    """The pixel memo of `spec` and the decoder code, holding every row's sha256.
-
-    Only the sha256s missing from it are decoded, one memo part per batch as the batches come
-    back from the workers, so a killed run keeps every finished batch.
-    """
-    code = (resize, decode, formats, containers)
-    cache = memo.Memo(namespace, memo.fingerprint(spec.settings(), *code), arrays=True)
-    keys = table["sha256"].tolist()
-    todo = cache.missing(keys)
-    if todo:
-        firsts = _first_per_sha(table, todo)
-        height, width = spec.size
-        batches = parallel.imap_batches(
-            _pixels_batch,
-            _locations(firsts),
-            compute,
-            blob_root(raw_dir, compute),
-            spec,
-            desc=f"resize {height}x{width}",
-        )
-        cache.fill(todo, batches, lambda keys, arrays: (pd.DataFrame({"sha256": keys}), np.stack(arrays)))
-    memo.log_decodes(namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
-    return cache
+    """The pixel memo of `spec` and the decoder code, holding every row's sha256."""
+    key = memo.fingerprint(spec.settings(), resize, decode, formats, containers)
+    height, width = spec.size
+    job = Pass(namespace, key, _pixels_batch, (spec,), _pixels_part, f"resize {height}x{width}", arrays=True)
+    return decode_missing(table, raw_dir, compute, job)
 
 
 def resized_pixels(
