@@ -19,11 +19,20 @@ original. Its edited copies, saved as other tools would (no camera EXIF):
 - corner_crop (10 % off the left and the top only): a *limit*, reported, not counted in the
   recall: the hashes see the whole picture, and an off-centre crop moves all of it.
 
-Every image goes through the pipeline's own code (`probe.probe`, `dedup.find_duplicates`).
-Figures per hash and threshold: recall (edited copies grouped with their original),
-precision (pairs of images grouped together that show the same photograph) and the number
-of groups that mix two photographs; then the keep rule (the share of groups whose kept copy
-is the untouched original, for each `dedup.keep`), the verification step, and transforms.
+The keep rule is measured on copies that state as much as the original or more (`KEEP_COPIES`,
+made from the camera original's file: an RGBA PNG and a 16-bit PNG of its pixels, a brightened
+copy at quality 98, a brightened copy at quality 95 with the camera EXIF copied), and on lossless
+originals (an 8-bit PNG without EXIF, for the photographs whose shipped file never went through
+JPEG) with a 16-bit up-converted and a brightened PNG of them (`LOSSLESS_COPIES`), each group
+with the edits above: the share of groups whose kept copy is the untouched original, for each
+`dedup.keep`, and every group that kept another copy, with the criterion it won on.
+``--keep-only`` prints just that.
+
+Every image goes through the pipeline's own code (`probe.probe`, `provenance.provenance`,
+`dedup.find_duplicates`). Figures per hash and threshold: recall (edited copies grouped with
+their original), precision (pairs of images grouped together that show the same photograph) and
+the number of groups that mix two photographs; then the keep rule, the verification step, and
+transforms.
 """
 
 from __future__ import annotations
