@@ -1,18 +1,21 @@
 """What a file's pixels say about where it came from: a lossy history, an up-converted bit depth,
-and a small picture to measure edits by. The keep rule (`photoprep.images.dedup`) reads these
-facts for the members of duplicate groups only, from one full decode each.
+and a small picture to measure edits by. The keep rule (`photoprep.images.keep`) reads these
+facts for the members of duplicate groups only, from one more decode each (full scale but for
+JPEGs, whose thumbnail needs only a reduced-scale one).
 
 - **JPEG history.** A picture that went through JPEG keeps, at each frequency of JPEG's 8 x 8
   DCT (on the grid from the top-left corner), coefficients close to multiples of that
-  frequency's quantisation step, whatever it was saved as later: a PNG or a 16-bit TIFF of a
-  JPEG, or a JPEG re-saved at a higher quality after an edit (a brightness change scales the
-  steps, it does not erase them). `jpeg_history` cuts the stored luma (JPEG's own Y: libjpeg's
-  grey for a JPEG, 0.299 R + 0.587 G + 0.114 B otherwise) into blocks, leaves out blocks that
-  touch black or white (clipping breaks the lattice), takes each block's DCT (`scipy.fft.dctn`,
-  orthonormal: JPEG's own coefficients) and, per frequency, finds the coarsest lattice the
-  coefficients lie on (a peak of the mean cosine of 2 pi c / step over the coefficients past
-  half a step) that is coarser than the file's own table. Found at enough frequencies, the
-  history's quality is read from the steps as `fingerprint.jpeg_quality` reads a table.
+  frequency's quantisation step, whatever it was saved as later: a PNG or a 16-bit PNG of a JPEG
+  still shows them. `jpeg_history` cuts the luma (0.299 R + 0.587 G + 0.114 B, JPEG's own Y)
+  into blocks, leaves out blocks that touch black or white (clipping breaks the lattice), takes
+  each block's DCT (`scipy.fft.dctn`, orthonormal: JPEG's own coefficients) and, per
+  frequency, finds the coarsest lattice the coefficients lie on (a peak of the mean cosine of
+  2 pi c / step over the coefficients past half a step). Found at enough frequencies, the
+  history's quality is the libjpeg quality whose table the steps fit best. Only files without
+  a lossy codec of their own are judged: in a JPEG, a history under its own table (a re-save
+  after an edit) shows at high qualities in some pictures and not in others, while untouched
+  JPEGs of pictures that had been JPEGs before show theirs (bench/dedup_quality.py's photographs),
+  so the keep rule tells JPEG copies apart by the camera record and the medoid instead.
 - **Up-converted bit depth.** 16-bit samples that are all multiples of 257 (``v * 257`` is
   ``v << 8 | v``) hold 8 bits: such a file ranks as its 8-bit source (`depth` 8).
 - **Thumbnail.** The upright grey picture without the probe's margin, area-averaged to
@@ -94,9 +97,10 @@ class ProvenanceSpec:
 def provenance(data: bytes, spec: ProvenanceSpec = ProvenanceSpec()) -> tuple[dict, np.ndarray]:
     """The facts of `PROVENANCE_FIELDS` and the thumbnail (uint8 `THUMB_SIDE` square) of `data`.
 
-    history: the quality (1..100) of a JPEG history coarser than the file's own table, 0 when
-    none shows; depth: bits per sample (16 only for 16-bit samples that are not up-converted
-    8-bit ones, else 8); upconverted: 16-bit samples that hold 8 bits. Bytes that do not decode
+    history: the quality (1..100) of the JPEG history a file without a lossy codec of its own
+    shows, 0 when none shows (and for JPEGs); depth: bits per sample (16 only for 16-bit
+    samples that are not up-converted 8-bit ones, else 8); upconverted: 16-bit samples that
+    hold 8 bits. Bytes that do not decode
     (the probe says why) give no history, depth 8 and a black thumbnail.
     """
     record: dict = {"history": 0, "depth": 8, "upconverted": False}
@@ -108,7 +112,7 @@ def provenance(data: bytes, spec: ProvenanceSpec = ProvenanceSpec()) -> tuple[di
             sixteen = _sixteen_bit(im)
             jpeg = im.format in JPEG_FORMATS
             if jpeg:
-                # A JPEG's own history is not judged (see `jpeg_history`): its thumbnail needs no
+                # A JPEG's history is not judged (see the module notes): its thumbnail needs no
                 # more than libjpeg's reduced-scale grey.
                 im.draft("L", (THUMB_SIDE * 4, THUMB_SIDE * 4))
             orientation = exif_orientation(im) if im.format not in LATE_EXIF else 1
@@ -135,8 +139,8 @@ def provenance_many(blobs: list[bytes], spec: ProvenanceSpec) -> list[tuple[dict
 
 def jpeg_history(luma: np.ndarray, own: np.ndarray | None = None) -> int:
     """The quality (1..100) of the coarsest JPEG quantisation the luma's 8 x 8 DCT coefficients
-    show beyond `own` (the file's luma table in natural order, None for a file without one);
-    0 when fewer than enough frequencies show one."""
+    show beyond `own` (a luma table in natural order the file was quantised with, None for none);
+    0 when fewer than `_MIN_FREQUENCIES` frequencies show one."""
     coefficients = _coefficients(luma)
     if coefficients is None:
         return 0
