@@ -22,6 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import photoprep
 from photoprep import parallel
 from photoprep.errors import UserError
 from photoprep.images.probe import ProbeSpec, probe_images
@@ -161,7 +162,9 @@ def test_a_local_cluster_has_n_jobs_workers_serves_a_whole_session_and_leaves_no
 def test_workers_running_other_photoprep_code_are_refused(tmp_path):
     # The stage's own code is the reference: a worker whose photoprep differs could write other bytes.
     src = tmp_path / "src"
-    shutil.copytree(Path(parallel.__file__).resolve().parents[1], src, ignore=shutil.ignore_patterns("*.pyc"))
+    shutil.copytree(
+        Path(photoprep.__file__).resolve().parents[1], src, ignore=shutil.ignore_patterns("*.pyc")
+    )
     with open(src / "photoprep" / "images" / "decode.py", "a", encoding="utf-8") as changed:
         changed.write("\n# another version\n")
     with CLICluster(tmp_path, workers=1, pythonpath=src) as other:
