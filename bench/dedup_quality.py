@@ -51,10 +51,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
+from photoprep.core.params import DedupParams
 from photoprep.images import dedup, keep
 from photoprep.images.probe import ProbeSpec, probe_many
 from photoprep.images.provenance import ProvenanceSpec, provenance
-from photoprep.params import DedupParams
 
 EDITS = ("reencode", "resize", "thumbnail", "crop", "caption", "grey", "brighten", "exif_rotate")
 LIMITS = ("corner_crop",)

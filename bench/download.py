@@ -40,8 +40,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from photoprep.core.params import DownloadParams
 from photoprep.ingest.fetch import fetch_all
-from photoprep.params import DownloadParams
 
 LATENCY_S = 0.05
 MIN_BYTES, MAX_BYTES = 20_000, 150_000

@@ -39,10 +39,10 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
+from photoprep.core.params import FeatureParams
 from photoprep.images.features import compute_features, reference_features
 from photoprep.ingest.blobs import read_blobs
 from photoprep.ingest.store import ShardWriter
-from photoprep.params import FeatureParams
 
 SIZE = (64, 64)  # [H, W] of the images the features are computed on
 FRAMES = [(640, 480), (800, 600), (1024, 768), (480, 640), (768, 1024)]  # (W, H)

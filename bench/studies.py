@@ -49,7 +49,7 @@ portable.pin_cpu_math(portable=True, threads=2)  # before torch loads, as the st
 import pandas as pd  # noqa: E402
 
 from photoprep import demo, params  # noqa: E402
-from photoprep.layout import Layout  # noqa: E402
+from photoprep.core.layout import Layout  # noqa: E402
 from photoprep.learn import checkpoint, evaluate, train  # noqa: E402
 from photoprep.learn.data import load_data  # noqa: E402
 

@@ -8,10 +8,10 @@ ensure_project_python()
 import numpy as np
 import pandas as pd
 
-from photoprep import console, errors, io, memory, params
+from photoprep.core import console, errors, io, memory, params
+from photoprep.core.layout import PATHS
 from photoprep.images import bucket, sheets, stored
 from photoprep.images.resize import PixelSpec
-from photoprep.layout import PATHS
 
 
 def main() -> str:

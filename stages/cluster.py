@@ -8,8 +8,9 @@ ensure_project_python()
 import numpy as np
 import pandas as pd
 
-from photoprep import errors, io, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, io, params
+from photoprep.core.layout import PATHS
 from photoprep.review import clusters as review_pages
 
 

@@ -5,13 +5,13 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import console, errors, io, memory, parallel, params
+from photoprep.core import console, errors, io, memory, parallel, params
+from photoprep.core.layout import PATHS
 from photoprep.images import dedup, probe, provenance, sheets, stored
 from photoprep.images.decode import DecodeLimits
 from photoprep.images.probe import ProbeSpec
 from photoprep.images.provenance import ProvenanceSpec
 from photoprep.ingest import reports
-from photoprep.layout import PATHS
 
 
 def main() -> str:

@@ -9,9 +9,9 @@ import sys
 
 import pandas as pd
 
-from photoprep import errors, params
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
 from photoprep.ingest import manifest, partitions, reports, sources
-from photoprep.layout import PATHS
 
 
 def main() -> str:

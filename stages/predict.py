@@ -7,8 +7,9 @@ ensure_project_python()
 
 import numpy as np
 
-from photoprep import errors, io, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, io, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str:

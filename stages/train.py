@@ -9,8 +9,9 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, io, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, io, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str | None:

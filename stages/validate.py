@@ -8,9 +8,9 @@ ensure_project_python()
 
 import pandas as pd
 
-from photoprep import console, errors, io, params
+from photoprep.core import console, errors, io, params
+from photoprep.core.layout import PATHS
 from photoprep.images import validate
-from photoprep.layout import PATHS
 
 
 def main() -> str:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from photoprep.core.params import DownloadParams
 from photoprep.ingest.blobs import read_blobs
 from photoprep.ingest.fetch import fetch_all
-from photoprep.params import DownloadParams
 
 # Timeouts generous enough for a busy test machine; backoff short enough for a fast suite.
 FAST = DownloadParams(

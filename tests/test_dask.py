@@ -23,12 +23,12 @@ import yaml
 from PIL import Image
 
 import photoprep
-from photoprep import parallel
-from photoprep.errors import UserError
+from photoprep.core import parallel
+from photoprep.core.errors import UserError
+from photoprep.core.params import ComputeParams, load
 from photoprep.images.probe import ProbeSpec, probe_images
 from photoprep.ingest.blobs import RemoteBlobReader, open_reader
 from photoprep.ingest.store import ShardWriter
-from photoprep.params import ComputeParams, load
 
 distributed = pytest.importorskip("distributed")
 
@@ -329,8 +329,8 @@ def test_every_stage_that_runs_batches_declares_no_compute_param():
 
 
 def test_download_partitions_run_as_tasks_on_both_workers_with_the_bytes_of_joblib(cluster, cdn, tmp_path):
+    from photoprep.core.params import DownloadParams
     from photoprep.ingest import partitions
-    from photoprep.params import DownloadParams
 
     ids = [f"d{i:03d}" for i in range(40)]
     for id_ in ids:

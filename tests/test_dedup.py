@@ -10,10 +10,10 @@ import pytest
 from PIL import Image, ImageEnhance
 from skimage import data as samples
 
+from photoprep.core.params import DedupParams
 from photoprep.images import dedup, keep, sheets
 from photoprep.images.probe import ProbeSpec, probe
 from photoprep.images.provenance import provenance
-from photoprep.params import DedupParams
 
 A = "f0f0f0f0f0f0f0f0"
 A_NEAR = "f0f0f0f0f0f0f0f3"  # 2 bits from A

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from photoprep import demo
+from photoprep.core.params import DedupParams
 from photoprep.images import hamming
 from photoprep.images.probe import ProbeSpec, probe
 from photoprep.ingest import manifest, sources
-from photoprep.params import DedupParams
 
 DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo"
 EXPECTED = json.loads((DEMO / "expected.json").read_text())

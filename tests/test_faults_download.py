@@ -28,11 +28,11 @@ import pytest
 import yaml
 from downloads import FAST, assert_failed, assert_ok, photo, records
 
+from photoprep.core.params import DownloadParams
 from photoprep.ingest import journal, manifest, reports
 from photoprep.ingest.client import parse_retry_after
 from photoprep.ingest.fetch import download
 from photoprep.ingest.sources import SourceConfig
-from photoprep.params import DownloadParams
 from photoprep.review import funnel
 
 REPO = Path(__file__).resolve().parents[1]

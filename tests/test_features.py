@@ -14,7 +14,9 @@ from pydantic import ValidationError
 from skimage.color import rgb2gray
 from skimage.feature import hog
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.io import write_array
+from photoprep.core.params import ComputeParams, FeatureParams, HogParams
 from photoprep.images import features, memo
 from photoprep.images.features import (
     color_map_batch,
@@ -24,8 +26,6 @@ from photoprep.images.features import (
     reference_features,
 )
 from photoprep.images.hog import gray_batch, hog_batch
-from photoprep.io import write_array
-from photoprep.params import ComputeParams, FeatureParams, HogParams
 
 TOL = 1e-5
 

@@ -1,6 +1,6 @@
 """The funnel: counts from every stage, summed over sources, in pipeline order."""
 
-from photoprep import io
+from photoprep.core import io
 from photoprep.review import funnel as funnels
 
 

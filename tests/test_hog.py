@@ -9,8 +9,8 @@ from skimage.color import rgb2gray
 from skimage.feature import hog
 from sklearn.datasets import load_digits
 
+from photoprep.core.params import HogParams
 from photoprep.images.hog import angle_bins, gray_batch, hog_batch, orientation_bins
-from photoprep.params import HogParams
 
 TOL = 1e-5
 

@@ -214,11 +214,11 @@ def test_a_killed_stage_resumes_from_its_flushed_memo(tmp_path, monkeypatch, sta
 
 
 def test_images_npy_written_in_batches_equals_the_in_memory_array(tmp_path, monkeypatch):
+    from photoprep.core.io import write_array
+    from photoprep.core.params import ComputeParams
     from photoprep.images import stored
     from photoprep.images.decode import DecodeLimits
     from photoprep.images.resize import PixelSpec
-    from photoprep.io import write_array
-    from photoprep.params import ComputeParams
 
     project = make_project(tmp_path / "p", 23)
     run_stage(project, "download", monkeypatch, "syn")

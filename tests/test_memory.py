@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from photoprep import memory
+from photoprep.core import memory
 
 
 def anon_mb() -> float:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from photoprep import params
-from photoprep.errors import UserError
+from photoprep.core import params
+from photoprep.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from photoprep.core.params import ComputeParams, DownloadParams
 from photoprep.ingest import partitions
 from photoprep.ingest.blobs import BlobReader, check_shard_name
-from photoprep.params import ComputeParams, DownloadParams
 
 FAST = {
     "concurrency": 8,

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image, ImageEnhance
 from skimage import data as samples
 
+from photoprep.core.params import ComputeParams
 from photoprep.images import memo
 from photoprep.images.provenance import ProvenanceSpec, jpeg_history, provenance, provenance_reader
 from photoprep.ingest.store import ShardWriter
-from photoprep.params import ComputeParams
 
 # Photographs that never went through JPEG before scikit-image shipped them.
 UNTOUCHED = ("astronaut", "coffee", "camera", "immunohistochemistry")

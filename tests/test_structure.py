@@ -13,7 +13,7 @@ import pytest
 import yaml
 from imports import PACKAGE, ROOT, closure, imported_modules, module_name
 
-from photoprep.layout import SPLITS, Layout
+from photoprep.core.layout import SPLITS, Layout
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 STAGE_SCRIPTS = sorted((ROOT / "stages").glob("[a-z]*.py"))

@@ -3,11 +3,11 @@
 import pandas as pd
 import pytest
 
-from photoprep import params
-from photoprep.errors import UserError
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.params import ValidateParams
 from photoprep.images import validate
 from photoprep.images.reasons import BROKEN_REASONS, DECODE_REASONS
-from photoprep.params import ValidateParams
 
 
 def _deduped() -> pd.DataFrame:

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from photoprep import params
-from photoprep.errors import UserError
-from photoprep.layout import PATHS, Layout
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
 
 ROOT_HELP = "the project folder, the one holding dvc.yaml (default: the current folder)"
 
@@ -27,8 +27,8 @@ def _export(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
+    from photoprep.core.io import read_json
     from photoprep.dataset import export
-    from photoprep.io import read_json
 
     paths = Layout(Path(args.root))
     split_path = paths.split_table(args.split)

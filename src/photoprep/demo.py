@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from photoprep.core.layout import PATHS
 from photoprep.images import hamming, probe
-from photoprep.layout import PATHS
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
 MIN_DISTANCE = 12  # phash bits between any two distinct images (checked on render)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from photoprep.core.params import Params
 from photoprep.images import containers
 from photoprep.images.formats import (
     JPEG_FORMATS,
@@ -52,7 +53,6 @@ from photoprep.images.formats import (
     unidentified_reason,
 )
 from photoprep.ingest.sniff import sniff_mime
-from photoprep.params import Params
 
 
 @dataclass(frozen=True)

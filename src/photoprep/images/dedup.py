@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.params import DedupParams
 from photoprep.images import graph, hamming, keep
-from photoprep.params import DedupParams
 
 CROP_FINE_THRESHOLD = 56
 """A match through a cropped hash counts only when the fine hashes (256 bits) of the two views

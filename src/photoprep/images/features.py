@@ -36,12 +36,12 @@ import joblib
 import numpy as np
 import pandas as pd
 
-from photoprep import parallel
-from photoprep.errors import UserError
+from photoprep.core import parallel
+from photoprep.core.errors import UserError
+from photoprep.core.io import atomic_path
+from photoprep.core.params import ComputeParams, FeatureParams
 from photoprep.images import hog, memo
 from photoprep.images.hog import gray_batch, hog_batch, hog_shape, skimage_hog
-from photoprep.io import atomic_path
-from photoprep.params import ComputeParams, FeatureParams
 
 # The 'original' scaling of the DEC features.
 _HOG_SHIFT, _HOG_GAIN = 0.2, 10.0

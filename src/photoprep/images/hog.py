@@ -15,8 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from photoprep.errors import UserError
-from photoprep.params import HogParams
+from photoprep.core.errors import UserError
+from photoprep.core.params import HogParams
 
 # skimage's block normalisation constant (``_hog_normalize_block(..., eps=1e-5)``).
 _EPS = 1e-5

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from photoprep.params import DedupParams
+from photoprep.core.params import DedupParams
 
 KEEP_REASONS = (
     "colour",

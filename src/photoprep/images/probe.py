@@ -29,6 +29,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
+from photoprep.core.params import ComputeParams, DedupParams, Params
 from photoprep.images import containers, decode, fingerprint, formats, memo, stored
 from photoprep.images.decode import (
     LATE_EXIF,
@@ -62,7 +63,6 @@ from photoprep.images.fingerprint import (
 )
 from photoprep.images.formats import JPEG_FORMATS, ImageRejected, codec_versions, stores_exactly
 from photoprep.ingest import sniff
-from photoprep.params import ComputeParams, DedupParams, Params
 
 PROBE_FIELDS = (
     "format",

@@ -42,6 +42,7 @@ import pandas as pd
 from PIL import Image, ImageFile
 from scipy.fft import dctn
 
+from photoprep.core.params import ComputeParams, Params
 from photoprep.images import containers, decode, fingerprint, formats, memo, stored
 from photoprep.images.decode import (
     LATE_EXIF,
@@ -57,7 +58,6 @@ from photoprep.images.decode import (
 from photoprep.images.fingerprint import libjpeg_luma_table, trimmed
 from photoprep.images.formats import JPEG_FORMATS, ImageRejected
 from photoprep.images.keep import Evidence
-from photoprep.params import ComputeParams, Params
 
 THUMB_SIDE = 32
 """Side of the grey thumbnail the keep rule's medoid compares (1 KB a member of a group)."""

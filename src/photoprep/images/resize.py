@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from photoprep.core.params import Params
 from photoprep.images.decode import NO_BUDGET, DecodeLimits, upright_rgb
 from photoprep.images.formats import codec_versions
-from photoprep.params import Params
 
 FITS = ("stretch", "pad", "crop")
 RESAMPLE = Image.Resampling.LANCZOS

@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from photoprep import parallel
+from photoprep.core import parallel
+from photoprep.core.io import atomic_path
+from photoprep.core.params import ComputeParams
 from photoprep.images import containers, decode, formats, memo, resize
 from photoprep.images.decode import DecodeLimits
 from photoprep.images.resize import PixelSpec
 from photoprep.ingest.blobs import BlobReader, RemoteBlobReader, open_reader
-from photoprep.io import atomic_path
-from photoprep.params import ComputeParams
 
 # (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
 BlobLocation = tuple[str, str, int, int]

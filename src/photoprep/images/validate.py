@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from photoprep.params import ValidateParams
+from photoprep.core.params import ValidateParams
 
 VALID_COLUMNS = ["format", "width", "height", "mode", "valid", "reason"]
 

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 from photoprep.ingest.store import SHARD_REF, pread_exact
 
 

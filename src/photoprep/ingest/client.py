@@ -39,10 +39,10 @@ import aiohttp
 import brotli
 from yarl import URL
 
-from photoprep.console import count
+from photoprep.core.console import count
+from photoprep.core.params import DownloadParams
 from photoprep.ingest.encoding import Decoder, TooLarge
 from photoprep.ingest.targets import Target, read_local, same_host, target_of
-from photoprep.params import DownloadParams
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _OK = frozenset({200, 203})

@@ -30,8 +30,10 @@ from typing import Any
 
 import pandas as pd
 
-from photoprep.console import Progress, count
-from photoprep.errors import UserError
+from photoprep.core.console import Progress, count
+from photoprep.core.errors import UserError
+from photoprep.core.io import write_table
+from photoprep.core.params import DownloadParams
 from photoprep.ingest.client import Client, HostDown
 from photoprep.ingest.journal import Journal, read_journal, remove_journal
 from photoprep.ingest.rows import (
@@ -44,8 +46,6 @@ from photoprep.ingest.rows import (
 )
 from photoprep.ingest.sink import Sink
 from photoprep.ingest.store import ShardWriter
-from photoprep.io import write_table
-from photoprep.params import DownloadParams
 
 _MIB = 2**20
 _PROGRESS_EVERY = 64  # progress updates per this many images: one call per image costs more than it shows

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from photoprep.core.io import fsync_directory
 from photoprep.ingest.rows import JOURNAL_FIELDS
 from photoprep.ingest.store import OpenState
-from photoprep.io import fsync_directory
 
 JOURNAL_NAME = ".journal.jsonl"
 

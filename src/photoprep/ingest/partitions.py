@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from photoprep import parallel
-from photoprep.errors import Interrupted
+from photoprep.core import parallel
+from photoprep.core.errors import Interrupted
+from photoprep.core.io import write_table
+from photoprep.core.params import ComputeParams, DownloadParams
 from photoprep.ingest import fetch
 from photoprep.ingest.rows import KEY
 from photoprep.ingest.store import PART_PREFIX
-from photoprep.io import write_table
-from photoprep.params import ComputeParams, DownloadParams
 
 PART_TABLE = "rows.parquet"
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from photoprep.console import count, reasons
-from photoprep.io import write_json, write_table
+from photoprep.core.console import count, reasons
+from photoprep.core.io import write_json, write_table
 
 
 def download_counts(listed: Any, table: pd.DataFrame, unmatched_labels: int = 0) -> dict[str, Any]:

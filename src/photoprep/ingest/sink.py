@@ -19,10 +19,10 @@ import os
 import tempfile
 import time
 
+from photoprep.core.params import DownloadParams
 from photoprep.ingest.journal import Journal
 from photoprep.ingest.rows import FetchRow, journal_values
 from photoprep.ingest.store import ShardWriter
-from photoprep.params import DownloadParams
 
 
 class Sink:

@@ -26,8 +26,8 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from photoprep.errors import UserError, describe_validation_error
-from photoprep.layout import PATHS
+from photoprep.core.errors import UserError, describe_validation_error
+from photoprep.core.layout import PATHS
 
 Format = Literal["heobs", "csv", "tsv", "urls", "folder"]
 

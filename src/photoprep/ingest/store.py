@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from photoprep.io import fsync_directory
+from photoprep.core.io import fsync_directory
 
 SHARD_GLOB = "shard-*.tar"
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")

@@ -29,11 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from photoprep.errors import UserError
-from photoprep.io import write_bytes
+from photoprep.core.errors import UserError
+from photoprep.core.io import write_bytes
+from photoprep.core.params import TrainParams
 from photoprep.learn import models
 from photoprep.learn.data import TrainData
-from photoprep.params import TrainParams
 
 __all__ = [
     "CHECKPOINT_FORMAT",

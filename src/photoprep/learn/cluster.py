@@ -36,12 +36,12 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from photoprep import portable
+from photoprep.core.errors import UserError
+from photoprep.core.params import ClusterParams
 from photoprep.dataset.split import clean_label, read_labels
-from photoprep.errors import UserError
 from photoprep.learn.checkpoint import DEC_FORMAT, save_model
 from photoprep.learn.dec import DEC, Log, fit_dec, hard_assign, run_kmeans
 from photoprep.learn.devices import pick_device
-from photoprep.params import ClusterParams
 
 __all__ = [
     "BLOCKS",

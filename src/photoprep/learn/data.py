@@ -31,11 +31,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from photoprep.core.errors import UserError
+from photoprep.core.io import read_json
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import TrainParams
 from photoprep.dataset.split import fingerprint as split_fingerprint
-from photoprep.errors import UserError
-from photoprep.io import read_json
-from photoprep.layout import PATHS, Layout
-from photoprep.params import TrainParams
 
 __all__ = [
     "Batches",

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from photoprep import portable
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.params import TrainParams
 from photoprep.learn import devices, models
 from photoprep.learn.checkpoint import (
     MODEL_FORMAT,
@@ -55,7 +56,6 @@ from photoprep.learn.checkpoint import (
 )
 from photoprep.learn.data import Batches, TrainData, input_stats
 from photoprep.learn.devices import device_name
-from photoprep.params import TrainParams
 
 if TYPE_CHECKING:
     from photoprep.learn.distributed import World

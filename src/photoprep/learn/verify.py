@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from photoprep import params
-from photoprep.errors import UserError
-from photoprep.io import read_json
-from photoprep.layout import PATHS, Layout
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.io import read_json
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import TrainParams
 from photoprep.learn import evaluate, models, train
 from photoprep.learn.checkpoint import load_model, read_model_file
 from photoprep.learn.data import SplitData, check_classes, load_data, load_split, read_splits_report
-from photoprep.params import TrainParams
 
 CUDA_EVAL_TOLERANCE = 1e-4  # fp32 kernels differ between devices in the last bits
 CUDA_RETRAIN_TOLERANCE = 0.02  # another device's training lands on other weights

@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 
 __all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "note", "quiet", "reasons", "require_input"]
 

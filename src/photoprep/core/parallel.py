@@ -36,10 +36,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 import photoprep
-from photoprep import console
-from photoprep.console import Progress
-from photoprep.errors import UserError
-from photoprep.params import ComputeParams
+from photoprep.core import console
+from photoprep.core.console import Progress
+from photoprep.core.errors import UserError
+from photoprep.core.params import ComputeParams
 
 T = TypeVar("T")
 R = TypeVar("R")

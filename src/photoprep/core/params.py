@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from photoprep.errors import UserError, describe_validation_error
+from photoprep.core.errors import UserError, describe_validation_error
 
 
 class Section(BaseModel):
