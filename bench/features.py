@@ -7,7 +7,7 @@
 (b) photoprep path: JPEG decoded at reduced scale (``Image.draft``) and resized to 64x64, then
     photoprep.images.features.compute_features, in batches; with n_jobs=2 each worker decodes its own
     batch, so decoding runs in parallel too. As in the pipeline (photoprep.images), the bytes lie
-    in a tar shard written by photoprep.store and each batch reads its own from (shard, offset,
+    in a tar shard written by photoprep.ingest.store and each batch reads its own from (shard, offset,
     size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is
     photoprep.images.resize.resized_rgb when
     that module exists, else the bench's own ``_bench_decode`` (figure ``decoder`` says which).
@@ -78,7 +78,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def _bench_decode(data: bytes, size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
-    """Fallback decoder (used when photoprep.decode is absent): reduced-scale JPEG decode, stretch."""
+    """Fallback decoder (used when photoprep.images.resize is absent): reduced-scale JPEG decode, stretch."""
     im = Image.open(io.BytesIO(data))
     # libjpeg scales by 1/2, 1/4 or 1/8 while decoding, to the smallest size still >= the target.
     im.draft("RGB", (size[1], size[0]))

@@ -1,4 +1,4 @@
-"""photoprep.memory.release: freed pages go back to the operating system (Linux)."""
+"""photoprep.core.memory.release: freed pages go back to the operating system (Linux)."""
 
 import sys
 

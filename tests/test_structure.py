@@ -78,14 +78,14 @@ def test_every_pipeline_path_in_dvc_yaml_is_named_by_the_layout():
     not_named = sorted(p for p in pipeline if not _covered(p, layout) and p not in layout)
     # dvclive/ is written by dvclive under layout.live_dir; its files are declared at top level.
     not_named = [p for p in not_named if not p.startswith(Layout().live_dir.as_posix() + "/")]
-    assert not_named == [], f"dvc.yaml names paths that photoprep.layout does not: {not_named}"
+    assert not_named == [], f"dvc.yaml names paths that photoprep.core.layout does not: {not_named}"
 
 
 def test_every_layout_path_is_declared_in_dvc_yaml():
     declared = {p for s in _stage_paths().values() for p in s["deps"] + s["outs"]}
     declared |= {Layout().params.as_posix(), Layout().live_dir.as_posix()}
     missing = sorted(p for p in _layout_paths() if not _covered(p, declared))
-    assert missing == [], f"photoprep.layout names paths that no stage of dvc.yaml declares: {missing}"
+    assert missing == [], f"photoprep.core.layout names paths that no stage of dvc.yaml declares: {missing}"
 
 
 _PATH_LITERAL = re.compile(r"""["'](?:{})/""".format("|".join(PIPELINE_ROOTS)))

@@ -267,7 +267,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
         batches: Iterator[tuple[Sequence[Any], np.ndarray]]
         if compute.backend == "dask":
             # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
-            # 64x64) go with the task, straight to a worker (photoprep.parallel).
+            # 64x64) go with the task, straight to a worker (photoprep.core.parallel).
             batches = parallel.imap_batches(
                 _features_of_pixels, PixelRows(images, positions), compute, p, desc="features"
             )
