@@ -11,7 +11,7 @@ import pandas as pd
 
 from photoprep.core import errors, params
 from photoprep.core.layout import PATHS
-from photoprep.ingest import manifest, partitions, reports, sources
+from photoprep.ingest import fetch, manifest, partitions, reports, sources
 
 
 def main() -> str:
@@ -23,16 +23,9 @@ def main() -> str:
     labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None
-    result = partitions.download(
-        listed.records,
-        PATHS.shards_dir(name),
-        p.download,
-        p.compute,
-        base_dir=source.directory,
-        table_path=table_path,
-        previous=previous,
-        allow_cross_host=source.allow_cross_host_redirects or None,
-    )
+    place = fetch.Place(PATHS.shards_dir(name), source.directory, table_path)
+    settings = source.download_params(p.download)
+    result = partitions.download(listed.records, place, settings, p.compute, previous)
     for line in result.problems(stage):
         print(line, file=sys.stderr, flush=True)
     if result.interrupted:

@@ -9,7 +9,7 @@ import pandas as pd
 
 from photoprep.core.params import DownloadParams
 from photoprep.ingest.blobs import read_blobs
-from photoprep.ingest.fetch import fetch_all
+from photoprep.ingest.fetch import Place, fetch_all
 
 # Timeouts generous enough for a busy test machine; backoff short enough for a fast suite.
 FAST = DownloadParams(
@@ -41,10 +41,20 @@ def records(url_of, *ids: str, source: str = "demo") -> pd.DataFrame:
     )
 
 
-def run(recs: pd.DataFrame, tmp_path: Path, p: DownloadParams = FAST, **kwargs) -> pd.DataFrame:
+def run(
+    recs: pd.DataFrame,
+    tmp_path: Path,
+    p: DownloadParams = FAST,
+    *,
+    previous: pd.DataFrame | None = None,
+    allow_cross_host: bool = False,
+) -> pd.DataFrame:
     """fetch_all into tmp_path/store, with tmp_path/source as the source folder."""
-    kwargs.setdefault("base_dir", tmp_path / "source")
-    return fetch_all(recs, tmp_path / "store", p, progress=False, **kwargs)
+    if allow_cross_host:
+        p = p.model_copy(update={"allow_cross_host_redirects": True})
+    return fetch_all(
+        recs, Place(tmp_path / "store", tmp_path / "source"), p, previous=previous, progress=False
+    )
 
 
 def row(table: pd.DataFrame, id_: str) -> pd.Series:

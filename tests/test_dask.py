@@ -28,6 +28,7 @@ from photoprep.core.errors import UserError
 from photoprep.core.params import ComputeParams, load
 from photoprep.images.probe import ProbeSpec, probe_images
 from photoprep.ingest.blobs import RemoteBlobReader, open_reader
+from photoprep.ingest.fetch import Place
 from photoprep.ingest.store import ShardWriter
 
 distributed = pytest.importorskip("distributed")
@@ -344,15 +345,8 @@ def test_download_partitions_run_as_tasks_on_both_workers_with_the_bytes_of_jobl
         ("joblib", ComputeParams(n_jobs=2)),
         ("dask", ComputeParams(backend="dask", scheduler=cluster)),
     ]:
-        result = partitions.download(
-            recs,
-            tmp_path / name,
-            p,
-            compute,
-            base_dir=tmp_path,
-            table_path=tmp_path / f"{name}.parquet",
-            previous=None,
-        )
+        place = Place(tmp_path / name, tmp_path, tmp_path / f"{name}.parquet")
+        result = partitions.download(recs, place, p, compute)
         assert (result.table["status"] == "ok").all()
     assert (tmp_path / "joblib.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
     shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("shard-*.tar"))

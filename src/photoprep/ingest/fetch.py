@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -224,45 +225,55 @@ async def _gather_until_signal(tasks: Sequence[asyncio.Future[Any]]) -> str:
     return stopped
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where a download goes: the store folder (shards and journal), the source folder local files
+    are read from (and only from inside it), and where the finished table is written (None: not
+    written, the caller keeps it)."""
+
+    store_dir: Path
+    base_dir: Path
+    table_path: Path | None = None
+
+
 def download(
     records: pd.DataFrame,
-    store_dir: Path,
+    place: Place,
     p: DownloadParams,
     *,
-    base_dir: Path,
-    table_path: Path | None = None,
     previous: pd.DataFrame | None = None,
-    allow_cross_host: bool | None = None,
     progress: bool = True,
 ) -> FetchResult:
-    """Fetch every record's `url` into the blob store in `store_dir`; one result row per record.
+    """Fetch every record's `url` into the blob store of `place`; one result row per record.
 
     Columns: `source`, `id`, the other record columns unchanged, then `status` (ok | failed),
     `reason` ('' when ok), `http_status` (0 if none), `attempts` (requests made for the row,
     kept when the row is reused), `sha256`, `size`, `mime` (sniffed), `shard`, `offset`. Rows
     sorted by (source, id). Relative paths and file:// URLs are read from disk, from inside
-    `base_dir`. `allow_cross_host` overrides `p.allow_cross_host_redirects`.
+    `place.base_dir`. `previous` is the table of the last finished run: its ok rows whose blob
+    the store holds are kept without a request.
 
-    Progress is committed to the store's journal as the run goes; with `table_path` the table is
-    written there (durably) before the journal is removed, so no kill loses a committed row.
-    Interrupted by SIGINT or SIGTERM, it returns at once with `interrupted` set, the table of
-    the rows kept so far, and writes nothing more.
+    Progress is committed to the store's journal as the run goes; with `place.table_path` the
+    table is written there (durably) before the journal is removed, so no kill loses a committed
+    row. Interrupted by SIGINT or SIGTERM, it returns at once with `interrupted` set, the table
+    of the rows kept so far, and writes nothing more.
     """
     check_records(records)
     # Sorted first: rows come out by key, and bodies are stored in this order (deterministic shards).
     records = records.sort_values(list(KEY), kind="mergesort").reset_index(drop=True)
-    store_dir = Path(store_dir)
+    store_dir = Path(place.store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
-    cross_host = p.allow_cross_host_redirects if allow_cross_host is None else allow_cross_host
     start = _resume(records, store_dir, p, previous)
     notes = list(start.writer.notes)
     sink = Sink(start.writer, start.journal, start.keys, p, p.shard_mb * _MIB)
     urls = [url for _, _, url in start.keys]
     sources = records["source"].unique()
     desc = f"fetch {sources[0]}" if len(sources) == 1 else "fetch"
+    cross_host = p.allow_cross_host_redirects
     try:
         with Progress(len(urls), desc, enabled=progress) as bar:
-            down, stopped = asyncio.run(_fetch_rows(lambda: Client(p, cross_host, base_dir), urls, sink, bar))
+            client = functools.partial(Client, p, cross_host, Path(place.base_dir))  # made in the loop
+            down, stopped = asyncio.run(_fetch_rows(client, urls, sink, bar))
         if stopped:
             sink.commit(force=True)
     except BaseException:
@@ -279,32 +290,22 @@ def download(
         return FetchResult(partial, *counts, down, notes, stopped, len(partial))
     table = start.finished(sink.rows)
     start.journal.close()
-    if table_path is not None:
-        write_table(table, table_path, durable=True)
+    if place.table_path is not None:
+        write_table(table, place.table_path, durable=True)
     remove_journal(store_dir)
     return FetchResult(table, *counts, down, notes)
 
 
 def fetch_all(
     records: pd.DataFrame,
-    store_dir: Path,
+    place: Place,
     p: DownloadParams,
     *,
-    base_dir: Path,
     previous: pd.DataFrame | None = None,
-    allow_cross_host: bool | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """`download`'s table: every record's row (see `download`)."""
-    return download(
-        records,
-        store_dir,
-        p,
-        base_dir=base_dir,
-        previous=previous,
-        allow_cross_host=allow_cross_host,
-        progress=progress,
-    ).table
+    return download(records, place, p, previous=previous, progress=progress).table
 
 
 def fetch_counts(table: pd.DataFrame) -> dict[str, Any]:
