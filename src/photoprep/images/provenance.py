@@ -64,7 +64,7 @@ THUMB_SIDE = 32
 PROVENANCE_FIELDS = ("history", "depth", "upconverted")
 
 _MAX_BLOCKS = 8192  # blocks analysed at most, spread evenly over the picture (half a megapixel)
-_STEP_GRID = np.exp(np.arange(np.log(1.2), np.log(64.0), 0.01))  # relative steps, 1 % apart
+_STEP_GRID = np.exp(np.arange(np.log(1.5), np.log(64.0), 0.01))  # lattice steps tried, 1 % apart
 _BIN = 0.25  # coefficient resolution of the lattice search
 _SUPPORT = 30  # coefficients past half a step needed to judge a frequency
 _PEAK = 0.6  # mean cosine at which a lattice counts as found
@@ -100,8 +100,8 @@ def provenance(data: bytes, spec: ProvenanceSpec = ProvenanceSpec()) -> tuple[di
     history: the quality (1..100) of the JPEG history a file without a lossy codec of its own
     shows, 0 when none shows (and for JPEGs); depth: bits per sample (16 only for 16-bit
     samples that are not up-converted 8-bit ones, else 8); upconverted: 16-bit samples that
-    hold 8 bits. Bytes that do not decode
-    (the probe says why) give no history, depth 8 and a black thumbnail.
+    hold 8 bits. Bytes that do not decode (the probe says why) give no history, depth 8 and a
+    black thumbnail.
     """
     record: dict = {"history": 0, "depth": 8, "upconverted": False}
     blank = np.zeros((THUMB_SIDE, THUMB_SIDE), np.uint8)
@@ -121,13 +121,12 @@ def provenance(data: bytes, spec: ProvenanceSpec = ProvenanceSpec()) -> tuple[di
                 orientation = exif_orientation(im)
         except ImageRejected:
             return record, blank
-    luma = _luma(stored)
     if not jpeg:
-        record["history"] = jpeg_history(luma)
+        record["history"] = jpeg_history(np.asarray(stored))
     if sixteen:
         record["upconverted"] = _holds_8_bits(data)
         record["depth"] = 8 if record["upconverted"] else 16
-    grey = turn_upright(Image.fromarray(np.clip(np.rint(luma), 0, 255).astype(np.uint8)), orientation)
+    grey = turn_upright(stored if stored.mode == "L" else stored.convert("L"), orientation)
     thumb = trimmed(grey, spec.margin).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BOX)
     return record, np.asarray(thumb, np.uint8)
 
@@ -137,17 +136,16 @@ def provenance_many(blobs: list[bytes], spec: ProvenanceSpec) -> list[tuple[dict
     return [provenance(blob, spec) for blob in blobs]
 
 
-def jpeg_history(luma: np.ndarray, own: np.ndarray | None = None) -> int:
-    """The quality (1..100) of the coarsest JPEG quantisation the luma's 8 x 8 DCT coefficients
-    show beyond `own` (a luma table in natural order the file was quantised with, None for none);
-    0 when fewer than `_MIN_FREQUENCIES` frequencies show one."""
-    coefficients = _coefficients(luma)
+def jpeg_history(pixels: np.ndarray) -> int:
+    """The quality (1..100) of the coarsest JPEG quantisation the 8 x 8 DCT coefficients of the
+    luma of `pixels` (grey H x W, or RGB H x W x 3) lie on; 0 when fewer than
+    `_MIN_FREQUENCIES` frequencies show one."""
+    coefficients = _coefficients(pixels)
     if coefficients is None:
         return 0
-    own_steps = np.ones(64) if own is None else np.maximum(own.astype(np.float64), 1.0)
     steps = []
     for f in range(1, 64):
-        found = _coarser_step(coefficients[:, f], own_steps[f])
+        found = _coarser_step(coefficients[:, f])
         if found:
             steps.append((f, found))
     if len(steps) < _MIN_FREQUENCIES:
@@ -160,13 +158,23 @@ def jpeg_history(luma: np.ndarray, own: np.ndarray | None = None) -> int:
     return int(np.argmin(misfit)) + 1
 
 
-def _coefficients(luma: np.ndarray) -> np.ndarray | None:
-    """The DCT coefficients (blocks x 64, natural order) of the unclipped 8 x 8 blocks, at most
-    `_MAX_BLOCKS` of them, spread over the picture; None when too few blocks."""
-    h, w = (luma.shape[0] // 8) * 8, (luma.shape[1] // 8) * 8
-    if not h or not w:
+def _coefficients(pixels: np.ndarray) -> np.ndarray | None:
+    """The DCT coefficients (blocks x 64, natural order) of the luma of unclipped 8 x 8 blocks, at
+    most `_MAX_BLOCKS` of them, spread evenly over the picture; None when too few blocks. Only the
+    blocks looked at are converted to floats: a large picture costs a sample, not a copy."""
+    rows, cols = pixels.shape[0] // 8, pixels.shape[1] // 8
+    count = rows * cols
+    if count < _SUPPORT:
         return None
-    blocks = luma[:h, :w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
+    pool = np.arange(count)
+    if count > 4 * _MAX_BLOCKS:
+        pool = np.linspace(0, count - 1, 4 * _MAX_BLOCKS).round().astype(np.int64)
+    top, left = np.divmod(pool, cols)
+    ys = top[:, None] * 8 + np.arange(8)
+    xs = left[:, None] * 8 + np.arange(8)
+    blocks = pixels[ys[:, :, None], xs[:, None, :]].astype(np.float64)
+    if blocks.ndim == 4:  # RGB: JPEG's Y
+        blocks = blocks @ _LUMA
     low, high = _CLIPPED
     blocks = blocks[(blocks.min(axis=(1, 2)) > low) & (blocks.max(axis=(1, 2)) < high)]
     if len(blocks) < _SUPPORT:
@@ -176,17 +184,16 @@ def _coefficients(luma: np.ndarray) -> np.ndarray | None:
     return dctn(blocks - 128.0, axes=(1, 2), norm="ortho").reshape(len(blocks), 64)
 
 
-def _coarser_step(values: np.ndarray, own: float) -> float | None:
-    """The coarsest lattice step (at least 1.2 x `own` and 1.5) the coefficients lie on: 0 when
-    none; None when too few coefficients to judge."""
+def _coarser_step(values: np.ndarray) -> float | None:
+    """The coarsest lattice step (at least 1.5) the coefficients lie on: 0 when none; None when
+    too few coefficients to judge."""
     magnitudes = np.abs(values)
     magnitudes = magnitudes[magnitudes >= 0.5]
     if len(magnitudes) < _SUPPORT:
         return None
     bins, counts = np.unique(np.round(magnitudes / _BIN).astype(np.int64), return_counts=True)
     x = bins * _BIN
-    candidates = _STEP_GRID * own
-    candidates = candidates[candidates >= 1.5]
+    candidates = _STEP_GRID[_STEP_GRID >= 1.5]
     past_half = x[None, :] >= candidates[:, None] / 2
     weight = counts[None, :] * past_half
     n = weight.sum(axis=1)
@@ -197,20 +204,6 @@ def _coarser_step(values: np.ndarray, own: float) -> float | None:
     peak[:-1] &= score[:-1] >= score[1:]
     at = np.flatnonzero(peak)
     return float(candidates[at[-1]]) if len(at) else 0.0
-
-
-def _luma(picture: Image.Image) -> np.ndarray:
-    """JPEG's Y of a normalised picture (L as it is; RGB weighted as JPEG converts it), float."""
-    pixels = np.asarray(picture, np.float64)
-    return pixels if pixels.ndim == 2 else pixels @ _LUMA
-
-
-def _own_table(im: Image.Image) -> np.ndarray | None:
-    """A JPEG's luma quantisation table in natural order (None for other formats)."""
-    tables = getattr(im, "quantization", None) or {}
-    if im.format not in JPEG_FORMATS or 0 not in tables or len(tables[0]) != 64:
-        return None
-    return np.asarray(tables[0], np.float64)
 
 
 def _sixteen_bit(im: ImageFile.ImageFile) -> bool:
