@@ -42,9 +42,9 @@ import torch
 from sklearn.datasets import load_digits
 
 from photoprep import demo
+from photoprep.core.params import ClusterParams, FeatureParams
 from photoprep.images.features import compute_features
 from photoprep.learn import cluster, dec, scores
-from photoprep.params import ClusterParams, FeatureParams
 
 DIM = 3036
 LATENT = 32

@@ -19,11 +19,20 @@ original. Its edited copies, saved as other tools would (no camera EXIF):
 - corner_crop (10 % off the left and the top only): a *limit*, reported, not counted in the
   recall: the hashes see the whole picture, and an off-centre crop moves all of it.
 
-Every image goes through the pipeline's own code (`decode.probe`, `dedup.find_duplicates`).
-Figures per hash and threshold: recall (edited copies grouped with their original),
-precision (pairs of images grouped together that show the same photograph) and the number
-of groups that mix two photographs; then the keep rule (the share of groups whose kept copy
-is the untouched original, for each `dedup.keep`), the verification step, and transforms.
+The keep rule is measured on copies that state as much as the original or more (`KEEP_COPIES`,
+made from the camera original's file: an RGBA PNG and a 16-bit PNG of its pixels, a brightened
+copy at quality 98, a brightened copy at quality 95 with the camera EXIF copied), and on lossless
+originals (an 8-bit PNG without EXIF, for the photographs whose shipped file never went through
+JPEG) with a 16-bit up-converted and a brightened PNG of them (`LOSSLESS_COPIES`), each group
+with the edits above: the share of groups whose kept copy is the untouched original, for each
+`dedup.keep`, and every group that kept another copy, with the criterion it won on.
+``--keep-only`` prints just that.
+
+Every image goes through the pipeline's own code (`probe.probe`, `provenance.provenance`,
+`dedup.find_duplicates`). Figures per hash and threshold: recall (edited copies grouped with
+their original), precision (pairs of images grouped together that show the same photograph) and
+the number of groups that mix two photographs; then the keep rule, the verification step, and
+transforms.
 """
 
 from __future__ import annotations
@@ -37,12 +46,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
-from photoprep.images import decode, dedup
-from photoprep.params import DedupParams
+from photoprep.core.params import DedupParams
+from photoprep.images import dedup, keep
+from photoprep.images.probe import ProbeSpec, probe_many
+from photoprep.images.provenance import ProvenanceSpec, provenance
 
 EDITS = ("reencode", "resize", "thumbnail", "crop", "caption", "grey", "brighten", "exif_rotate")
 LIMITS = ("corner_crop",)
@@ -163,9 +175,7 @@ def collection() -> Collection:
 
 def probed(images: Collection, p: DedupParams) -> pd.DataFrame:
     """The table find_duplicates reads, from the pipeline's probe of every payload."""
-    records = decode.probe_many(
-        images.payloads, p.hash, p.hash_size, 50_000_000, None, p.transforms, p.margin, p.crops
-    )
+    records = probe_many(images.payloads, ProbeSpec.from_dedup(p))
     table = pd.concat([images.rows, pd.DataFrame(records)], axis=1)
     table["source"], table["status"] = "bench", "ok"
     table["sha256"] = [hashlib.sha256(p).hexdigest() for p in images.payloads]
@@ -209,7 +219,7 @@ def run(max_threshold: int = 40) -> dict:
             figures["hashes"].append({"hash": hash_name, "size": size, "threshold": threshold, **s})
     figures["defaults"] = defaults(tables[("phash", 8)])
     figures["margins"] = margins(images)
-    figures["keep"] = keep_rule(tables[("phash", 8)])
+    figures["keep"] = keep_rule()
     figures["verify"] = verification(tables[("phash", 8)])
     figures["transforms"] = transforms(images)
     return figures
@@ -271,12 +281,109 @@ def best_thresholds(figures: dict) -> list[dict]:
 DEFAULT_THRESHOLD = DedupParams().near_threshold
 
 
-def keep_rule(table: pd.DataFrame, threshold: int = DEFAULT_THRESHOLD) -> list[dict]:
-    rows = []
-    for keep in ("best", "largest", "first"):
-        s = score(table, DedupParams(near_threshold=threshold, keep=keep), EDITS)
-        rows.append({"keep": keep, "threshold": threshold, "kept_original": s["kept_original"]})
-    return rows
+KEEP_COPIES = ("png", "png16", "brighten_hq", "brighten_exif")
+"""Copies made from the camera original's file that the keep rule must tell from it: an RGBA PNG
+and a 16-bit PNG of its pixels (lossless files with a JPEG history), a brightened copy re-saved at
+quality 98 (above the original's 95), and a brightened copy at quality 95 with the camera EXIF
+copied (equal to the original on every fact a file states)."""
+LOSSLESS_COPIES = ("png16", "brighten_png")
+"""Copies of a lossless original (an 8-bit PNG, no EXIF): a 16-bit PNG up-converted from it, and a
+brightened PNG (equal to the original on every fact a file states)."""
+
+
+def _png(im: Image.Image) -> bytes:
+    out = io.BytesIO()
+    im.save(out, "PNG")
+    return out.getvalue()
+
+
+def _png16(pixels: np.ndarray) -> bytes:
+    """8-bit RGB up-converted to a 16-bit PNG (v * 257), as image tools do; OpenCV writes it."""
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(pixels[..., ::-1]).astype(np.uint16) * 257)
+    assert ok
+    return encoded.tobytes()
+
+
+def keep_copies(original: bytes) -> dict[str, bytes]:
+    """`KEEP_COPIES` of a camera original, made from its decoded pixels."""
+    decoded = Image.open(io.BytesIO(original)).convert("RGB")
+    brighter = ImageEnhance.Brightness(decoded).enhance(1.25)
+    return {
+        "png": _png(decoded.convert("RGBA")),
+        "png16": _png16(np.asarray(decoded)),
+        "brighten_hq": _jpeg(brighter, 98),
+        "brighten_exif": _jpeg(brighter, 95, _camera_exif()),
+    }
+
+
+def keep_collections() -> dict[str, Collection]:
+    """Per kind of original, every photograph's original, its edits and its keep copies:
+    ``camera`` (a camera JPEG, `KEEP_COPIES`) and ``lossless`` (an 8-bit PNG, `LOSSLESS_COPIES`).
+
+    A lossless original is a picture that never went through JPEG: photographs whose shipped
+    file shows a JPEG history (a sample saved as JPEG once, then as PNG) take part as camera
+    originals only; a PNG of them is what the keep rule ranks as the JPEG it came from."""
+    kinds: dict[str, tuple[list, list]] = {"camera": ([], []), "lossless": ([], [])}
+    for photo, pixels in photographs().items():
+        edited = {e: b for e, b in variants(pixels, photo).items() if e in ("original", *EDITS)}
+        rgb = Image.fromarray(pixels).convert("RGB")
+        lossless = {
+            "png16": _png16(np.asarray(rgb)),
+            "brighten_png": _png(ImageEnhance.Brightness(rgb).enhance(1.25)),
+        }
+        members = {"camera": edited | keep_copies(edited["original"])}
+        shipped = _png(Image.fromarray(pixels))
+        if provenance(shipped)[0]["history"] == 0:
+            members["lossless"] = edited | {"original": shipped} | lossless
+        for kind, payloads in members.items():
+            rows, blobs = kinds[kind]
+            for edit, payload in payloads.items():
+                rows.append({"photo": photo, "edit": edit, "id": f"{photo}/{edit}", "payload": len(blobs)})
+                blobs.append(payload)
+    return {kind: Collection(pd.DataFrame(rows), blobs) for kind, (rows, blobs) in kinds.items()}
+
+
+def evidence_of(images: Collection, spec: ProvenanceSpec) -> keep.Evidence:
+    """The keep rule's evidence for rows of `images`' table: each payload's provenance."""
+
+    def evidence(rows: pd.DataFrame) -> pd.DataFrame:
+        found = [provenance(images.payloads[i], spec) for i in rows["payload"]]
+        facts = pd.DataFrame([facts for facts, _ in found], index=rows.index)
+        return facts.assign(thumb=[thumb.tobytes() for _, thumb in found])
+
+    return evidence
+
+
+def keep_rule(threshold: int = DEFAULT_THRESHOLD) -> dict:
+    """The share of groups whose kept copy is the untouched original, per kind of original and
+    `dedup.keep`, and every group that kept another copy (which, and on what it won)."""
+    out: dict = {"threshold": threshold, "kinds": {}}
+    for kind, images in keep_collections().items():
+        p = DedupParams(near_threshold=threshold)
+        table = probed(images, p)
+        figures = {}
+        for rule in ("best", "largest", "first"):
+            params = p.model_copy(update={"keep": rule})
+            evidence = evidence_of(images, ProvenanceSpec(p.margin)) if rule == "best" else None
+            result = dedup.find_duplicates(table, params, evidence=evidence).table
+            kept = result[
+                (result["dup_of"] == "") & result["group"].map(result["group"].value_counts()).gt(1)
+            ]
+            figures[rule] = {
+                "groups": len(kept),
+                "kept_original": int((kept["edit"] == "original").sum()),
+                "missed": sorted(
+                    f"{r.photo}: {r.edit} ({r.keep_reason})"
+                    for r in kept.itertuples()
+                    if r.edit != "original"
+                ),
+            }
+        out["kinds"][kind] = figures
+    best = [f["best"] for f in out["kinds"].values()]
+    out["kept_original"] = round(
+        sum(f["kept_original"] for f in best) / max(1, sum(f["groups"] for f in best)), 4
+    )
+    return out
 
 
 def verification(table: pd.DataFrame) -> list[dict]:
@@ -339,6 +446,19 @@ def plot(figures: dict, path: str) -> None:
     fig.savefig(path, dpi=90)
 
 
+def print_keep(figures: dict) -> None:
+    k = figures["keep"]
+    print(
+        f"\nkeep rule (phash 8, threshold {k['threshold']}): groups whose kept copy is the untouched original"
+    )
+    for kind, rules in k["kinds"].items():
+        line = ", ".join(f"keep={r} {f['kept_original']}/{f['groups']}" for r, f in rules.items())
+        print(f"  {kind} originals: {line}")
+        for miss in rules["best"]["missed"]:
+            print(f"    best kept another copy: {miss}")
+    print(f"  keep=best over both: {k['kept_original']:.1%}")
+
+
 def print_tables(figures: dict) -> None:
     print(f"{figures['photos']} photographs, {figures['images']} images (originals, edits, transforms)\n")
     print("largest threshold with precision 1.0 per hash:")
@@ -374,9 +494,7 @@ def print_tables(figures: dict) -> None:
             f"| {row['margin']} | {row['crops'] or 'off'} | {row['recall']:.3f} | {row['precision']:.3f} "
             f"| {row['mixed_groups']} |"
         )
-    print(f"\nkeep rule (phash 8, threshold {figures['keep'][0]['threshold']}):")
-    for row in figures["keep"]:
-        print(f"  keep={row['keep']}: kept copy is the original in {row['kept_original']:.1%} of the groups")
+    print_keep(figures)
     print("\nverification by the 256-bit fine hash (phash 8):")
     print("| threshold | verify_threshold | recall | precision | mixed groups |")
     print("|---|---|---|---|---|")
@@ -397,7 +515,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     parser.add_argument("--plot", help="write precision and recall against the threshold to this PNG")
+    parser.add_argument("--keep-only", action="store_true", help="only the keep rule's figures")
     args = parser.parse_args(argv)
+    if args.keep_only:
+        figures = {"keep": keep_rule()}
+        print(json.dumps(figures, indent=1) if args.json else "", end="")
+        if not args.json:
+            print_keep(figures)
+        return
     figures = run()
     if args.plot:
         plot(figures, args.plot)

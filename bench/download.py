@@ -40,8 +40,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from photoprep.ingest.fetch import fetch_all
-from photoprep.params import DownloadParams
+from photoprep.core.params import DownloadParams
+from photoprep.ingest.fetch import Place, fetch_all
 
 LATENCY_S = 0.05
 MIN_BYTES, MAX_BYTES = 20_000, 150_000
@@ -329,7 +329,7 @@ def run_fetch_all(ids: list[str], template: str, scratch: Path, p: DownloadParam
     store = Path(tempfile.mkdtemp(dir=scratch))
 
     def work() -> int:
-        table = fetch_all(records, store, p, base_dir=scratch, progress=False)
+        table = fetch_all(records, Place(store, scratch), p, progress=False)
         failed = table[table["status"] != "ok"]
         if len(failed):
             raise RuntimeError(

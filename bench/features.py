@@ -7,9 +7,9 @@
 (b) photoprep path: JPEG decoded at reduced scale (``Image.draft``) and resized to 64x64, then
     photoprep.images.features.compute_features, in batches; with n_jobs=2 each worker decodes its own
     batch, so decoding runs in parallel too. As in the pipeline (photoprep.images), the bytes lie
-    in a tar shard written by photoprep.store and each batch reads its own from (shard, offset,
+    in a tar shard written by photoprep.ingest.store and each batch reads its own from (shard, offset,
     size), so the workers are sent locations, not bytes; the seed path reads from memory. The decoder is
-    photoprep.images.decode.resized_rgb when
+    photoprep.images.resize.resized_rgb when
     that module exists, else the bench's own ``_bench_decode`` (figure ``decoder`` says which).
 
 The images are photo-like JPEGs (skimage.data photos, rescaled to 640x480 .. 1024x768, cropped,
@@ -39,9 +39,10 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
+from photoprep.core.params import FeatureParams
 from photoprep.images.features import compute_features, reference_features
-from photoprep.ingest.store import ShardWriter, read_blobs
-from photoprep.params import FeatureParams
+from photoprep.ingest.blobs import read_blobs
+from photoprep.ingest.store import ShardWriter
 
 SIZE = (64, 64)  # [H, W] of the images the features are computed on
 FRAMES = [(640, 480), (800, 600), (1024, 768), (480, 640), (768, 1024)]  # (W, H)
@@ -77,7 +78,7 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def _bench_decode(data: bytes, size: tuple[int, int], fit: str = "stretch") -> np.ndarray:
-    """Fallback decoder (used when photoprep.decode is absent): reduced-scale JPEG decode, stretch."""
+    """Fallback decoder (used when photoprep.images.resize is absent): reduced-scale JPEG decode, stretch."""
     im = Image.open(io.BytesIO(data))
     # libjpeg scales by 1/2, 1/4 or 1/8 while decoding, to the smallest size still >= the target.
     im.draft("RGB", (size[1], size[0]))
@@ -86,12 +87,12 @@ def _bench_decode(data: bytes, size: tuple[int, int], fit: str = "stretch") -> n
 
 
 def _decoder() -> tuple[Callable[[bytes, tuple[int, int], str], np.ndarray], str]:
-    """photoprep.images.decode.resized_rgb when that module exists, else the bench's own decoder."""
+    """photoprep.images.resize.resized_rgb when that module exists, else the bench's own decoder."""
     try:
-        from photoprep.images.decode import resized_rgb
+        from photoprep.images.resize import resized_rgb
     except ImportError:
-        return _bench_decode, "bench._bench_decode (photoprep.decode absent)"
-    return resized_rgb, "photoprep.images.decode.resized_rgb"
+        return _bench_decode, "bench._bench_decode (photoprep.images.resize absent)"
+    return resized_rgb, "photoprep.images.resize.resized_rgb"
 
 
 def _seed_decode(data: bytes) -> np.ndarray:

@@ -11,7 +11,7 @@ time.process_time over whole passes (median of the repeats, divided by the image
 
 - naive: ``Image.open().verify()``, then a full ``load()``, then ``imagehash.phash`` on a
   full decode: what a validate-then-dedup script does;
-- probe: ``photoprep.images.decode.probe`` (header checks, one reduced-scale grey decode of the
+- probe: ``photoprep.images.probe.probe`` (header checks, one reduced-scale grey decode of the
   whole stream, normalisation, phash);
 - components, to place the two: full decode, full decode + phash, draft decode alone.
 
@@ -38,7 +38,8 @@ import numpy as np
 from PIL import Image
 from skimage import data as samples
 
-from photoprep.images import decode
+from photoprep.images import fingerprint, formats
+from photoprep.images import probe as probing
 
 BENCH_DIR = Path(__file__).resolve().parent
 SOURCES = (
@@ -95,7 +96,7 @@ def naive(blob: bytes) -> str:
 
 
 def probe(blob: bytes) -> str:
-    return decode.probe(blob)["hash"]
+    return probing.probe(blob)["hash"]
 
 
 def full_decode(blob: bytes) -> None:
@@ -108,7 +109,7 @@ def full_decode_phash(blob: bytes) -> str:
         return str(imagehash.phash(im))
 
 
-DRAFT_SIDE = decode.hash_side(8)  # the probe's draft target for hash_size 8
+DRAFT_SIDE = fingerprint.hash_side(8)  # the probe's draft target for hash_size 8
 
 
 def draft_decode(blob: bytes) -> None:
@@ -209,7 +210,7 @@ def decode_figures(n: int, repeats: int, seed: int) -> dict:
         "naive_over_probe": round(timed["naive"] / timed["probe"], 2),
         "draft_side": DRAFT_SIDE,
         "hash_agreement": hash_agreement(blobs),
-        "codecs": decode.codec_versions(),
+        "codecs": formats.codec_versions(),
     }
 
 

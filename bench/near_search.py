@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from photoprep.core.params import DedupParams
 from photoprep.images.hamming import brute_force_pairs, near_duplicate_search
-from photoprep.params import DedupParams
 
 HASH_BYTES = 8
 BRUTE_FORCE_SIZE = 10_000

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from photoprep import io
+from photoprep.core import io
+from photoprep.core.params import SplitParams
 from photoprep.dataset.split import assign_splits, split_report
-from photoprep.params import SplitParams
 
 REPO = Path(__file__).resolve().parents[1]
 

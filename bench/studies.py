@@ -56,8 +56,9 @@ portable.pin_cpu_math("portable", threads=2)  # before torch loads, as the stage
 
 import pandas as pd  # noqa: E402
 
-from photoprep import demo, params  # noqa: E402
-from photoprep.layout import Layout  # noqa: E402
+from photoprep import demo  # noqa: E402
+from photoprep.core import params  # noqa: E402
+from photoprep.core.layout import Layout  # noqa: E402
 from photoprep.learn import checkpoint, evaluate, pretrained, train  # noqa: E402
 from photoprep.learn.data import load_data  # noqa: E402
 
@@ -216,7 +217,7 @@ def main() -> None:
         if any(r.startswith("timm-") and r != "timm-scratch" for r in args.rows):
             started = time.perf_counter()
             weights = a.local_weights_dir / STANDIN
-            done = demo.pretrain_standin(TIMM, weights, epochs=args.pretrain_epochs, paths=a)
+            done = demo.pretrain_standin(demo.Standin(TIMM, epochs=args.pretrain_epochs), weights, paths=a)
             out["pretrain_timm"] = {
                 "model": TIMM,
                 "rendering": "B (demo.render_demo seed=1)",

@@ -58,8 +58,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from photoprep.core.params import TrainParams  # noqa: E402
 from photoprep.learn import data, devices, models, optim, train  # noqa: E402
-from photoprep.params import TrainParams  # noqa: E402
 
 if CPU_MATH == "no-onednn":
     torch.backends.mkldnn.enabled = False

@@ -8,9 +8,10 @@ ensure_project_python()
 import numpy as np
 import pandas as pd
 
-from photoprep import console, errors, io, memory, params
-from photoprep.images import bucket, probe, sheets
-from photoprep.layout import PATHS
+from photoprep.core import console, errors, io, memory, params
+from photoprep.core.layout import PATHS
+from photoprep.images import bucket, sheets, stored
+from photoprep.images.resize import PixelSpec
 
 
 def main() -> str:
@@ -27,9 +28,7 @@ def main() -> str:
         f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
     )
     console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
-    probe.write_pixels(
-        kept, PATHS.raw_dir, p.bucket.size, p.bucket.fit, p.validate.max_pixels, p.compute, PATHS.images_array
-    )
+    stored.write_pixels(kept, PATHS.raw_dir, PixelSpec.from_params(p), p.compute, PATHS.images_array)
     memory.release()
     pixels = np.load(PATHS.images_array, mmap_mode="r")
     io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)

@@ -5,8 +5,9 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str:
@@ -14,7 +15,7 @@ def main() -> str:
     portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
     import numpy as np
 
-    from photoprep import io
+    from photoprep.core import io
     from photoprep.learn import cluster, scores
     from photoprep.review import clusters as review_pages
 

@@ -5,9 +5,13 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import console, errors, io, memory, parallel, params, report
-from photoprep.images import dedup, probe, sheets
-from photoprep.layout import PATHS
+from photoprep.core import console, errors, io, memory, parallel, params
+from photoprep.core.layout import PATHS
+from photoprep.images import dedup, probe, provenance, sheets, stored
+from photoprep.images.decode import DecodeLimits
+from photoprep.images.probe import ProbeSpec
+from photoprep.images.provenance import ProvenanceSpec
+from photoprep.ingest import reports
 
 
 def main() -> str:
@@ -15,31 +19,23 @@ def main() -> str:
     table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
     fetched = table[table["status"] == "ok"]
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
-    console.require_input(len(fetched), "dedup", report.fetched_cause(table), see)
+    console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
-        probed = probe.probe_images(
-            fetched,
-            PATHS.raw_dir,
-            p.dedup.hash,
-            p.dedup.hash_size,
-            p.validate.max_pixels,
-            p.compute,
-            max_decode_mb=p.validate.max_decode_mb,
-            transforms=p.dedup.transforms,
-            margin=p.dedup.margin,
-            crops=p.dedup.crops,
-        )
+        probed = probe.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
         table = table.join(probed)
         del probed
         memory.release()
-        result = dedup.find_duplicates(table, p.dedup, p.sources)
+        evidence = provenance.provenance_reader(PATHS.raw_dir, ProvenanceSpec.from_params(p), p.compute)
+        result = dedup.find_duplicates(table, p.dedup, p.sources, evidence)
         io.write_table(result.table.drop(columns=list(dedup.GROUPING_ONLY)), PATHS.dedup_table)
         io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
         io.write_json(result.counts, PATHS.stage_counts("dedup"))
         memory.release()
         groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)
-        thumbs = probe.thumbnails(groups, PATHS.raw_dir, sheets.THUMB, p.validate.max_pixels, p.compute)
+        thumbs = stored.thumbnails(
+            groups, PATHS.raw_dir, sheets.THUMB, DecodeLimits.after_probe(p), p.compute
+        )
     sheets.draw_near_groups(groups, thumbs, PATHS.duplicates_png)
     c = result.counts
     return (

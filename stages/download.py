@@ -9,9 +9,9 @@ import sys
 
 import pandas as pd
 
-from photoprep import errors, params, report
-from photoprep.ingest import manifest, partitions, sources
-from photoprep.layout import PATHS
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
+from photoprep.ingest import fetch, manifest, partitions, reports, sources
 
 
 def main() -> str:
@@ -23,23 +23,16 @@ def main() -> str:
     labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None
-    result = partitions.download(
-        listed.records,
-        PATHS.shards_dir(name),
-        p.download,
-        p.compute,
-        base_dir=source.directory,
-        table_path=table_path,
-        previous=previous,
-        allow_cross_host=source.allow_cross_host_redirects or None,
-    )
+    place = fetch.Place(PATHS.shards_dir(name), source.directory, table_path)
+    settings = source.download_params(p.download)
+    result = partitions.download(listed.records, place, settings, p.compute, previous)
     for line in result.problems(stage):
         print(line, file=sys.stderr, flush=True)
     if result.interrupted:
         raise errors.Interrupted(result.interrupted_line(stage))
-    reports = PATHS.download_reports(name)
-    report.write_download_reports(name, listed, result.table, reports, labels)
-    result.check_fetched(stage, reports / "failed.csv")
+    folder = PATHS.download_reports(name)
+    reports.write_download_reports(name, listed, result.table, folder, labels)
+    result.check_fetched(stage, folder / "failed.csv")
     return result.summary()
 
 

@@ -5,14 +5,15 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
     portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
-    from photoprep import io
+    from photoprep.core import io
     from photoprep.learn import checkpoint, evaluate
 
     p = every.evaluate

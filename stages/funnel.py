@@ -5,8 +5,9 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, io, params, report
-from photoprep.layout import PATHS
+from photoprep.core import errors, io, params
+from photoprep.core.layout import PATHS
+from photoprep.review import funnel
 
 
 def main() -> str:
@@ -14,7 +15,7 @@ def main() -> str:
     download = {name: io.read_json(PATHS.download_reports(name) / "counts.json") for name in p.sources}
     stages = {name: io.read_json(PATHS.stage_counts(name)) for name in ("dedup", "validate", "bucket")}
     stages["split"] = {"split": io.read_json(PATHS.splits_report)["totals"]}
-    counts = report.funnel(download, stages)
+    counts = funnel.funnel(download, stages)
     io.write_json(counts, PATHS.funnel)
     steps = ("lines_read", "unique_ids", "fetched", "after_dedup", "valid", "kept")
     return " -> ".join(f"{step} {counts.get(step, 0):,}" for step in steps)

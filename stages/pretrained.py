@@ -5,8 +5,9 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str:

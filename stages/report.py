@@ -5,8 +5,8 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors
-from photoprep.layout import PATHS
+from photoprep.core import errors
+from photoprep.core.layout import PATHS
 from photoprep.review import page
 
 

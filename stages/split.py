@@ -7,10 +7,10 @@ ensure_project_python()
 
 import pandas as pd
 
-from photoprep import console, errors, io, params
+from photoprep.core import console, errors, io, params
+from photoprep.core.layout import PATHS, SPLITS
 from photoprep.dataset import split
 from photoprep.ingest import sources
-from photoprep.layout import PATHS, SPLITS
 
 
 def main() -> str:

@@ -9,8 +9,9 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep import errors, params, portable
-from photoprep.layout import PATHS
+from photoprep import portable
+from photoprep.core import errors, params
+from photoprep.core.layout import PATHS
 
 
 def main() -> str | None:
@@ -23,7 +24,7 @@ def main() -> str | None:
     if launch.must_launch(p.nproc):  # train.nproc > 1: this script again, as that many ranks
         launch.launch(p.nproc, __file__)
         return None  # rank 0 printed the summary
-    from photoprep import io
+    from photoprep.core import io
     from photoprep.learn import checkpoint, data, distributed, live, pretrained, train
 
     world = distributed.join(p.device)  # None: one process, as without DDP

@@ -1,4 +1,5 @@
-"""validate: the verdict on every remaining image (decoded once, in the dedup stage's probe)."""
+"""validate: the dataset's verdict on every image dedup left: the decode's reason (from dedup's
+probe) or too_small."""
 
 from _interpreter import ensure_project_python
 
@@ -7,9 +8,9 @@ ensure_project_python()
 
 import pandas as pd
 
-from photoprep import console, errors, io, params
+from photoprep.core import console, errors, io, params
+from photoprep.core.layout import PATHS
 from photoprep.images import validate
-from photoprep.layout import PATHS
 
 
 def main() -> str:

@@ -72,10 +72,10 @@ def split(name: str, pixels: np.ndarray, labels: np.ndarray):  # type: ignore[no
 
 
 def convnet(inputs: dict[str, np.ndarray]) -> str:
+    from photoprep.core.params import TrainParams
     from photoprep.learn import evaluate, train
     from photoprep.learn.checkpoint import model_from
     from photoprep.learn.data import TrainData
-    from photoprep.params import TrainParams
 
     data = TrainData(
         split("train", inputs["train_x"], inputs["train_y"]),
@@ -98,9 +98,9 @@ def convnet(inputs: dict[str, np.ndarray]) -> str:
 
 
 def backbone(inputs: dict[str, np.ndarray]) -> str:
+    from photoprep.core.params import TrainParams
     from photoprep.learn import models, optim, train
     from photoprep.learn.data import Batches, Prep
-    from photoprep.params import TrainParams
 
     torch.manual_seed(0)
     p = TrainParams(model="timm/resnet18", batch_size=16, device="cpu", mixup=0.4, image_size=(32, 32))
@@ -123,9 +123,9 @@ def backbone(inputs: dict[str, np.ndarray]) -> str:
 
 
 def dec(inputs: dict[str, np.ndarray]) -> str:
+    from photoprep.core.params import ClusterParams
     from photoprep.learn.cluster import scale_inputs
     from photoprep.learn.dec import fit_dec
-    from photoprep.params import ClusterParams
 
     p = ClusterParams(
         dims=[64, 64, 128, 8], pretrain_epochs=2, max_iter=30, batch_size=64, n_clusters=5, device="cpu"

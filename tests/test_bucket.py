@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
+from photoprep.core.params import BucketKeep, BucketParams, BucketRange
 from photoprep.images import bucket
-from photoprep.params import BucketKeep, BucketParams, BucketRange
 
 
 def _valid(sizes: list[tuple[int, int]]) -> pd.DataFrame:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from photoprep import params
-from photoprep.errors import UserError
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.params import ClusterParams
 from photoprep.learn import checkpoint, cluster, dec, scores
-from photoprep.params import ClusterParams
 
 # Small and quick: 8x8 digits as 64 features, a small autoencoder, a few epochs.
 FAST = {
@@ -148,7 +148,7 @@ def test_two_cpu_runs_are_identical(run, digits) -> None:
 _FRESH_PROCESS_RUN = """
 import hashlib, numpy as np, pandas as pd, torch
 from photoprep.learn import checkpoint, cluster, dec
-from photoprep.params import ClusterParams
+from photoprep.core.params import ClusterParams
 x = np.random.default_rng(0).normal(0, 1, (1797, 2916)).astype(np.float32)  # the demo's shapes
 keys = pd.DataFrame({"source": "s", "id": [str(i) for i in range(len(x))], "row": range(len(x))})
 p = ClusterParams(pretrain_epochs=2, max_iter=4, device="cpu")

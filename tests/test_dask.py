@@ -22,11 +22,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from photoprep import parallel
-from photoprep.errors import UserError
-from photoprep.images import probe
-from photoprep.ingest.store import RemoteBlobReader, ShardWriter, open_reader
-from photoprep.params import ComputeParams, load
+import photoprep
+from photoprep.core import parallel
+from photoprep.core.errors import UserError
+from photoprep.core.params import ComputeParams, load
+from photoprep.images.probe import ProbeSpec, probe_images
+from photoprep.ingest.blobs import RemoteBlobReader, open_reader
+from photoprep.ingest.fetch import Place
+from photoprep.ingest.store import ShardWriter
 
 distributed = pytest.importorskip("distributed")
 
@@ -160,7 +163,9 @@ def test_a_local_cluster_has_n_jobs_workers_serves_a_whole_session_and_leaves_no
 def test_workers_running_other_photoprep_code_are_refused(tmp_path):
     # The stage's own code is the reference: a worker whose photoprep differs could write other bytes.
     src = tmp_path / "src"
-    shutil.copytree(Path(parallel.__file__).resolve().parents[1], src, ignore=shutil.ignore_patterns("*.pyc"))
+    shutil.copytree(
+        Path(photoprep.__file__).resolve().parents[1], src, ignore=shutil.ignore_patterns("*.pyc")
+    )
     with open(src / "photoprep" / "images" / "decode.py", "a", encoding="utf-8") as changed:
         changed.write("\n# another version\n")
     with CLICluster(tmp_path, workers=1, pythonpath=src) as other:
@@ -214,15 +219,14 @@ def test_dask_workers_probe_shards_read_from_storage_as_joblib_reads_them_locall
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-local"))
     raw = tmp_path / "raw"
     table = _shards(raw / "src", [_jpeg(i) for i in range(6)])
-    args = ("phash", 8, 50_000_000)
-    local = probe.probe_images(table, raw, *args, ComputeParams(n_jobs=1, batch_size=2))
+    local = probe_images(table, raw, ProbeSpec(), ComputeParams(n_jobs=1, batch_size=2))
     storage = tmp_path / "bucket"
     shutil.copytree(raw, storage)
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache-dask"))
     remote = ComputeParams(backend="dask", scheduler=cluster, batch_size=2, storage=f"file://{storage}")
     # raw_dir is nowhere: the workers read only through compute.storage.
     since = time.time()
-    got = probe.probe_images(table, tmp_path / "nowhere", *args, remote)
+    got = probe_images(table, tmp_path / "nowhere", ProbeSpec(), remote)
     pd.testing.assert_frame_equal(got, local)
     assert sum(_tasks_per_worker(cluster, "photoprep-probe_batch-", since).values()) == 3
 
@@ -326,8 +330,8 @@ def test_every_stage_that_runs_batches_declares_no_compute_param():
 
 
 def test_download_partitions_run_as_tasks_on_both_workers_with_the_bytes_of_joblib(cluster, cdn, tmp_path):
+    from photoprep.core.params import DownloadParams
     from photoprep.ingest import partitions
-    from photoprep.params import DownloadParams
 
     ids = [f"d{i:03d}" for i in range(40)]
     for id_ in ids:
@@ -341,15 +345,8 @@ def test_download_partitions_run_as_tasks_on_both_workers_with_the_bytes_of_jobl
         ("joblib", ComputeParams(n_jobs=2)),
         ("dask", ComputeParams(backend="dask", scheduler=cluster)),
     ]:
-        result = partitions.download(
-            recs,
-            tmp_path / name,
-            p,
-            compute,
-            base_dir=tmp_path,
-            table_path=tmp_path / f"{name}.parquet",
-            previous=None,
-        )
+        place = Place(tmp_path / name, tmp_path, tmp_path / f"{name}.parquet")
+        result = partitions.download(recs, place, p, compute)
         assert (result.table["status"] == "ok").all()
     assert (tmp_path / "joblib.parquet").read_bytes() == (tmp_path / "dask.parquet").read_bytes()
     shards = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("shard-*.tar"))

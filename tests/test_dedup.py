@@ -3,14 +3,17 @@
 import io
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 from skimage import data as samples
 
-from photoprep.images import decode, dedup, sheets
-from photoprep.params import DedupParams
+from photoprep.core.params import DedupParams
+from photoprep.images import dedup, keep, sheets
+from photoprep.images.probe import ProbeSpec, probe
+from photoprep.images.provenance import provenance
 
 A = "f0f0f0f0f0f0f0f0"
 A_NEAR = "f0f0f0f0f0f0f0f3"  # 2 bits from A
@@ -121,8 +124,19 @@ def _members(rows: list[dict]) -> pd.DataFrame:
     )
 
 
-def _kept(images: pd.DataFrame, **params) -> tuple[str, str]:
-    table = dedup.find_duplicates(images, DedupParams(near_threshold=4, **params)).table
+def _facts(by_id: dict[str, dict]) -> keep.Evidence:
+    """Evidence that gives each asked row the facts listed for its id (the defaults otherwise)."""
+
+    def evidence(rows: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(
+            [keep.EVIDENCE_DEFAULTS | by_id.get(rid, {}) for rid in rows["id"]], index=rows.index
+        )
+
+    return evidence
+
+
+def _kept(images: pd.DataFrame, evidence: keep.Evidence | None = None, **params) -> tuple[str, str]:
+    table = dedup.find_duplicates(images, DedupParams(near_threshold=4, **params), evidence=evidence).table
     kept = table[(table["dup_of"] == "") & (table["group"] == table["group"].iloc[0])]
     assert len(kept) == 1
     return kept["id"].iloc[0], kept["keep_reason"].iloc[0]
@@ -134,7 +148,7 @@ def _kept(images: pd.DataFrame, **params) -> tuple[str, str]:
         ({"colour": True, "width": 32}, {"colour": False, "width": 96}, "colour"),
         ({"width": 96}, {"width": 64, "lossless": True, "quality": 0}, "pixels"),
         ({"lossless": True, "quality": 0, "format": "PNG"}, {"quality": 98}, "lossless"),
-        ({"quality": 95}, {"quality": 70, "camera": True}, "quality"),
+        ({"quality": 95}, {"quality": 70}, "quality"),
         ({"camera": True}, {"camera": False}, "camera"),
     ],
 )
@@ -146,12 +160,66 @@ def test_best_copy_is_chosen_criterion_by_criterion(winner, loser, reason):
     assert table.loc["m0", "keep_reason"] == reason  # ... and the copy that lost says on what
 
 
+def _thumb(shift: int = 0, band: int = 0) -> bytes:
+    """A 32 x 32 grey thumbnail: a ramp, brightened by `shift`, with a white band of `band` rows."""
+    ramp = np.tile(np.arange(32, dtype=np.int64) * 6 + 20, (32, 1)) + shift
+    ramp[32 - band :] = 255
+    return np.clip(ramp, 0, 255).astype(np.uint8).tobytes()
+
+
 def test_medoid_keeps_the_copy_closest_to_all_others():
-    # Four copies alike on every criterion: m2's fine hash is one edit from each of the
-    # others, which are two edits from each other, so m2 is the medoid.
-    fine = {"m0": "0f" + "00" * 31, "m1": "f0" + "00" * 31, "m2": "00" * 32, "m3": "00" * 31 + "ff"}
-    images = _members([{"fine_hash": fine[f"m{i}"]} for i in range(4)])
-    assert _kept(images) == ("m2", "medoid")
+    # Four copies alike on every fact a file states: m2 is the untouched picture, the others one
+    # edit from it each (brighter, a caption band, darker), so two edits from each other.
+    thumbs = {"m0": _thumb(shift=40), "m1": _thumb(band=5), "m2": _thumb(), "m3": _thumb(shift=-30)}
+    evidence = _facts({rid: {"thumb": thumb} for rid, thumb in thumbs.items()})
+    assert _kept(_members([{}, {}, {}, {}]), evidence) == ("m2", "medoid")
+
+
+@pytest.mark.parametrize(
+    ("winner", "loser", "reason"),
+    [
+        # A PNG made from a JPEG ranks as lossy: a lossy copy with a camera then wins over it.
+        ({"camera": True}, {"lossless": True, "quality": 0, "history": 95}, "history"),
+        ({"lossless": True, "quality": 0, "depth": 16}, {"lossless": True, "quality": 0}, "depth"),
+        (
+            {"lossless": True, "quality": 0},
+            {"lossless": True, "quality": 0, "depth": 8, "upconverted": True},
+            "history",
+        ),
+        ({"lossless": True, "quality": 0}, {"lossless": True, "quality": 0, "history": 80}, "lossless"),
+        ({"quality": 90, "camera": True}, {"quality": 98}, "camera"),
+        # Two PNGs of JPEGs rank as the JPEGs they came from.
+        (
+            {"lossless": True, "quality": 0, "history": 90},
+            {"lossless": True, "quality": 0, "history": 80},
+            "quality",
+        ),
+    ],
+)
+def test_pixel_facts_rank_a_copy_as_what_it_was_made_from(winner, loser, reason):
+    facts = ("history", "depth", "upconverted")
+    images = _members([{k: v for k, v in row.items() if k not in facts} for row in (loser, winner)])
+    evidence = _facts(
+        {f"m{i}": {k: v for k, v in row.items() if k in facts} for i, row in enumerate((loser, winner))}
+    )
+    assert _kept(images, evidence) == ("m1", reason)
+
+
+def test_evidence_is_asked_once_per_payload_of_groups_with_two_payloads():
+    asked: list[list[str]] = []
+
+    def evidence(rows: pd.DataFrame) -> pd.DataFrame:
+        asked.append(sorted(rows["id"]))
+        return pd.DataFrame([keep.EVIDENCE_DEFAULTS] * len(rows), index=rows.index)
+
+    images = _images(
+        [("a", "x", A, 64, 64), ("b", "x", A, 64, 64), ("c", "y", A_NEAR, 64, 64), ("d", "z", B, 64, 64)]
+    )
+    images = images.assign(**{"colour": True, "lossless": False, "quality": 90, "camera": False})
+    dedup.find_duplicates(images, DedupParams(near_threshold=4), evidence=evidence)
+    assert asked == [["a", "c"]]  # b is a's bytes; d is alone
+    dedup.find_duplicates(images, DedupParams(near_threshold=4, keep="largest"), evidence=evidence)
+    assert len(asked) == 1  # only `best` reads the pixels' facts
 
 
 def test_key_breaks_a_complete_tie():
@@ -221,7 +289,9 @@ def _real(
     for name, picture in pictures.items():
         out = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(picture)).save(out, "PNG")
-        record = decode.probe(out.getvalue(), transforms=transforms, margin=p.margin, crops=p.crops)
+        record = probe(
+            out.getvalue(), ProbeSpec.from_dedup(p.model_copy(update={"transforms": list(transforms)}))
+        )
         rows.append({"source": "s", "id": name, "sha256": name, "status": "ok"} | record)
     return pd.DataFrame(rows)
 
@@ -250,35 +320,88 @@ def test_mirrors_and_rotations_are_found_only_when_asked():
     assert on.counts["near_duplicates"] == 3
 
 
+def _jpeg(im: Image.Image, quality: int, **options) -> bytes:
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=quality, **options)
+    return out.getvalue()
+
+
+def _png(im: Image.Image) -> bytes:
+    out = io.BytesIO()
+    im.save(out, "PNG")
+    return out.getvalue()
+
+
+def _ranked(payloads: dict[str, bytes]) -> pd.DataFrame:
+    """The dedup table of real payloads, with the probe and the provenance of each."""
+    rows = [
+        {"source": "s", "id": name, "sha256": name, "status": "ok"} | probe(payload)
+        for name, payload in payloads.items()
+    ]
+
+    def evidence(asked: pd.DataFrame) -> pd.DataFrame:
+        found = [provenance(payloads[name]) for name in asked["id"]]
+        facts = pd.DataFrame([f for f, _ in found], index=asked.index)
+        return facts.assign(thumb=[t.tobytes() for _, t in found])
+
+    return dedup.find_duplicates(pd.DataFrame(rows), DedupParams(near_threshold=4), evidence=evidence).table
+
+
 def test_real_copies_keep_the_camera_original():
     photo = Image.fromarray(samples.coffee())
     exif = Image.Exif()
     exif[0x010F] = "Nikon"
-
-    def jpeg(im: Image.Image, quality: int, **options) -> bytes:
-        out = io.BytesIO()
-        im.save(out, "JPEG", quality=quality, **options)
-        return out.getvalue()
-
-    payloads = {
-        "z_original": jpeg(photo, 95, exif=exif.tobytes()),
-        "a_reencoded": jpeg(photo, 70),
-        "b_grey": jpeg(photo.convert("L"), 95),
-        "c_half": jpeg(photo.resize((300, 200)), 95),
-        "d_resaved": jpeg(photo, 95),
-    }
-    rows = [
-        {"source": "s", "id": name, "sha256": name, "status": "ok"} | decode.probe(payload)
-        for name, payload in payloads.items()
-    ]
-    table = dedup.find_duplicates(pd.DataFrame(rows), DedupParams(near_threshold=4)).table.set_index("id")
+    original = _jpeg(photo, 95, exif=exif.tobytes())
+    decoded = Image.open(io.BytesIO(original)).convert("RGB")
+    brighter = ImageEnhance.Brightness(decoded).enhance(1.25)
+    ok, sixteen = cv2.imencode(".png", np.asarray(decoded)[..., ::-1].astype(np.uint16) * 257)
+    assert ok
+    table = _ranked(
+        {
+            "z_original": original,
+            "a_reencoded": _jpeg(photo, 70),
+            "b_grey": _jpeg(photo.convert("L"), 95),
+            "c_half": _jpeg(photo.resize((300, 200)), 95),
+            "d_resaved": _jpeg(photo, 95),
+            "e_png": _png(decoded.convert("RGBA")),  # lossless, holding the original's JPEG pixels
+            "f_sixteen_bit": sixteen.tobytes(),  # the same, up-converted to 16 bits
+            "g_brighter_at_98": _jpeg(brighter, 98),  # a higher quality than the original's
+            "h_brighter_with_exif": _jpeg(brighter, 95, exif=exif.tobytes()),  # equal on every stated fact
+        }
+    ).set_index("id")
     assert table.loc["z_original", "dup_of"] == ""
-    assert table.loc["z_original", "keep_reason"] == "camera"  # over the plain re-save at quality 95
-    assert dict(table.loc[["a_reencoded", "b_grey", "c_half", "d_resaved"], "keep_reason"]) == {
-        "a_reencoded": "quality",
+    assert table.loc["z_original", "keep_reason"] == "medoid"  # over the brightened copy with its EXIF
+    assert dict(table.drop("z_original")["keep_reason"]) == {
+        "a_reencoded": "camera",
         "b_grey": "colour",
         "c_half": "pixels",
         "d_resaved": "camera",
+        "e_png": "history",
+        "f_sixteen_bit": "history",
+        "g_brighter_at_98": "camera",
+        "h_brighter_with_exif": "medoid",
+    }
+
+
+def test_a_lossless_original_is_kept_over_its_16_bit_and_brightened_copies():
+    photo = Image.fromarray(samples.astronaut())
+    ok, sixteen = cv2.imencode(".png", np.asarray(photo)[..., ::-1].astype(np.uint16) * 257)
+    assert ok
+    table = _ranked(
+        {
+            "z_original": _png(photo),
+            "a_sixteen_bit": sixteen.tobytes(),
+            "b_brighter": _png(ImageEnhance.Brightness(photo).enhance(1.25)),
+            "c_darker": _png(ImageEnhance.Brightness(photo).enhance(0.85)),
+            "d_jpeg": _jpeg(photo, 98),
+        }
+    ).set_index("id")
+    assert table.loc["z_original", "dup_of"] == ""
+    assert dict(table.drop("z_original")["keep_reason"]) == {
+        "a_sixteen_bit": "history",
+        "b_brighter": "medoid",
+        "c_darker": "medoid",
+        "d_jpeg": "lossless",
     }
 
 
@@ -314,7 +437,7 @@ def test_a_crop_match_counts_only_when_the_fine_hashes_agree(monkeypatch):
     p = DedupParams()
     rows = [
         {"source": "demo", "id": rid, "sha256": rid, "status": "ok"}
-        | decode.probe((cdn / rid).read_bytes(), margin=p.margin, crops=p.crops)
+        | probe((cdn / rid).read_bytes(), ProbeSpec.from_dedup(p))
         for rid in ("2ec30a31-43f7-522d-b292-c34efdb62e60", "3578ba50-f885-59d3-a609-35cad0ae8083")
     ]
     table = pd.DataFrame(rows)

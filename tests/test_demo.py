@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from photoprep import demo
-from photoprep.images import decode, hamming
+from photoprep.core.params import DedupParams
+from photoprep.images import hamming
+from photoprep.images.probe import ProbeSpec, probe
 from photoprep.ingest import manifest, sources
-from photoprep.params import DedupParams
 
 DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo"
 EXPECTED = json.loads((DEMO / "expected.json").read_text())
@@ -24,7 +25,7 @@ def _bytes(rid: str) -> bytes:
 
 
 def _distance(a: bytes, b: bytes) -> int:
-    packed = hamming.pack_hashes([decode.probe(a)["hash"], decode.probe(b)["hash"]])
+    packed = hamming.pack_hashes([probe(a)["hash"], probe(b)["hash"]])
     return int(np.unpackbits(packed[0] ^ packed[1]).sum())
 
 
@@ -61,7 +62,7 @@ def test_exact_copies_are_byte_identical_and_near_copies_are_not():
 def test_broken_payloads_are_broken_as_stated():
     reasons = Counter()
     for rid, reason in EXPECTED["ids"]["broken"].items():
-        verdict = decode.probe(_bytes(rid))
+        verdict = probe(_bytes(rid))
         if reason == "too_small":
             assert verdict["valid"] and min(verdict["width"], verdict["height"]) < 32
         else:
@@ -76,7 +77,7 @@ def test_distinct_digits_stay_far_apart_under_phash():
     copies = set(EXPECTED["ids"]["exact"]) | set(EXPECTED["ids"]["near"]) | set(EXPECTED["ids"]["broken"])
     distinct = sorted(p.name for p in (DEMO / "cdn").iterdir() if p.name not in copies)
     assert len(distinct) == EXPECTED["digits"]
-    packed = hamming.pack_hashes([decode.probe(_bytes(rid))["hash"] for rid in distinct])
+    packed = hamming.pack_hashes([probe(_bytes(rid))["hash"] for rid in distinct])
     assert len(hamming.near_duplicate_pairs(packed, 9).pairs) == 0
     assert EXPECTED["min_distinct_phash_distance"] >= 10
 
@@ -85,7 +86,7 @@ def test_distinct_digits_stay_apart_at_the_default_dedup_params():
     p = DedupParams()
     copies = set(EXPECTED["ids"]["exact"]) | set(EXPECTED["ids"]["near"]) | set(EXPECTED["ids"]["broken"])
     distinct = sorted(f.name for f in (DEMO / "cdn").iterdir() if f.name not in copies)
-    records = [decode.probe(_bytes(rid), margin=p.margin, crops=p.crops) for rid in distinct]
+    records = [probe(_bytes(rid), ProbeSpec.from_dedup(p)) for rid in distinct]
     hashes = hamming.pack_hashes([r["hash"] for r in records])
     assert len(hamming.near_duplicate_pairs(hashes, 5).pairs) == 0  # 6 bits apart at least
     cropped = [r["crop_hashes"].split(",") for r in records]

@@ -27,12 +27,12 @@ from test_evaluate import shared_pipeline
 from test_train import make_workspace
 
 from photoprep import portable
-from photoprep.layout import Layout
+from photoprep.core.layout import Layout
+from photoprep.core.params import EvaluateParams, TrainParams
 from photoprep.learn import evaluate, train
 from photoprep.learn.checkpoint import load_model, model_from, read_model_file, save_model
 from photoprep.learn.data import Batches, Prep, load_data
 from photoprep.learn.verify import verify
-from photoprep.params import EvaluateParams, TrainParams
 
 REPO = Path(__file__).resolve().parents[1]
 # Fast enough for CI, still >= 97 % on the demo: convnet at width 16 for 10 epochs. The two ranks

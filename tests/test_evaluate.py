@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 from test_train import make_workspace, one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep.errors import UserError
-from photoprep.layout import Layout
+from photoprep.core.errors import UserError
+from photoprep.core.layout import Layout
 from photoprep.learn import checkpoint, evaluate, predict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from photoprep.core.errors import UserError
 from photoprep.dataset.export import class_folders, export_split, file_name, safe_component
-from photoprep.errors import UserError
 
 H, W = 12, 10
 HOSTILE_IDS = [

@@ -26,13 +26,14 @@ import brotli
 import pandas as pd
 import pytest
 import yaml
-from test_fetch import FAST, assert_failed, assert_ok, photo, records
+from downloads import FAST, assert_failed, assert_ok, photo, records
 
-from photoprep import report
-from photoprep.ingest import journal, manifest
-from photoprep.ingest.fetch import download, parse_retry_after
+from photoprep.core.params import DownloadParams
+from photoprep.ingest import journal, manifest, reports
+from photoprep.ingest.client import parse_retry_after
+from photoprep.ingest.fetch import Place, download
 from photoprep.ingest.sources import SourceConfig
-from photoprep.params import DownloadParams
+from photoprep.review import funnel
 
 REPO = Path(__file__).resolve().parents[1]
 DEAD_IDS = 5000
@@ -169,7 +170,7 @@ def test_host_answering_503_to_one_request_in_ten_is_fetched_in_full(tmp_path, c
         if n % 10 == 0:
             cdn.fail(i, status=503, times=1)
     p = DownloadParams(backoff_base=0.02, backoff_max=0.2)
-    result = download(records(cdn.url, *ids), tmp_path / "store", p, base_dir=tmp_path, progress=False)
+    result = download(records(cdn.url, *ids), Place(tmp_path / "store", tmp_path), p, progress=False)
     assert result.hosts_down == []
     assert (result.table["status"] == "ok").all()
     assert cdn.total_requests == 1100
@@ -180,7 +181,7 @@ def test_host_that_answered_before_it_fails_is_not_cut_off(tmp_path, cdn):
     for i in ids[:20]:
         cdn.add(i, photo(i))
     p = FAST.model_copy(update={"host_down_after": 16, "retries": 0})
-    result = download(records(cdn.url, *ids), tmp_path / "store", p, base_dir=tmp_path, progress=False)
+    result = download(records(cdn.url, *ids), Place(tmp_path / "store", tmp_path), p, progress=False)
     assert result.hosts_down == []
     assert (result.table["reason"] == "http_404").sum() == 280
     assert cdn.total_requests == 300
@@ -282,7 +283,7 @@ def test_a_torn_journal_line_is_ignored_and_the_rest_fetched_again(tmp_path, cdn
     with open(journal.journal_path(store), "ab") as f:
         f.write(b'["demo","t001","http://x"')  # a kill in the middle of a write
     assert list(journal.read_journal(store).rows) == [("demo", ids[0])]
-    result = download(records(cdn.url, *ids), store, FAST, base_dir=tmp_path, progress=False)
+    result = download(records(cdn.url, *ids), Place(store, tmp_path), FAST, progress=False)
     assert (result.table["status"] == "ok").all()
     assert not journal.journal_path(store).exists()
 
@@ -295,11 +296,11 @@ def test_a_truncated_shard_is_set_aside_and_its_ids_fetched_again(tmp_path, cdn)
     for i in ids:
         cdn.add(i, photo(i))
     store = tmp_path / "store"
-    first = download(records(cdn.url, *ids), store, FAST, base_dir=tmp_path, progress=False).table
+    first = download(records(cdn.url, *ids), Place(store, tmp_path), FAST, progress=False).table
     (shard,) = store.glob("shard-*.tar")
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 5000)
-    result = download(records(cdn.url, *ids), store, FAST, base_dir=tmp_path, previous=first, progress=False)
+    result = download(records(cdn.url, *ids), Place(store, tmp_path), FAST, previous=first, progress=False)
     assert [cdn.requests_for(i) for i in ids] == [2, 2, 2]
     assert any("damaged" in note and shard.name in note for note in result.notes)
     assert (store / f".damaged-{shard.name}").exists()
@@ -311,12 +312,12 @@ def test_a_truncated_shard_is_set_aside_and_its_ids_fetched_again(tmp_path, cdn)
 def test_a_shard_whose_header_lies_is_set_aside(tmp_path, cdn):
     cdn.add("a", photo("a"))
     store = tmp_path / "store"
-    first = download(records(cdn.url, "a"), store, FAST, base_dir=tmp_path, progress=False).table
+    first = download(records(cdn.url, "a"), Place(store, tmp_path), FAST, progress=False).table
     (shard,) = store.glob("shard-*.tar")
     data = bytearray(shard.read_bytes())
     data[0] ^= 0x01  # the member's name no longer matches the header checksum
     shard.write_bytes(bytes(data))
-    result = download(records(cdn.url, "a"), store, FAST, base_dir=tmp_path, previous=first, progress=False)
+    result = download(records(cdn.url, "a"), Place(store, tmp_path), FAST, previous=first, progress=False)
     assert cdn.requests_for("a") == 2 and result.notes
 
 
@@ -341,7 +342,7 @@ def test_a_compressed_body_that_expands_past_max_bytes_is_too_large(tmp_path, cd
     assert len(bomb) < 200_000
     cdn.add("bomb", bomb, headers={"Content-Encoding": encoding})
     p = FAST.model_copy(update={"max_bytes": 1_000_000})
-    table = download(records(cdn.url, "bomb"), tmp_path / "store", p, base_dir=tmp_path, progress=False).table
+    table = download(records(cdn.url, "bomb"), Place(tmp_path / "store", tmp_path), p, progress=False).table
     assert_failed(table, "bomb", "too_large")
     assert cdn.requests_for("bomb") == 1
 
@@ -357,7 +358,7 @@ def test_a_compressed_body_is_stored_decoded(tmp_path, cdn, encoding):
         else brotli.compress(data)
     )
     cdn.add("a", body, headers={"Content-Encoding": encoding})
-    table = download(records(cdn.url, "a"), tmp_path / "store", FAST, base_dir=tmp_path, progress=False).table
+    table = download(records(cdn.url, "a"), Place(tmp_path / "store", tmp_path), FAST, progress=False).table
     assert_ok(tmp_path, table, "a", data)
 
 
@@ -366,7 +367,7 @@ def test_a_slow_drip_ends_at_the_request_deadline(tmp_path, cdn):
     cdn.drip("drip", 0.05, times=None)  # a byte every 50 ms: never silent for read_timeout
     p = FAST.model_copy(update={"request_deadline": 1.0})
     started = time.monotonic()
-    table = download(records(cdn.url, "drip"), tmp_path / "store", p, base_dir=tmp_path, progress=False).table
+    table = download(records(cdn.url, "drip"), Place(tmp_path / "store", tmp_path), p, progress=False).table
     assert time.monotonic() - started < 5
     assert_failed(table, "drip", "deadline")
     assert cdn.requests_for("drip") == 1, "a deadline is not retried"
@@ -378,7 +379,7 @@ def test_a_negative_retry_after_is_no_header(tmp_path, cdn):
     cdn.add("a", photo("a"))
     cdn.retry_after("a", "-5", status=503)
     p = FAST.model_copy(update={"backoff_base": 0.2, "backoff_max": 0.5})
-    table = download(records(cdn.url, "a"), tmp_path / "store", p, base_dir=tmp_path, progress=False).table
+    table = download(records(cdn.url, "a"), Place(tmp_path / "store", tmp_path), p, progress=False).table
     assert_ok(tmp_path, table, "a", photo("a"))
     (first, second), _ = zip(*cdn.request_log(), strict=True)
     assert second - first >= 0.1, "the minimum backoff applies, not 'no wait at all'"
@@ -406,7 +407,7 @@ def test_file_urls_and_symlinks_that_leave_the_source_are_refused(tmp_path):
         "ok": (source / "cdn" / "ok.jpg").as_uri(),
     }
     recs = records(urls.__getitem__, *urls)
-    table = download(recs, tmp_path / "store", FAST, base_dir=source, progress=False).table
+    table = download(recs, Place(tmp_path / "store", source), FAST, progress=False).table
     for id_ in ("etc", "proc", "secret", "file-link", "path-link", "dir-link"):
         assert_failed(table, id_, "path_outside_source")
     assert_ok(tmp_path, table, "inner", photo("ok"))
@@ -465,11 +466,11 @@ def test_label_rows_matching_no_id_are_counted_in_the_funnel_and_listed(tmp_path
     listed = manifest.read_manifest(cfg)
     labels = pd.DataFrame({"source": ["s"] * 3, "id": ["a", "ghost", "zombie"], "label": ["x", "y", "z"]})
     table = listed.records.assign(status="failed", reason="http_404", http_status=404, attempts=1)
-    report.write_download_reports("s", listed, table, tmp_path / "reports", labels)
+    reports.write_download_reports("s", listed, table, tmp_path / "reports", labels)
     counts = pd.read_json(tmp_path / "reports" / "counts.json", typ="series")
     assert counts["labels_unmatched"] == 2
     assert pd.read_csv(tmp_path / "reports" / "labels_unmatched.csv")["id"].tolist() == ["ghost", "zombie"]
-    assert report.funnel({"s": dict(counts)}, {})["labels_unmatched"] == 2
+    assert funnel.funnel({"s": dict(counts)}, {})["labels_unmatched"] == 2
 
 
 def test_ctrl_c_of_a_partitioned_download_says_what_is_kept_and_the_rerun_ends_byte_identical(

@@ -1,4 +1,6 @@
-"""photoprep.features against the per-image skimage / OpenCV computation it replaces."""
+"""photoprep.images.features: the feature vector against the per-image skimage / OpenCV computation it
+replaces, and features.npy written batch by batch from the memo equal to the in-memory result, adding
+images computing the features of the new ones only."""
 
 from __future__ import annotations
 
@@ -7,85 +9,30 @@ import json
 import cv2
 import numpy as np
 import pytest
-import skimage.data
+from pictures import shrunk_crops, shrunk_photos
 from pydantic import ValidationError
 from skimage.color import rgb2gray
 from skimage.feature import hog
-from sklearn.datasets import load_digits
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.io import write_array
+from photoprep.core.params import ComputeParams, FeatureParams, HogParams
+from photoprep.images import features, memo
 from photoprep.images.features import (
-    angle_bins,
     color_map_batch,
+    column_moments,
     compute_features,
     feature_info,
-    gray_batch,
-    hog_batch,
-    orientation_bins,
     reference_features,
 )
-from photoprep.params import FeatureParams, HogParams
+from photoprep.images.hog import gray_batch, hog_batch
 
 TOL = 1e-5
-NORMS = ["L1", "L1-sqrt", "L2", "L2-Hys"]
-# (pixels_per_cell, cells_per_block, orientations): the default; small cells; odd, non-square
-# cells with a bin width (180/7) that is not a whole number; 45-degree bin edges, which gradients
-# with |g_row| == |g_col| hit exactly.
-HOG_SETTINGS = [((8, 8), (3, 3), 9), ((4, 4), (2, 2), 8), ((7, 5), (2, 3), 7), ((6, 6), (1, 1), 4)]
-SIZES = [(64, 64), (32, 32), (96, 64), (45, 70)]
-
-
-def _photos(hw: tuple[int, int]) -> np.ndarray:
-    """Real photos from skimage.data, shrunk to ``hw`` = (H, W): uint8 N x H x W x 3."""
-    rgbs = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket()]
-    camera = skimage.data.camera()
-    rgbs.append(np.repeat(camera[:, :, None], 3, axis=2))
-    return np.stack([cv2.resize(im, hw[::-1], interpolation=cv2.INTER_AREA) for im in rgbs])
-
-
-def _crops(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
-    """``n`` different uint8 images of ``hw``: random crops of real photos, shrunk."""
-    rng = np.random.default_rng(seed)
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
-    out = []
-    for i in range(n):
-        im = photos[i % len(photos)]
-        top, left = rng.integers(0, im.shape[0] // 2), rng.integers(0, im.shape[1] // 2)
-        out.append(cv2.resize(im[top:, left:], hw[::-1], interpolation=cv2.INTER_AREA))
-    return np.stack(out)
-
-
-def _digits() -> np.ndarray:
-    """sklearn digits (8x8, 0..16) blown up to 32x32 grays in [0, 1]: flat areas and hard edges."""
-    images = load_digits().images[:12] / 16.0
-    return np.kron(images, np.ones((4, 4)))
-
-
-def _skimage_hogs(gray: np.ndarray, p: HogParams) -> np.ndarray:
-    args = (p.orientations, p.pixels_per_cell, p.cells_per_block, p.block_norm)
-    return np.stack([hog(g, *args, feature_vector=True) for g in gray])
-
-
-# --------------------------------------------------------------------------- gray, colour
-
-
-@pytest.mark.parametrize("hw", SIZES)
-def test_gray_batch_is_rgb2gray_bit_for_bit(hw):
-    rgb = _photos(hw)
-    expected = np.stack([rgb2gray(im) for im in rgb])
-    got = gray_batch(rgb)
-    assert got.dtype == np.float64
-    assert np.array_equal(got, expected)
-
-
-def test_gray_batch_rejects_non_rgb():
-    with pytest.raises(ValueError, match="N x H x W x 3"):
-        gray_batch(np.zeros((2, 8, 8), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("size", [(6, 10), (4, 4), (9, 7)])
 def test_color_map_batch_matches_per_image_opencv(size):
-    rgb = _photos((64, 64))
+    rgb = shrunk_photos((64, 64))
     h, w = size
     expected = [
         cv2.cvtColor(cv2.resize(im, (w, h), interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2YCrCb)[:, :, 1:]
@@ -101,74 +48,12 @@ def test_color_map_batch_matches_per_image_opencv(size):
     assert np.all(camera == 128)
 
 
-# --------------------------------------------------------------------------- HOG parity
-
-
-@pytest.mark.parametrize("hw", SIZES)
-@pytest.mark.parametrize("norm", NORMS)
-def test_hog_batch_matches_skimage_on_photos(hw, norm):
-    gray = gray_batch(_photos(hw))
-    checked = 0
-    for ppc, cpb, n in HOG_SETTINGS:
-        p = HogParams(orientations=n, pixels_per_cell=ppc, cells_per_block=cpb, block_norm=norm)
-        if hw[0] < ppc[0] * cpb[0] or hw[1] < ppc[1] * cpb[1]:
-            continue
-        expected = _skimage_hogs(gray, p)
-        got = hog_batch(gray, p)
-        assert got.shape == expected.shape and got.dtype == np.float64
-        assert np.abs(got - expected).max() <= TOL, (ppc, cpb, n)
-        checked += 1
-    assert checked >= 3
-
-
-@pytest.mark.parametrize("norm", NORMS)
-def test_hog_batch_matches_skimage_on_digits(norm):
-    gray = _digits()
-    for ppc, cpb, n in HOG_SETTINGS:
-        p = HogParams(orientations=n, pixels_per_cell=ppc, cells_per_block=cpb, block_norm=norm)
-        assert np.abs(hog_batch(gray, p) - _skimage_hogs(gray, p)).max() <= TOL, (ppc, cpb, n)
-
-
-def test_hog_batch_float32_input_stays_float32_like_skimage():
-    gray = gray_batch(_photos((64, 64))).astype(np.float32)
-    p = HogParams()
-    got = hog_batch(gray, p)
-    assert got.dtype == np.float32
-    assert np.abs(got - _skimage_hogs(gray, p)).max() <= TOL
-
-
-def test_hog_batch_is_not_trivially_equal():
-    # Guard against a parity test that passes on zeros: the vectors differ between images
-    # and between block norms.
-    gray = gray_batch(_photos((64, 64)))
-    l1 = hog_batch(gray, HogParams(block_norm="L1"))
-    hys = hog_batch(gray, HogParams(block_norm="L2-Hys"))
-    assert np.abs(l1[0] - l1[1]).max() > 0.05
-    assert np.abs(l1 - hys).max() > 0.05
-    assert hys.max() <= 1.0 and hys.min() >= 0.0
-
-
-def test_hog_impl_skimage_is_the_loop():
-    gray = gray_batch(_photos((32, 32)))
-    p = HogParams(pixels_per_cell=(4, 4), impl="skimage")
-    assert np.array_equal(hog_batch(gray, p), _skimage_hogs(gray, p))
-
-
-def test_hog_batch_too_small_image():
-    with pytest.raises(ValueError, match="too small"):
-        hog_batch(np.zeros((1, 16, 16)), HogParams())
-
-
-def test_hog_batch_empty_batch():
-    assert hog_batch(np.zeros((0, 64, 64)), HogParams()).shape == (0, 2916)
-
-
 # --------------------------------------------------------------------------- compute_features
 
 
 @pytest.mark.parametrize("scaling", ["original", "standard", "none"])
 def test_compute_features_matches_reference(scaling):
-    images = _crops(24, (64, 64))
+    images = shrunk_crops(24, (64, 64))
     p = FeatureParams(scaling=scaling)
     got, info = compute_features(images, p, batch_size=10)
     expected = reference_features(images, p)
@@ -178,7 +63,7 @@ def test_compute_features_matches_reference(scaling):
 
 
 def test_compute_features_other_shape_and_params_match_reference():
-    images = _crops(9, (48, 80), seed=3)
+    images = shrunk_crops(9, (48, 80), seed=3)
     p = FeatureParams(
         hog=HogParams(orientations=7, pixels_per_cell=(6, 5), cells_per_block=(2, 2), block_norm="L1-sqrt"),
         color_size=(3, 5),
@@ -189,7 +74,7 @@ def test_compute_features_other_shape_and_params_match_reference():
 
 
 def test_original_scaling_is_the_dec_formula():
-    images = _crops(3, (64, 64))
+    images = shrunk_crops(3, (64, 64))
     p = FeatureParams()
     got, info = compute_features(images, p)
     arr = images[1]
@@ -203,7 +88,7 @@ def test_original_scaling_is_the_dec_formula():
 
 
 def test_standard_scaling_z_scores_columns():
-    images = _crops(30, (32, 32))
+    images = shrunk_crops(30, (32, 32))
     small_cells = HogParams(pixels_per_cell=(4, 4))
     got, info = compute_features(images, FeatureParams(hog=small_cells, scaling="standard"))
     raw, _ = compute_features(images, FeatureParams(hog=small_cells, scaling="none"))
@@ -215,7 +100,7 @@ def test_standard_scaling_z_scores_columns():
 
 
 def test_n_jobs_does_not_change_a_byte(tmp_path):
-    images = _crops(40, (64, 64), seed=1)
+    images = shrunk_crops(40, (64, 64), seed=1)
     p = FeatureParams()
     one, info_one = compute_features(images, p, n_jobs=1, batch_size=8)
     two, info_two = compute_features(images, p, n_jobs=2, batch_size=8)
@@ -229,7 +114,7 @@ def test_n_jobs_does_not_change_a_byte(tmp_path):
 
 
 def test_info_describes_the_vector():
-    images = _crops(2, (96, 64))
+    images = shrunk_crops(2, (96, 64))
     got, info = compute_features(images, FeatureParams())
     json.dumps(info)  # must be serialisable as is
     # 96 x 64 pixels -> 12 x 8 cells -> 10 x 6 blocks of 3 x 3 cells x 9 orientations.
@@ -268,7 +153,7 @@ def test_bad_images_are_a_user_error():
 
 def test_opencv_impl_is_a_clear_user_error():
     p = FeatureParams(hog=HogParams(impl="opencv"))
-    images = _crops(2, (64, 64))
+    images = shrunk_crops(2, (64, 64))
     with pytest.raises(UserError, match=r"features.hog.impl: opencv"):
         compute_features(images, p)
     with pytest.raises(UserError, match="opencv"):
@@ -288,61 +173,79 @@ def test_feature_info_without_images():
     assert info["dim"] == 3036 and info["hog"]["impl"] == "numpy"
 
 
-def _edge_ramps(n: int) -> np.ndarray:
-    """64x64 grays whose 8x8 cells are linear ramps at angles on (or next to) HOG bin edges.
-
-    Their gradients land within rounding of ``180/n * k``, the cases where the bin of a pixel
-    hangs on the last bit of its angle; also 0 and 180 degrees, which wrap around.
-    """
-    rows, cols = np.mgrid[0:64, 0:64].astype(np.float64)
-    images = []
-    for nudge in (0.0, 1e-12, -1e-12):
-        gray = np.empty((64, 64))
-        for i in range(8):
-            for j in range(8):
-                k = (i * 8 + j) % (n + 1)
-                theta = np.deg2rad(180.0 / n * k + nudge)
-                cell = np.s_[8 * i : 8 * i + 8, 8 * j : 8 * j + 8]
-                gray[cell] = 0.5 + 0.004 * (np.sin(theta) * rows[cell] + np.cos(theta) * cols[cell])
-        images.append(gray)
-    return np.stack(images)
-
-
-@pytest.mark.parametrize("n", [4, 6, 7, 9])
-@pytest.mark.parametrize("norm", NORMS)
-def test_hog_batch_matches_skimage_on_bin_edges(n, norm):
-    gray = _edge_ramps(n)
-    p = HogParams(orientations=n, pixels_per_cell=(8, 8), cells_per_block=(2, 2), block_norm=norm)
-    assert np.abs(hog_batch(gray, p) - _skimage_hogs(gray, p)).max() <= TOL
-
-
-@pytest.mark.parametrize("n", list(range(2, 41)))
-def test_angle_bins_follow_skimage_edges_to_the_last_bit(n):
-    # Every bin edge as skimage forms it, (180. / n) * i, and its 30 neighbours either side.
-    edges = 180.0 / n * np.arange(n + 1, dtype=np.float64)
-    angles = [edges]
-    for direction in (np.inf, -np.inf):
-        x = edges
-        for _ in range(30):
-            x = np.nextafter(x, direction)
-            angles.append(x)
-    angle = np.concatenate([*angles, np.array([0.0, 180.0, 179.99999999999997])])
-    angle = angle[(angle >= 0) & (angle <= 180)]
-    # skimage: pixel in bin i iff not (angle >= start_i or angle < end_i).
-    expected = np.full(angle.shape, n)
+def _images(n: int, seed: int = 0, hw: tuple[int, int] = (32, 32)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0 : hw[0], 0 : hw[1]]
+    out = np.empty((n, *hw, 3), np.uint8)
     for i in range(n):
-        inside = (angle < 180.0 / n * (i + 1)) & (angle >= 180.0 / n * i)
-        expected[inside] = i
-    assert np.array_equal(angle_bins(angle, n), expected)
+        slope = rng.uniform(-4, 4, 3)
+        base = rng.uniform(0, 255, 3) + slope * (x[..., None] + rng.uniform(-1, 1) * y[..., None])
+        out[i] = np.clip(base + rng.normal(0, 20, (*hw, 3)), 0, 255)
+    return out
 
 
-def test_orientation_bins_wrap_like_skimage_modulo():
-    rng = np.random.default_rng(5)
-    tiny = [0.0, -0.0, 1e-300, -1e-300, 1e-17, -1e-17]
-    specials = np.array([(r, c) for r in [*tiny, 1.0, -1.0] for c in [*tiny, 1.0, -1.0]]).T
-    g_row = np.concatenate([specials[0], rng.normal(size=5000), rng.normal(size=500) * 1e-16])
-    g_col = np.concatenate([specials[1], rng.normal(size=5000), -np.abs(rng.normal(size=500))])
-    angle = np.rad2deg(np.arctan2(g_row, g_col)) % 180  # skimage's expression
-    for n in (4, 7, 9):
-        expected = np.searchsorted(180.0 / n * np.arange(1, n + 1), angle, side="right")
-        assert np.array_equal(orientation_bins(g_row, g_col, n), expected)
+def _log() -> list[dict]:
+    path = memo.cache_root() / "decodes.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("scaling", ["original", "none", "standard"])
+def test_streamed_features_equal_the_in_memory_result(tmp_path, monkeypatch, scaling):
+    monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
+    images = _images(45)
+    images[7] = images[3]  # the same pixels twice: computed once, written twice
+    np.save(tmp_path / "images.npy", images)
+    p = FeatureParams(hog=HogParams(pixels_per_cell=(8, 8)), scaling=scaling)
+    info = features.write_features(
+        tmp_path / "images.npy", tmp_path / "f.npy", p, ComputeParams(batch_size=8)
+    )
+    expected, expected_info = compute_features(images, p, batch_size=8)
+    write_array(expected, tmp_path / "expected.npy")
+    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+    assert info == expected_info
+    assert _log()[-1] == {"stage": "features", "decoded": 44, "cached": 0}
+
+
+def test_added_images_are_the_only_ones_computed_and_workers_change_no_byte(tmp_path, monkeypatch):
+    monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
+    p = FeatureParams()
+    old, new = _images(40, seed=1, hw=(64, 64)), _images(3, seed=2, hw=(64, 64))
+    np.save(tmp_path / "old.npy", old)
+    features.write_features(tmp_path / "old.npy", tmp_path / "f_old.npy", p, ComputeParams(batch_size=16))
+    grown = np.concatenate([old[:20], new, old[20:]])  # new rows anywhere: keys are the pixels
+    np.save(tmp_path / "grown.npy", grown)
+    two_jobs = ComputeParams(n_jobs=2, batch_size=16)
+    features.write_features(tmp_path / "grown.npy", tmp_path / "f_grown.npy", p, two_jobs)
+    assert _log()[-1] == {"stage": "features", "decoded": 3, "cached": 40}
+    expected, _ = compute_features(grown, p)
+    write_array(expected, tmp_path / "expected.npy")
+    assert (tmp_path / "f_grown.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+
+
+def test_other_features_params_do_not_reuse_the_memo(tmp_path, monkeypatch):
+    monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
+    np.save(tmp_path / "images.npy", _images(5))
+    for orientations in (9, 6):
+        p = FeatureParams(hog=HogParams(orientations=orientations))
+        features.write_features(tmp_path / "images.npy", tmp_path / "f.npy", p, ComputeParams())
+        assert _log()[-1]["decoded"] == 5
+
+
+def test_empty_images_give_an_empty_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
+    np.save(tmp_path / "images.npy", np.zeros((0, 64, 64, 3), np.uint8))
+    info = features.write_features(
+        tmp_path / "images.npy", tmp_path / "f.npy", FeatureParams(), ComputeParams()
+    )
+    assert np.load(tmp_path / "f.npy").shape == (0, info["dim"])
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "block_bytes"), [(50, 17, 8 * 50 * 2), (7, 40, 8 * 7 * 3), (300, 9, 1 << 26)]
+)
+def test_column_moments_are_numpys_bit_for_bit(n, d, block_bytes):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, d)) * rng.uniform(0, 50, d) + rng.uniform(-9, 9, d)).astype(np.float32)
+    mean, std = column_moments(x, max_block_bytes=block_bytes)
+    assert mean.tobytes() == x.mean(axis=0, dtype=np.float64).tobytes()
+    assert std.tobytes() == x.std(axis=0, dtype=np.float64).tobytes()

@@ -214,9 +214,11 @@ def test_a_killed_stage_resumes_from_its_flushed_memo(tmp_path, monkeypatch, sta
 
 
 def test_images_npy_written_in_batches_equals_the_in_memory_array(tmp_path, monkeypatch):
-    from photoprep.images import probe
-    from photoprep.io import write_array
-    from photoprep.params import ComputeParams
+    from photoprep.core.io import write_array
+    from photoprep.core.params import ComputeParams
+    from photoprep.images import stored
+    from photoprep.images.decode import DecodeLimits
+    from photoprep.images.resize import PixelSpec
 
     project = make_project(tmp_path / "p", 23)
     run_stage(project, "download", monkeypatch, "syn")
@@ -225,11 +227,10 @@ def test_images_npy_written_in_batches_equals_the_in_memory_array(tmp_path, monk
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache"))
     raw = project / "data" / "raw"
     compute = ComputeParams(n_jobs=2, batch_size=5)
-    probe.write_pixels(table, raw, (24, 32), "pad", 10**8, compute, tmp_path / "streamed.npy")
+    spec = PixelSpec((24, 32), "pad", DecodeLimits(10**8))
+    stored.write_pixels(table, raw, spec, compute, tmp_path / "streamed.npy")
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "another cache"))  # decoded afresh
-    in_memory = probe.resized_pixels(
-        table, raw, (24, 32), "pad", 10**8, ComputeParams(n_jobs=1, batch_size=64)
-    )
+    in_memory = stored.resized_pixels(table, raw, spec, ComputeParams(n_jobs=1, batch_size=64))
     write_array(in_memory, tmp_path / "whole.npy")
     assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
     assert in_memory.shape == (25, 24, 32, 3) and in_memory.std() > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 from photoprep.ingest.manifest import (
     MALFORMED_COLUMNS,
     RECORD_COLUMNS,

@@ -1,4 +1,4 @@
-"""photoprep.memory.release: freed pages go back to the operating system (Linux)."""
+"""photoprep.core.memory.release: freed pages go back to the operating system (Linux)."""
 
 import sys
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from photoprep import memory
+from photoprep.core import memory
 
 
 def anon_mb() -> float:

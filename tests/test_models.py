@@ -74,7 +74,7 @@ def test_a_timm_backbone_is_built_by_name_with_the_classes_asked():
 
 
 def test_an_unknown_timm_name_is_one_line_with_the_closest_names():
-    from photoprep.errors import UserError
+    from photoprep.core.errors import UserError
 
     with pytest.raises(UserError, match=r"timm has no architecture 'resnet81' \(did you mean timm/resnet"):
         backbones.check_architecture("timm/resnet81")

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from browser import chromium, open_page
 
-from photoprep import io
-from photoprep.layout import Layout
+from photoprep.core import io
+from photoprep.core.layout import Layout
 from photoprep.learn import introspect, models
 from photoprep.review.page import write_report
 

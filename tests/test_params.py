@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from photoprep import params
-from photoprep.errors import UserError
+from photoprep.core import params
+from photoprep.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +75,7 @@ def test_repository_params_load_with_the_demo_enabled():
             "params.yaml: dedup.crops: shares of each side in (0, 0.2], ascending",
         ),
         ({"dedup": {"crops": [0.5]}}, "params.yaml: dedup.crops: shares of each side in (0, 0.2], ascending"),
-        ({"validate": {"max_decode_mb": 0}}, "params.yaml: validate.max_decode_mb: must be >= 1 (got 0)"),
+        ({"decode": {"max_decode_mb": 0}}, "params.yaml: decode.max_decode_mb: must be >= 1 (got 0)"),
     ],
 )
 def test_bad_value_names_the_key_path(raw, message):

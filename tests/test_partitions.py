@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from photoprep.core.params import ComputeParams, DownloadParams
 from photoprep.ingest import partitions
-from photoprep.ingest.store import BlobReader, check_shard_name
-from photoprep.params import ComputeParams, DownloadParams
+from photoprep.ingest.blobs import BlobReader, check_shard_name
+from photoprep.ingest.fetch import Place
 
 FAST = {
     "concurrency": 8,
@@ -37,15 +38,8 @@ def records(cdn, ids) -> pd.DataFrame:
 def download(cdn, ids, store: Path, parts: int, previous=None):
     table_path = store.parent / f"{store.name}.parquet"
     p = DownloadParams(**FAST, partitions=parts)
-    return partitions.download(
-        records(cdn, ids),
-        store,
-        p,
-        COMPUTE,
-        base_dir=store.parent,
-        table_path=table_path,
-        previous=previous,
-    )
+    place = Place(store, store.parent, table_path)
+    return partitions.download(records(cdn, ids), place, p, COMPUTE, previous)
 
 
 @pytest.fixture

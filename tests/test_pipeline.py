@@ -362,10 +362,10 @@ def _standin_weights(root: Path) -> bytes:
     from safetensors.torch import save
     from test_train import make_workspace
 
-    from photoprep.layout import Layout
+    from photoprep.core.layout import Layout
+    from photoprep.core.params import TrainParams
     from photoprep.learn import train
     from photoprep.learn.data import load_data
-    from photoprep.params import TrainParams
 
     make_workspace(root, n=300, size=32, seed=1)
     p = TrainParams(model="timm/test_resnet", epochs=2, batch_size=32, device="cpu", normalize="pretrained")

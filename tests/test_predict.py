@@ -12,12 +12,12 @@ import pytest
 from test_evaluate import PARAMS, run_stage, shared_pipeline
 from test_train import one_thread  # noqa: F401 (an autouse fixture)
 
-from photoprep import io
+from photoprep.core import io
+from photoprep.core.errors import UserError
+from photoprep.core.layout import Layout
+from photoprep.core.params import PredictParams
 from photoprep.dataset.split import fingerprint
-from photoprep.errors import UserError
-from photoprep.layout import Layout
 from photoprep.learn import checkpoint, predict
-from photoprep.params import PredictParams
 
 PREDICT = """\
 predict:

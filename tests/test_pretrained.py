@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import save
 from test_train import make_workspace, one_thread, states_equal  # noqa: F401 (an autouse fixture)
 
-from photoprep.errors import UserError
-from photoprep.layout import Layout
+from photoprep.core.errors import UserError
+from photoprep.core.layout import Layout
+from photoprep.core.params import TrainParams
 from photoprep.learn import checkpoint, models, pretrained, train
 from photoprep.learn.data import load_data
 from photoprep.learn.models import Architecture
-from photoprep.params import TrainParams
 
 ARCH = "timm/test_resnet"  # timm's smallest ResNet (its registry's test model): fast on the CPU
 HUB_ID = "timm/test_resnet.r160_in1k"  # what `imagenet` resolves to for it

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.layout import Layout
 from photoprep.ingest import manifest, sources
 from photoprep.ingest.store import ShardWriter
-from photoprep.layout import Layout
 from photoprep.learn import scores
 from photoprep.review import clusters
 from photoprep.review import export as review

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 from photoprep.ingest.sources import SourceConfig, list_sources, load_labels, load_source
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from photoprep.core.errors import UserError
+from photoprep.core.params import SplitParams
 from photoprep.dataset.split import (
     SplitResult,
     assign_splits,
@@ -20,8 +22,6 @@ from photoprep.dataset.split import (
     split_report,
     split_tables,
 )
-from photoprep.errors import UserError
-from photoprep.params import SplitParams
 
 LABELS = [f"c{i}" for i in range(10)]
 

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from photoprep import console, errors
+from photoprep.core import console, errors
 
 REPO = Path(__file__).resolve().parents[1]
 

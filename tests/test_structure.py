@@ -13,7 +13,7 @@ import pytest
 import yaml
 from imports import PACKAGE, ROOT, closure, imported_modules, module_name
 
-from photoprep.layout import SPLITS, Layout
+from photoprep.core.layout import SPLITS, Layout
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
 STAGE_SCRIPTS = sorted((ROOT / "stages").glob("[a-z]*.py"))
@@ -78,14 +78,14 @@ def test_every_pipeline_path_in_dvc_yaml_is_named_by_the_layout():
     not_named = sorted(p for p in pipeline if not _covered(p, layout) and p not in layout)
     # dvclive/ is written by dvclive under layout.live_dir; its files are declared at top level.
     not_named = [p for p in not_named if not p.startswith(Layout().live_dir.as_posix() + "/")]
-    assert not_named == [], f"dvc.yaml names paths that photoprep.layout does not: {not_named}"
+    assert not_named == [], f"dvc.yaml names paths that photoprep.core.layout does not: {not_named}"
 
 
 def test_every_layout_path_is_declared_in_dvc_yaml():
     declared = {p for s in _stage_paths().values() for p in s["deps"] + s["outs"]}
     declared |= {Layout().params.as_posix(), Layout().live_dir.as_posix()}
     missing = sorted(p for p in _layout_paths() if not _covered(p, declared))
-    assert missing == [], f"photoprep.layout names paths that no stage of dvc.yaml declares: {missing}"
+    assert missing == [], f"photoprep.core.layout names paths that no stage of dvc.yaml declares: {missing}"
 
 
 _PATH_LITERAL = re.compile(r"""["'](?:{})/""".format("|".join(PIPELINE_ROOTS)))
@@ -96,22 +96,65 @@ def test_stage_scripts_take_their_paths_from_the_layout(script: Path):
     assert not _PATH_LITERAL.search(script.read_text(encoding="utf-8")), f"{script.name} spells out a path"
 
 
+CORE = (
+    "src/photoprep/core"  # the core modules: one unit, declared as a folder by every stage that imports one
+)
+
+
+def _code_deps(declared: list[str]) -> list[str]:
+    return [d.rstrip("/") for d in declared if d.startswith("src/")]
+
+
+def undeclared(script: Path, declared: list[str]) -> list[str]:
+    """The files of `script`'s import closure that no dep covers (a file, or a folder above it)."""
+    needed = sorted(p.relative_to(ROOT).as_posix() for p in closure(script))
+    return [p for p in needed if not _covered(p, set(_code_deps(declared)))]
+
+
+def unneeded(script: Path, declared: list[str]) -> list[str]:
+    """Code deps that `script` does not import: a file outside its closure, a folder with no module
+    of the closure, or a folder (other than `CORE`) holding a module outside it. A folder dep is
+    exact only when the stage imports every module in it."""
+    needed = {p.relative_to(ROOT).as_posix() for p in closure(script)}
+    out = []
+    for dep in _code_deps(declared):
+        folder = ROOT / dep
+        if not folder.is_dir():
+            out += [] if dep in needed else [dep]
+            continue
+        inside = {p.relative_to(ROOT).as_posix() for p in folder.rglob("*.py")}
+        if not inside & needed or (dep != CORE and not inside <= needed):
+            out.append(dep)
+    return out
+
+
 @pytest.mark.parametrize("script", STAGE_SCRIPTS, ids=lambda p: p.stem)
-def test_dvc_yaml_declares_every_module_a_stage_imports(script: Path):
+def test_dvc_yaml_declares_exactly_the_code_a_stage_imports(script: Path):
     stages = _stage_paths()
     (name,) = [n for n, s in stages.items() if f"stages/{script.name}" in s["cmd"]]
-    declared = set(stages[name]["deps"])
-    needed = sorted(p.relative_to(ROOT).as_posix() for p in closure(script))
-    missing = [p for p in needed if not _covered(p, declared)]
+    declared = stages[name]["deps"]
     assert f"stages/{script.name}" in declared
+    missing = undeclared(script, declared)
     assert missing == [], f"dvc.yaml: stage {name} imports but does not declare {missing}"
+    extra = unneeded(script, declared)
+    assert extra == [], f"dvc.yaml: stage {name} declares code it does not import: {extra}"
 
 
-def test_the_deps_check_sees_a_missing_module():
-    """The check above is not vacuous: a stage that imports the library has a non-trivial closure."""
-    needed = {p.relative_to(ROOT).as_posix() for p in closure(ROOT / "stages" / "cluster.py")}
-    assert "src/photoprep/learn/cluster.py" in needed and "src/photoprep/params.py" in needed
-    assert not _covered("src/photoprep/learn/cluster.py", {"src/photoprep/images"})
+def test_the_deps_check_fails_on_an_undeclared_import(tmp_path):
+    """Not vacuous: a stage that imports a module its deps do not name fails the check, and so does
+    one whose import brings in modules the deps miss; a dep on code it does not import fails too."""
+    script = tmp_path / "stage.py"
+    script.write_text("from photoprep.images import validate\n", encoding="utf-8")
+    needed = sorted(p.relative_to(ROOT).as_posix() for p in closure(script))
+    assert "src/photoprep/images/validate.py" in needed and len(needed) > 3
+    declared = [p for p in needed if p != "src/photoprep/images/validate.py"]
+    assert undeclared(script, declared) == ["src/photoprep/images/validate.py"]
+    assert undeclared(script, needed) == [] and unneeded(script, needed) == []
+    assert unneeded(script, [*needed, "src/photoprep/images/dedup.py"]) == ["src/photoprep/images/dedup.py"]
+    assert unneeded(script, [*needed, "src/photoprep/images"]) == ["src/photoprep/images"]
+    script.write_text("from photoprep.images import validate, dedup\n", encoding="utf-8")
+    missing = undeclared(script, [*needed, "src/photoprep/images/dedup.py"])
+    assert "src/photoprep/images/keep.py" in missing and "src/photoprep/images/hamming.py" in missing
 
 
 # Rooms from the bottom up: a module may import its own room and any room below it.
@@ -187,8 +230,10 @@ def test_no_module_reaches_into_another_modules_private_names(path: Path):
 
 def test_the_private_name_check_sees_one(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from photoprep.images import decode\nfrom photoprep.io import _x\ndecode._probe(1)\n")
-    assert _private_uses(bad) == ["from photoprep.io import _x", "decode._probe"]
+    bad.write_text(
+        "from photoprep.images import decode\nfrom photoprep.core.io import _x\ndecode._probe(1)\n"
+    )
+    assert _private_uses(bad) == ["from photoprep.core.io import _x", "decode._probe"]
 
 
 _LONG = 400
@@ -203,3 +248,39 @@ def test_a_long_module_says_why_at_its_top(path: Path):
     assert "Why one module" in doc, (
         f"{path.name} has {text.count(chr(10))} lines and no 'Why one module' note"
     )
+
+
+_MAX_MODULE, _MAX_FUNCTION, _MAX_PARAMETERS = 600, 80, 8
+
+
+def _too_long_or_wide(source: str, module: str) -> list[str]:
+    """Functions of `module`'s `source` over `_MAX_FUNCTION` lines or with more than
+    `_MAX_PARAMETERS` parameters (self and cls aside), as 'name (N lines, P parameters)'."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            a = node.args
+            names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs)] + [
+                x.arg for x in (a.vararg, a.kwarg) if x is not None
+            ]
+            params = len([n for n in names if n not in ("self", "cls")])
+            lines = (node.end_lineno or node.lineno) - node.lineno + 1
+            if lines > _MAX_FUNCTION or params > _MAX_PARAMETERS:
+                found.append(f"{node.name} ({lines} lines, {params} parameters)")
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_modules_and_functions_stay_small(path: Path):
+    text = path.read_text(encoding="utf-8")
+    assert text.count("\n") <= _MAX_MODULE, f"{path.name} has {text.count(chr(10))} lines: split it by job"
+    assert _too_long_or_wide(text, path.relative_to(PACKAGE).as_posix()) == []
+
+
+def test_the_size_check_sees_a_long_and_a_wide_function():
+    body = "\n".join(f"    x{i} = {i}" for i in range(85))
+    text = f"def long():\n{body}\n\n\ndef wide(a, b, c, d, e, f, g, h, i):\n    return a\n"
+    assert _too_long_or_wide(text, "images/example.py") == [
+        "long (86 lines, 0 parameters)",
+        "wide (2 lines, 9 parameters)",
+    ]

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep import io
+from photoprep.core import io
+from photoprep.core.errors import UserError
+from photoprep.core.layout import Layout
+from photoprep.core.params import FeatureParams, SplitParams, TrainParams
 from photoprep.dataset.split import assign_splits, split_report
-from photoprep.errors import UserError
-from photoprep.layout import Layout
 from photoprep.learn import checkpoint, live, optim, train
 from photoprep.learn.data import (
     Batches,
@@ -36,7 +37,6 @@ from photoprep.learn.data import (
     input_stats,
     load_data,
 )
-from photoprep.params import FeatureParams, SplitParams, TrainParams
 
 # --------------------------------------------------------------------------- data
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from photoprep import params
-from photoprep.errors import UserError
-from photoprep.layout import PATHS, Layout
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
 
 ROOT_HELP = "the project folder, the one holding dvc.yaml (default: the current folder)"
 
@@ -27,8 +27,8 @@ def _export(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
+    from photoprep.core.io import read_json
     from photoprep.dataset import export
-    from photoprep.io import read_json
 
     paths = Layout(Path(args.root))
     split_path = paths.split_table(args.split)
@@ -75,15 +75,23 @@ def _demo(args: argparse.Namespace) -> None:
 def _pretrain(args: argparse.Namespace) -> None:
     from photoprep import portable
 
-    if PATHS.params.is_file():  # as the stages do: the CPU math pinned from compute.* before torch loads
-        compute = params.load(PATHS.params).compute
-        portable.pin_cpu_math(compute.cpu_math, compute.threads)
+    every = params.load(PATHS.params)
+    portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before torch loads, as the stages
     from photoprep import demo
+    from photoprep.images.resize import PixelSpec
 
-    out = Path(args.out)
     if not args.model.startswith("timm/"):
         raise UserError(f"photoprep pretrain: {args.model}: name a timm/<architecture>")
-    done = demo.pretrain_standin(args.model, out, epochs=args.epochs, size=args.size, seed=args.seed)
+    size = every.train.image_size
+    spec = demo.Standin(
+        model=args.model,
+        epochs=args.epochs,
+        image_size=size if isinstance(size, tuple) else every.bucket.size,
+        pixels=PixelSpec.from_params(every),  # stored as the bucket stage stores the demo
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    done = demo.pretrain_standin(spec, out)
     print(
         f"trained {args.model} on rendering {args.seed} of the demo ({done['images']} images of the train "
         f"and val digits, val accuracy {done['val_accuracy']}); wrote {out} (sha256 {done['sha256'][:12]})"
@@ -167,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("model", help="timm/<architecture>, e.g. timm/resnet18")
     pre.add_argument("out", help=f"the weights file, under {PATHS.local_weights_dir}/ (.safetensors)")
     pre.add_argument("--epochs", type=int, default=20, help="epochs (val picks the best; no early stop)")
-    pre.add_argument("--size", type=int, default=32, help="image side in pixels (train.image_size)")
     pre.add_argument("--seed", type=int, default=1, help="the rendering (0 is the embedded demo itself)")
     pre.set_defaults(func=_pretrain)
     ver = sub.add_parser(

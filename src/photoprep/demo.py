@@ -7,7 +7,7 @@ renders are byte-identical.
 Plain upscaled 8x8 digits collide under perceptual hashing, so each digit is drawn on its
 own smooth colour background (a gradient and a soft blob) at a small random offset, and a
 rendering whose hash comes within `MIN_DISTANCE` bits of one already drawn is drawn again
-with the next random background. The hash checked is the pipeline's own (`decode.probe`).
+with the next random background. The hash checked is the pipeline's own (`probe.probe`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import shutil
 import sys
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep.images import decode, hamming
-from photoprep.layout import PATHS, Layout
+from photoprep.core.layout import PATHS, Layout
+from photoprep.images import hamming, probe
+from photoprep.images.resize import PixelSpec, resized_rgb
 
 NAMESPACE = uuid.UUID("5a36f382-dbdf-11e6-95fd-d746d863c3eb")
 MIN_DISTANCE = 12  # phash bits between any two distinct images (checked on render)
@@ -111,7 +113,7 @@ def _encode(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
 
 
 def _hash(data: bytes) -> np.ndarray:
-    return hamming.pack_hashes([decode.probe(data)["hash"]])[0]
+    return hamming.pack_hashes([probe.probe(data)["hash"]])[0]
 
 
 class _Spread:
@@ -154,6 +156,22 @@ def _near_copy(pixels: np.ndarray, original: bytes, variant: int) -> bytes:
     return _encode(np.asarray(smaller), "JPEG", quality=88)
 
 
+@dataclass
+class _Demo:
+    """The files, labels and titles rendered so far, and what was injected (for expected.json)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    titles: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, Any] = field(
+        default_factory=lambda: {"exact": {}, "near": {}, "broken": {}, "missing": []}
+    )
+    near_distances: list[int] = field(default_factory=list)
+
+    def add(self, rid: str, data: bytes, label: str, title: int) -> None:
+        self.files[rid], self.labels[rid], self.titles[rid] = data, label, title
+
+
 def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     """Render the demo source into `out_dir` (replacing its cdn/); return the injected counts."""
     out_dir = Path(out_dir)
@@ -161,44 +179,86 @@ def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     n = len(digits.images) if limit is None else min(limit, len(digits.images))
     rng = np.random.default_rng(seed)
     spread = _Spread()
-    files: dict[str, bytes] = {}
-    labels: dict[str, str] = {}
-    titles: dict[str, int] = {}
+    demo = _Demo()
+    pixels_of = _render_digits(demo, digits, n, rng, spread)
+    originals = [k for k in demo.files if not demo.files[k].startswith(b"\x89PNG")]
+    order = rng.permutation(len(originals))
+    _add_copies(
+        demo, [originals[j] for j in order[:N_EXACT]], [originals[j] for j in order[N_EXACT:]], pixels_of
+    )
+    _add_broken(demo, digits, [originals[int(order[-1 - k])] for k in range(N_TRUNCATED)], rng, spread)
+    lines = _manifest_lines(demo.titles, demo.labels, rng)
+    _write(out_dir, demo.files, demo.labels, lines)
+    broken_counts: dict[str, int] = {}
+    for reason in demo.kinds["broken"].values():
+        broken_counts[reason] = broken_counts.get(reason, 0) + 1
+    expected = {
+        "digits": n,
+        "lines": len(lines),
+        "malformed_lines": 2,
+        "unique_ids": len(demo.titles),
+        "missing": N_MISSING,
+        "fetched": len(demo.files),
+        "exact_duplicates": len(demo.kinds["exact"]),
+        "near_duplicates": len(demo.kinds["near"]),
+        "broken": dict(sorted(broken_counts.items())),
+        "valid_unique_images": n,
+        "min_distinct_phash_distance": _min_distance(spread.hashes),
+        "max_near_phash_distance": max(demo.near_distances, default=0),
+        "ids": demo.kinds,
+    }
+    (out_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
+    return {k: v for k, v in expected.items() if k != "ids"}
+
+
+def _render_digits(
+    demo: _Demo, digits: Any, n: int, rng: np.random.Generator, spread: _Spread
+) -> dict[str, np.ndarray]:
+    """The first `n` digits, each drawn far from all before it; their pixels by id."""
     pixels_of: dict[str, np.ndarray] = {}
     for i in range(n):
         h, w = size_of(i, rng)
         fmt = "PNG" if i % 9 == 0 else "JPEG"
         pixels, data = _render_distinct(digits.images[i], h, w, fmt, rng, spread)
         rid = demo_id("digit", i)
-        files[rid], labels[rid], titles[rid], pixels_of[rid] = data, str(digits.target[i]), i, pixels
-    originals = [k for k in files if not files[k].startswith(b"\x89PNG")]
-    order = rng.permutation(len(originals))
-    exact_of = [originals[j] for j in order[:N_EXACT]]
-    near_pool = [originals[j] for j in order[N_EXACT:]]
-    kinds: dict[str, Any] = {"exact": {}, "near": {}, "broken": {}, "missing": []}
+        demo.add(rid, data, str(digits.target[i]), i)
+        pixels_of[rid] = pixels
+    return pixels_of
+
+
+def _add_copies(
+    demo: _Demo, exact_of: list[str], near_pool: list[str], pixels_of: dict[str, np.ndarray]
+) -> None:
+    """Byte-identical copies of `exact_of` under new ids, then near copies of the first originals
+    of `near_pool` whose hash stays within `NEAR_MAX` bits."""
     for k, original in enumerate(exact_of):
         rid = demo_id("copy", k)
-        files[rid], labels[rid], titles[rid] = files[original], labels[original], titles[original]
-        kinds["exact"][rid] = original
-    near_distances = []
+        demo.add(rid, demo.files[original], demo.labels[original], demo.titles[original])
+        demo.kinds["exact"][rid] = original
     for original in near_pool:
-        if len(kinds["near"]) == N_NEAR:
+        if len(demo.kinds["near"]) == N_NEAR:
             break
-        k = len(kinds["near"])
-        data = _near_copy(pixels_of[original], files[original], k)
-        distance = int(np.unpackbits(np.bitwise_xor(_hash(data), _hash(files[original]))).sum())
+        k = len(demo.kinds["near"])
+        data = _near_copy(pixels_of[original], demo.files[original], k)
+        distance = int(np.unpackbits(np.bitwise_xor(_hash(data), _hash(demo.files[original]))).sum())
         if distance > NEAR_MAX:
             continue
         rid = demo_id("near", k)
-        files[rid], labels[rid], titles[rid] = data, labels[original], titles[original]
-        kinds["near"][rid] = original
-        near_distances.append(distance)
-    for k in range(N_TRUNCATED):
-        source = originals[int(order[-1 - k])]
+        demo.add(rid, data, demo.labels[original], demo.titles[original])
+        demo.kinds["near"][rid] = original
+        demo.near_distances.append(distance)
+
+
+def _add_broken(
+    demo: _Demo, digits: Any, truncated_of: list[str], rng: np.random.Generator, spread: _Spread
+) -> None:
+    """Truncated JPEGs of `truncated_of`'s digits, empty and non-image payloads, too-small
+    images, and ids with no file."""
+    for k, source in enumerate(truncated_of):
         rid = demo_id("truncated", k)
-        full = _encode(draw_digit(digits.images[titles[source]], 96, 96, rng), "JPEG")
-        files[rid], labels[rid], titles[rid] = full[: int(len(full) * 0.6)], labels[source], titles[source]
-        kinds["broken"][rid] = "truncated"
+        full = _encode(draw_digit(digits.images[demo.titles[source]], 96, 96, rng), "JPEG")
+        demo.add(rid, full[: int(len(full) * 0.6)], demo.labels[source], demo.titles[source])
+        demo.kinds["broken"][rid] = "truncated"
     broken_payloads = (
         [("zero", b"", "zero_bytes")] * N_ZERO
         + [("html", HTML_PAGE.format(n=k).encode(), "not_an_image") for k in range(3)]
@@ -206,40 +266,17 @@ def render_demo(out_dir: Path, seed: int = 0, limit: int | None = None) -> dict:
     )
     for k, (kind, data, reason) in enumerate(broken_payloads):
         rid = demo_id(kind, k)
-        files[rid], labels[rid], titles[rid] = data, str(digits.target[k]), k
-        kinds["broken"][rid] = reason
+        demo.add(rid, data, str(digits.target[k]), k)
+        demo.kinds["broken"][rid] = reason
     for k in range(N_TOO_SMALL):
         rid = demo_id("small", k)
         _, data = _render_distinct(digits.images[k], 16, 16, "PNG", rng, spread)
-        files[rid], labels[rid], titles[rid] = data, str(digits.target[k]), k
-        kinds["broken"][rid] = "too_small"
+        demo.add(rid, data, str(digits.target[k]), k)
+        demo.kinds["broken"][rid] = "too_small"
     for k in range(N_MISSING):
         rid = demo_id("missing", k)
-        titles[rid] = k
-        kinds["missing"].append(rid)
-
-    lines = _manifest_lines(titles, labels, rng)
-    _write(out_dir, files, labels, lines)
-    broken_counts: dict[str, int] = {}
-    for reason in kinds["broken"].values():
-        broken_counts[reason] = broken_counts.get(reason, 0) + 1
-    expected = {
-        "digits": n,
-        "lines": len(lines),
-        "malformed_lines": 2,
-        "unique_ids": len(titles),
-        "missing": N_MISSING,
-        "fetched": len(files),
-        "exact_duplicates": len(kinds["exact"]),
-        "near_duplicates": len(kinds["near"]),
-        "broken": dict(sorted(broken_counts.items())),
-        "valid_unique_images": n,
-        "min_distinct_phash_distance": _min_distance(spread.hashes),
-        "max_near_phash_distance": max(near_distances, default=0),
-        "ids": kinds,
-    }
-    (out_dir / "expected.json").write_text(json.dumps(expected, indent=2) + "\n", encoding="utf-8")
-    return {k: v for k, v in expected.items() if k != "ids"}
+        demo.titles[rid] = k
+        demo.kinds["missing"].append(rid)
 
 
 def _min_distance(packed: np.ndarray) -> int:
@@ -286,49 +323,67 @@ if __name__ == "__main__":
     main()
 
 
-def drawings(ids: list[str], seed: int, size: int, source_dir: Path | None = None) -> np.ndarray:
+def drawings(ids: list[str], seed: int, pixels: PixelSpec, source_dir: Path | None = None) -> np.ndarray:
     """The digits behind ``ids`` (ids of the embedded demo; a kept copy stands for its original)
-    as rendering ``seed`` draws them: uint8 N x size x size x 3, resized by Pillow."""
+    as rendering ``seed`` draws them, resized as the bucket stage resizes (``pixels``)."""
     import tempfile
 
     source_dir = source_dir or PATHS.source_dir("demo")
     kinds = json.loads((source_dir / "expected.json").read_text(encoding="utf-8"))["ids"]
     original = kinds["exact"] | kinds["near"]
-    out = np.empty((len(ids), size, size, 3), np.uint8)
+    out = np.empty((len(ids), *pixels.size, 3), np.uint8)
     with tempfile.TemporaryDirectory(prefix="photoprep-demo-") as tmp:
         render_demo(Path(tmp), seed=seed)
         for k, rid in enumerate(ids):
             data = (Path(tmp) / "cdn" / original.get(rid, rid)).read_bytes()
-            with Image.open(io.BytesIO(data)) as image:
-                out[k] = np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+            out[k] = resized_rgb(data, pixels.size, pixels.fit)
     return out
 
 
-def pretrain_standin(
-    model: str, out: Path, epochs: int = 20, size: int = 32, seed: int = 1, paths: Layout = PATHS
-) -> dict[str, Any]:
-    """Stand-in pretrained weights for the offline demo: ``model`` (a ``timm/<architecture>``)
-    trained on rendering ``seed`` of the demo's digits, the stand-in for ImageNet, saved as
+@dataclass(frozen=True)
+class Standin:
+    """How ``photoprep pretrain`` makes stand-in weights: the model, its epochs, the size the model
+    sees and how the images are stored (as the project's ``bucket`` and ``train`` params say)."""
+
+    model: str
+    epochs: int = 20
+    image_size: tuple[int, int] = (32, 32)
+    pixels: PixelSpec = field(default_factory=lambda: PixelSpec((64, 64)))
+    seed: int = 1
+
+
+def pretrain_standin(spec: Standin, out: Path, paths: Layout = PATHS) -> dict[str, Any]:
+    """Stand-in pretrained weights for the offline demo: ``spec.model`` (a ``timm/<architecture>``)
+    trained on rendering ``spec.seed`` of the demo's digits, the stand-in for ImageNet, saved as
     safetensors at ``out``. Only the digits of the demo's train and val splits are drawn (read
     from ``data/splits/``: run the pipeline first), so no test digit is ever seen."""
+    from photoprep.core.params import TrainParams
     from photoprep.learn import pretrained, train
     from photoprep.learn.data import SplitData, TrainData, read_split_table, read_splits_report
-    from photoprep.params import TrainParams
 
     classes = [str(c) for c in read_splits_report(paths.splits_report)["classes"]]
     parts = []
     for name in ("train", "val"):
         table, _ = read_split_table(paths.split_table(name))
         table = table[table["source"] == "demo"].reset_index(drop=True)
-        pixels = drawings(table["id"].astype(str).tolist(), seed, size, paths.source_dir("demo"))
+        pixels = drawings(table["id"].astype(str).tolist(), spec.seed, spec.pixels, paths.source_dir("demo"))
         labels = np.array([classes.index(str(v)) for v in table["label"]], dtype=np.int64)
         parts.append(SplitData.from_arrays(name, table, pixels, labels))
     # Each image standardised by its own statistics, as the demo's convnet is: that takes the random
     # backgrounds' colour cast out (with ImageNet's mean and std a ResNet-18 learned far slower
     # here). The weights carry it in their data config: train.normalize: auto fine-tunes alike.
-    p = TrainParams(model=model, epochs=epochs, image_size=(size, size), normalize="image", early_stopping=0)
+    p = TrainParams(
+        model=spec.model, epochs=spec.epochs, image_size=spec.image_size, normalize="image", early_stopping=0
+    )
     result = train.fit(TrainData(parts[0], parts[1], classes, "images"), p)
-    config = {"input_size": [size, size], "mean": [0.0] * 3, "std": [1.0] * 3, "normalize": "image"}
-    digest = pretrained.save_weights(result.state_dict, out, config | {"interpolation": None})
+    size = [int(v) for v in spec.image_size]
+    config = {
+        "input_size": size,
+        "mean": [0.0] * 3,
+        "std": [1.0] * 3,
+        "normalize": "image",
+        "interpolation": None,
+    }
+    digest = pretrained.save_weights(result.state_dict, out, config)
     best = result.meta.get("best_val") or {}
     return {"images": len(parts[0]) + len(parts[1]), "val_accuracy": best.get("accuracy"), "sha256": digest}

@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from photoprep.core.errors import UserError
+from photoprep.core.io import atomic_path
 from photoprep.dataset.split import clean_label
-from photoprep.errors import UserError
-from photoprep.io import atomic_path
 
 FORMATS = ("imagefolder", "npz")
 UNLABELED_DIR = "_unlabeled"

@@ -51,8 +51,8 @@ from typing import Any, cast
 import numpy as np
 import pandas as pd
 
-from photoprep.errors import UserError
-from photoprep.params import SplitParams
+from photoprep.core.errors import UserError
+from photoprep.core.params import SplitParams
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"

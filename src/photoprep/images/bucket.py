@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from photoprep.core.io import write_with
+from photoprep.core.params import BucketKeep, BucketParams
 from photoprep.images import graph
-from photoprep.io import write_with
-from photoprep.params import BucketKeep, BucketParams
 
 
 @dataclass

@@ -8,32 +8,15 @@ cropped hash (what a copy of it cropped by that share of each side hashes to); a
 hash. Every hash leaves out `margin` of each side of the picture (the probe's). Broken
 payloads take no part: the validate stage reports each of them.
 
-Which copy a group keeps (`dedup.keep`):
-
-- ``best`` (default), a deterministic preference read from the probe, criterion by criterion:
-  colour over grey; the most pixels; the least lossy (lossless formats first, then the JPEG
-  quality estimated from the quantisation tables); the camera original (EXIF names a camera
-  or a capture time) over a re-save; the medoid, the member closest to all the others in the
-  fine hash (the untouched original when every other member is one edit away from it); the
-  smallest (source, id) key.
-- ``largest``: the most pixels, then the key (photoprep's rule before ``best``).
-- ``first``: source order (the order of `sources`, then the manifest line, then the id).
-
+Which copy a group keeps (`dedup.keep`) is the keep rule's (`photoprep.images.keep`).
 `keep_reason` says for the kept row which criterion made it win over the runner-up, and for
-every other member which criterion it lost on (colour, pixels, lossless, quality, camera,
-medoid, key, first).
+every other member which criterion it lost on (`keep.KEEP_REASONS`).
 
 Counts are by pair, not by the copy kept: within a group, every row byte-identical to a row
 ranked before it is ``exact``; the first row of each distinct payload other than the kept
 one is ``near`` (or ``near_crop`` when a cropped hash of it or of the kept copy is closest,
 ``near_hflip``, ``near_rot90``, ... when the kept copy's transformed hash is). So
 ``exact_duplicates`` counts the redundant byte copies whatever is kept.
-
-Why one module
-    Grouping and the keep rule read the same narrow table of ranked columns, and the reasons
-    they write (`dup_reason`, `keep_reason`, `near_crop`) come from what grouping found; split,
-    the half-built table and its invariants would travel between modules. The search itself
-    (`hamming`) and the components (`graph`) live on their own.
 """
 
 from __future__ import annotations
@@ -45,17 +28,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from photoprep.errors import UserError
-from photoprep.images import graph, hamming
-from photoprep.params import DedupParams
+from photoprep.core.errors import UserError
+from photoprep.core.params import DedupParams
+from photoprep.images import graph, hamming, keep
 
 CROP_FINE_THRESHOLD = 56
 """A match through a cropped hash counts only when the fine hashes (256 bits) of the two views
 are within this distance. On bench/dedup_quality.py's photographs the true crop matches were
 at most 46 apart; the one false crop match of the demo (two different handwritten 3s, 4 bits
 apart in the 64-bit hash) 70."""
-
-KEEP_REASONS = ("colour", "pixels", "lossless", "quality", "camera", "medoid", "key", "first")
 
 GROUPING_ONLY = ("fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes")
 """Probe columns only grouping and ranking read: the dedup stage's table leaves them out."""
@@ -73,7 +54,7 @@ _DEFAULTS = {
     "format": "",
 }
 
-# What grouping (`_groups`), ranking (`_criteria`) and `_assign` read of a record.
+# What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record.
 _RANKED_COLUMNS = (
     "source",
     "id",
@@ -102,10 +83,6 @@ def read_raw_tables(raw_dir: Path, sources: list[str]) -> pd.DataFrame:
         frames.append(pd.read_parquet(path))
     table = pd.concat(frames, ignore_index=True)
     return table.sort_values(["source", "id"], kind="stable").reset_index(drop=True)
-
-
-def _key(table: pd.DataFrame) -> pd.Series:
-    return table["source"] + "/" + table["id"]
 
 
 def _popcounts(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -204,79 +181,19 @@ def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
     return graph.components(n, a, b)
 
 
-def _medoid_cost(groups: np.ndarray, fine: pd.Series) -> np.ndarray:
-    """Sum of fine-hash distances from each row to the other rows of its group, in linear
-    time: per bit, a row disagrees with the group members that hold the other value.
-
-    Only rows of groups with two or more known fine hashes are unpacked (a row alone costs 0),
-    so the working set follows the duplicates, not the collection: a 256-bit hash unpacked
-    is 256 counters a row.
-    """
-    known = fine.to_numpy() != ""
-    cost = np.zeros(len(fine), np.int64)
-    if not known.any():
-        return cost
-    _, local_all, sizes_all = np.unique(groups[known], return_inverse=True, return_counts=True)
-    shared = np.zeros(len(fine), bool)
-    shared[np.flatnonzero(known)[sizes_all[local_all] > 1]] = True
-    if not shared.any():
-        return cost
-    bits = np.unpackbits(hamming.pack_hashes(list(fine[shared])), axis=1).astype(np.int32)
-    _, local = np.unique(groups[shared], return_inverse=True)
-    ones = np.zeros((local.max() + 1, bits.shape[1]), np.int32)
-    np.add.at(ones, local, bits)
-    sizes = np.bincount(local).astype(np.int32)
-    per_bit = np.where(bits == 1, sizes[local, None] - ones[local], ones[local])
-    cost[shared] = per_bit.sum(axis=1, dtype=np.int64)
-    return cost
-
-
-def _criteria(frame: pd.DataFrame, p: DedupParams, sources: Sequence[str] | None) -> list[tuple[str, str]]:
-    """(column, reason) to sort by, ascending, for `p.keep`; adds the columns to `frame`."""
-    frame["_pixels"] = -(frame["width"].astype(np.int64) * frame["height"].astype(np.int64))
-    frame["_key"] = _key(frame)
-    if p.keep == "largest":
-        return [("_pixels", "pixels"), ("_key", "key")]
-    if p.keep == "first":
-        order = {name: i for i, name in enumerate(sources or sorted(set(frame["source"])))}
-        position = frame["source"].map(order).fillna(len(order)).astype(np.int64)
-        line = frame["first_line"].fillna(0).astype(np.int64) if "first_line" in frame else 0
-        frame["_first"] = position * (1 << 40) + line
-        return [("_first", "first"), ("_key", "key")]
-    frame["_grey"] = ~frame["colour"].astype(bool)
-    frame["_lossy"] = ~frame["lossless"].astype(bool)
-    frame["_quality"] = -frame["quality"].astype(np.int64)
-    frame["_no_camera"] = ~frame["camera"].astype(bool)
-    return [
-        ("_grey", "colour"),
-        ("_pixels", "pixels"),
-        ("_lossy", "lossless"),
-        ("_quality", "quality"),
-        ("_no_camera", "camera"),
-        ("_medoid", "medoid"),
-        ("_key", "key"),
-    ]
-
-
-def _deciding(a: pd.DataFrame, b: pd.DataFrame, criteria: list[tuple[str, str]]) -> np.ndarray:
-    """For row pairs (a[i], b[i]): the reason of the first criterion on which they differ."""
-    reason = np.full(len(a), criteria[-1][1], dtype=object)
-    decided = np.zeros(len(a), bool)
-    for column, name in criteria:
-        differs = (a[column].to_numpy() != b[column].to_numpy()) & ~decided
-        reason[differs] = name
-        decided |= differs
-    return reason
-
-
 def find_duplicates(
-    images: pd.DataFrame, p: DedupParams, sources: Sequence[str] | None = None
+    images: pd.DataFrame,
+    p: DedupParams,
+    sources: Sequence[str] | None = None,
+    evidence: keep.Evidence | None = None,
 ) -> DedupResult:
     """Group byte-identical and perceptually near-identical images; keep one per group.
 
     `images` has one row per record with `status`, `sha256`, `valid`, `hash`, `width`,
     `height`, and the probe's `colour`, `lossless`, `quality`, `camera`, `fine_hash`,
     `transform_hashes` (defaults when absent). `sources` orders sources for ``keep: first``.
+    `evidence` gives the pixel facts of the keep rule (`photoprep.images.keep`) for the rows of
+    `images` it is asked about: one per distinct payload of each group with two or more.
     """
     table = images.copy(deep=False)  # copy-on-write: the caller's frame is never changed
     for column, default in _DEFAULTS.items():
@@ -297,9 +214,12 @@ def find_duplicates(
     if len(candidates):
         candidates = candidates.sort_values(["source", "id"], kind="stable")
         candidates["_group"] = _groups(candidates, p)
-        candidates["_medoid"] = _medoid_cost(candidates["_group"].to_numpy(), candidates["fine_hash"])
-        criteria = _criteria(candidates, p, sources)
-        order = candidates.sort_values(["_group", *(c for c, _ in criteria)], kind="stable")
+        facts = None
+        if p.keep == "best" and evidence is not None:
+            asked = keep.needs_evidence(candidates, candidates["_group"].to_numpy())
+            if asked.any():
+                facts = evidence(table.loc[candidates.index[asked]])
+        order, criteria = keep.rank(candidates, p, sources, facts)
         _assign(table, order, criteria, p)
     counts = {
         "exact_duplicates": int((table["dup_reason"] == "exact").sum()),
@@ -340,8 +260,8 @@ def _assign(
     sizes = order.groupby("_group").size().loc[kept.index]
     won = pd.Series(np.where(sizes > 1, "key", ""), index=kept.index, dtype=object)
     if len(runner):
-        won.loc[runner.index] = _deciding(kept.loc[runner.index], runner, criteria)
-    lost = _deciding(reps.reset_index(drop=True), order.reset_index(drop=True), criteria)
+        won.loc[runner.index] = keep.deciding(kept.loc[runner.index], runner, criteria)
+    lost = keep.deciding(reps.reset_index(drop=True), order.reset_index(drop=True), criteria)
     keep_reason = np.where(is_dup, lost, won.loc[order["_group"]].to_numpy())
     group_ids = pd.Series(np.arange(len(kept)), index=kept.sort_values("_key").index)
     table.loc[order.index, "group"] = group_ids.loc[order["_group"]].to_numpy()

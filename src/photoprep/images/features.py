@@ -1,235 +1,51 @@
-"""DEC-style image features: HOG of the grayscale image, then a small Cr/Cb colour map.
+"""DEC-style image features of every processed image: HOG of the grayscale image, then a small
+Cr/Cb colour map, computed once per image and streamed into features.npy.
 
 The feature vector of one image is the concatenation of
 
-* ``skimage.feature.hog(rgb2gray(img), ...)`` with ``feature_vector=True``, and
+* ``skimage.feature.hog(rgb2gray(img), ...)`` with ``feature_vector=True`` (`photoprep.images.hog`
+  computes it for a whole batch at once), and
 * the image shrunk to ``color_size`` with ``cv2.INTER_AREA``, converted to YCrCb,
   keeping Cr and Cb (ravelled in ``(h, w, 2)`` order),
 
-scaled as ``params.features.scaling`` says. :func:`hog_batch` computes the HOG of a whole
-batch at once in numpy and reproduces scikit-image's result (its binning, its float32
-accumulation, its block normalisation) rather than approximating it; :func:`reference_features`
-is the plain per-image version that the tests and the benchmark compare against (against
-scikit-image 0.26 the largest difference seen is 0; the tests hold it to 1e-5).
+scaled as ``params.features.scaling`` says. :func:`reference_features` is the plain per-image
+version that the tests and the benchmark compare against.
+
+Each row of ``images.npy`` is keyed by the sha256 of its pixels, and its feature vector is
+memoized under a fingerprint of the features params, the image size and the code of this module
+and `photoprep.images.hog` (see `photoprep.images.memo`). A change of the bucket params changes
+the pixels and so the keys; a change of the features params or code changes the fingerprint.
+Adding photos therefore computes the features of the new ones only.
+
+`write_features` fills the output batch by batch through a memory map of its temporary file
+(then renamed into place), so the stage holds a batch of rows, never the matrix: its bytes equal
+those of ``io.write_array(compute_features(images, p)[0], path)``. 'standard' scaling needs the
+whole matrix's column moments: they are computed from the memory map, in column blocks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
 import joblib
 import numpy as np
+import pandas as pd
 
-from photoprep.errors import UserError
-from photoprep.params import FeatureParams, HogParams
+from photoprep.core import parallel
+from photoprep.core.errors import UserError
+from photoprep.core.io import atomic_path
+from photoprep.core.params import ComputeParams, FeatureParams
+from photoprep.images import hog, memo
+from photoprep.images.hog import gray_batch, hog_batch, hog_shape, skimage_hog
 
-# skimage's block normalisation constant (``_hog_normalize_block(..., eps=1e-5)``).
-_EPS = 1e-5
-# Coefficients of skimage.color.rgb2gray.
-_GRAY_COEFFS = np.array([0.2125, 0.7154, 0.0721], dtype=np.float64)
 # The 'original' scaling of the DEC features.
 _HOG_SHIFT, _HOG_GAIN = 0.2, 10.0
 _CHROMA_SHIFT, _CHROMA_DIV = 128.0, 10.0
-# Images per vectorised HOG step (see _hog_numpy).
-_HOG_CHUNK = 16
-
-
-# --------------------------------------------------------------------------- grayscale
-
-
-def gray_batch(rgb: np.ndarray) -> np.ndarray:
-    """uint8 ``N x H x W x 3`` -> float64 ``N x H x W``, bit-identical to ``skimage.color.rgb2gray``."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 4 or rgb.shape[-1] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"expected uint8 N x H x W x 3 images, got {rgb.dtype} {rgb.shape}")
-    # Same two steps as skimage (img_as_float64, then a matmul with the weights), so the
-    # rounding is the same too; elementwise r*a + g*b + b*c differs in the last bit.
-    as_float = np.multiply(rgb, 1.0 / 255, dtype=np.float64)
-    return as_float @ _GRAY_COEFFS
-
-
-# --------------------------------------------------------------------------- HOG
-
-
-def hog_shape(image_hw: tuple[int, int], p: HogParams) -> tuple[int, int, int, int, int]:
-    """``(n_blocks_row, n_blocks_col, cells_row, cells_col, orientations)`` of the HOG of one image."""
-    (c_row, c_col), (b_row, b_col) = p.pixels_per_cell, p.cells_per_block
-    n_blocks_row = image_hw[0] // c_row - b_row + 1
-    n_blocks_col = image_hw[1] // c_col - b_col + 1
-    if n_blocks_row <= 0 or n_blocks_col <= 0:
-        raise ValueError(
-            f"images of {image_hw[0]} x {image_hw[1]} are too small for pixels_per_cell "
-            f"{list(p.pixels_per_cell)} and cells_per_block {list(p.cells_per_block)}: "
-            f"need at least {b_row * c_row} x {b_col * c_col}"
-        )
-    return (n_blocks_row, n_blocks_col, b_row, b_col, p.orientations)
-
-
-def hog_batch(gray: np.ndarray, p: HogParams) -> np.ndarray:
-    """HOG of every image of a float ``N x H x W`` batch, as ``N x D``.
-
-    Row ``i`` equals ``skimage.feature.hog(gray[i], p.orientations, p.pixels_per_cell,
-    p.cells_per_block, p.block_norm, feature_vector=True)``; ``p.impl`` picks how it is computed.
-    """
-    gray = np.asarray(gray)
-    if gray.ndim != 3:
-        raise ValueError(f"expected a N x H x W batch of grayscale images, got shape {gray.shape}")
-    if p.impl == "skimage":
-        return _hog_skimage(gray, p)
-    if p.impl == "opencv":
-        _opencv_unavailable()
-    return _hog_numpy(gray, p)
-
-
-def _hog_skimage(gray: np.ndarray, p: HogParams) -> np.ndarray:
-    """skimage.feature.hog one image at a time."""
-    shape = hog_shape(gray.shape[1:], p)
-    dtype = _float_dtype(gray.dtype)
-    out: np.ndarray = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
-    for i, image in enumerate(gray):
-        out[i] = _skimage_hog(image, p)
-    return out
-
-
-def _skimage_hog(image: np.ndarray, p: HogParams) -> np.ndarray:
-    # Imported here: the default numpy implementation never needs scikit-image (a stage starts faster).
-    import skimage.feature
-
-    return skimage.feature.hog(
-        image,
-        orientations=p.orientations,
-        pixels_per_cell=p.pixels_per_cell,
-        cells_per_block=p.cells_per_block,
-        block_norm=p.block_norm,
-        feature_vector=True,
-    )
-
-
-def _opencv_unavailable() -> None:
-    """Raise the UserError that explains why ``impl: opencv`` cannot run."""
-    if not hasattr(cv2, "HOGDescriptor"):
-        raise UserError(
-            f"features.hog.impl: opencv needs cv2.HOGDescriptor, which the installed OpenCV "
-            f"{cv2.__version__} does not have (OpenCV 5 removed it); use numpy or skimage"
-        )
-    # cv2.HOGDescriptor interpolates between bins and weights pixels with a Gaussian, so its
-    # vectors are not the features the original project clustered.
-    raise UserError(
-        "features.hog.impl: opencv is not supported: cv2.HOGDescriptor bins differently from "
-        "skimage.feature.hog; use numpy or skimage"
-    )
-
-
-def _float_dtype(dtype: np.dtype) -> type:
-    """The float type skimage.feature.hog computes in for an input dtype."""
-    return np.float32 if dtype in (np.float16, np.float32) else np.float64
-
-
-def _hog_numpy(gray: np.ndarray, p: HogParams) -> np.ndarray:
-    """Vectorised skimage.feature.hog over a batch, a few images at a time."""
-    shape = hog_shape(gray.shape[1:], p)
-    dtype = _float_dtype(gray.dtype)
-    out: np.ndarray = np.empty((len(gray), int(np.prod(shape))), dtype=dtype)
-    # Small chunks keep the float64 temporaries in cache: about 2x faster than whole batches.
-    for s in range(0, len(gray), _HOG_CHUNK):
-        g_row, g_col = _gradients(gray[s : s + _HOG_CHUNK].astype(dtype, copy=False))
-        hist = _cell_histograms(g_row, g_col, p)
-        out[s : s + _HOG_CHUNK] = _normalised_blocks(hist, p).reshape(len(hist), -1)
-    return out
-
-
-def _gradients(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Central differences with zero borders, as skimage's ``_hog_channel_gradient``, in float64."""
-    g_row = np.empty_like(gray)
-    g_row[:, 0, :] = 0
-    g_row[:, -1, :] = 0
-    g_row[:, 1:-1, :] = gray[:, 2:, :] - gray[:, :-2, :]
-    g_col = np.empty_like(gray)
-    g_col[:, :, 0] = 0
-    g_col[:, :, -1] = 0
-    g_col[:, :, 1:-1] = gray[:, :, 2:] - gray[:, :, :-2]
-    # skimage differentiates in the image's float type, then bins in float64.
-    return g_row.astype(np.float64, copy=False), g_col.astype(np.float64, copy=False)
-
-
-def _by_cell_pixel(a: np.ndarray, cell: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
-    """``N x H x W`` -> ``P x (N * n_cells)``: row k holds pixel k (row-major in its cell) of every cell."""
-    (c_row, c_col), (n_row, n_col) = cell, cells
-    a = a[:, : n_row * c_row, : n_col * c_col].reshape(len(a), n_row, c_row, n_col, c_col)
-    return a.transpose(2, 4, 0, 1, 3).reshape(c_row * c_col, -1)
-
-
-def orientation_bins(g_row: np.ndarray, g_col: np.ndarray, n: int) -> np.ndarray:
-    """skimage's orientation bin of each gradient (``n``: in no bin)."""
-    degrees = np.rad2deg(np.arctan2(g_row, g_col))
-    # skimage takes ``degrees % 180``; np.remainder is slow, and for degrees in [-180, 180]
-    # this gives the same roundings (negative: +180; exactly 180: 0).
-    angle = degrees + 180.0 * (degrees < 0)
-    angle -= 180.0 * (degrees >= 180)
-    return angle_bins(angle, n)
-
-
-def angle_bins(angle: np.ndarray, n: int) -> np.ndarray:
-    """Bin ``i`` with ``(180. / n) * i <= angle < (180. / n) * (i + 1)`` of angles in [0, 180], else ``n``.
-
-    The edges are formed exactly as skimage's Cython code forms them, in double; an angle at or
-    above the last one (which rounding can put below 180) falls in no bin.
-    """
-    per_bin = 180.0 / n
-    # A first guess, off by one for some angles on an edge (e.g. n=9, 60 degrees -> 2.999...),
-    # corrected against the edges themselves.
-    bins = np.floor(angle * (n / 180.0))
-    bins -= angle < per_bin * bins
-    bins += angle >= per_bin * (bins + 1)
-    return bins.astype(np.intp)
-
-
-def _cell_histograms(g_row: np.ndarray, g_col: np.ndarray, p: HogParams) -> np.ndarray:
-    """Per-cell orientation histograms ``N x n_cells_row x n_cells_col x orientations`` (float64).
-
-    skimage's ``_hoghistogram.hog_histograms`` puts each pixel's whole magnitude in one bin (no
-    interpolation between bins), sums a cell's pixels row by row into a C ``float`` and divides
-    that float32 total by the cell area. The same is done here, for every cell at once.
-    """
-    n, (c_row, c_col) = p.orientations, p.pixels_per_cell
-    cells = (g_row.shape[1] // c_row, g_row.shape[2] // c_col)
-    # Only pixels inside whole cells are binned: skip the trigonometry of the others.
-    g_row = _by_cell_pixel(g_row, p.pixels_per_cell, cells)
-    g_col = _by_cell_pixel(g_col, p.pixels_per_cell, cells)
-    # skimage uses np.hypot, 10x slower here; this differs from it in the last bit for about 1
-    # pixel in 6, which moves a float32 total below only if it sits on a rounding tie: at most
-    # one float32 ulp of a cell, about 1e-8 in the output (none seen in the tests).
-    magnitude = np.sqrt(g_col * g_col + g_row * g_row)
-    bins = orientation_bins(g_row, g_col, n)
-
-    n_cells = g_row.shape[1]
-    # One float32 accumulator per (cell, bin), plus a discard slot for bin n.
-    totals = np.zeros(n_cells * (n + 1), dtype=np.float32)
-    slots = bins + np.arange(n_cells, dtype=np.intp) * (n + 1)
-    for k in range(len(slots)):  # pixel by pixel, in skimage's order: same float32 roundings
-        # float32 + float64 -> float64, rounded once to float32 on store: C's ``total += m``.
-        totals[slots[k]] = totals[slots[k]] + magnitude[k]
-    totals = totals.reshape(n_cells, n + 1)[:, :n]
-    # ``total / (cell_rows * cell_columns)`` is a float32 division in C.
-    hist = totals / np.float32(c_row * c_col)
-    return hist.astype(np.float64).reshape(-1, cells[0], cells[1], n)
-
-
-def _normalised_blocks(hist: np.ndarray, p: HogParams) -> np.ndarray:
-    """Overlapping blocks of cells ``N x nbr x nbc x br x bc x n``, each normalised by ``p.block_norm``."""
-    b_row, b_col = p.cells_per_block
-    windows = np.lib.stride_tricks.sliding_window_view(hist, (b_row, b_col), axis=(1, 2))
-    blocks = np.ascontiguousarray(windows.transpose(0, 1, 2, 4, 5, 3))  # window axes before bins
-    axes = (-3, -2, -1)
-    if p.block_norm in ("L1", "L1-sqrt"):
-        out = blocks / (np.abs(blocks).sum(axis=axes, keepdims=True) + _EPS)
-        return np.sqrt(out) if p.block_norm == "L1-sqrt" else out
-    out = blocks / np.sqrt((blocks**2).sum(axis=axes, keepdims=True) + _EPS**2)
-    if p.block_norm == "L2-Hys":
-        out = np.minimum(out, 0.2)
-        out = out / np.sqrt((out**2).sum(axis=axes, keepdims=True) + _EPS**2)
-    return out
 
 
 # --------------------------------------------------------------------------- colour map
@@ -332,12 +148,6 @@ def standardise(features: np.ndarray, rows_per_step: int = 4096) -> int:
     return int(constant.sum())
 
 
-def check_impl(p: FeatureParams) -> None:
-    """Raise the UserError of an implementation that cannot run here."""
-    if p.hog.impl == "opencv":
-        _opencv_unavailable()
-
-
 def batch_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     """float32 feature rows of one batch, before any whole-set ('standard') scaling."""
     images = np.asarray(images)  # a memmap slice is read here, in the worker
@@ -361,7 +171,7 @@ def compute_features(
     process). The batches do not depend on ``n_jobs``, so neither does a single output byte.
     """
     check_images(images)
-    check_impl(p)
+    hog.check_impl(p.hog)
     info = feature_info(images.shape[1:3], p)
     starts = range(0, len(images), batch_size)
     if n_jobs == 1 or len(starts) <= 1:
@@ -386,7 +196,7 @@ def reference_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     rows = []
     for image in images:
         arr = np.ascontiguousarray(image)
-        hog = _skimage_hog(rgb2gray(arr), p.hog)
+        hog = skimage_hog(rgb2gray(arr), p.hog)
         small = cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
         crcb = cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb)[:, :, 1:].astype(np.float32)
         rows.append(_scale(hog[None], crcb.reshape(1, -1), p.scaling)[0])
@@ -395,3 +205,86 @@ def reference_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     if p.scaling == "standard" and len(features):
         standardise(features)
     return features
+
+
+def pixel_keys(images: np.ndarray) -> list[str]:
+    """The sha256 (hex) of each image's pixel bytes."""
+    return [hashlib.sha256(np.ascontiguousarray(image).data).hexdigest() for image in images]
+
+
+def _features_of(positions: Sequence[int], images_path: str, p: FeatureParams) -> np.ndarray:
+    """Feature rows of the images at `positions` of the .npy file (read in the worker)."""
+    images = np.load(images_path, mmap_mode="r")
+    return batch_features(images[list(positions)], p)
+
+
+def _features_of_pixels(pixels: np.ndarray, p: FeatureParams) -> np.ndarray:
+    """Feature rows of a batch of pixel rows sent to the worker (a Dask worker sees no local file)."""
+    return batch_features(pixels, p)
+
+
+class PixelRows(Sequence[np.ndarray]):
+    """The rows of `images` at `positions`, read from the memory map only when a batch is sliced."""
+
+    def __init__(self, images: np.ndarray, positions: Sequence[int]):
+        self.images = images
+        self.positions = list(positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return np.ascontiguousarray(self.images[self.positions[index]])
+        return self.images[self.positions[index]]
+
+
+def feature_memo(images: np.ndarray, p: FeatureParams) -> memo.Memo:
+    """The memo of feature rows for images of this size under these params and this code."""
+    settings = {"features": p.model_dump(mode="json"), "image_size": list(images.shape[1:3])}
+    # The code of the features is this module and the HOG it calls.
+    return memo.Memo("features", memo.fingerprint(settings, hog, sys.modules[__name__]), arrays=True)
+
+
+def write_features(images_path: Path, path: Path, p: FeatureParams, compute: ComputeParams) -> dict[str, Any]:
+    """Write the float32 ``N x D`` features of the images in `images_path` to `path`; return the info.
+
+    Only images whose pixels are not in the memo are computed, in `compute`'s batches and
+    workers; each batch is memoized as it comes back, so a killed run keeps what it finished.
+    """
+    images = np.load(images_path, mmap_mode="r")
+    check_images(images)
+    hog.check_impl(p.hog)
+    info = feature_info(images.shape[1:3], p)
+    keys = pixel_keys(images)
+    cache = feature_memo(images, p)
+    todo = cache.missing(keys)
+    if todo:
+        first: dict[str, int] = {}
+        for position, key in enumerate(keys):
+            first.setdefault(key, position)
+        positions = [first[key] for key in todo]
+        batches: Iterator[tuple[Sequence[Any], np.ndarray]]
+        if compute.backend == "dask":
+            # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
+            # 64x64) go with the task, straight to a worker (photoprep.core.parallel).
+            batches = parallel.imap_batches(
+                _features_of_pixels, PixelRows(images, positions), compute, p, desc="features"
+            )
+        else:
+            batches = parallel.imap_batches(
+                _features_of, positions, compute, str(images_path), p, desc="features"
+            )
+        cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
+    memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
+    step = memo.write_step(compute.batch_size, 4 * info["dim"])
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(keys), info["dim"]))
+        for start in range(0, len(keys), step):
+            cache.arrays(keys[start : start + step], out=out[start : start + step])
+            out.flush()
+        if p.scaling == "standard" and len(keys):
+            info["standard"] = {"ddof": 0, "constant_columns": standardise(out)}
+        out.flush()
+        del out
+    return info

@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 import photoprep
-from photoprep import memory
-from photoprep.io import write_table, write_with
+from photoprep.core import memory
+from photoprep.core.io import write_table, write_with
 
 CACHE_ENV = "PHOTOPREP_CACHE"
 DEFAULT_CACHE = Path(".photoprep") / "cache"

@@ -1,90 +1,259 @@
-"""Per-image records from the shard store, decoded once per parameter set (memoized)."""
+"""The probe: the one decode the dedup stage makes of each payload, and the record it gives.
+
+In a single pass `probe` reads the header (format, size, mode), rejects bombs before any pixel
+is allocated (`photoprep.images.decode`), decodes the whole image to prove the data is
+complete, and computes the perceptual hashes from the same decode (`photoprep.images.fingerprint`).
+JPEGs are decoded by libjpeg at reduced scale: for a JPEG the grey is libjpeg's at the draft
+scale whose shorter side stays >= `hash_side`; for other formats the same scale factor is
+applied with `Image.reduce`, so one picture hashes alike as PNG or JPEG.
+
+The probe's verdict on the bytes (``valid`` and one of `DECODE_REASONS`) is the dedup stage's:
+it must decode to hash, and a payload that does not decode takes no part in grouping. The
+validate stage (`photoprep.images.validate`) turns it into the dataset's verdict.
+
+The probe also reads what the dedup stage needs to keep the best copy: whether the picture has
+colour (chroma at the hash scale), whether the format is lossless, the JPEG quality estimated
+from the quantisation tables, whether EXIF names a camera, a finer hash (`FINE_HASH`) and, when
+asked, the hashes of transformed versions (mirror, rotations) and of crops. Its settings travel
+as one `ProbeSpec`.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+from PIL import Image, ImageFile
 
-from photoprep import parallel
-from photoprep.images import containers, decode, memo
+from photoprep.core.params import ComputeParams, DedupParams, Params
+from photoprep.images import containers, decode, fingerprint, formats, memo, stored
+from photoprep.images.decode import (
+    LATE_EXIF,
+    NO_BUDGET,
+    DecodeLimits,
+    check_budget,
+    check_pixels,
+    draft_factor,
+    exif_orientation,
+    has_alpha,
+    load,
+    normalised,
+    open_image,
+    oriented,
+    pillow_quiet,
+    turn_upright,
+)
+from photoprep.images.fingerprint import (
+    COLOUR_CHROMA,
+    FINE_HASH,
+    check_transforms,
+    check_trims,
+    crop_trim,
+    hash_side,
+    hasher_of,
+    jpeg_quality,
+    mean_chroma,
+    names_a_camera,
+    transformed,
+    trimmed,
+)
+from photoprep.images.formats import JPEG_FORMATS, ImageRejected, codec_versions, stores_exactly
 from photoprep.ingest import sniff
-from photoprep.ingest.store import BlobReader, RemoteBlobReader, open_reader
-from photoprep.io import atomic_path
-from photoprep.params import ComputeParams
 
-PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in decode.PROBE_FIELDS]
-
-# (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
-BlobLocation = tuple[str, str, int, int]
-
-
-def _locations(table: pd.DataFrame) -> list[BlobLocation]:
-    return list(
-        zip(
-            table["source"],
-            table["shard"],
-            table["offset"].astype(int),
-            table["size"].astype(int),
-            strict=True,
-        )
-    )
+PROBE_FIELDS = (
+    "format",
+    "width",
+    "height",
+    "mode",
+    "valid",
+    "reason",
+    "hash",
+    "colour",
+    "lossless",
+    "quality",
+    "camera",
+    "fine_hash",
+    "transform_hashes",
+    "crop_hashes",
+    "crop_fine_hashes",
+)
 
 
-def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
-    """Where the workers read shards: ``compute.storage`` (an fsspec URL or a path) or `raw_dir`.
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What the probe needs to know, built once from the params: the hash, the transforms and
+    crops also hashed, the margin every hash leaves out, and the decode's limits.
 
-    A Dask worker may run in another folder (or machine), so it gets `raw_dir` as an absolute path.
+    The defaults hash the whole picture (no margin) with a 64-bit phash: the demo's generator
+    and the benchmarks use them. Checked when made: a bad hash, transform or trim is a
+    ValueError here, never a reason on an image.
     """
-    if compute.storage:
-        return compute.storage
-    return raw_dir.resolve() if compute.backend == "dask" else raw_dir
+
+    hash_name: str = "phash"
+    hash_size: int = 8
+    transforms: tuple[str, ...] = ()
+    margin: float = 0.0
+    crops: tuple[float, ...] = ()
+    limits: DecodeLimits = NO_BUDGET
+
+    def __post_init__(self) -> None:
+        hasher_of(self.hash_name, self.hash_size)
+        check_transforms(self.transforms)
+        check_trims(self.trims)
+
+    @classmethod
+    def from_params(cls, p: Params) -> ProbeSpec:
+        """The dedup stage's probe: `dedup`'s hash, transforms, margin and crops, and the limits
+        of every decode."""
+        return cls.from_dedup(p.dedup, DecodeLimits.from_params(p))
+
+    @classmethod
+    def from_dedup(cls, d: DedupParams, limits: DecodeLimits = NO_BUDGET) -> ProbeSpec:
+        """The probe of dedup params `d` under `limits`."""
+        return cls(d.hash, d.hash_size, tuple(d.transforms), d.margin, tuple(d.crops), limits)
+
+    @property
+    def trims(self) -> tuple[float, ...]:
+        """The share of each side each hash leaves out: the margin, then each crop's."""
+        return (self.margin, *(crop_trim(c, self.margin) for c in self.crops))
+
+    def settings(self) -> dict[str, Any]:
+        """Everything a probe record depends on besides the bytes: the memo's key."""
+        return {
+            "hash": self.hash_name,
+            "hash_size": self.hash_size,
+            "max_pixels": self.limits.max_pixels,
+            "max_decode_mb": self.limits.max_decode_mb,
+            "transforms": list(self.transforms),
+            "margin": self.margin,
+            "crops": list(self.crops),
+            "codecs": codec_versions(),
+        }
 
 
-def _read(root: str | Path, locations: Sequence[BlobLocation]) -> list[bytes]:
-    readers: dict[str, BlobReader | RemoteBlobReader] = {}
-    try:
-        out = []
-        for source, shard, offset, size in locations:
-            if source not in readers:
-                readers[source] = open_reader(root, source)
-            out.append(readers[source].read(shard, offset, size))
-        return out
-    finally:
-        for reader in readers.values():
-            reader.close()
+WHOLE_PICTURE = ProbeSpec()
 
 
-def _probe_batch(
-    locations: Sequence[BlobLocation],
-    root: str | Path,
-    hash_name: str,
-    hash_size: int,
-    max_pixels: int,
-    max_decode_mb: float | None,
-    transforms: Sequence[str],
-    margin: float,
-    crops: Sequence[float],
-) -> list[dict]:
-    blobs = _read(root, locations)
-    return decode.probe_many(
-        blobs, hash_name, hash_size, max_pixels, max_decode_mb, transforms, margin, crops
-    )
+def probe(data: bytes, spec: ProbeSpec = WHOLE_PICTURE) -> dict:
+    """Everything the dedup and validate stages need from one decode of `data`.
+
+    Returns a dict with the keys of `PROBE_FIELDS`: format ("" when not identified), width
+    and height after EXIF orientation (0 when not identified; a rejected image keeps its
+    header size), mode as stored (e.g. "CMYK", "I;16", "P"), valid, reason ("" or one of
+    `DECODE_REASONS`), hash (hex of the spec's hash, "" when invalid), colour (the picture has
+    chroma), lossless (the format stores pixels exactly), quality (JPEG quality estimated from
+    the quantisation tables, 0 when unknown or not a JPEG), camera (EXIF names a camera or a
+    capture time), fine_hash (`FINE_HASH`), transform_hashes (the hash of each of the spec's
+    transforms, comma-separated, "" when none asked) and crop_hashes (the hash of the picture
+    as a copy cropped by each of the spec's crops of every side would hash, comma-separated;
+    crop_fine_hashes likewise with `FINE_HASH`).
+    Every hash is of the picture without the spec's margin of each side (`trimmed`): a caption
+    band, a frame or a watermark strip there changes nothing.
+    The result depends only on the bytes, the spec and the codec versions (`codec_versions`).
+    """
+    record: dict = dict.fromkeys(PROBE_FIELDS, "")
+    record.update(width=0, height=0, valid=False, colour=False, lossless=False, quality=0, camera=False)
+    with pillow_quiet():
+        try:
+            gray, chroma = _upright_gray(data, spec, record)
+        except ImageRejected as rejected:
+            record["reason"] = rejected.reason
+            if not record["format"]:  # refused before opening: the format its signature names
+                record["format"] = containers.format_of(data)
+            return record
+        record.update(_hashes(gray, spec), colour=chroma >= COLOUR_CHROMA)
+    record["valid"] = True
+    return record
 
 
-def _pixels_batch(
-    locations: Sequence[BlobLocation], root: str | Path, size: tuple[int, int], fit: str, max_pixels: int
-) -> list[np.ndarray]:
-    return [decode.resized_rgb(data, size, fit, max_pixels) for data in _read(root, locations)]
+def probe_many(blobs: Sequence[bytes], spec: ProbeSpec = WHOLE_PICTURE) -> list[dict]:
+    """`probe` over a batch (one joblib task)."""
+    return [probe(blob, spec) for blob in blobs]
 
 
-def _first_per_sha(table: pd.DataFrame, todo: list[str]) -> pd.DataFrame:
-    """One row (a place to read the bytes from) for each sha256 still to decode."""
-    firsts = table.drop_duplicates("sha256").set_index("sha256")
-    return firsts.loc[todo].reset_index()
+def _upright_gray(data: bytes, spec: ProbeSpec, record: dict) -> tuple[Image.Image, float]:
+    """The upright grey picture at the hash scale and its mean chroma; the header's facts go into
+    `record` as they are read, so a rejected image keeps them."""
+    limits = spec.limits
+    im = open_image(data, limits, gray=True)
+    record.update(format=im.format or "", mode=im.mode)
+    header_size = im.size
+    jpeg = im.format in JPEG_FORMATS
+    orientation = exif_orientation(im) if im.format not in LATE_EXIF else 1
+    record["width"], record["height"] = oriented(header_size, orientation)
+    check_pixels(im, data, limits.max_pixels)
+    record.update(lossless=stores_exactly(im, data), quality=jpeg_quality(im))
+    # The same decode scale whatever the margin and crops (the default's deepest trim,
+    # 15 % a side, still leaves 134 of 192 pixels): a hash never depends on the crops asked.
+    side = hash_side(spec.hash_size)
+    if jpeg:
+        # Y (the grey the hash is computed on) and chroma straight from libjpeg, at the
+        # smallest 1/1..1/8 scale whose shorter side is still >= `side`; the whole
+        # stream is still decoded.
+        im.draft(_jpeg_draft_mode(im), (side, side))
+    check_budget(im, data, header_size, limits.max_decode_mb, gray=True)
+    gray, chroma = _decode_gray(im, data, jpeg, side)
+    if im.format in LATE_EXIF:
+        orientation = exif_orientation(im)
+        record["width"], record["height"] = oriented(header_size, orientation)
+    record["camera"] = names_a_camera(im)  # after the decode: a PNG's EXIF may follow its pixels
+    gray = turn_upright(gray, orientation)
+    if not jpeg:
+        # Same scale rule as the JPEG draft, so a PNG and a JPEG of one picture hash
+        # alike; after the rotation, so a rotation tag and rotated pixels hash alike.
+        factor = draft_factor(gray.size, (side, side))
+        if factor > 1:
+            gray = gray.reduce(factor)
+    return gray, chroma
+
+
+def _hashes(gray: Image.Image, spec: ProbeSpec) -> dict[str, str]:
+    """The hash fields of a record, from the upright grey picture at the hash scale."""
+    hasher = hasher_of(spec.hash_name, spec.hash_size)
+    fine_hasher = hasher_of(*FINE_HASH)
+    picture = trimmed(gray, spec.margin)
+    crops_seen = [trimmed(gray, trim) for trim in spec.trims[1:]]
+    return {
+        "hash": str(hasher(picture)),
+        "fine_hash": str(fine_hasher(picture)),
+        "transform_hashes": ",".join(str(hasher(transformed(picture, t))) for t in spec.transforms),
+        "crop_hashes": ",".join(str(hasher(c)) for c in crops_seen),
+        "crop_fine_hashes": ",".join(str(fine_hasher(c)) for c in crops_seen),
+    }
+
+
+def _decode_gray(im: ImageFile.ImageFile, data: bytes, jpeg: bool, side: int) -> tuple[Image.Image, float]:
+    """The grey image the hash is computed on, and the picture's mean chroma (see
+    `COLOUR_CHROMA`), from one decode. A JPEG drafted in YCbCr gives both from libjpeg."""
+    if jpeg and im.mode == "YCbCr":
+        load(im, data)
+        return im.getchannel(0), mean_chroma(im)
+    if im.mode in ("1", "I", "F") or im.mode.startswith("I;16") or (im.mode == "L" and not has_alpha(im)):
+        return normalised(im, data, gray=True), 0.0
+    rgb = normalised(im, data, gray=False)
+    factor = draft_factor(rgb.size, (side, side))
+    small = rgb.reduce(factor) if factor > 1 else rgb
+    return rgb.convert("L"), mean_chroma(small.convert("YCbCr"))
+
+
+def _jpeg_draft_mode(im: Image.Image) -> str:
+    """YCbCr for colour JPEGs stored as YCbCr (Y is the grey libjpeg would give); RGB for
+    those stored as RGB (Adobe transform 0), which libjpeg cannot turn into YCbCr."""
+    if im.mode in ("RGB", "YCbCr"):
+        return "RGB" if im.info.get("adobe_transform") == 0 else "YCbCr"
+    return "L"
+
+
+PROBE_COLUMNS = ["decode_reason" if field == "reason" else field for field in PROBE_FIELDS]
+"""The probe's fields as the dedup stage's table names them (its reason is the decode's)."""
+
+
+def _probe_batch(located: Sequence[stored.BlobLocation], root: str | Path, spec: ProbeSpec) -> list[dict]:
+    return probe_many(stored.read_blobs(root, located), spec)
 
 
 def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.DataFrame, None]:
@@ -93,153 +262,20 @@ def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.Data
     return rows[["sha256", *PROBE_COLUMNS]], None
 
 
-def probe_images(
-    table: pd.DataFrame,
-    raw_dir: Path,
-    hash_name: str,
-    hash_size: int,
-    max_pixels: int,
-    compute: ComputeParams,
-    max_decode_mb: float | None = None,
-    transforms: Sequence[str] = (),
-    margin: float = 0.0,
-    crops: Sequence[float] = (),
-) -> pd.DataFrame:
+def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: ComputeParams) -> pd.DataFrame:
     """Format, size after orientation, mode, validity, perceptual hashes and the facts the
-    keep rule reads (`decode.probe`) of each row's bytes.
+    keep rule reads (`probe`) of each row's bytes, as `PROBE_COLUMNS`.
 
     Rows need `source`, `shard`, `offset`, `size`, `sha256`. Each distinct sha256 is decoded at
-    most once per (hash, hash_size, max_pixels, max_decode_mb, transforms, margin, crops,
-    decoder code);
-    later calls read the memo, which takes one part per batch as the batch comes back (a killed
-    run keeps the finished batches).
+    most once per spec and decoder code; later calls read the memo, which takes one part per
+    batch as the batch comes back (a killed run keeps the finished batches).
     """
-    settings = {
-        "hash": hash_name,
-        "hash_size": hash_size,
-        "max_pixels": max_pixels,
-        "max_decode_mb": max_decode_mb,
-        "transforms": list(transforms),
-        "margin": margin,
-        "crops": list(crops),
-        "codecs": decode.codec_versions(),
-    }
     # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
-    cache = memo.Memo("probe", memo.fingerprint(settings, decode, containers, sniff))
-    keys = table["sha256"].tolist()
-    todo = cache.missing(keys)
-    if todo:
-        firsts = _first_per_sha(table, todo)
-        batches = parallel.imap_batches(
-            _probe_batch,
-            _locations(firsts),
-            compute,
-            blob_root(raw_dir, compute),
-            hash_name,
-            hash_size,
-            max_pixels,
-            max_decode_mb,
-            tuple(transforms),
-            margin,
-            tuple(crops),
-            desc="decode+hash",
-        )
-        cache.fill(todo, batches, _probe_part)
-        if cache.parts > memo.COMPACT_PARTS:
-            cache.compact()
-    memo.log_decodes("probe", decoded=len(todo), cached=len(set(keys)) - len(todo))
-    probed = cache.rows(keys)
-    return probed[PROBE_COLUMNS].set_index(table.index)
-
-
-def memoize_pixels(
-    table: pd.DataFrame,
-    raw_dir: Path,
-    size: tuple[int, int],
-    fit: str,
-    max_pixels: int,
-    compute: ComputeParams,
-    namespace: str = "pixels",
-) -> memo.Memo:
-    """The pixel memo of (`size`, `fit`, `max_pixels`, decoder code), holding every row's sha256.
-
-    Only the sha256s missing from it are decoded, one memo part per batch as the batches come
-    back from the workers, so a killed run keeps every finished batch.
-    """
-    settings = {"size": list(size), "fit": fit, "max_pixels": max_pixels, "codecs": decode.codec_versions()}
-    cache = memo.Memo(namespace, memo.fingerprint(settings, decode), arrays=True)
-    keys = table["sha256"].tolist()
-    todo = cache.missing(keys)
-    if todo:
-        firsts = _first_per_sha(table, todo)
-        batches = parallel.imap_batches(
-            _pixels_batch,
-            _locations(firsts),
-            compute,
-            blob_root(raw_dir, compute),
-            tuple(size),
-            fit,
-            max_pixels,
-            desc=f"resize {size[0]}x{size[1]}",
-        )
-        cache.fill(todo, batches, lambda keys, arrays: (pd.DataFrame({"sha256": keys}), np.stack(arrays)))
-    memo.log_decodes(namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
-    return cache
-
-
-def resized_pixels(
-    table: pd.DataFrame,
-    raw_dir: Path,
-    size: tuple[int, int],
-    fit: str,
-    max_pixels: int,
-    compute: ComputeParams,
-    namespace: str = "pixels",
-) -> np.ndarray:
-    """uint8 N x H x W x 3 pixels of each row, resized to `size` ([H, W]) by `fit`; memoized.
-
-    The whole array is in memory: for a pipeline output use `write_pixels`, which streams.
-    """
-    cache = memoize_pixels(table, raw_dir, size, fit, max_pixels, compute, namespace)
-    out = np.zeros((len(table), size[0], size[1], 3), np.uint8)
-    return cache.arrays(table["sha256"].tolist(), out=out)
-
-
-def write_pixels(
-    table: pd.DataFrame,
-    raw_dir: Path,
-    size: tuple[int, int],
-    fit: str,
-    max_pixels: int,
-    compute: ComputeParams,
-    path: Path,
-) -> None:
-    """Write `resized_pixels` of `table` to the .npy file `path`, batch by batch, never all in memory.
-
-    The file is filled through a memory map of its temporary name and replaces `path` when
-    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``.
-    """
-    cache = memoize_pixels(table, raw_dir, size, fit, max_pixels, compute)
-    keys = table["sha256"].tolist()
-    step = memo.write_step(compute.batch_size, size[0] * size[1] * 3)
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(
-            tmp, mode="w+", dtype=np.uint8, shape=(len(keys), size[0], size[1], 3)
-        )
-        for start in range(0, len(keys), step):
-            cache.arrays(keys[start : start + step], out=out[start : start + step])
-            out.flush()
-        del out
-
-
-def thumbnails(
-    groups: Sequence[pd.DataFrame],
-    raw_dir: Path,
-    size: tuple[int, int],
-    max_pixels: int,
-    compute: ComputeParams,
-) -> np.ndarray:
-    """Padded thumbnails of every row of ``groups``, in order (memoized apart from the pixels)."""
-    if not groups:
-        return np.zeros((0, size[0], size[1], 3), np.uint8)
-    return resized_pixels(pd.concat(groups), raw_dir, size, "pad", max_pixels, compute, namespace="thumbs")
+    code = (sys.modules[__name__], decode, fingerprint, formats, containers, sniff)
+    job = stored.Pass(
+        "probe", memo.fingerprint(spec.settings(), *code), _probe_batch, (spec,), _probe_part, "decode+hash"
+    )
+    cache = stored.decode_missing(table, raw_dir, compute, job)
+    if cache.parts > memo.COMPACT_PARTS:
+        cache.compact()
+    return cache.rows(table["sha256"].tolist())[PROBE_COLUMNS].set_index(table.index)

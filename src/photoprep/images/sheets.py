@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from photoprep.io import write_with
+from photoprep.core.io import write_with
 
 CAPTION_PX = 14
 GAP = 4

@@ -1,26 +1,18 @@
-"""Validity: every remaining image was fully decoded once; here each gets its verdict and reason.
+"""The validate stage's verdict: every remaining image valid, or broken with its reason.
 
-The decode itself happens in the single-pass probe (`photoprep.images.probe.probe_images`), which the
-dedup stage runs on every fetched payload. This module adds the checks that need no pixels.
+Two verdicts, one module each. The decode's verdict on the bytes (``zero_bytes``,
+``not_an_image``, ``truncated``, ``corrupt``, ``too_many_pixels``, ``over_budget``,
+``unsupported``: `photoprep.images.reasons`) is the dedup stage's: its probe (`photoprep.images.probe`)
+must decode every payload to hash it, under the limits of params.yaml's `decode` section, and
+writes it as ``decode_reason``. This module gives the dataset's verdict on what dedup left: the
+decode's reason, else what needs no pixels (``too_small``, `validate.min_side`).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
-from photoprep.params import ValidateParams
-
-REASONS = (
-    "zero_bytes",
-    "not_an_image",
-    "truncated",
-    "corrupt",
-    "too_small",
-    "too_many_pixels",
-    "over_budget",
-    "unsupported",
-)
+from photoprep.core.params import ValidateParams
 
 VALID_COLUMNS = ["format", "width", "height", "mode", "valid", "reason"]
 
@@ -29,12 +21,8 @@ def validate_images(deduped: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
     """The fetched, non-duplicate records, each with `valid` and a `reason` when it is not."""
     remaining = deduped[(deduped["status"] == "ok") & (deduped["dup_of"] == "")].copy()
     reason = remaining["decode_reason"].fillna("").astype(str)
-    decoded = reason == ""
-    too_many = decoded & (
-        remaining["width"].astype(np.int64) * remaining["height"].astype(np.int64) > p.max_pixels
-    )
-    too_small = decoded & ~too_many & (remaining[["width", "height"]].min(axis=1) < p.min_side)
-    reason = reason.mask(too_many, "too_many_pixels").mask(too_small, "too_small")
+    too_small = (reason == "") & (remaining[["width", "height"]].min(axis=1) < p.min_side)
+    reason = reason.mask(too_small, "too_small")
     remaining["reason"] = reason
     remaining["valid"] = reason == ""
     keep = [c for c in remaining.columns if c not in ("decode_reason", "status", "fetch_reason")]

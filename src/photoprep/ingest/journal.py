@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from photoprep.core.io import fsync_directory
+from photoprep.ingest.rows import JOURNAL_FIELDS
 from photoprep.ingest.store import OpenState
-from photoprep.io import fsync_directory
 
 JOURNAL_NAME = ".journal.jsonl"
-ROW_FIELDS = ("source", "id", "url", "status", "reason", "http_status", "attempts", "sha256", "size", "mime")
 
 
 @dataclass
@@ -57,8 +57,8 @@ def read_journal(store_dir: Path) -> Committed:
             item = json.loads(line)
         except (ValueError, UnicodeDecodeError):
             break  # a torn write: nothing after it was committed
-        if isinstance(item, list) and len(item) == len(ROW_FIELDS):
-            pending.append(dict(zip(ROW_FIELDS, item, strict=True)))
+        if isinstance(item, list) and len(item) == len(JOURNAL_FIELDS):
+            pending.append(dict(zip(JOURNAL_FIELDS, item, strict=True)))
         elif isinstance(item, dict) and "commit" in item:
             for row in pending:
                 found.rows[(row["source"], row["id"])] = row
@@ -98,7 +98,7 @@ class Journal:
         fsync_directory(self.path.parent)
 
     def commit(self, rows: Iterable[tuple[Any, ...]], open_shard: OpenState | None) -> None:
-        """Append `rows` (values in ROW_FIELDS order) and a commit line; fsync."""
+        """Append `rows` (values in `JOURNAL_FIELDS` order) and a commit line; fsync."""
         lines = [json.dumps(list(r), ensure_ascii=False, separators=(",", ":")) for r in rows]
         self.commits += 1
         mark = [open_shard.tmp_name, open_shard.length] if open_shard is not None else None

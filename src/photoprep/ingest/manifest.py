@@ -53,7 +53,7 @@ from urllib.parse import quote, urlsplit
 
 import pandas as pd
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 from photoprep.ingest.sources import URL_SCHEMES, SourceConfig
 
 RECORD_COLUMNS = ["source", "id", "url", "titles", "label", "first_line", "n_lines"]

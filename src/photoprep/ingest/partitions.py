@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from photoprep import parallel
-from photoprep.errors import Interrupted
+from photoprep.core import parallel
+from photoprep.core.errors import Interrupted
+from photoprep.core.io import write_table
+from photoprep.core.params import ComputeParams, DownloadParams
 from photoprep.ingest import fetch
+from photoprep.ingest.rows import KEY
 from photoprep.ingest.store import PART_PREFIX
-from photoprep.io import write_table
-from photoprep.params import ComputeParams, DownloadParams
 
 PART_TABLE = "rows.parquet"
 
@@ -69,30 +70,18 @@ def partition_params(p: DownloadParams) -> DownloadParams:
 
 
 def fetch_partitions(
-    batch: Sequence[tuple[int, pd.DataFrame]],
-    store_dir: str,
-    p: DownloadParams,
-    base_dir: str,
-    allow_cross_host: bool | None,
+    batch: Sequence[tuple[int, pd.DataFrame]], place: fetch.Place, p: DownloadParams
 ) -> list[tuple[int, fetch.FetchResult]]:
-    """One task: fetch each (k, records) of `batch` into ``<store_dir>/part-<k>``, resuming from
-    its own table and journal there. Module level, so that joblib and Dask send it by name."""
+    """One task: fetch each (k, records) of `batch` into ``<store_dir>/part-<k>`` of `place`,
+    resuming from its own table and journal there. Module level, so that joblib and Dask send it
+    by name."""
     out = []
     for k, records in batch:
-        folder = Path(store_dir) / part_name(k)
+        folder = Path(place.store_dir) / part_name(k)
         table_path = folder / PART_TABLE
         previous = pd.read_parquet(table_path) if table_path.exists() else None
-        result = fetch.download(
-            records,
-            folder,
-            p,
-            base_dir=Path(base_dir),
-            table_path=table_path,
-            previous=previous,
-            allow_cross_host=allow_cross_host,
-            progress=False,
-        )
-        out.append((k, result))
+        part = fetch.Place(folder, place.base_dir, table_path)
+        out.append((k, fetch.download(records, part, p, previous=previous, progress=False)))
     return out
 
 
@@ -115,49 +104,37 @@ def merge(results: Sequence[tuple[int, fetch.FetchResult]]) -> fetch.FetchResult
         interrupted = interrupted or result.interrupted
     merged = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
     if len(merged):
-        merged = merged.sort_values(list(fetch.KEY), kind="mergesort").reset_index(drop=True)
+        merged = merged.sort_values(list(KEY), kind="mergesort").reset_index(drop=True)
     return fetch.FetchResult(merged, requested, reused, hosts_down, notes, interrupted, kept)
 
 
 def download(
     records: pd.DataFrame,
-    store_dir: Path,
+    place: fetch.Place,
     p: DownloadParams,
     compute: ComputeParams,
-    *,
-    base_dir: Path,
-    table_path: Path,
-    previous: pd.DataFrame | None,
-    allow_cross_host: bool | None = None,
+    previous: pd.DataFrame | None = None,
 ) -> fetch.FetchResult:
-    """The download of `records` into `store_dir`: `fetch.download` itself with one partition;
-    with more, one task per non-empty partition on `compute`'s backend, then `merge`.
-    The merged table is written to `table_path` (durably) unless the run was interrupted."""
+    """The download of `records` into `place`: `fetch.download` itself with one partition; with
+    more, one task per non-empty partition on `compute`'s backend, then `merge`. The merged table
+    is written to `place.table_path` (durably) unless the run was interrupted."""
     if p.partitions == 1 or records.empty:
-        return fetch.download(
-            records,
-            store_dir,
-            p,
-            base_dir=base_dir,
-            table_path=table_path,
-            previous=previous,
-            allow_cross_host=allow_cross_host,
-        )
+        return fetch.download(records, place, p, previous=previous)
     parts = partition_of(records, p.partitions)
     items = [
         (k, records[parts == k].reset_index(drop=True)) for k in range(p.partitions) if (parts == k).any()
     ]
     one_each = compute.model_copy(update={"batch_size": 1})
+    # Workers may run in another folder: they get absolute paths.
+    absolute = fetch.Place(Path(place.store_dir).resolve(), Path(place.base_dir).resolve())
     results: list[tuple[int, fetch.FetchResult]] = []
     try:
         for _, done in parallel.imap_batches(
             fetch_partitions,
             items,
             one_each,
-            str(Path(store_dir).resolve()),
+            absolute,
             partition_params(p),
-            str(Path(base_dir).resolve()),
-            allow_cross_host,
             desc=f"fetch {len(items)} partitions",
             unit="part",
         ):
@@ -165,9 +142,9 @@ def download(
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.run_stage): the tasks are stopped with it
         raise Interrupted(
             f"interrupted: each of the {len(items)} partitions keeps the shards and status rows it had "
-            f"committed (in {Path(store_dir).as_posix()}/part-NNNN/); run it again to resume"
+            f"committed (in {Path(place.store_dir).as_posix()}/part-NNNN/); run it again to resume"
         ) from None
     result = merge(results)
-    if not result.interrupted:
-        write_table(result.table, table_path, durable=True)
+    if not result.interrupted and place.table_path is not None:
+        write_table(result.table, place.table_path, durable=True)
     return result

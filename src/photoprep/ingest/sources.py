@@ -26,8 +26,9 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from photoprep.errors import UserError, describe_validation_error
-from photoprep.layout import PATHS
+from photoprep.core.errors import UserError, describe_validation_error
+from photoprep.core.layout import PATHS
+from photoprep.core.params import DownloadParams
 
 Format = Literal["heobs", "csv", "tsv", "urls", "folder"]
 
@@ -55,6 +56,12 @@ class SourceConfig(BaseModel):
     url_column: str = "url"
     label_column: str = "label"
     title_column: str = "title"
+
+    def download_params(self, p: DownloadParams) -> DownloadParams:
+        """`p` with this source's own allowance of cross-host redirects (it can only allow them)."""
+        if self.allow_cross_host_redirects and not p.allow_cross_host_redirects:
+            return p.model_copy(update={"allow_cross_host_redirects": True})
+        return p
 
     @model_validator(mode="after")
     def _consistent(self) -> SourceConfig:

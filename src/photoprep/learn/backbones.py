@@ -87,7 +87,7 @@ def check_architecture(model: str) -> None:
     """A UserError naming the closest names when timm has no architecture ``model``."""
     import difflib
 
-    from photoprep.errors import UserError
+    from photoprep.core.errors import UserError
 
     timm = timm_module()
     name = timm_name(model)

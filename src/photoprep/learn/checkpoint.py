@@ -13,7 +13,7 @@ those in :data:`RESUMABLE_CHANGES`, the classes and the train and val fingerprin
 current run's; a resumed run ends with the same weights as an uninterrupted one.
 
 Every file goes through :func:`write_torch`: torch.save into a buffer, then one atomic write
-(:func:`photoprep.io.write_bytes`).
+(:func:`photoprep.core.io.write_bytes`).
 """
 
 from __future__ import annotations
@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from photoprep.errors import UserError
-from photoprep.io import write_bytes
+from photoprep.core.errors import UserError
+from photoprep.core.io import write_bytes
+from photoprep.core.params import TrainParams
 from photoprep.learn import models
 from photoprep.learn.data import TrainData
 from photoprep.learn.models import Architecture
-from photoprep.params import TrainParams
 
 __all__ = [
     "CHECKPOINT_FORMAT",

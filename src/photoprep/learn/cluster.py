@@ -41,14 +41,14 @@ import pandas as pd
 import torch
 
 from photoprep import portable
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import ClusterParams
 from photoprep.dataset.split import clean_label, read_labels
-from photoprep.errors import UserError
-from photoprep.layout import PATHS, Layout
 from photoprep.learn.checkpoint import DEC_FORMAT, save_model
 from photoprep.learn.dec import DEC, Log, fit_dec, hard_assign, run_kmeans
 from photoprep.learn.devices import pick_device
 from photoprep.learn.scores import agreement, purity
-from photoprep.params import ClusterParams
 
 __all__ = [
     "BLOCKS",
@@ -335,7 +335,7 @@ def cluster_features(
 def read_input(p: ClusterParams, paths: Layout = PATHS) -> ClusterInput:
     """What the cluster stage clusters (``cluster.input``), read from the features stage's files
     and, for embeddings, the embed stage's."""
-    from photoprep.io import read_json
+    from photoprep.core.io import read_json
 
     features = np.load(paths.features_array, mmap_mode="r")
     info = read_json(paths.features_info)

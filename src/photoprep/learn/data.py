@@ -5,7 +5,7 @@ one in ``reports/splits.json``); the rows it names stay in the memory-mapped ``i
 (uint8 N x H x W x 3) or ``features.npy`` (float32 N x D), read when a batch needs them
 (:class:`Rows`): a split of 224 px photographs is never loaded whole. Train, evaluate, predict,
 introspect, embed and verify all read splits through here, with the paths of a
-:class:`~photoprep.layout.Layout`.
+:class:`~photoprep.core.layout.Layout`.
 
 The hot path has no per-sample Python. :class:`Batches` cuts each batch with an index tensor,
 moves it to the device, then shifts / mirrors, resizes and normalises it there. A split of at
@@ -33,11 +33,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from photoprep.core.errors import UserError
+from photoprep.core.io import read_json
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import TrainParams
 from photoprep.dataset.split import fingerprint as split_fingerprint
-from photoprep.errors import UserError
-from photoprep.io import read_json
-from photoprep.layout import PATHS, Layout
-from photoprep.params import TrainParams
 
 __all__ = [
     "RESIDENT_BYTES",

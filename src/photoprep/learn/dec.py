@@ -64,10 +64,10 @@ from sklearn.cluster import KMeans
 from torch import nn
 
 from photoprep import portable
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.params import ClusterParams
 from photoprep.learn.checkpoint import DEC_FORMAT, read_model_file
 from photoprep.learn.devices import device_name, pick_device
-from photoprep.params import ClusterParams
 
 __all__ = [
     "DEC",

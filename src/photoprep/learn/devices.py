@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 
 
 def pick_device(choice: str, key: str) -> torch.device:

@@ -32,7 +32,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 from photoprep.learn import devices
 from photoprep.learn.launch import env_rank
 

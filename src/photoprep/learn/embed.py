@@ -27,13 +27,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from photoprep.errors import UserError
-from photoprep.layout import PATHS, Layout
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import TrainParams
 from photoprep.learn import backbones, models
 from photoprep.learn.data import Batches, Prep, Rows
 from photoprep.learn.models import Architecture
 from photoprep.learn.pretrained import Pretrained
-from photoprep.params import TrainParams
 
 __all__ = ["BATCH", "Embeddings", "backbone", "embed_images", "embed_stage", "forward"]
 

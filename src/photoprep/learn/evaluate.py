@@ -19,12 +19,12 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import EvaluateParams
 from photoprep.images import sheets
-from photoprep.layout import PATHS, Layout
 from photoprep.learn import devices
 from photoprep.learn.data import Batches, Prep, Rows, SplitData, check_classes, load_split, read_splits_report
-from photoprep.params import EvaluateParams
 
 DECIMALS = 6
 GRID_COLUMNS = 10

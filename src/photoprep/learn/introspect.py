@@ -28,8 +28,8 @@ import pandas as pd
 import torch
 from torch import nn
 
+from photoprep.core.io import write_with
 from photoprep.images import sheets
-from photoprep.io import write_with
 from photoprep.learn.evaluate import thumb
 
 __all__ = [

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 
 __all__ = ["env_rank", "launch", "must_launch"]
 

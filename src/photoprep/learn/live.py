@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from photoprep.layout import PATHS
+from photoprep.core.layout import PATHS
 
 if TYPE_CHECKING:
     from photoprep.learn.train import TrainResult

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from photoprep import portable
+from photoprep.core.params import TrainParams
 from photoprep.learn import models
 from photoprep.learn.backbones import timm_module
-from photoprep.params import TrainParams
 
 __all__ = [
     "Schedule",

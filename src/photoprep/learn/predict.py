@@ -29,9 +29,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import PredictParams
 from photoprep.dataset.split import clean_label
 from photoprep.images import sheets
-from photoprep.layout import PATHS, Layout
 from photoprep.learn import devices, evaluate
 from photoprep.learn.data import (
     Rows,
@@ -41,7 +42,6 @@ from photoprep.learn.data import (
     read_split_table,
     read_splits_report,
 )
-from photoprep.params import PredictParams
 
 DECIMALS = 6
 THRESHOLDS = np.round(np.arange(0, 100) / 100, 2)  # 0.00, 0.01, ... 0.99

@@ -39,12 +39,12 @@ from typing import Any
 
 import torch
 
-from photoprep.errors import UserError
-from photoprep.io import read_json, write_bytes, write_json
-from photoprep.layout import PATHS, Layout
+from photoprep.core.errors import UserError
+from photoprep.core.io import read_json, write_bytes, write_json
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.learn_params import WEIGHT_SUFFIXES, TrainParams
 from photoprep.learn import backbones
 from photoprep.learn.models import Architecture
-from photoprep.params import WEIGHT_SUFFIXES, TrainParams
 
 __all__ = [
     "FORMAT",

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from photoprep import portable
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
+from photoprep.core.params import TrainParams
 from photoprep.learn import backbones, devices, models, optim
 from photoprep.learn.checkpoint import (
     MODEL_FORMAT,
@@ -60,7 +61,6 @@ from photoprep.learn.data import Batches, Prep, TrainData, input_stats
 from photoprep.learn.devices import device_name
 from photoprep.learn.models import Architecture
 from photoprep.learn.pretrained import Pretrained
-from photoprep.params import TrainParams
 
 if TYPE_CHECKING:
     from photoprep.learn.distributed import World

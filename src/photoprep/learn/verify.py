@@ -37,14 +37,15 @@ from typing import Any
 
 import torch
 
-from photoprep import params, portable
-from photoprep.errors import UserError
-from photoprep.io import read_json
-from photoprep.layout import PATHS, Layout
+from photoprep import portable
+from photoprep.core import params
+from photoprep.core.errors import UserError
+from photoprep.core.io import read_json
+from photoprep.core.layout import PATHS, Layout
+from photoprep.core.params import EvaluateParams, TrainParams
 from photoprep.learn import evaluate, pretrained, train
 from photoprep.learn.checkpoint import load_model, model_from, read_model_file
 from photoprep.learn.data import SplitData, check_classes, load_data, load_split, read_splits_report
-from photoprep.params import EvaluateParams, TrainParams
 
 __all__ = ["at_head", "committed_json", "compare_metrics", "figure_lines", "flatten", "verify"]
 

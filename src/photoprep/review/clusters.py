@@ -20,7 +20,7 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-from photoprep import io
+from photoprep.core import io
 from photoprep.dataset.split import clean_label
 from photoprep.images import sheets
 

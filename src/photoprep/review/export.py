@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from photoprep.core.errors import UserError
+from photoprep.core.layout import PATHS, Layout
 from photoprep.dataset import export
 from photoprep.dataset.split import clean_label, natural_sorted, read_labels
-from photoprep.errors import UserError
-from photoprep.ingest.fetch import target_of
-from photoprep.ingest.store import BlobReader
-from photoprep.layout import PATHS, Layout
+from photoprep.ingest.blobs import BlobReader
+from photoprep.ingest.targets import target_of
 from photoprep.review.clusters import cluster_folder
 
 BY = ("cluster", "prediction")

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from photoprep.io import write_text, write_with
-from photoprep.layout import Layout
+from photoprep.core.io import write_text, write_with
+from photoprep.core.layout import Layout
 
 __all__ = ["ReportInputs", "write_report"]
 

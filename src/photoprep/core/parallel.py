@@ -35,10 +35,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from photoprep import console
-from photoprep.console import Progress
-from photoprep.errors import UserError
-from photoprep.params import ComputeParams
+import photoprep
+from photoprep.core import console
+from photoprep.core.console import Progress
+from photoprep.core.errors import UserError
+from photoprep.core.params import ComputeParams
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -56,7 +57,7 @@ def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
 
 def code_fingerprint() -> str:
     """sha256 of every module of the installed photoprep package (paths and bytes)."""
-    root = Path(__file__).resolve().parent
+    root = Path(photoprep.__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")

@@ -4,7 +4,7 @@
   line through the `logging` module at most every `PROGRESS_EVERY_S` seconds, so a log shows
   that long work moves without filling up with bars. ``PHOTOPREP_QUIET=1`` silences progress;
   summaries and errors still print.
-- The summary line of each stage is printed by `photoprep.errors.run_stage` from what the
+- The summary line of each stage is printed by `photoprep.core.errors.run_stage` from what the
   stage's ``main`` returns.
 - `require_input` stops a stage that received no image with one line naming the cause upstream
   and the report to read, instead of a traceback from deep inside pandas or numpy.
@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from photoprep.errors import UserError
+from photoprep.core.errors import UserError
 
 __all__ = ["PROGRESS_EVERY_S", "QUIET_ENV", "Progress", "count", "note", "quiet", "reasons", "require_input"]
 

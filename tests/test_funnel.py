@@ -1,6 +1,7 @@
 """The funnel: counts from every stage, summed over sources, in pipeline order."""
 
-from photoprep import io, report
+from photoprep.core import io
+from photoprep.review import funnel as funnels
 
 
 def test_funnel_sums_sources_and_keeps_pipeline_order(tmp_path):
@@ -21,7 +22,7 @@ def test_funnel_sums_sources_and_keeps_pipeline_order(tmp_path):
         },
     }
     stages = {"dedup": {"exact_duplicates": 1, "near_duplicates": 0}, "validate": {"valid": 3, "broken": 0}}
-    funnel = report.funnel(download, stages)
+    funnel = funnels.funnel(download, stages)
     assert list(funnel)[:5] == [
         "lines_read",
         "unique_ids",

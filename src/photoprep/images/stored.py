@@ -1,0 +1,164 @@
+"""Per-image work over stored bytes: each distinct sha256 read from its shard and decoded at most
+once per settings (memoized, `photoprep.images.memo`), in batches on the compute backend.
+
+`decode_missing` runs one such pass (a `Pass`: the memo's namespace and key, the task a worker
+runs on a batch of blobs, and how a batch's results become a memo part); the probe
+(`photoprep.images.probe.probe_images`) and the keep rule's provenance
+(`photoprep.images.provenance.provenance_reader`) are passes, and so are the pixels here: the
+bucket stage's (`write_pixels`) and the contact sheets' thumbnails (`thumbnails`). Workers are
+sent locations (source, shard, offset, size), never bytes; they read the shards themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from photoprep.core import parallel
+from photoprep.core.io import atomic_path
+from photoprep.core.params import ComputeParams
+from photoprep.images import containers, decode, formats, memo, resize
+from photoprep.images.decode import DecodeLimits
+from photoprep.images.resize import PixelSpec
+from photoprep.ingest.blobs import BlobReader, RemoteBlobReader, open_reader
+
+# (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
+BlobLocation = tuple[str, str, int, int]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One memoized pass over stored images: where its results live (`namespace`, `key`: a
+    fingerprint of the settings and code), the module-level `task(locations, root, *args)` a
+    worker runs on a batch, and `part(keys, results)`, a batch's memo rows and arrays."""
+
+    namespace: str
+    key: str
+    task: Callable[..., Any]
+    args: tuple[Any, ...]
+    part: Callable[[list[str], Any], tuple[pd.DataFrame, np.ndarray | None]]
+    desc: str
+    arrays: bool = False
+
+
+def locations(table: pd.DataFrame) -> list[BlobLocation]:
+    """Where each row's bytes lie."""
+    return list(
+        zip(
+            table["source"],
+            table["shard"],
+            table["offset"].astype(int),
+            table["size"].astype(int),
+            strict=True,
+        )
+    )
+
+
+def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
+    """Where the workers read shards: ``compute.storage`` (an fsspec URL or a path) or `raw_dir`.
+
+    A Dask worker may run in another folder (or machine), so it gets `raw_dir` as an absolute path.
+    """
+    if compute.storage:
+        return compute.storage
+    return raw_dir.resolve() if compute.backend == "dask" else raw_dir
+
+
+def read_blobs(root: str | Path, located: Sequence[BlobLocation]) -> list[bytes]:
+    """The bytes at each location, read in a worker."""
+    readers: dict[str, BlobReader | RemoteBlobReader] = {}
+    try:
+        out = []
+        for source, shard, offset, size in located:
+            if source not in readers:
+                readers[source] = open_reader(root, source)
+            out.append(readers[source].read(shard, offset, size))
+        return out
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+def decode_missing(table: pd.DataFrame, raw_dir: Path, compute: ComputeParams, job: Pass) -> memo.Memo:
+    """The memo of `job`, holding every row's sha256: only the sha256s missing from it are
+    decoded, one memo part per batch as the batches come back from the workers, so a killed run
+    keeps every finished batch."""
+    cache = memo.Memo(job.namespace, job.key, arrays=job.arrays)
+    keys = table["sha256"].tolist()
+    todo = cache.missing(keys)
+    if todo:
+        firsts = table.drop_duplicates("sha256").set_index("sha256").loc[todo].reset_index()
+        root = blob_root(raw_dir, compute)
+        batches = parallel.imap_batches(job.task, locations(firsts), compute, root, *job.args, desc=job.desc)
+        cache.fill(todo, batches, job.part)
+    memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
+    return cache
+
+
+def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> list[np.ndarray]:
+    return [resize.resized_rgb(data, spec.size, spec.fit, spec.limits) for data in read_blobs(root, located)]
+
+
+def _pixels_part(keys: list[str], arrays: list[np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+    return pd.DataFrame({"sha256": keys}), np.stack(arrays)
+
+
+def memoize_pixels(
+    table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, namespace: str = "pixels"
+) -> memo.Memo:
+    """The pixel memo of `spec` and the decoder code, holding every row's sha256."""
+    key = memo.fingerprint(spec.settings(), resize, decode, formats, containers)
+    height, width = spec.size
+    job = Pass(namespace, key, _pixels_batch, (spec,), _pixels_part, f"resize {height}x{width}", arrays=True)
+    return decode_missing(table, raw_dir, compute, job)
+
+
+def resized_pixels(
+    table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, namespace: str = "pixels"
+) -> np.ndarray:
+    """uint8 N x H x W x 3 pixels of each row, resized to `spec`'s size by its fit; memoized.
+
+    The whole array is in memory: for a pipeline output use `write_pixels`, which streams.
+    """
+    cache = memoize_pixels(table, raw_dir, spec, compute, namespace)
+    out = np.zeros((len(table), *spec.size, 3), np.uint8)
+    return cache.arrays(table["sha256"].tolist(), out=out)
+
+
+def write_pixels(
+    table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, path: Path
+) -> None:
+    """Write `resized_pixels` of `table` to the .npy file `path`, batch by batch, never all in memory.
+
+    The file is filled through a memory map of its temporary name and replaces `path` when
+    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``.
+    """
+    cache = memoize_pixels(table, raw_dir, spec, compute)
+    keys = table["sha256"].tolist()
+    height, width = spec.size
+    step = memo.write_step(compute.batch_size, height * width * 3)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keys), height, width, 3))
+        for start in range(0, len(keys), step):
+            cache.arrays(keys[start : start + step], out=out[start : start + step])
+            out.flush()
+        del out
+
+
+def thumbnails(
+    groups: Sequence[pd.DataFrame],
+    raw_dir: Path,
+    size: tuple[int, int],
+    limits: DecodeLimits,
+    compute: ComputeParams,
+) -> np.ndarray:
+    """Padded thumbnails of `size` of every row of ``groups``, in order (memoized apart from the pixels)."""
+    if not groups:
+        return np.zeros((0, *size, 3), np.uint8)
+    spec = PixelSpec(size, "pad", limits)
+    return resized_pixels(pd.concat(groups), raw_dir, spec, compute, namespace="thumbs")

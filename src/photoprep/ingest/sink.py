@@ -1,0 +1,141 @@
+"""Where a download's results go: bodies to the store in target order, rows committed as they go.
+
+`Sink.put(index, row, body)` takes the result of target `index` whatever order the responses
+arrive in. Bodies are hashed (sha256, in the row) and handed to the shard writer in target
+order (records sorted by source and id), so two runs that fetch the same bytes write the same
+shards and the same table. Bodies that arrive ahead of a slow one wait in memory (up to
+`memory_bytes`), then in a temporary file in the store folder, removed at `close`.
+
+Resume at id granularity: every `commit_seconds` or `commit_every` stored bodies, the shard in
+progress is fsynced and the ok rows stored so far (a prefix in target order) go into the
+journal (`photoprep.ingest.journal`). Failed rows cost nothing to redo, so only stored bodies
+count towards `commit_every`: a dead host's thousands of failures do not fsync the journal
+thousands of times.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+from photoprep.core.params import DownloadParams
+from photoprep.ingest.journal import Journal
+from photoprep.ingest.rows import FetchRow, journal_values
+from photoprep.ingest.store import ShardWriter
+
+
+class Sink:
+    """Orders, spills and commits the results of one download's targets."""
+
+    def __init__(
+        self,
+        writer: ShardWriter,
+        journal: Journal,
+        keys: list[tuple[str, str, str]],
+        p: DownloadParams,
+        memory_bytes: int,
+    ):
+        self.writer = writer
+        self.journal = journal
+        self.keys = keys  # (source, id, url) of each target, in target order
+        self.rows: dict[int, FetchRow] = {}  # by target index
+        self.every = p.commit_every
+        self.seconds = p.commit_seconds
+        self.memory_bytes = memory_bytes
+        self.stored = 0  # targets [0, stored) have their bodies in the writer
+        self.committed = 0  # targets [0, committed) are in the journal
+        self.bodies = 0  # bodies stored since the last commit
+        self.last = time.monotonic()
+        # Bodies waiting for the ones before them: sha256 and body, or the offset in the spill file.
+        self.waiting: dict[int, tuple[str, bytes | None, int, int] | None] = {}
+        self.held = 0
+        self.spill_fd = -1
+        self.spill_path = ""
+        self.spill_end = 0
+        self.spilled = 0  # bodies waiting in the spill file
+
+    def put(self, index: int, row: FetchRow, body: bytes | None) -> None:
+        """The row of target `index` and its body (None when it failed): the body is stored once
+        every target before it is, and the rows stored so far are committed when one is due."""
+        self.rows[index] = row
+        self.bodies += body is not None
+        if index == self.stored:
+            if body is not None:
+                self.writer.add(body, row.sha256)
+            self.stored += 1
+            if self.waiting:
+                self._drain()
+        elif body is None:
+            self.waiting[index] = None
+        elif self.held + len(body) <= self.memory_bytes:
+            self.waiting[index] = (row.sha256, body, 0, len(body))
+            self.held += len(body)
+        else:
+            self.waiting[index] = (row.sha256, None, self._spill(body), len(body))
+            self.spilled += 1
+        self.commit()
+
+    def commit(self, force: bool = False) -> None:
+        """Commit the rows of targets stored since the last commit, with the shard in progress,
+        once `commit_every` bodies or `commit_seconds` have passed (or now, with `force`)."""
+        upto = self.stored
+        if upto <= self.committed:
+            return
+        now = time.monotonic()
+        if not force and self.bodies < self.every and now - self.last < self.seconds:
+            return
+        state = self.writer.commit()
+        # A failed row is fetched again anyway: only stored bodies need committing.
+        values = [
+            journal_values(self.keys[index], self.rows[index])
+            for index in range(self.committed, upto)
+            if self.rows[index].status == "ok"
+        ]
+        self.journal.commit(values, state)
+        self.committed = upto
+        self.bodies = 0
+        self.last = now
+
+    def close(self) -> None:
+        """Remove the spill file (the writer and the journal are the caller's)."""
+        if self.spill_fd >= 0:
+            os.close(self.spill_fd)
+            os.unlink(self.spill_path)
+            self.spill_fd = -1
+
+    def _drain(self) -> None:
+        while self.stored in self.waiting:
+            item = self.waiting.pop(self.stored)
+            self.stored += 1
+            if item is None:
+                continue
+            sha256, body, offset, size = item
+            if body is None:
+                body = _read_spill(self.spill_fd, offset, size)
+                self.spilled -= 1
+            else:
+                self.held -= size
+            self.writer.add(body, sha256)
+        if self.spill_end and not self.spilled:
+            os.ftruncate(self.spill_fd, 0)  # nothing waits in the file: reuse it from the start
+            self.spill_end = 0
+
+    def _spill(self, body: bytes) -> int:
+        if self.spill_fd < 0:
+            self.spill_fd, self.spill_path = tempfile.mkstemp(
+                prefix=".tmp-", suffix=".spill", dir=self.writer.directory
+            )
+        offset = self.spill_end
+        view = memoryview(body)
+        while view:
+            view = view[os.pwrite(self.spill_fd, view, offset + len(body) - len(view)) :]
+        self.spill_end += len(body)
+        return offset
+
+
+def _read_spill(fd: int, offset: int, size: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"spill file: short read at {offset}")
+    return data

@@ -1,0 +1,121 @@
+"""Fingerprints (`photoprep.images.fingerprint`): hashes with a margin, crops and transforms, and the
+quality, lossless, camera and colour facts the keep rule reads.
+"""
+
+from __future__ import annotations
+
+import io
+
+import imagehash
+import numpy as np
+import pytest
+from pictures import (
+    astronaut,
+    astronaut_jpeg,
+    big_jpeg,
+    camera,
+    chelsea,
+    coffee,
+    encode,
+)
+from PIL import Image
+
+from photoprep.images.probe import ProbeSpec, probe
+
+
+def test_margin_leaves_out_a_caption_band_and_crop_hashes_see_a_cropped_copy():
+    from PIL import ImageDraw
+
+    picture = Image.fromarray(astronaut())
+    captioned = picture.copy()
+    ImageDraw.Draw(captioned).rectangle((0, 512 - 40, 512, 512), fill="white")  # 8 % band
+    cropped = picture.crop((20, 20, 492, 492))  # about 4 % off each side
+    whole = [probe(encode(np.asarray(im), "PNG")) for im in (picture, captioned, cropped)]
+    inner = [
+        probe(encode(np.asarray(im), "PNG"), ProbeSpec(margin=0.1, crops=(0.04,)))
+        for im in (picture, captioned, cropped)
+    ]
+
+    def d(a: str, b: str) -> int:
+        return imagehash.hex_to_hash(a) - imagehash.hex_to_hash(b)
+
+    assert d(whole[0]["hash"], whole[1]["hash"]) > 4  # the band moves the whole-picture hash
+    assert d(inner[0]["hash"], inner[1]["hash"]) <= 2  # the margin leaves it out
+    assert d(inner[0]["hash"], inner[2]["hash"]) > 4  # a crop moves the hash ...
+    crop_hash, crop_fine = inner[0]["crop_hashes"], inner[0]["crop_fine_hashes"]
+    assert d(crop_hash, inner[2]["hash"]) <= 2  # ... but not the original's cropped hash
+    assert len(crop_hash) == 16 and len(crop_fine) == 64
+    assert "," not in crop_hash and whole[0]["crop_hashes"] == ""
+    with pytest.raises(ValueError, match="margin and crops"):
+        ProbeSpec(margin=0.3, crops=(0.2,))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "hex_len"),
+    [
+        ("phash", 8, 16),
+        ("dhash", 8, 16),
+        ("ahash", 8, 16),
+        ("whash", 8, 16),
+        ("phash", 16, 64),
+        ("whash", 16, 64),
+    ],
+)
+def test_each_hash_kind_and_size(name, size, hex_len):
+    record = probe(astronaut_jpeg(), ProbeSpec(hash_name=name, hash_size=size))
+    assert record["valid"] and len(record["hash"]) == hex_len
+
+
+def test_draft_hash_stays_close_to_imagehash_on_the_full_decode():
+    pictures = (astronaut(), coffee(), chelsea(), camera())
+    payloads = [encode(picture, "JPEG", quality=90) for picture in pictures]
+    for payload in [*payloads, big_jpeg()]:  # drafts at 1/2 (512 px) and 1/8 (2048 px)
+        full = imagehash.phash(Image.open(io.BytesIO(payload)))
+        ours = imagehash.hex_to_hash(probe(payload)["hash"])
+        assert ours - full <= 2
+
+
+def test_same_picture_as_png_and_jpeg_hashes_alike():
+    for picture in (astronaut(), coffee(), chelsea()):
+        from_png = imagehash.hex_to_hash(probe(encode(picture, "PNG"))["hash"])
+        from_jpeg = imagehash.hex_to_hash(probe(encode(picture, "JPEG", quality=90))["hash"])
+        assert from_png - from_jpeg <= 2
+
+
+def test_quality_lossless_camera_and_colour_are_read_from_the_file():
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Nikon", "D90"
+    camera_jpeg = probe(encode(coffee(), "JPEG", quality=93, exif=exif.tobytes()))
+    assert (camera_jpeg["quality"], camera_jpeg["lossless"], camera_jpeg["camera"]) == (93, False, True)
+    assert camera_jpeg["colour"]
+    for quality in (40, 70, 85, 95, 100):
+        assert probe(encode(coffee(), "JPEG", quality=quality))["quality"] == quality
+    png = probe(encode(coffee(), "PNG"))
+    assert (png["quality"], png["lossless"], png["camera"], png["colour"]) == (0, True, False, True)
+    grey_as_rgb = np.dstack([camera()] * 3)
+    for payload in (
+        encode(grey_as_rgb, "JPEG", quality=90),
+        encode(grey_as_rgb, "PNG"),
+        encode(camera(), "PNG"),
+    ):
+        assert not probe(payload)["colour"]
+    assert probe(encode(coffee(), "WEBP", lossless=True))["lossless"]
+    assert not probe(encode(coffee(), "WEBP", quality=80))["lossless"]
+    assert not probe(encode(coffee(), "TIFF", compression="jpeg"))["lossless"]
+    assert probe(encode(coffee(), "TIFF", compression="tiff_lzw"))["lossless"]
+
+
+def test_transform_hashes_are_the_hashes_of_the_transformed_picture():
+    record = probe(encode(chelsea(), "PNG"), ProbeSpec(transforms=("hflip", "rot90", "rot180", "rot270")))
+    turns = {
+        "hflip": chelsea()[:, ::-1],
+        "rot90": np.rot90(chelsea(), 1),
+        "rot180": np.rot90(chelsea(), 2),
+        "rot270": np.rot90(chelsea(), 3),
+    }
+    hashes = record["transform_hashes"].split(",")
+    assert len(hashes) == 4
+    for value, picture in zip(hashes, turns.values(), strict=True):
+        assert value == probe(encode(np.ascontiguousarray(picture), "PNG"))["hash"]
+    with pytest.raises(ValueError, match="transforms"):
+        ProbeSpec(transforms=("shear",))
