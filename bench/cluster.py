@@ -23,7 +23,10 @@ rendering of the digits.
     the three methods: k-means on the features, k-means on the pretrained embedding (DEC's start) and DEC.
 
 Figures are single runs (DEC is deterministic for a seed); wall-clock seconds are from
-``time.perf_counter``. ``--json`` prints one JSON object of figures only.
+``time.perf_counter``. ``--cpu-math=portable|vendor|native`` pins the CPU math as
+``compute.cpu_math`` does (default portable, 2 threads): DEC's dense layers are matrix products,
+which MKL's portable (COMPATIBLE) branch computes slower than its AVX2 one. ``--json`` prints one
+JSON object of figures only.
 """
 
 from __future__ import annotations
@@ -35,16 +38,21 @@ import os
 import sys
 import time
 
-import cv2
-import joblib
-import numpy as np
-import torch
-from sklearn.datasets import load_digits
+from photoprep import portable
 
-from photoprep import demo
-from photoprep.core.params import ClusterParams, FeatureParams
-from photoprep.images.features import compute_features
-from photoprep.learn import cluster, dec, scores
+CPU_MATH = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu-math=")), "portable")
+portable.pin_cpu_math(CPU_MATH, threads=2)  # before numpy and torch load, as the stages do
+
+import cv2  # noqa: E402
+import joblib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+
+from photoprep import demo  # noqa: E402
+from photoprep.core.params import ClusterParams, FeatureParams  # noqa: E402
+from photoprep.images.features import compute_features  # noqa: E402
+from photoprep.learn import cluster, dec, scores  # noqa: E402
 
 DIM = 3036
 LATENT = 32
@@ -201,12 +209,20 @@ def main(argv: list[str] | None = None) -> None:
         "--n-jobs", type=int, default=min(2, os.cpu_count() or 1), help="render/feature workers"
     )
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    parser.add_argument(
+        "--cpu-math", default="portable", choices=list(portable.MODES), help="compute.cpu_math"
+    )
     args = parser.parse_args(argv)
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--devices cuda: no CUDA device here")
 
-    figures: dict = {"threads": torch.get_num_threads(), "timing": {}, "digits": None}
+    figures: dict = {
+        "threads": torch.get_num_threads(),
+        "cpu_math": args.cpu_math,
+        "timing": {},
+        "digits": None,
+    }
     t_all = time.perf_counter()
     for device in devices:
         epochs = args.epochs if args.epochs is not None else (1 if device == "cpu" else DEFAULT_EPOCHS)

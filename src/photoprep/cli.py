@@ -88,13 +88,14 @@ def _pretrain(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         image_size=size if isinstance(size, tuple) else every.bucket.size,
         pixels=PixelSpec.from_params(every),  # stored as the bucket stage stores the demo
-        seed=args.seed,
+        seeds=tuple(range(1, args.renderings + 1)),
     )
     out = Path(args.out)
     done = demo.pretrain_standin(spec, out)
     print(
-        f"trained {args.model} on rendering {args.seed} of the demo ({done['images']} images of the train "
-        f"and val digits, val accuracy {done['val_accuracy']}); wrote {out} (sha256 {done['sha256'][:12]})"
+        f"trained {args.model} on {args.renderings} other renderings of the demo ({done['images']} images "
+        f"of the train and val digits, val accuracy {done['val_accuracy']}); wrote {out} "
+        f"(sha256 {done['sha256'][:12]})"
     )
     print(f"start from it: dvc exp run -S train.model={args.model} -S train.pretrained={out}")
 
@@ -175,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("model", help="timm/<architecture>, e.g. timm/resnet18")
     pre.add_argument("out", help=f"the weights file, under {PATHS.local_weights_dir}/ (.safetensors)")
     pre.add_argument("--epochs", type=int, default=20, help="epochs (val picks the best; no early stop)")
-    pre.add_argument("--seed", type=int, default=1, help="the rendering (0 is the embedded demo itself)")
+    pre.add_argument(
+        "--renderings", type=int, default=3, help="other renderings of the digits to train on (seeds 1..N)"
+    )
     pre.set_defaults(func=_pretrain)
     ver = sub.add_parser(
         "verify", help="re-evaluate the committed model on the committed test split and compare metrics"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -349,26 +350,31 @@ class Standin:
     epochs: int = 20
     image_size: tuple[int, int] = (32, 32)
     pixels: PixelSpec = field(default_factory=lambda: PixelSpec((64, 64)))
-    seed: int = 1
+    seeds: tuple[int, ...] = (1, 2, 3)  # the renderings drawn (0 is the embedded demo itself)
 
 
 def pretrain_standin(spec: Standin, out: Path, paths: Layout = PATHS) -> dict[str, Any]:
     """Stand-in pretrained weights for the offline demo: ``spec.model`` (a ``timm/<architecture>``)
-    trained on rendering ``spec.seed`` of the demo's digits, the stand-in for ImageNet, saved as
-    safetensors at ``out``. Only the digits of the demo's train and val splits are drawn (read
-    from ``data/splits/``: run the pipeline first), so no test digit is ever seen."""
+    trained on other renderings of the demo's digits (``spec.seeds``: the same digits drawn on
+    other backgrounds), the stand-in for ImageNet, saved as safetensors at ``out``. Only the digits
+    of the demo's train and val splits are drawn (read from ``data/splits/``: run the pipeline
+    first), so no test digit is ever seen; val is the first rendering's val digits."""
     from photoprep.core.params import TrainParams
     from photoprep.learn import pretrained, train
     from photoprep.learn.data import SplitData, TrainData, read_split_table, read_splits_report
 
     classes = [str(c) for c in read_splits_report(paths.splits_report)["classes"]]
     parts = []
-    for name in ("train", "val"):
+    for name, seeds in (("train", spec.seeds), ("val", spec.seeds[:1])):
         table, _ = read_split_table(paths.split_table(name))
         table = table[table["source"] == "demo"].reset_index(drop=True)
-        pixels = drawings(table["id"].astype(str).tolist(), spec.seed, spec.pixels, paths.source_dir("demo"))
-        labels = np.array([classes.index(str(v)) for v in table["label"]], dtype=np.int64)
-        parts.append(SplitData.from_arrays(name, table, pixels, labels))
+        ids = table["id"].astype(str).tolist()
+        pixels = np.concatenate(
+            [drawings(ids, seed, spec.pixels, paths.source_dir("demo")) for seed in seeds]
+        )
+        tables = pd.concat([table.assign(rendering=seed) for seed in seeds], ignore_index=True)
+        labels = np.array([classes.index(str(v)) for v in tables["label"]], dtype=np.int64)
+        parts.append(SplitData.from_arrays(name, tables, pixels, labels))
     # Each image standardised by its own statistics, as the demo's convnet is: that takes the random
     # backgrounds' colour cast out (with ImageNet's mean and std a ResNet-18 learned far slower
     # here). The weights carry it in their data config: train.normalize: auto fine-tunes alike.

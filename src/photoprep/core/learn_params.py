@@ -90,7 +90,8 @@ class TrainParams(Section):
         None,
         gt=0,
         le=10,
-        description="peak learning rate; null: the model's (mlp 0.001, timm models 0.001, others 0.01)",
+        description="peak learning rate; null: the model's (smallcnn and convnet 0.01, mlp and timm "
+        "models 0.001, timm models from pretrained weights 0.0003)",
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
     nesterov: bool = Field(True, description="sgd only")

@@ -47,7 +47,7 @@ __all__ = [
 
 def peak_lr(p: TrainParams) -> float:
     """``train.lr``, or the model's default when it is null."""
-    return p.lr if p.lr is not None else models.default_lr(p.model)
+    return p.lr if p.lr is not None else models.default_lr(p.model, p.pretrained is not None)
 
 
 def _head_names(model: nn.Module) -> set[str]:
