@@ -59,7 +59,7 @@ import pandas as pd  # noqa: E402
 from photoprep import demo  # noqa: E402
 from photoprep.core import params  # noqa: E402
 from photoprep.core.layout import Layout  # noqa: E402
-from photoprep.learn import checkpoint, evaluate, pretrained, train  # noqa: E402
+from photoprep.learn import checkpoint, evaluate, optim, pretrained, train  # noqa: E402
 from photoprep.learn.data import load_data  # noqa: E402
 
 TIMM = "timm/resnet18"
@@ -155,7 +155,7 @@ def run_row(name: str, epochs: int, a: Layout, convnet_b: Path | None, work: Pat
             "freeze": FROZEN_BLOCKS,
         }
         meta1, s1 = fit(a, frozen, work / "frozen.pt")
-        lr = train.peak_lr(params.load(REPO / "params.yaml").train) / 10
+        lr = optim.peak_lr(params.load(REPO / "params.yaml").train) / 10
         tune = base | {"epochs": FINE_TUNE_EPOCHS, "init_from": str(work / "frozen.pt"), "lr": lr}
         meta, s2 = fit(a, tune, model_path)
         epochs_run = f"{meta1['epochs_run']} + {meta['epochs_run']}"

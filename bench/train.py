@@ -14,8 +14,9 @@ process):
                     OpenBLAS free): per machine at best
     native          ``compute.cpu_math: native``: every choice left to the libraries
 
-``--cpu-math=all`` runs each in a fresh process and prints each mode's throughput as a ratio of
-``portable``'s, per model and size.
+``--cpu-math=all`` runs each in a fresh process, the modes taking turns for ``--rounds=N`` rounds
+(default 3), and prints each mode's median throughput and its ratio to ``portable``'s, per model
+and size. Two threads on two busy cores wait on each other: measure on a quiet machine.
 
 Synthetic uint8 images (N x H x W x 3, random, fixed seed) go through the same path as the
 train stage: ``data.Batches`` (index a uint8 tensor per batch, move to the device, translate
@@ -159,26 +160,33 @@ def bench_synthetic(
 
 
 def compare_cpu_math(argv: list[str]) -> int:
-    """Run this benchmark in every CPU-math mode, each in its own process; print each mode's
-    images/s and its ratio to portable's."""
-    rest = [a for a in argv if not a.startswith("--cpu-math=") and a != "--json"]
-    runs = {}
-    for mode in MODES:
-        done = subprocess.run(
-            [sys.executable, __file__, f"--cpu-math={mode}", "--json", *rest],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        runs[mode] = json.loads(done.stdout.strip().splitlines()[-1])["cpu"]["images_per_s"]
+    """Run this benchmark in every CPU-math mode, each in its own process, the modes taking turns
+    for ``--rounds`` rounds (a busy machine slows them alike); print each mode's median images/s and
+    its ratio to portable's."""
+    rest = [a for a in argv if not a.startswith(("--cpu-math=", "--rounds=")) and a != "--json"]
+    rounds = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--rounds=")), "3"))
+    seen: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
+    for _ in range(rounds):
+        for mode in MODES:
+            done = subprocess.run(
+                [sys.executable, __file__, f"--cpu-math={mode}", "--json", *rest],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            figures = json.loads(done.stdout.strip().splitlines()[-1])["cpu"]["images_per_s"]
+            for key, rate in figures.items():
+                seen[mode].setdefault(key, []).append(rate)
+    runs = {m: {k: statistics.median(v) for k, v in seen[m].items()} for m in MODES}
     keys = list(runs["portable"])
     ratios = {m: {k: round(runs[m][k] / runs["portable"][k], 3) for k in keys} for m in MODES}
     if "--json" in argv:
-        print(json.dumps({"images_per_s": runs, "vs_portable": ratios, "cpu": portable.cpu_model()}))
+        out = {"images_per_s": runs, "vs_portable": ratios, "rounds": rounds, "cpu": portable.cpu_model()}
+        print(json.dumps(out))
     else:
         for key in keys:
             cells = ", ".join(f"{m} {runs[m][key]:.0f} (x{ratios[m][key]:.2f})" for m in MODES)
-            print(f"{key}: images/s {cells} ({portable.cpu_model()})")
+            print(f"{key}: median images/s of {rounds} rounds: {cells} ({portable.cpu_model()})")
     return 0
 
 
@@ -186,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if CPU_MATH == "all":
         return compare_cpu_math(argv)
-    argv = [a for a in argv if not a.startswith("--cpu-math=")]
+    argv = [a for a in argv if not a.startswith(("--cpu-math=", "--rounds="))]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

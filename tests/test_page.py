@@ -56,7 +56,7 @@ def _introspect_files(paths: Layout) -> None:
     coords = introspect.tsne_map(rng.normal(size=(n, 8)), 30.0, 0)
     io.write_table(introspect.tsne_table(coords, labels, probs.argmax(1), classes, table), paths.tsne_csv)
     introspect.draw_tsne(coords, labels, classes, pixels, 10, paths.tsne_png)
-    model = models.build_model("convnet", 10, input_size=(32, 32), width=8, depth=2)
+    model = models.build_model(models.Architecture.of("convnet", 10, (32, 32), width=8, depth=2))
     introspect.draw_filters(introspect.first_layer_filters(model, {"input": "images"}, 64), paths.filters_png)
     top = introspect.top_predictions(probs, labels, classes, table, 2, 5)
     io.write_table(top.drop(columns="row"), paths.top5_csv)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,11 @@ def _bash(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh copy of the committed tree (git's files only) where `make run` has run as written."""
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh copy of the committed tree (git's files only) where `make run` has run as written.
+
+    It shares this test's venv, so a README block's `pip install -e .` points the venv's photoprep
+    at the copy: the teardown points it back here."""
     repo = tmp_path_factory.mktemp("fresh")
     listed = (
         subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
@@ -74,7 +78,12 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert "make run" in quick_start
     done = _bash(quick_start, repo)
     assert done.returncode == 0, f"Quick start failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return repo
+    yield repo
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "-e", str(REPO)],
+        capture_output=True,
+        check=False,
+    )
 
 
 def _outs(lock: dict) -> dict[str, str]:
