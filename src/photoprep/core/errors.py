@@ -8,20 +8,44 @@ never an exception: it becomes a row with a reason (see the funnel).
 turns SIGTERM into the same clean stop as Ctrl-C, and ends an interrupted stage with one line
 (exit 130) instead of a traceback. A stage that keeps partial work says how much in an
 :class:`Interrupted`.
+
+Storage faults a user can fix (`ACTIONABLE`: a full disk or quota, a read-only or forbidden
+folder, a failing disk) are user errors too, wherever they happen: `run_stage` turns such an
+OSError into one line naming the path, what the system said, how much space was needed where
+known, what the stage kept, and what to do (`describe_storage_error`). Any other errno keeps its
+traceback. Code near a write names the path and the bytes in a :class:`StorageError`
+(`storage_path`), since many OS errors carry no file name (a write on a descriptor, Arrow's).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Interrupted", "UserError", "describe_validation_error", "run_stage", "stage_name"]
+from photoprep.core.layout import CACHE_ENV, cache_root
+
+__all__ = [
+    "ACTIONABLE",
+    "Interrupted",
+    "StorageError",
+    "UserError",
+    "describe_storage_error",
+    "describe_validation_error",
+    "run_stage",
+    "stage_name",
+    "storage_path",
+]
 
 INTERRUPTED_EXIT = 130
+# The errnos a user can act on: make room, make the folder writable or readable, look at the disk.
+ACTIONABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO})
 
 
 class UserError(Exception):
@@ -30,6 +54,139 @@ class UserError(Exception):
 
 class Interrupted(UserError):
     """A stage stopped by Ctrl-C or SIGTERM; the message says what was kept. Exit code 130."""
+
+
+class StorageError(OSError):
+    """An OS error a user can act on (`ACTIONABLE`) on a path the stage writes or reads.
+
+    `needed`: the bytes the write needed, where known; `free`: the bytes free when a check found
+    too few before anything was written (`checked`); `kept`: what the stage keeps for the re-run
+    ("kept 1,024 of 2,000 ids ..."). The message is `describe_storage_error`'s line.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        path: str | os.PathLike[str],
+        needed: int | None = None,
+        *,
+        free: int | None = None,
+        kept: str = "",
+        checked: bool = False,
+    ) -> None:
+        super().__init__(code, os.strerror(code), os.fspath(path))
+        self.needed = needed
+        self.free = free
+        self.kept = kept
+        self.checked = checked
+
+    def __reduce__(self) -> tuple[Any, ...]:  # joblib and Dask send it back from a worker
+        return (_storage_error, (self.errno, self.filename, self.needed, self.free, self.kept, self.checked))
+
+    def __str__(self) -> str:
+        return describe_storage_error(self) or super().__str__()
+
+    def keeping(self, kept: str, path: str | os.PathLike[str] | None = None) -> StorageError:
+        """The same error, saying what the stage keeps (and naming `path` instead, when given)."""
+        where = self.filename if path is None else os.fspath(path)
+        return _storage_error(self.errno, where, self.needed, self.free, kept, self.checked)
+
+
+def _storage_error(*args: Any) -> StorageError:
+    code, path, needed, free, kept, checked = args
+    return StorageError(code, path, needed, free=free, kept=kept, checked=checked)
+
+
+@contextlib.contextmanager
+def storage_path(
+    path: str | os.PathLike[str], needed: int | None = None, aliases: tuple[str, ...] = ()
+) -> Iterator[None]:
+    """Inside the block, an actionable OS error that names no file, or one of `aliases` (a
+    temporary name of `path`), becomes a StorageError naming `path` and the bytes `needed`.
+
+    An error that names another file keeps it; other errnos pass through unchanged.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        named = exc.filename is not None and os.fsdecode(exc.filename) not in aliases
+        if exc.errno not in ACTIONABLE or named:
+            raise
+        raise StorageError(exc.errno, path, needed) from exc
+
+
+def human_bytes(n: int) -> str:
+    """A size as people read it: 512 B, 12.0 KiB, 3.4 MiB, 1.2 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _inside(path: str, folder: str | os.PathLike[str]) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies inside it, else absolute."""
+    if _inside(path, os.getcwd()):
+        return Path(os.path.relpath(path)).as_posix()
+    return os.path.abspath(path)
+
+
+_FIX = {
+    errno.ENOSPC: "free space there",
+    errno.EDQUOT: "free space within your quota",
+    errno.EROFS: "make it writable (remount it read-write)",
+    errno.EACCES: "give this user access to it (owner and mode)",
+    errno.EIO: "check the disk (dmesg, fsck)",
+}
+
+
+def _advice(code: int, path: str) -> str:
+    """What to do about `code` on `path`: the fix, and where the files could go instead."""
+    if code == errno.EIO:
+        return _FIX[code]
+    room = "a disk with room" if code in (errno.ENOSPC, errno.EDQUOT) else "a writable disk"
+    if _inside(path, cache_root()):
+        return f"{_FIX[code]} or set {CACHE_ENV} to a folder on {room}"
+    if _shown(path).split("/")[0] == "data":
+        return f"{_FIX[code]} or move data/ to {room}"
+    return _FIX[code]
+
+
+def describe_storage_error(exc: OSError) -> str | None:
+    """The one line of an OS error a user can act on, or None for any other (it keeps its traceback).
+
+    'data/raw/x: No space left on device (ENOSPC; needs 2.8 MiB); kept 1,024 of 2,000 ids (...):
+    free space there or move data/ to a disk with room, then run it again to resume'.
+    """
+    code = exc.errno
+    if code not in ACTIONABLE:
+        return None
+    needed, free = getattr(exc, "needed", None), getattr(exc, "free", None)
+    figures = [errno.errorcode[code]]
+    figures += [f"needs {human_bytes(needed)}"] if needed is not None else []
+    figures += [f"{human_bytes(free)} free"] if free is not None else []
+    meaning = "not enough free space to start" if getattr(exc, "checked", False) else os.strerror(code)
+    kept = getattr(exc, "kept", "")
+    if exc.filename is None:
+        advice = _FIX[code] if code == errno.EIO else "see which disk is full or read-only (df -h)"
+        line = f"{meaning} ({', '.join(figures)})"
+    else:
+        path = os.fsdecode(exc.filename)
+        line, advice = f"{_shown(path)}: {meaning} ({', '.join(figures)})", _advice(code, path)
+    if kept:
+        line += f"; {kept}"
+    resume = kept and not getattr(exc, "checked", False)
+    return f"{line}: {advice}, then run it again" + (" to resume" if resume else "")
 
 
 def describe_validation_error(error: Mapping[str, Any]) -> str:
@@ -88,5 +245,11 @@ def run_stage(main: Callable[[], str | None], name: str | None = None) -> None:
     except KeyboardInterrupt:
         print(f"photoprep: {stage}: interrupted; nothing written, run it again", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT) from None
+    except OSError as exc:
+        line = describe_storage_error(exc)
+        if line is None:
+            raise  # not one a user can act on: its traceback says where to look
+        print(f"photoprep: {stage}: {line}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if summary:
         print(f"{stage}: {summary} in {time.monotonic() - start:.1f} s", flush=True)

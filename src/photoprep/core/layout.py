@@ -9,12 +9,21 @@ the folder that holds ``dvc.yaml``; ``Layout(root)`` places the same tree elsewh
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PATHS", "SPLITS", "Layout"]
+__all__ = ["CACHE_ENV", "DEFAULT_CACHE", "PATHS", "SPLITS", "Layout", "cache_root"]
 
 SPLITS = ("train", "val", "test", "unlabeled")
+# The decode memos (photoprep.images.memo): outside every pipeline output, wherever the user puts them.
+CACHE_ENV = "PHOTOPREP_CACHE"
+DEFAULT_CACHE = Path(".photoprep") / "cache"
+
+
+def cache_root() -> Path:
+    """Where memos live: $PHOTOPREP_CACHE, else .photoprep/cache under the working directory."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 @dataclass(frozen=True)

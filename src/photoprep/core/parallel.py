@@ -28,8 +28,9 @@ import itertools
 import logging
 import os
 import uuid
+import warnings
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,6 +49,9 @@ SCATTER_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10
 WORKERS_TIMEOUT_S = 60
 _DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
+# joblib's warning when a generator of results is closed early ('... executed but not used', '...
+# cancelled'); its start is the count of either.
+_EARLY_EXIT = r"\d+ tasks (have been successfully executed|which were still being processed)"
 
 
 def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -195,7 +199,7 @@ def imap_batches(
     *args: Any,
     desc: str = "",
     unit: str = "img",
-) -> Iterator[tuple[Sequence[T], R]]:
+) -> Generator[tuple[Sequence[T], R], None, None]:
     """Yield ``(batch, work(batch, *args))`` for consecutive batches of `items`, in input order.
 
     Each result is yielded as soon as it and every earlier one have come back from the workers,
@@ -227,7 +231,11 @@ def imap_batches(
         # A caller that stops early (or fails) ends the workers' batches now, not at garbage collection.
         close = getattr(results, "close", None)
         if close is not None:
-            close()
+            with warnings.catch_warnings():
+                # joblib counts the batches it ran or dropped for nothing: the caller stopped on
+                # purpose (a full disk, Ctrl-C) and says so in its own line.
+                warnings.filterwarnings("ignore", message=_EARLY_EXIT, category=UserWarning)
+                close()
         bar.close()
 
 

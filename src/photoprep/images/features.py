@@ -25,9 +25,10 @@ whole matrix's column moments: they are computed from the memory map, in column 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import pandas as pd
 
 from photoprep.core import parallel
 from photoprep.core.errors import UserError
-from photoprep.core.io import atomic_path
+from photoprep.core.io import atomic_path, open_array, require_space
 from photoprep.core.params import ComputeParams, FeatureParams
 from photoprep.images import hog, memo
 from photoprep.images.hog import gray_batch, hog_batch, hog_shape, skimage_hog
@@ -251,6 +252,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
 
     Only images whose pixels are not in the memo are computed, in `compute`'s batches and
     workers; each batch is memoized as it comes back, so a killed run keeps what it finished.
+    The free space for the output and the memo's new rows is checked before any is computed.
     """
     images = np.load(images_path, mmap_mode="r")
     check_images(images)
@@ -259,12 +261,14 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
     keys = pixel_keys(images)
     cache = feature_memo(images, p)
     todo = cache.missing(keys)
+    row_bytes = 4 * info["dim"]
+    require_space([(path, len(keys) * row_bytes), (cache.directory, len(todo) * row_bytes)])
     if todo:
         first: dict[str, int] = {}
         for position, key in enumerate(keys):
             first.setdefault(key, position)
         positions = [first[key] for key in todo]
-        batches: Iterator[tuple[Sequence[Any], np.ndarray]]
+        batches: Generator[tuple[Sequence[Any], np.ndarray], None, None]
         if compute.backend == "dask":
             # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
             # 64x64) go with the task, straight to a worker (photoprep.core.parallel).
@@ -275,11 +279,12 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             batches = parallel.imap_batches(
                 _features_of, positions, compute, str(images_path), p, desc="features"
             )
-        cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
+        with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
+            cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
     memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
-    step = memo.write_step(compute.batch_size, 4 * info["dim"])
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(keys), info["dim"]))
+    step = memo.write_step(compute.batch_size, row_bytes)
+    with atomic_path(path, needed=len(keys) * row_bytes) as tmp:
+        out = open_array(tmp, np.float32, (len(keys), info["dim"]))
         for start in range(0, len(keys), step):
             cache.arrays(keys[start : start + step], out=out[start : start + step])
             out.flush()

@@ -11,6 +11,11 @@ its keys, and its array (if it has one) must hold one row per key. A part that f
 discarded with one line on stderr and its images are computed again. The cache is not a
 pipeline output: deleting it costs time, never correctness, because the fingerprint names
 everything the values depend on.
+
+A part that cannot be written (a full disk, a read-only cache folder) stops the stage with one
+line naming the memo's folder and `PHOTOPREP_CACHE` (`photoprep.core.errors`); the parts
+written before stay, so the re-run decodes only what they do not hold. A part that cannot be
+read for such a reason is not discarded: the disk is the problem, not the part.
 """
 
 from __future__ import annotations
@@ -32,10 +37,14 @@ import pandas as pd
 
 import photoprep
 from photoprep.core import memory
+from photoprep.core.errors import ACTIONABLE, StorageError, storage_path
 from photoprep.core.io import write_table, write_with
 
-CACHE_ENV = "PHOTOPREP_CACHE"
-DEFAULT_CACHE = Path(".photoprep") / "cache"
+# Where memos live is a path like any other (photoprep.core.layout); named here too for callers of the memo.
+from photoprep.core.layout import CACHE_ENV as CACHE_ENV
+from photoprep.core.layout import DEFAULT_CACHE as DEFAULT_CACHE
+from photoprep.core.layout import cache_root as cache_root
+
 KEY = "sha256"
 # A row-only memo with more parts than this is merged into one part at the end of a run, so
 # that loading it stays a few file reads (array memos are not merged: that would copy pixels).
@@ -43,11 +52,6 @@ COMPACT_PARTS = 64
 
 # atomic_path's temporary names: ".<name>.<pid>-<random>.tmp".
 _TEMPORARY = re.compile(r"^\..+\.(\d+)-[0-9a-f]+\.tmp$")
-
-
-def cache_root() -> Path:
-    """Where memos live: $PHOTOPREP_CACHE, else .photoprep/cache under the working directory."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
 def fingerprint(settings: dict[str, Any], *modules: ModuleType) -> str:
@@ -120,9 +124,13 @@ class Memo:
                     path.unlink()
 
     def _verified(self, name: str) -> pd.DataFrame:
+        path = self.directory / f"{name}.parquet"
         try:
-            rows = pd.read_parquet(self.directory / f"{name}.parquet")
+            rows = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises several types for a damaged file
+            if isinstance(exc, OSError) and exc.errno in ACTIONABLE:
+                # A failing disk or a folder this user may not read: the part may be sound.
+                raise StorageError(exc.errno, path) from exc
             raise DamagedPart(f"its table does not read ({type(exc).__name__})") from None
         if KEY not in rows.columns:
             raise DamagedPart(f"its table has no {KEY} column")
@@ -224,13 +232,22 @@ class Memo:
         """
         if rows.empty:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = part_name([str(k) for k in rows[KEY]])
-        if arrays is not None:
-            if len(arrays) != len(rows):
-                raise ValueError(f"{len(arrays)} arrays for {len(rows)} rows")
-            write_with(self.directory / f"{name}.npy", lambda tmp: _save_npy(tmp, arrays), durable=True)
-        write_table(rows, self.directory / f"{name}.parquet", durable=True)
+        if arrays is not None and len(arrays) != len(rows):
+            raise ValueError(f"{len(arrays)} arrays for {len(rows)} rows")
+        try:
+            with storage_path(self.directory):
+                self.directory.mkdir(parents=True, exist_ok=True)
+            if arrays is not None:
+                npy = self.directory / f"{name}.npy"
+                write_with(npy, lambda tmp: _save_npy(tmp, arrays), durable=True, needed=arrays.nbytes)
+            write_table(rows, self.directory / f"{name}.parquet", durable=True)
+        except StorageError as exc:
+            # The part is not written: an array without its table would only take room.
+            with contextlib.suppress(OSError):
+                (self.directory / f"{name}.npy").unlink()
+            kept = f"the memo keeps the {len(self._parts):,} parts it holds (not decoded again)"
+            raise exc.keeping(kept, self.directory) from exc
         self._add_part(name, rows.reset_index(drop=True))
 
     def fill(
@@ -282,7 +299,8 @@ def log_decodes(stage: str, decoded: int, cached: int) -> None:
     The log sits beside the cache, outside every pipeline output, so that counting
     decodes never makes two runs' outputs differ.
     """
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / "decodes.jsonl", "a", encoding="utf-8") as log:
-        log.write(json.dumps({"stage": stage, "decoded": decoded, "cached": cached}) + "\n")
+    path = cache_root() / "decodes.jsonl"
+    with storage_path(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(json.dumps({"stage": stage, "decoded": decoded, "cached": cached}) + "\n")

@@ -11,6 +11,7 @@ sent locations (source, shard, offset, size), never bytes; they read the shards 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from photoprep.core import parallel
-from photoprep.core.io import atomic_path
+from photoprep.core.io import atomic_path, open_array, require_space
 from photoprep.core.params import ComputeParams
 from photoprep.images import containers, decode, formats, memo, resize
 from photoprep.images.decode import DecodeLimits
@@ -44,6 +45,10 @@ class Pass:
     part: Callable[[list[str], Any], tuple[pd.DataFrame, np.ndarray | None]]
     desc: str
     arrays: bool = False
+
+    def memo(self) -> memo.Memo:
+        """The memo this pass fills (what it already holds loaded and verified)."""
+        return memo.Memo(self.namespace, self.key, arrays=self.arrays)
 
 
 def locations(table: pd.DataFrame) -> list[BlobLocation]:
@@ -84,18 +89,21 @@ def read_blobs(root: str | Path, located: Sequence[BlobLocation]) -> list[bytes]
             reader.close()
 
 
-def decode_missing(table: pd.DataFrame, raw_dir: Path, compute: ComputeParams, job: Pass) -> memo.Memo:
-    """The memo of `job`, holding every row's sha256: only the sha256s missing from it are
-    decoded, one memo part per batch as the batches come back from the workers, so a killed run
-    keeps every finished batch."""
-    cache = memo.Memo(job.namespace, job.key, arrays=job.arrays)
+def decode_missing(
+    table: pd.DataFrame, raw_dir: Path, compute: ComputeParams, job: Pass, cache: memo.Memo | None = None
+) -> memo.Memo:
+    """The memo of `job` (`cache`, when the caller opened it already), holding every row's sha256:
+    only the sha256s missing from it are decoded, one memo part per batch as the batches come back
+    from the workers, so a killed run keeps every finished batch."""
+    cache = job.memo() if cache is None else cache
     keys = table["sha256"].tolist()
     todo = cache.missing(keys)
     if todo:
         firsts = table.drop_duplicates("sha256").set_index("sha256").loc[todo].reset_index()
         root = blob_root(raw_dir, compute)
         batches = parallel.imap_batches(job.task, locations(firsts), compute, root, *job.args, desc=job.desc)
-        cache.fill(todo, batches, job.part)
+        with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
+            cache.fill(todo, batches, job.part)
     memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
     return cache
 
@@ -108,14 +116,18 @@ def _pixels_part(keys: list[str], arrays: list[np.ndarray]) -> tuple[pd.DataFram
     return pd.DataFrame({"sha256": keys}), np.stack(arrays)
 
 
+def pixels_pass(spec: PixelSpec, namespace: str = "pixels") -> Pass:
+    """The pass that resizes images to `spec`, memoized under `spec` and the decoder code."""
+    key = memo.fingerprint(spec.settings(), resize, decode, formats, containers)
+    height, width = spec.size
+    return Pass(namespace, key, _pixels_batch, (spec,), _pixels_part, f"resize {height}x{width}", arrays=True)
+
+
 def memoize_pixels(
     table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, namespace: str = "pixels"
 ) -> memo.Memo:
     """The pixel memo of `spec` and the decoder code, holding every row's sha256."""
-    key = memo.fingerprint(spec.settings(), resize, decode, formats, containers)
-    height, width = spec.size
-    job = Pass(namespace, key, _pixels_batch, (spec,), _pixels_part, f"resize {height}x{width}", arrays=True)
-    return decode_missing(table, raw_dir, compute, job)
+    return decode_missing(table, raw_dir, compute, pixels_pass(spec, namespace))
 
 
 def resized_pixels(
@@ -136,14 +148,19 @@ def write_pixels(
     """Write `resized_pixels` of `table` to the .npy file `path`, batch by batch, never all in memory.
 
     The file is filled through a memory map of its temporary name and replaces `path` when
-    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``.
+    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``. Before any image is
+    decoded, the free space is checked for the array and the memo's new rows (`require_space`).
     """
-    cache = memoize_pixels(table, raw_dir, spec, compute)
+    job = pixels_pass(spec)
+    cache = job.memo()
     keys = table["sha256"].tolist()
     height, width = spec.size
-    step = memo.write_step(compute.batch_size, height * width * 3)
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(keys), height, width, 3))
+    row_bytes = height * width * 3
+    require_space([(path, len(keys) * row_bytes), (cache.directory, len(cache.missing(keys)) * row_bytes)])
+    decode_missing(table, raw_dir, compute, job, cache)
+    step = memo.write_step(compute.batch_size, row_bytes)
+    with atomic_path(path, needed=len(keys) * row_bytes) as tmp:
+        out = open_array(tmp, np.uint8, (len(keys), height, width, 3))
         for start in range(0, len(keys), step):
             cache.arrays(keys[start : start + step], out=out[start : start + step])
             out.flush()

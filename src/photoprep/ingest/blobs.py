@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from photoprep.core.errors import UserError
+from photoprep.core.errors import UserError, storage_path
 from photoprep.ingest.store import SHARD_REF, pread_exact
 
 
@@ -33,8 +33,13 @@ class BlobReader:
         self.close()
 
     def read(self, shard: str, offset: int, size: int) -> bytes:
-        """The `size` bytes at `offset` of `shard` (a shard file name, never a path)."""
-        return pread_exact(self._fd(shard), offset, size)
+        """The `size` bytes at `offset` of `shard` (a shard file name, never a path).
+
+        A read the disk fails (EIO) is a StorageError naming the shard (`photoprep.core.errors`).
+        """
+        fd = self._fd(shard)
+        with storage_path(self.directory / shard):
+            return pread_exact(fd, offset, size)
 
     def close(self) -> None:
         """Close every open shard."""

@@ -14,8 +14,10 @@ committed to the journal as the run goes). This module resumes and runs the loop
 A run picks up the journal of an interrupted one and the table of a finished one: rows that are
 ok, for the same url, whose blob the (verified) store holds are reused without a request,
 keeping their columns; everything else is fetched again. Ctrl-C and SIGTERM stop the run after
-a last commit (`FetchResult.interrupted`). `FetchResult.hosts_down` says which hosts the client
-cut off, and the error as the system gave it.
+a last commit (`FetchResult.interrupted`). A write that fails for a reason the user can fix (a
+full disk, a read-only folder) stops every request, cuts the store back to the journal's last
+commit and raises a StorageError saying what was kept. `FetchResult.hosts_down` says which hosts
+the client cut off, and the error as the system gave it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 import pandas as pd
 
 from photoprep.core.console import Progress, count
-from photoprep.core.errors import UserError
+from photoprep.core.errors import ACTIONABLE, StorageError, UserError
 from photoprep.core.io import write_table
 from photoprep.core.params import DownloadParams
 from photoprep.ingest.client import Client, HostDown
@@ -52,6 +54,11 @@ _MIB = 2**20
 _PROGRESS_EVERY = 64  # progress updates per this many images: one call per image costs more than it shows
 
 
+def kept_phrase(kept: int, total: int) -> str:
+    """What a stopped download keeps: 'kept 1,024 of 2,000 ids (shards and status rows committed)'."""
+    return f"kept {count(kept)} of {count(total)} ids (shards and status rows committed)"
+
+
 @dataclass
 class FetchResult:
     """The table of a fetch and what happened on the way."""
@@ -66,11 +73,8 @@ class FetchResult:
 
     def interrupted_line(self, stage: str) -> str:
         """What an interrupted run kept, as the one line a stage ends with."""
-        return (
-            f"{stage}: interrupted by {self.interrupted}: kept {count(self.kept)} of "
-            f"{count(self.requested + self.reused)} ids (shards and status rows committed); "
-            "run it again to resume"
-        )
+        kept = kept_phrase(self.kept, self.requested + self.reused)
+        return f"{stage}: interrupted by {self.interrupted}: {kept}; run it again to resume"
 
     def problems(self, stage: str) -> list[str]:
         """One line per damaged shard set aside and per host cut off (unless `check_fetched` says it)."""
@@ -207,6 +211,15 @@ async def _gather_until_signal(tasks: Sequence[asyncio.Future[Any]]) -> str:
         for task in tasks:
             task.cancel()
 
+    def fail_fast(task: asyncio.Future[Any]) -> None:
+        # A worker that raised (a full disk under the sink) stops the others: nothing they fetch
+        # now could be stored.
+        if not task.cancelled() and task.exception() is not None:
+            for other in tasks:
+                other.cancel()
+
+    for task in tasks:
+        task.add_done_callback(fail_fast)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # RuntimeError also covers its subclass raised by loops without signal handlers (Windows).
     for sig in previous:
@@ -276,11 +289,19 @@ def download(
             down, stopped = asyncio.run(_fetch_rows(client, urls, sink, bar))
         if stopped:
             sink.commit(force=True)
-    except BaseException:
-        sink.close()
-        start.writer.abandon()
+    except BaseException as exc:
+        with contextlib.suppress(OSError):  # the fault that brought us here is the one to report
+            sink.close()
+        fault = _storage_fault(exc, store_dir)
+        if fault is not None:
+            sink.salvage()  # what was stored whole until the fault, committed in the journal's reserve
+        # The store as the journal's last commit left it: a full disk gets back the space past it.
+        start.writer.cut_back(start.journal.last)
         start.journal.close()
-        raise
+        if fault is None:
+            raise
+        kept = len(start.kept(sink.rows, sink.committed))
+        raise fault.keeping(kept_phrase(kept, len(records))) from exc
     sink.close()
     counts = (len(urls), len(start.reused))
     if stopped:
@@ -294,6 +315,15 @@ def download(
         write_table(table, place.table_path, durable=True)
     remove_journal(store_dir)
     return FetchResult(table, *counts, down, notes)
+
+
+def _storage_fault(exc: BaseException, store_dir: Path) -> StorageError | None:
+    """`exc` as a StorageError when a user can act on it (naming the store when it names no file)."""
+    if isinstance(exc, StorageError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in ACTIONABLE:
+        return StorageError(exc.errno, exc.filename or store_dir)
+    return None
 
 
 def fetch_all(

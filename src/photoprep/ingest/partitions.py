@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from photoprep.core import parallel
-from photoprep.core.errors import Interrupted
+from photoprep.core.errors import Interrupted, StorageError
 from photoprep.core.io import write_table
 from photoprep.core.params import ComputeParams, DownloadParams
 from photoprep.ingest import fetch
@@ -71,17 +71,22 @@ def partition_params(p: DownloadParams) -> DownloadParams:
 
 def fetch_partitions(
     batch: Sequence[tuple[int, pd.DataFrame]], place: fetch.Place, p: DownloadParams
-) -> list[tuple[int, fetch.FetchResult]]:
+) -> list[tuple[int, fetch.FetchResult | StorageError]]:
     """One task: fetch each (k, records) of `batch` into ``<store_dir>/part-<k>`` of `place`,
     resuming from its own table and journal there. Module level, so that joblib and Dask send it
-    by name."""
-    out = []
+    by name. A partition stopped by a full disk (or a read-only folder) is returned as its
+    StorageError, not raised: the other tasks go on to their own end (each commits what it
+    stored), instead of being stopped with whatever they had not committed yet."""
+    out: list[tuple[int, fetch.FetchResult | StorageError]] = []
     for k, records in batch:
         folder = Path(place.store_dir) / part_name(k)
         table_path = folder / PART_TABLE
         previous = pd.read_parquet(table_path) if table_path.exists() else None
         part = fetch.Place(folder, place.base_dir, table_path)
-        out.append((k, fetch.download(records, part, p, previous=previous, progress=False)))
+        try:
+            out.append((k, fetch.download(records, part, p, previous=previous, progress=False)))
+        except StorageError as exc:
+            out.append((k, exc))
     return out
 
 
@@ -108,6 +113,13 @@ def merge(results: Sequence[tuple[int, fetch.FetchResult]]) -> fetch.FetchResult
     return fetch.FetchResult(merged, requested, reused, hosts_down, notes, interrupted, kept)
 
 
+def _kept(partitions: int, place: fetch.Place) -> str:
+    return (
+        f"each of the {partitions} partitions keeps the shards and status rows it had committed "
+        f"(in {Path(place.store_dir).as_posix()}/part-NNNN/)"
+    )
+
+
 def download(
     records: pd.DataFrame,
     place: fetch.Place,
@@ -128,6 +140,7 @@ def download(
     # Workers may run in another folder: they get absolute paths.
     absolute = fetch.Place(Path(place.store_dir).resolve(), Path(place.base_dir).resolve())
     results: list[tuple[int, fetch.FetchResult]] = []
+    faults: list[StorageError] = []
     try:
         for _, done in parallel.imap_batches(
             fetch_partitions,
@@ -138,12 +151,15 @@ def download(
             desc=f"fetch {len(items)} partitions",
             unit="part",
         ):
-            results.extend(done)
+            for k, outcome in done:
+                if isinstance(outcome, StorageError):
+                    faults.append(outcome)
+                else:
+                    results.append((k, outcome))
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (errors.run_stage): the tasks are stopped with it
-        raise Interrupted(
-            f"interrupted: each of the {len(items)} partitions keeps the shards and status rows it had "
-            f"committed (in {Path(place.store_dir).as_posix()}/part-NNNN/); run it again to resume"
-        ) from None
+        raise Interrupted(f"interrupted: {_kept(len(items), place)}; run it again to resume") from None
+    if faults:  # a full disk under some partitions: the others ended, each with its last commit
+        raise faults[0].keeping(_kept(len(items), place))
     result = merge(results)
     if not result.interrupted and place.table_path is not None:
         write_table(result.table, place.table_path, durable=True)

@@ -10,11 +10,14 @@ Resume at id granularity: every `commit_seconds` or `commit_every` stored bodies
 progress is fsynced and the ok rows stored so far (a prefix in target order) go into the
 journal (`photoprep.ingest.journal`). Failed rows cost nothing to redo, so only stored bodies
 count towards `commit_every`: a dead host's thousands of failures do not fsync the journal
-thousands of times.
+thousands of times. After a failed write (a full disk) the sink stores nothing more; one last
+commit (`salvage`, in the room the journal keeps for it) records what was stored whole, so a
+full disk costs only the requests in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -54,10 +57,24 @@ class Sink:
         self.spill_path = ""
         self.spill_end = 0
         self.spilled = 0  # bodies waiting in the spill file
+        self.failed = False  # a write failed (a full disk): nothing more is stored or committed
 
     def put(self, index: int, row: FetchRow, body: bytes | None) -> None:
         """The row of target `index` and its body (None when it failed): the body is stored once
-        every target before it is, and the rows stored so far are committed when one is due."""
+        every target before it is, and the rows stored so far are committed when one is due.
+
+        A write that fails raises; from then on `put` does nothing and nothing is committed but by
+        `salvage`, which the caller may try once (then it cuts the store back to the last commit).
+        """
+        if self.failed:
+            return
+        try:
+            self._put(index, row, body)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def _put(self, index: int, row: FetchRow, body: bytes | None) -> None:
         self.rows[index] = row
         self.bodies += body is not None
         if index == self.stored:
@@ -80,11 +97,24 @@ class Sink:
         """Commit the rows of targets stored since the last commit, with the shard in progress,
         once `commit_every` bodies or `commit_seconds` have passed (or now, with `force`)."""
         upto = self.stored
-        if upto <= self.committed:
+        if upto <= self.committed or self.failed:
             return
         now = time.monotonic()
         if not force and self.bodies < self.every and now - self.last < self.seconds:
             return
+        self._commit(upto, now)
+
+    def salvage(self) -> None:
+        """After a write failed for want of space: commit the rows of every body stored whole
+        until then, in the room the journal kept for it. Best effort: when this fails too, or the
+        writer could not undo the failed write, the last commit stands."""
+        self.journal.release_reserve()
+        if self.stored <= self.committed or self.writer.broken:
+            return
+        with contextlib.suppress(OSError):
+            self._commit(self.stored, time.monotonic())
+
+    def _commit(self, upto: int, now: float) -> None:
         state = self.writer.commit()
         # A failed row is fetched again anyway: only stored bodies need committing.
         values = [
@@ -107,16 +137,15 @@ class Sink:
     def _drain(self) -> None:
         while self.stored in self.waiting:
             item = self.waiting.pop(self.stored)
-            self.stored += 1
-            if item is None:
-                continue
-            sha256, body, offset, size = item
-            if body is None:
-                body = _read_spill(self.spill_fd, offset, size)
-                self.spilled -= 1
-            else:
-                self.held -= size
-            self.writer.add(body, sha256)
+            if item is not None:
+                sha256, body, offset, size = item
+                if body is None:
+                    body = _read_spill(self.spill_fd, offset, size)
+                    self.spilled -= 1
+                else:
+                    self.held -= size
+                self.writer.add(body, sha256)
+            self.stored += 1  # once stored: `salvage` commits exactly the bodies the writer holds
         if self.spill_end and not self.spilled:
             os.ftruncate(self.spill_fd, 0)  # nothing waits in the file: reuse it from the start
             self.spill_end = 0

@@ -20,7 +20,9 @@ handful of large files instead of 100k small ones, and no file name ever comes f
   length go into the download's journal) and picked up again after a kill
   (`ShardWriter(..., resume=...)`): each member up to the committed length is re-hashed, the
   rest cut off, and appending goes on, so an interrupted and resumed download writes the
-  same shards as an uninterrupted one.
+  same shards as an uninterrupted one. A write that fails (a full disk) is undone: the shard in
+  progress ends with its last whole blob again, can still be committed, and is never removed
+  once a commit names it (`ShardWriter.cut_back` cuts it back to that commit).
 - Blobs are read back by (shard, offset, size) (`photoprep.ingest.blobs`).
 
 Why one module
@@ -245,6 +247,7 @@ class _OpenShard:
         self.directory = directory
         self.position = 0
         self.payload = 0
+        self.synced = 0  # bytes made durable by `sync`: a journal may name this length, never more
         self.members: dict[str, tuple[int, int]] = {}  # sha256 -> (data offset, size), in order
         if resume is None:
             self.fd, self.tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tar", dir=directory)
@@ -271,19 +274,34 @@ class _OpenShard:
         os.ftruncate(self.fd, length)
         os.lseek(self.fd, length, os.SEEK_SET)  # appending goes on where the commit ended
         self.members = members
-        self.position = length
+        self.position = self.synced = length
         self.payload = sum(n for _, n in members.values())
 
     def sync(self) -> OpenState:
         """Make every blob appended so far durable; what a journal needs to pick the shard up again."""
         os.fsync(self.fd)
+        self.synced = self.position
         return OpenState(os.path.basename(self.tmp), self.position)
 
     def append(self, sha256: str, data: bytes) -> None:
         header = member_header(sha256, len(data))
-        self.members[sha256] = (self.position + len(header), len(data))
+        at = self.position + len(header)
         self._write(header, data, _padding(len(data), _BLOCK))
+        self.members[sha256] = (at, len(data))  # once whole: a failed write adds no member
         self.payload += len(data)
+
+    def rewind(self, end: int) -> bool:
+        """Cut the file back to `end`, where its last whole blob ends, after a failed write; False
+        when it cannot be (closed already, or the cut itself failed)."""
+        if self.fd < 0:
+            return False
+        try:
+            os.ftruncate(self.fd, end)
+            os.lseek(self.fd, end, os.SEEK_SET)
+        except OSError:
+            return False
+        self.position = end
+        return True
 
     def close(self) -> str:
         """Finish the archive, make it durable, rename it after its content; its file name."""
@@ -308,6 +326,17 @@ class _OpenShard:
             self.fd = -1
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
+
+    def give_up(self) -> None:
+        """After a write that could not be undone: remove the file if no journal can name it (never
+        synced), else leave it to `ShardWriter.cut_back` or the next run's take-up. Best effort:
+        the error that brought us here is the one to report."""
+        with contextlib.suppress(OSError):
+            if self.fd >= 0:
+                fd, self.fd = self.fd, -1
+                os.close(fd)
+            if self.synced == 0:
+                os.unlink(self.tmp)
 
     def _content_hash(self) -> str:
         # The archive's bytes are a function of its member list (names, sizes, order), and each
@@ -336,7 +365,8 @@ class ShardWriter:
     adds in record order, whatever order responses arrive in) gets deterministic shards.
     `known` is the index of blobs already stored; by default the shards in `directory` are
     read for it. Leaving the `with` block flushes, unless an exception is on its way out:
-    then the shard being written is removed (shards closed before stay; each is complete).
+    then the shard being written is removed (shards closed before stay; each is complete). A
+    download, whose journal commits part of that shard, calls `cut_back` instead, which keeps it.
     Temporary files a killed run left behind are removed when a writer starts, so they never
     end up in a DVC output: one writer per folder at a time. Not thread-safe: call it from
     one thread (the fetcher's event loop).
@@ -364,9 +394,12 @@ class ShardWriter:
             self.notes.extend(damaged)
         self._refs: dict[str, BlobRef] = dict(known)
         self._open: _OpenShard | None = None
+        self.broken = False  # a failed write could not be undone: the shard in progress was given up
         if resume is not None and resume.length > 0:
             try:
                 self._open = _OpenShard(self.directory, resume)
+            except FileNotFoundError:
+                pass  # closed after that commit: its blobs are in a finished shard, indexed above
             except (OSError, ValueError) as exc:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.directory / resume.tmp_name)
@@ -399,10 +432,11 @@ class ShardWriter:
             shard = None
         if shard is None:
             shard = self._open = _OpenShard(self.directory)
+        end = shard.position
         try:
             shard.append(sha256, data)
         except BaseException:
-            self.discard()
+            self._after_failure(shard, end)
             raise
         return sha256
 
@@ -428,20 +462,46 @@ class ShardWriter:
                 os.close(shard.fd)
                 shard.fd = -1
 
+    def cut_back(self, kept: OpenState | None) -> None:
+        """Leave the store as a journal's last commit (`kept`) left it, after a failed write.
+
+        The shard in progress that `kept` names is cut back to its committed length; every other
+        temporary shard (nothing committed names it) is removed. Closed shards stay. A full disk
+        gets its space past the commit back now, and the next run takes the shard up as after a
+        kill. Best effort: what cannot be changed here (a read-only folder) the next run does.
+        """
+        self.abandon()
+        for leftover in self.directory.glob(_TMP_PREFIX + "*.tar"):
+            with contextlib.suppress(OSError):
+                if kept is not None and leftover.name == kept.tmp_name:
+                    os.truncate(leftover, kept.length)
+                else:
+                    leftover.unlink()
+
     def discard(self) -> None:
         """Remove the shard being written (its blobs are forgotten); closed shards stay."""
         if self._open is not None:
             shard, self._open = self._open, None
             shard.discard()
 
+    def _after_failure(self, shard: _OpenShard, end: int) -> None:
+        """A write to `shard` failed (a full disk): it ends with its last whole blob again and
+        stays open, or, when that cannot be, it is given up and the writer is `broken`."""
+        if not shard.rewind(end):
+            self._open = None
+            self.broken = True
+            shard.give_up()
+
     def _close_shard(self) -> None:
-        shard, self._open = self._open, None
+        shard = self._open
         assert shard is not None
+        end = shard.position
         try:
             name = shard.close()
         except BaseException:
-            shard.discard()
+            self._after_failure(shard, end)
             raise
+        self._open = None
         for sha256, (offset, size) in shard.members.items():
             self._refs[sha256] = BlobRef(name, offset, size)
 
