@@ -40,7 +40,9 @@ import time
 
 from photoprep import portable
 
-CPU_MATH = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu-math=")), "portable")
+_EARLY = argparse.ArgumentParser(add_help=False)
+_EARLY.add_argument("--cpu-math", default="portable")
+CPU_MATH = _EARLY.parse_known_args()[0].cpu_math  # before numpy and torch load; "--cpu-math X" too
 portable.pin_cpu_math(CPU_MATH, threads=2)  # before numpy and torch load, as the stages do
 
 import cv2  # noqa: E402

@@ -48,7 +48,9 @@ MODES = ("portable", "no-onednn", "vendor", "legacy", "native")
 # The pinning of photoprep before the vendor-neutral mode (measured against it here).
 LEGACY_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT"}
 # Before torch loads (see photoprep.portable); "all" pins in the child processes instead.
-CPU_MATH = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--cpu-math=")), "portable")
+_EARLY = argparse.ArgumentParser(add_help=False)
+_EARLY.add_argument("--cpu-math", default="portable")
+CPU_MATH = _EARLY.parse_known_args()[0].cpu_math  # before numpy and torch load; "--cpu-math X" too
 if CPU_MATH == "legacy":
     os.environ.update(LEGACY_ENV | {"MKL_DYNAMIC": "FALSE", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"})
     portable.pin_cpu_math("native", threads=2)
@@ -163,8 +165,12 @@ def compare_cpu_math(argv: list[str]) -> int:
     """Run this benchmark in every CPU-math mode, each in its own process, the modes taking turns
     for ``--rounds`` rounds (a busy machine slows them alike); print each mode's median images/s and
     its ratio to portable's."""
-    rest = [a for a in argv if not a.startswith(("--cpu-math=", "--rounds=")) and a != "--json"]
-    rounds = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--rounds=")), "3"))
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--cpu-math")
+    own.add_argument("--rounds", type=int, default=3)
+    own.add_argument("--json", action="store_true")
+    mine, rest = own.parse_known_args(argv)
+    rounds = mine.rounds
     seen: dict[str, dict[str, list[float]]] = {mode: {} for mode in MODES}
     for _ in range(rounds):
         for mode in MODES:
@@ -194,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if CPU_MATH == "all":
         return compare_cpu_math(argv)
-    argv = [a for a in argv if not a.startswith(("--cpu-math=", "--rounds="))]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-n", type=int, default=50_000, help="synthetic images in the split on CUDA")
     parser.add_argument("--cuda-batch-size", type=int, default=256)
     parser.add_argument("--json", action="store_true", help="print one JSON object of figures only")
+    parser.add_argument("--cpu-math", default="portable", choices=[*MODES, "all"], help="see above")
+    parser.add_argument("--rounds", type=int, default=3, help="with --cpu-math=all")
     args = parser.parse_args(argv)
 
     cpu = torch.device("cpu")
