@@ -61,6 +61,13 @@ def stage_env(quiet: bool = True) -> dict[str, str]:
     return env
 
 
+def _ctrl_c_as_on_a_terminal() -> None:
+    # A test runner started in the background of a non-interactive shell (`make test &`, CI)
+    # ignores SIGINT, and a child inherits that: Python then never raises KeyboardInterrupt.
+    # The stage under test is a foreground command, whose Ctrl-C is SIGINT's default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_stage(root: Path, script: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "stages" / f"{script}.py"), *args],
@@ -69,6 +76,7 @@ def start_stage(root: Path, script: str, *args: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ctrl_c_as_on_a_terminal,
     )
 
 
