@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote, unquote
 
 import pytest
@@ -47,24 +48,15 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 drops SYNs when a fetcher opens many connections at once
 
 
-class LoopbackCDN:
-    """A threaded HTTP/1.1 server on 127.0.0.1 that serves `add`-ed payloads at /photo/<id>.
+class _Loopback:
+    """A threaded HTTP server on 127.0.0.1 for one test: serving from `__enter__` to `__exit__`."""
 
-    Faults apply in the order they were added, each to its next `times` requests for the id.
-    Unknown ids get 404. Every request is logged (arrival time, id) before it is answered.
-    """
-
-    def __init__(self) -> None:
-        self._payloads: dict[str, _Payload] = {}
-        self._faults: dict[str, list[_Fault]] = {}
-        self._log: list[tuple[float, str, dict[str, str]]] = []  # (arrival, id, request headers)
-        self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _handler_for(self))
+    def _listen(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True  # a handler asleep in a `slow` fault must not block teardown
-        self._server.handle_error = lambda request, address: None  # clients hang up on purpose here
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
 
-    def __enter__(self) -> LoopbackCDN:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -76,6 +68,22 @@ class LoopbackCDN:
     @property
     def port(self) -> int:
         return self._server.server_address[1]
+
+
+class LoopbackCDN(_Loopback):
+    """A threaded HTTP/1.1 server on 127.0.0.1 that serves `add`-ed payloads at /photo/<id>.
+
+    Faults apply in the order they were added, each to its next `times` requests for the id.
+    Unknown ids get 404. Every request is logged (arrival time, id) before it is answered.
+    """
+
+    def __init__(self) -> None:
+        self._payloads: dict[str, _Payload] = {}
+        self._faults: dict[str, list[_Fault]] = {}
+        self._log: list[tuple[float, str, dict[str, str]]] = []  # (arrival, id, request headers)
+        self._lock = threading.Lock()
+        self._listen(_handler_for(self))
+        self._server.handle_error = lambda request, address: None  # clients hang up on purpose here
 
     @property
     def url_template(self) -> str:
@@ -324,7 +332,7 @@ def webdav(tmp_path: Path) -> Iterator[WebDAVServer]:
 # -- loopback model hub ------------------------------------------------------------------
 
 
-class LoopbackHub:
+class LoopbackHub(_Loopback):
     """A Hugging Face hub stand-in on 127.0.0.1: ``/<org>/<repo>/resolve/<revision>/<file>``, HEAD
     and GET, with the headers huggingface_hub reads (X-Repo-Commit, ETag, Content-Length) and the
     hub's error codes (404 with X-Error-Code EntryNotFound or RepoNotFound). Point
@@ -336,22 +344,11 @@ class LoopbackHub:
         self.files: dict[tuple[str, str], bytes] = {}
         self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
-        self._server = _Server(("127.0.0.1", 0), _hub_handler_for(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05})
-
-    def __enter__(self) -> LoopbackHub:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._listen(_hub_handler_for(self))
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self.port}"
 
     def add(self, repo: str, filename: str, data: bytes) -> None:
         self.files[(repo, filename)] = data
