@@ -239,44 +239,39 @@ def test_a_read_only_interim_folder_stops_dedup_with_one_line_and_the_rerun_ends
     same(root, clean, DEDUP_OUTPUTS)
 
 
-def test_bucket_checks_the_space_for_images_npy_before_it_decodes(tmp_path, clean):
-    root = project_before(tmp_path / "p", "bucket")
-    processed = root / "data" / "processed"
-    size = PHOTOS * 64 * 64 * 3
-    with tmpfs(processed, 1 * MIB):
-        free = os.statvfs(processed).f_bavail * os.statvfs(processed).f_frsize
-        line = stops(stage(root, "bucket"))
-        print(line)
-        assert line == (
-            f"photoprep: bucket: data/processed/images.npy: not enough free space to start (ENOSPC, "
-            f"needs {errors.human_bytes(size)}, {errors.human_bytes(free)} free); nothing written: free "
-            "space there or move data/ to a disk with room, then run it again"
-        )
-        assert list(processed.iterdir()) == []
-        assert not (root / ".photoprep" / "cache" / "pixels").exists(), "nothing decoded before the check"
-        resize(processed, 4 * MIB)
-        ok(stage(root, "bucket"))
-        same(root, clean, BUCKET_OUTPUTS)
+def _array_bytes(name: str, clean: Path) -> int:
+    """The bytes of the array `name` writes for the demo's photos (uint8 pixels, float32 features)."""
+    if name == "bucket":
+        return PHOTOS * 64 * 64 * 3
+    return PHOTOS * json.loads((clean / "data" / "features" / "features.json").read_text())["dim"] * 4
 
 
-def test_features_checks_the_space_for_features_npy_before_it_computes(tmp_path, clean):
-    root = project_before(tmp_path / "p", "features")
-    out = root / "data" / "features"
-    dim = json.loads((clean / "data" / "features" / "features.json").read_text())["dim"]
-    with tmpfs(out, 512 << 10):
+# (stage, its output folder, the array it writes, its memo folder, the tmpfs size, its outputs)
+SPACE_CHECKS = {
+    "bucket": ("data/processed", "images.npy", "pixels", 1 * MIB, BUCKET_OUTPUTS),
+    "features": ("data/features", "features.npy", "features", 512 << 10, FEATURES_OUTPUTS),
+}
+
+
+@pytest.mark.parametrize("name", list(SPACE_CHECKS))
+def test_a_stage_checks_the_space_for_its_array_before_it_decodes(tmp_path, clean, name):
+    folder, array, cache, limit, outputs = SPACE_CHECKS[name]
+    root = project_before(tmp_path / "p", name)
+    out = root / folder
+    with tmpfs(out, limit):
         free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
-        line = stops(stage(root, "features"))
+        line = stops(stage(root, name))
         print(line)
         assert line == (
-            f"photoprep: features: data/features/features.npy: not enough free space to start (ENOSPC, "
-            f"needs {errors.human_bytes(PHOTOS * dim * 4)}, {errors.human_bytes(free)} free); nothing "
-            "written: free space there or move data/ to a disk with room, then run it again"
+            f"photoprep: {name}: {folder}/{array}: not enough free space to start (ENOSPC, "
+            f"needs {errors.human_bytes(_array_bytes(name, clean))}, {errors.human_bytes(free)} free); "
+            "nothing written: free space there or move data/ to a disk with room, then run it again"
         )
         assert list(out.iterdir()) == []
-        assert not (root / ".photoprep" / "cache" / "features").exists(), "nothing computed before the check"
+        assert not (root / ".photoprep" / "cache" / cache).exists(), "nothing decoded before the check"
         resize(out, 4 * MIB)
-        ok(stage(root, "features"))
-        same(root, clean, FEATURES_OUTPUTS)
+        ok(stage(root, name))
+        same(root, clean, outputs)
 
 
 def test_a_disk_that_fills_while_bucket_runs_stops_it_with_one_line_before_images_npy(tmp_path, clean):
