@@ -5,10 +5,10 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-import numpy as np
 import pandas as pd
 
 from photoprep.core import console, errors, io, memory, params
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.layout import PATHS
 from photoprep.images import bucket, sheets, stored
 from photoprep.images.resize import PixelSpec
@@ -28,9 +28,10 @@ def main() -> str:
         f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
     )
     console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
-    stored.write_pixels(kept, PATHS.raw_dir, PixelSpec.from_params(p), p.compute, PATHS.images_array)
+    spec = PixelSpec.from_params(p)
+    stored.write_pixels(kept, PATHS.raw_dir, spec, p.compute, PATHS.images_array, p.bucket.chunk_kb << 10)
     memory.release()
-    pixels = np.load(PATHS.images_array, mmap_mode="r")
+    pixels = ChunkedArray(PATHS.images_array)
     io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)
     io.write_table(result.resolutions, PATHS.resolutions_csv)
     bucket.plot_resolutions(result, PATHS.resolutions_png)

@@ -7,13 +7,13 @@ ensure_project_python()
 
 from photoprep import portable
 from photoprep.core import errors, params
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
     portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
-    import numpy as np
 
     from photoprep.core import io
     from photoprep.learn import cluster, scores
@@ -30,7 +30,7 @@ def main() -> str:
     pretrain, refine = cluster.history_tables(result)
     io.write_table(pretrain, PATHS.cluster_pretrain_csv)
     io.write_table(refine, PATHS.cluster_refine_csv)
-    images = np.load(PATHS.images_array, mmap_mode="r")
+    images = ChunkedArray(PATHS.images_array)
     sheets = review_pages.draw_cluster_sheets(
         result.table, images, labels, PATHS.cluster_sheets_dir, p.sheet_images, p.n_clusters
     )

@@ -7,13 +7,13 @@ ensure_project_python()
 
 from photoprep import portable
 from photoprep.core import errors, params
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.layout import PATHS
 
 
 def main() -> str:
     every = params.load()
     portable.pin_cpu_math(every.compute.cpu_math, every.compute.threads)  # before numpy and torch load
-    import numpy as np
 
     from photoprep.core import io
     from photoprep.learn import checkpoint, predict
@@ -24,7 +24,7 @@ def main() -> str:
     io.write_table(result.table, PATHS.predictions_table)
     io.write_json(result.metrics, PATHS.predict_metrics)
     io.write_table(result.curve, PATHS.confidence_csv)
-    images = np.load(PATHS.images_array, mmap_mode="r")
+    images = ChunkedArray(PATHS.images_array)
     predict.draw_by_class(result.table, images, list(meta["classes"]), p.per_class, PATHS.predicted_png)
     return f"{len(result.table)} images of {', '.join(p.splits)}"
 

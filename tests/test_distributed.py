@@ -70,7 +70,7 @@ def write_params(root: Path, train_changes: dict, threads: int) -> None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """A project with the demo source after the data stages: images.npy, the splits, splits.json."""
+    """A project with the demo source after the data stages: the images, the splits, splits.json."""
     root = tmp_path_factory.mktemp("demo")
     shutil.copytree(REPO / "pipeline/sources/demo", root / "pipeline/sources/demo")
     write_params(root, {}, threads=2)

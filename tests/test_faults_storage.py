@@ -9,8 +9,9 @@ kept, and that the re-run after the fault is cleared equals an uninterrupted run
   stored;
 - a full memo folder during dedup keeps every memo part written before it (no joblib warning);
 - a read-only data/interim stops dedup with one line (no second traceback from the cleanup);
-- bucket checks the space for images.npy before it decodes, and a disk that fills while it runs
-  stops it with one line before a page of images.npy is written (never a SIGBUS).
+- bucket and features check the space for their chunked arrays before they decode (a memo on
+  another file system means copies, not links), and a disk that fills while bucket writes its
+  folder stops it with one line and no half folder (never a SIGBUS).
 """
 
 from __future__ import annotations
@@ -130,9 +131,9 @@ def test_a_full_disk_under_a_partitioned_download_says_what_each_partition_keeps
 
 PHOTOS, BATCH = 120, 4
 DEDUP_OUTPUTS = ("data/interim/dedup.parquet", "reports/duplicates.csv", "reports/counts/dedup.json")
-BUCKET_OUTPUTS = ("data/processed/images.npy", "data/processed/images.parquet", "reports/counts/bucket.json")
+BUCKET_OUTPUTS = ("data/processed/images", "data/processed/images.parquet", "reports/counts/bucket.json")
 FEATURES_OUTPUTS = (
-    "data/features/features.npy",
+    "data/features/features",
     "data/features/features.parquet",
     "data/features/features.json",
 )
@@ -171,9 +172,15 @@ def decodes(cache: Path, namespace: str) -> dict:
     return [entry for entry in log if entry["stage"] == namespace][-1]
 
 
+def _contents(path: Path) -> bytes | dict[str, bytes]:
+    if path.is_dir():  # a chunked array: each file's name and bytes
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return path.read_bytes()
+
+
 def same(root: Path, clean: Path, names: tuple[str, ...]) -> None:
     for name in names:
-        assert (root / name).read_bytes() == (clean / name).read_bytes(), name
+        assert _contents(root / name) == _contents(clean / name), name
 
 
 @pytest.fixture(scope="module")
@@ -248,8 +255,8 @@ def _array_bytes(name: str, clean: Path) -> int:
 
 # (stage, its output folder, the array it writes, its memo folder, the tmpfs size, its outputs)
 SPACE_CHECKS = {
-    "bucket": ("data/processed", "images.npy", "pixels", 1 * MIB, BUCKET_OUTPUTS),
-    "features": ("data/features", "features.npy", "features", 512 << 10, FEATURES_OUTPUTS),
+    "bucket": ("data/processed", "images", "pixels", 1 * MIB, BUCKET_OUTPUTS),
+    "features": ("data/features", "features", "features", 512 << 10, FEATURES_OUTPUTS),
 }
 
 
@@ -274,7 +281,9 @@ def test_a_stage_checks_the_space_for_its_array_before_it_decodes(tmp_path, clea
         same(root, clean, outputs)
 
 
-def test_a_disk_that_fills_while_bucket_runs_stops_it_with_one_line_before_images_npy(tmp_path, clean):
+def test_a_disk_that_fills_while_bucket_runs_stops_it_with_one_line_and_leaves_no_half_folder(
+    tmp_path, clean
+):
     root = project_before(tmp_path / "p", "bucket")
     processed = root / "data" / "processed"
     pixels = root / ".photoprep" / "cache" / "pixels"
@@ -302,7 +311,7 @@ def test_a_disk_that_fills_while_bucket_runs_stops_it_with_one_line_before_image
         size = PHOTOS * 64 * 64 * 3
         print(one_line(stderr))
         assert one_line(stderr) == (
-            f"photoprep: bucket: data/processed/images.npy: No space left on device (ENOSPC, needs "
+            f"photoprep: bucket: data/processed/images: No space left on device (ENOSPC, needs "
             f"{errors.human_bytes(size)}): free space there or move data/ to a disk with room, then run it "
             "again"
         )

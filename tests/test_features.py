@@ -1,5 +1,5 @@
 """photoprep.images.features: the feature vector against the per-image skimage / OpenCV computation it
-replaces, and features.npy written batch by batch from the memo equal to the in-memory result, adding
+replaces, and the features' chunks written from the memo equal to the in-memory result, adding
 images computing the features of the new ones only."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from skimage.color import rgb2gray
 from skimage.feature import hog
 
+from photoprep.core import chunked
 from photoprep.core.errors import UserError
-from photoprep.core.io import write_array
 from photoprep.core.params import ComputeParams, FeatureParams, HogParams
 from photoprep.images import features, memo
 from photoprep.images.features import (
@@ -194,15 +194,15 @@ def test_streamed_features_equal_the_in_memory_result(tmp_path, monkeypatch, sca
     monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
     images = _images(45)
     images[7] = images[3]  # the same pixels twice: computed once, written twice
-    np.save(tmp_path / "images.npy", images)
+    chunked.save(tmp_path / "images", images, target=8)
     p = FeatureParams(hog=HogParams(pixels_per_cell=(8, 8)), scaling=scaling)
-    info = features.write_features(
-        tmp_path / "images.npy", tmp_path / "f.npy", p, ComputeParams(batch_size=8)
-    )
+    info = features.write_features(tmp_path / "images", tmp_path / "f", p, ComputeParams(batch_size=8))
     expected, expected_info = compute_features(images, p, batch_size=8)
-    write_array(expected, tmp_path / "expected.npy")
-    assert (tmp_path / "f.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+    written = chunked.ChunkedArray(tmp_path / "f")
+    assert written.chunks == chunked.ChunkedArray(tmp_path / "images").chunks > 1  # chunk for chunk
+    assert np.asarray(written).tobytes() == expected.tobytes() and written.shape == expected.shape
     assert info == expected_info
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "f", "images"]  # nothing left beside
     assert _log()[-1] == {"stage": "features", "decoded": 44, "cached": 0}
 
 
@@ -210,34 +210,36 @@ def test_added_images_are_the_only_ones_computed_and_workers_change_no_byte(tmp_
     monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
     p = FeatureParams()
     old, new = _images(40, seed=1, hw=(64, 64)), _images(3, seed=2, hw=(64, 64))
-    np.save(tmp_path / "old.npy", old)
-    features.write_features(tmp_path / "old.npy", tmp_path / "f_old.npy", p, ComputeParams(batch_size=16))
+    chunked.save(tmp_path / "old", old, target=8)
+    features.write_features(tmp_path / "old", tmp_path / "f_old", p, ComputeParams(batch_size=16))
     grown = np.concatenate([old[:20], new, old[20:]])  # new rows anywhere: keys are the pixels
-    np.save(tmp_path / "grown.npy", grown)
+    chunked.save(tmp_path / "grown", grown, target=8)
     two_jobs = ComputeParams(n_jobs=2, batch_size=16)
-    features.write_features(tmp_path / "grown.npy", tmp_path / "f_grown.npy", p, two_jobs)
+    features.write_features(tmp_path / "grown", tmp_path / "f_grown", p, two_jobs)
     assert _log()[-1] == {"stage": "features", "decoded": 3, "cached": 40}
     expected, _ = compute_features(grown, p)
-    write_array(expected, tmp_path / "expected.npy")
-    assert (tmp_path / "f_grown.npy").read_bytes() == (tmp_path / "expected.npy").read_bytes()
+    assert np.asarray(chunked.ChunkedArray(tmp_path / "f_grown")).tobytes() == expected.tobytes()
+    # The chunks the new rows did not join are the old run's files, not written again.
+    old_files = {f.name: f.stat().st_ino for f in (tmp_path / "f_old").glob("part-*")}
+    new_files = {f.name: f.stat().st_ino for f in (tmp_path / "f_grown").glob("part-*")}
+    shared = set(old_files) & set(new_files)
+    assert len(shared) >= len(old_files) - 1 and all(old_files[n] == new_files[n] for n in shared)
 
 
 def test_other_features_params_do_not_reuse_the_memo(tmp_path, monkeypatch):
     monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
-    np.save(tmp_path / "images.npy", _images(5))
+    chunked.save(tmp_path / "images", _images(5))
     for orientations in (9, 6):
         p = FeatureParams(hog=HogParams(orientations=orientations))
-        features.write_features(tmp_path / "images.npy", tmp_path / "f.npy", p, ComputeParams())
+        features.write_features(tmp_path / "images", tmp_path / "f", p, ComputeParams())
         assert _log()[-1]["decoded"] == 5
 
 
 def test_empty_images_give_an_empty_matrix(tmp_path, monkeypatch):
     monkeypatch.setenv(memo.CACHE_ENV, str(tmp_path / "cache"))
-    np.save(tmp_path / "images.npy", np.zeros((0, 64, 64, 3), np.uint8))
-    info = features.write_features(
-        tmp_path / "images.npy", tmp_path / "f.npy", FeatureParams(), ComputeParams()
-    )
-    assert np.load(tmp_path / "f.npy").shape == (0, info["dim"])
+    chunked.save(tmp_path / "images", np.zeros((0, 64, 64, 3), np.uint8))
+    info = features.write_features(tmp_path / "images", tmp_path / "f", FeatureParams(), ComputeParams())
+    assert chunked.ChunkedArray(tmp_path / "f").shape == (0, info["dim"])
 
 
 @pytest.mark.parametrize(

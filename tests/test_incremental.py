@@ -29,9 +29,9 @@ DATA_STAGES = ("dedup", "validate", "bucket", "features", "split")
 OUTPUTS = (
     "data/interim/dedup.parquet",
     "data/interim/valid.parquet",
-    "data/processed/images.npy",
+    "data/processed/images",
     "data/processed/images.parquet",
-    "data/features/features.npy",
+    "data/features/features",
     "data/features/features.parquet",
     "data/features/features.json",
     "data/splits/train.parquet",
@@ -62,6 +62,7 @@ def make_project(root: Path, n: int, *, batch_size: int = 8) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sources"] = ["syn"]
     params["compute"].update(n_jobs=1, batch_size=batch_size)
+    params["bucket"]["chunk_kb"] = 48  # about 4 photos of 64x64 a chunk: many chunks, even here
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     source = root / "pipeline" / "sources" / "syn"
     (source / "cdn").mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,13 @@ def last_counts(root: Path) -> dict[str, dict]:
     return {entry["stage"]: entry for entry in decodes(root)}
 
 
+def contents(path: Path) -> bytes | dict[str, bytes]:
+    """A file's bytes, or a folder's (a chunked array): each file's name and bytes."""
+    if path.is_dir():
+        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    return path.read_bytes()
+
+
 def splits_of(root: Path) -> dict[str, str]:
     tables = [pd.read_parquet(p) for p in sorted((root / "data" / "splits").glob("*.parquet"))]
     table = pd.concat(tables)
@@ -149,22 +157,28 @@ def test_adding_photos_decodes_and_featurizes_only_the_new_ones(tmp_path, monkey
             )
             pd.testing.assert_frame_equal(grown, scratch)
         else:
-            assert (project / name).read_bytes() == (fresh / name).read_bytes(), name
+            assert contents(project / name) == contents(fresh / name), name
 
 
 def test_a_rerun_with_nothing_new_decodes_nothing(tmp_path, monkeypatch):
     project = make_project(tmp_path / "p", 12)
     run_data_stages(project, monkeypatch)
-    outputs = {name: (project / name).read_bytes() for name in OUTPUTS}
+    outputs = {name: contents(project / name) for name in OUTPUTS}
     for stage in DATA_STAGES:
         run_stage(project, stage, monkeypatch)
     counts = last_counts(project)
     assert [counts[m]["decoded"] for m in ("probe", "pixels", "features")] == [0, 0, 0]
-    assert {name: (project / name).read_bytes() for name in OUTPUTS} == outputs
+    assert {name: contents(project / name) for name in OUTPUTS} == outputs
 
 
 def _memo_parts(root: Path, namespace: str) -> int:
     return len(list((root / ".photoprep" / "cache" / namespace).glob("*/part-*.parquet")))
+
+
+def _memo_rows(root: Path, namespace: str) -> int:
+    """The keys the memo's parts hold (a batch's, or a chunk's of an output)."""
+    parts = (root / ".photoprep" / "cache" / namespace).glob("*/part-*.parquet")
+    return sum(len(pd.read_parquet(part)) for part in parts)
 
 
 def _kill_when_parts(root: Path, stage: str, namespace: str, parts: int) -> int:
@@ -195,26 +209,27 @@ def test_a_killed_stage_resumes_from_its_flushed_memo(tmp_path, monkeypatch, sta
     run_stage(project, "download", monkeypatch, "syn")
     for earlier in DATA_STAGES[: DATA_STAGES.index(stage)]:
         run_stage(project, earlier, monkeypatch)
-    kept = _kill_when_parts(project, stage, namespace, parts=3)
-    assert 3 <= kept < n // batch  # killed halfway: some batches flushed, not all
+    _kill_when_parts(project, stage, namespace, parts=3)
+    kept = _memo_rows(project, namespace)
+    assert 3 <= kept < n - 40  # killed halfway: some batches (or chunks) flushed, not all
 
     run_stage(project, stage, monkeypatch)
     resumed = last_counts(project)[namespace]
     total = resumed["decoded"] + resumed["cached"]
     # Only what no flushed part held is decoded again.
-    assert resumed["cached"] == kept * batch
-    assert resumed["decoded"] == total - kept * batch
+    assert resumed["cached"] == kept
+    assert resumed["decoded"] == total - kept
 
     clean = make_project(tmp_path / "clean", n, batch_size=batch)
     run_stage(clean, "download", monkeypatch, "syn")
     for earlier in DATA_STAGES[: DATA_STAGES.index(stage) + 1]:
         run_stage(clean, earlier, monkeypatch)
-    output = {"dedup": "data/interim/dedup.parquet", "bucket": "data/processed/images.npy"}[stage]
-    assert (project / output).read_bytes() == (clean / output).read_bytes()
+    output = {"dedup": "data/interim/dedup.parquet", "bucket": "data/processed/images"}[stage]
+    assert contents(project / output) == contents(clean / output)
 
 
-def test_images_npy_written_in_batches_equals_the_in_memory_array(tmp_path, monkeypatch):
-    from photoprep.core.io import write_array
+def test_images_written_in_chunks_equal_the_in_memory_array(tmp_path, monkeypatch):
+    from photoprep.core import chunked
     from photoprep.core.params import ComputeParams
     from photoprep.images import stored
     from photoprep.images.decode import DecodeLimits
@@ -228,9 +243,9 @@ def test_images_npy_written_in_batches_equals_the_in_memory_array(tmp_path, monk
     raw = project / "data" / "raw"
     compute = ComputeParams(n_jobs=2, batch_size=5)
     spec = PixelSpec((24, 32), "pad", DecodeLimits(10**8))
-    stored.write_pixels(table, raw, spec, compute, tmp_path / "streamed.npy")
+    stored.write_pixels(table, raw, spec, compute, tmp_path / "streamed", chunk_bytes=4 * 24 * 32 * 3)
     monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "another cache"))  # decoded afresh
     in_memory = stored.resized_pixels(table, raw, spec, ComputeParams(n_jobs=1, batch_size=64))
-    write_array(in_memory, tmp_path / "whole.npy")
-    assert (tmp_path / "streamed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    streamed = chunked.ChunkedArray(tmp_path / "streamed")
+    assert streamed.chunks > 2 and np.asarray(streamed).tobytes() == in_memory.tobytes()
     assert in_memory.shape == (25, 24, 32, 3) and in_memory.std() > 0

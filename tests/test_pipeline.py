@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from photoprep.core.chunked import ChunkedArray
+
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -172,9 +174,8 @@ def test_bucket_size_experiment_reruns_bucket_and_after_only(demo_repo: Path) ->
     assert {"bucket", "features"} <= ran
     assert not ran & {"download@demo", "dedup", "validate"}
     images = pd.read_parquet(demo_repo / "data" / "processed" / "images.parquet")
-    import numpy as np
 
-    assert np.load(demo_repo / "data" / "processed" / "images.npy", mmap_mode="r").shape == (
+    assert ChunkedArray(demo_repo / "data" / "processed" / "images").shape == (
         len(images),
         32,
         32,

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from photoprep.core import chunked
 from photoprep.core.errors import UserError
 from photoprep.core.layout import Layout
 from photoprep.ingest import manifest, sources
@@ -70,8 +71,8 @@ def project(tmp_path: Path) -> Path:
     table["row"] = range(len(table))
     (root / "data" / "processed").mkdir(parents=True)
     table.to_parquet(root / "data" / "processed" / "images.parquet")
-    np.save(
-        root / "data" / "processed" / "images.npy",
+    chunked.save(
+        root / "data" / "processed" / "images",
         np.stack([np.asarray(Image.open(io.BytesIO(r["data"])).resize((16, 16))) for r in rows]),
     )
     labels = ["a", "a", "b", "b", None, "c", "a", None, "c"]
@@ -256,7 +257,7 @@ def test_cluster_sheets_and_index_link_relatively_and_load_nothing_else(
     project: Path, tmp_path: Path
 ) -> None:
     table = pd.read_parquet(project / "data" / "clusters.parquet")
-    images = np.load(project / "data" / "processed" / "images.npy", mmap_mode="r")
+    images = chunked.ChunkedArray(project / "data" / "processed" / "images")
     labels = ["a", "a", "b", "b", None, "c", "b", None, "c"]
     reports = tmp_path / "reports"
     (reports / "clusters").mkdir(parents=True)

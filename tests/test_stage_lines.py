@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from photoprep.core import console, errors
+from photoprep.core import chunked, console, errors
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_bucket_that_drops_every_bucket_says_so(tmp_path):
 def test_features_with_no_image_stops(tmp_path):
     root = project(tmp_path)
     (root / "data" / "processed").mkdir(parents=True)
-    np.save(root / "data" / "processed" / "images.npy", np.zeros((0, 64, 64, 3), np.uint8))
+    chunked.save(root / "data" / "processed" / "images", np.zeros((0, 64, 64, 3), np.uint8))
     put(root, "data/processed/images.parquet", pd.DataFrame({"source": [], "id": [], "row": []}))
     line = stops_with(stage(root, "features"))
     assert (

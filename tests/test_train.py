@@ -2,8 +2,8 @@
 and runs the fine-tuning recipe (head first, layer decay, mixup, timm's schedules).
 
 The data is sklearn's digits drawn as small RGB photos (a coloured glyph on a smooth colour
-gradient, shifted a little), written as the earlier stages would: ``images.npy``, the split
-tables, ``reports/splits.json`` and ``features.npy``. ``make_workspace`` is shared with the
+gradient, shifted a little), written as the earlier stages would: the images' chunks, the split
+tables, ``reports/splits.json`` and the features' chunks. ``make_workspace`` is shared with the
 evaluate and verify tests.
 """
 
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from photoprep.core import io
+from photoprep.core import chunked, io
 from photoprep.core.errors import UserError
 from photoprep.core.layout import Layout
 from photoprep.core.params import FeatureParams, SplitParams, TrainParams
@@ -98,7 +98,7 @@ def make_workspace(
         }
     )
     (root / "data/processed").mkdir(parents=True, exist_ok=True)
-    np.save(root / "data/processed/images.npy", pixels)
+    chunked.save(root / "data/processed/images", pixels)
     io.write_table(table.assign(row=range(len(table))), root / "data/processed/images.parquet")
     result = assign_splits(table, SplitParams())
     for name in ("train", "val", "test", "unlabeled"):
@@ -110,7 +110,7 @@ def make_workspace(
 
         matrix, info = compute_features(pixels, FeatureParams())
         (root / "data/features").mkdir(parents=True, exist_ok=True)
-        np.save(root / "data/features/features.npy", matrix.astype(np.float32))
+        chunked.save(root / "data/features/features", matrix.astype(np.float32))
         io.write_json(info, root / "data/features/features.json")
     return root
 

@@ -24,9 +24,9 @@ def _check_params(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    import numpy as np
     import pandas as pd
 
+    from photoprep.core.chunked import ChunkedArray
     from photoprep.core.io import read_json
     from photoprep.dataset import export
 
@@ -36,7 +36,7 @@ def _export(args: argparse.Namespace) -> None:
         if not needed.exists():
             raise UserError(f"{needed} not found (run `dvc repro` first)")
     table = pd.read_parquet(split_path)
-    images = np.load(paths.images_array, mmap_mode="r")
+    images = ChunkedArray(paths.images_array)
     classes = read_json(paths.splits_report)["classes"]
     out = export.export_split(table, images, Path(args.out), args.format, classes, overwrite=args.overwrite)
     print(f"wrote {len(table)} images of split '{args.split}' to {out}")

@@ -97,7 +97,7 @@ class Layout:
 
     @property
     def images_array(self) -> Path:
-        return self.root / "data" / "processed" / "images.npy"
+        return self.root / "data" / "processed" / "images"  # a chunked array (photoprep.core.chunked)
 
     @property
     def images_table(self) -> Path:
@@ -118,7 +118,7 @@ class Layout:
     # ---------------------------------------------------------------- features, split, funnel
     @property
     def features_array(self) -> Path:
-        return self.root / "data" / "features" / "features.npy"
+        return self.root / "data" / "features" / "features"  # a chunked array
 
     @property
     def features_table(self) -> Path:

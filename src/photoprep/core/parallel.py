@@ -163,7 +163,7 @@ def _check_code(client: Any) -> None:
 
 
 def _on_dask(
-    work: Callable[..., R], chunks: list[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
+    work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
 ) -> Iterator[R]:
     """`work(chunk, *args)` of each chunk as a Dask task; results in input order, bounded in flight."""
     with dask_client(compute) as client:
@@ -209,8 +209,24 @@ def imap_batches(
     """
     if not len(items):
         return
-    chunks = batches(items, compute.batch_size)
-    bar = Progress(len(items), desc or "work", unit=unit)
+    yield from imap_groups(work, batches(items, compute.batch_size), compute, *args, desc=desc, unit=unit)
+
+
+def imap_groups(
+    work: Callable[..., R],
+    chunks: Sequence[Sequence[T]],
+    compute: ComputeParams,
+    *args: Any,
+    desc: str = "",
+    unit: str = "img",
+    total: int | None = None,
+) -> Generator[tuple[Sequence[T], R], None, None]:
+    """`imap_batches` over batches the caller cut (`chunks`: the rows missing from each chunk of
+    an output, say), each one task, in order. A lazy sequence is read a batch at a time; give
+    its `total` items for the progress bar."""
+    if not len(chunks):
+        return
+    bar = Progress(total if total is not None else sum(len(c) for c in chunks), desc or "work", unit=unit)
     results: Iterator[R] = iter(())
     try:
         if compute.backend == "dask":

@@ -246,6 +246,9 @@ class BucketParams(Section):
     size: tuple[int, int] = Field((64, 64), description="[H, W] of every output image")
     fit: Literal["stretch", "pad", "crop"] = "stretch"
     samples_per_bucket: int = Field(16, ge=0, description="images per bucket in the contact sheet")
+    chunk_kb: int = Field(
+        2048, ge=1, description="about this many KiB of pixels per chunk file of data/processed/images"
+    )
 
     @field_validator("size")
     @classmethod

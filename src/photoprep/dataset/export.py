@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.errors import UserError
 from photoprep.core.io import atomic_path
 from photoprep.dataset.split import clean_label
@@ -107,7 +108,7 @@ def class_folders(classes: list[str]) -> dict[str, str]:
 
 
 def _check_inputs(
-    split_table: pd.DataFrame, images: np.ndarray, classes: list[str]
+    split_table: pd.DataFrame, images: np.ndarray | ChunkedArray, classes: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows (int64) and label indices (int64, -1 unlabelled) of the table, validated."""
     for col in ("source", "id", "label", "row"):
@@ -226,7 +227,7 @@ def folder_in_place(
 def _write_imagefolder(
     tmp: Path,
     table: pd.DataFrame,
-    images: np.ndarray,
+    images: np.ndarray | ChunkedArray,
     rows: np.ndarray,
     labels: np.ndarray,
     classes: list[str],
@@ -275,7 +276,11 @@ def write_npz(path: Path | io.BufferedIOBase, arrays: dict[str, np.ndarray]) -> 
 
 
 def _npz_arrays(
-    table: pd.DataFrame, images: np.ndarray, rows: np.ndarray, labels: np.ndarray, classes: list[str]
+    table: pd.DataFrame,
+    images: np.ndarray | ChunkedArray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    classes: list[str],
 ) -> dict[str, np.ndarray]:
     picked = np.ascontiguousarray(images[rows])
     return {
@@ -298,7 +303,7 @@ def _npz_target(out: Path, table: pd.DataFrame) -> Path:
 
 def export_split(
     split_table: pd.DataFrame,
-    images: np.ndarray,
+    images: np.ndarray | ChunkedArray,
     out: Path,
     fmt: str,
     classes: list[str],

@@ -258,7 +258,7 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
     """Select classes, cap each class, and assign every kept image to a split by its key's hash.
 
     ``images`` is the processed table (``source``, ``id``, ``sha256``, ``label``, ...), aligned
-    row by row with ``images.npy``; ``row`` in the result is the position in that table, or the
+    row by row with ``data/processed/images``; ``row`` in the result is the position in that table, or the
     table's own ``row`` column when it has one (for a table that was filtered first).
     Images whose label is missing go to ``unlabeled`` whatever the class selection; images
     whose class is not selected, or beyond ``max_per_class``, are dropped and counted.

@@ -1,5 +1,5 @@
 """DEC-style image features of every processed image: HOG of the grayscale image, then a small
-Cr/Cb colour map, computed once per image and streamed into features.npy.
+Cr/Cb colour map, computed once per image, stored as chunks beside the images' chunks.
 
 The feature vector of one image is the concatenation of
 
@@ -11,35 +11,36 @@ The feature vector of one image is the concatenation of
 scaled as ``params.features.scaling`` says. :func:`reference_features` is the plain per-image
 version that the tests and the benchmark compare against.
 
-Each row of ``images.npy`` is keyed by the sha256 of its pixels, and its feature vector is
-memoized under a fingerprint of the features params, the image size and the code of this module
-and `photoprep.images.hog` (see `photoprep.images.memo`). A change of the bucket params changes
-the pixels and so the keys; a change of the features params or code changes the fingerprint.
-Adding photos therefore computes the features of the new ones only.
+Each image (a row of ``data/processed/images``) is keyed by the sha256 of its pixels, and its
+feature vector is memoized under a fingerprint of the features params, the image size and the code
+of this module and `photoprep.images.hog` (see `photoprep.images.memo`). A change of the bucket
+params changes the pixels and so the keys; a change of the features params or code changes the
+fingerprint. Adding photos therefore computes the features of the new ones only.
 
-`write_features` fills the output batch by batch through a memory map of its temporary file
-(then renamed into place), so the stage holds a batch of rows, never the matrix: its bytes equal
-those of ``io.write_array(compute_features(images, p)[0], path)``. 'standard' scaling needs the
-whole matrix's column moments: they are computed from the memory map, in column blocks.
+`write_features` writes the features as a chunked array (`photoprep.core.chunked`) whose chunks
+are the images' chunks, row for row: each chunk is a part of the features memo, hard-linked into
+the output, so an increment computes and writes only the chunks it changes. 'standard' scaling
+needs the whole matrix's column moments: they are computed from a memory map of it, in column
+blocks, and every chunk is written anew.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
+import os
 import sys
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import joblib
 import numpy as np
-import pandas as pd
 
-from photoprep.core import parallel
-from photoprep.core.errors import UserError
-from photoprep.core.io import atomic_path, open_array, require_space
+from photoprep.core import chunked, parallel
+from photoprep.core.errors import UserError, storage_path
+from photoprep.core.io import open_array, require_space
 from photoprep.core.params import ComputeParams, FeatureParams
 from photoprep.images import hog, memo
 from photoprep.images.hog import gray_batch, hog_batch, hog_shape, skimage_hog
@@ -157,7 +158,7 @@ def batch_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     return _scale(hog, crcb, p.scaling)
 
 
-def check_images(images: np.ndarray) -> None:
+def check_images(images: np.ndarray | chunked.ChunkedArray) -> None:
     """Raise a UserError unless ``images`` is uint8 ``N x H x W x 3``."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise UserError(f"features: expected uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
@@ -208,15 +209,16 @@ def reference_features(images: np.ndarray, p: FeatureParams) -> np.ndarray:
     return features
 
 
-def pixel_keys(images: np.ndarray) -> list[str]:
-    """The sha256 (hex) of each image's pixel bytes."""
+def pixel_keys(images: Any) -> list[str]:
+    """The sha256 (hex) of each image's pixel bytes (an array, or a chunked array read chunk by chunk)."""
+    if isinstance(images, chunked.ChunkedArray):
+        return [key for _, _, block in images.blocks() for key in pixel_keys(block)]
     return [hashlib.sha256(np.ascontiguousarray(image).data).hexdigest() for image in images]
 
 
 def _features_of(positions: Sequence[int], images_path: str, p: FeatureParams) -> np.ndarray:
-    """Feature rows of the images at `positions` of the .npy file (read in the worker)."""
-    images = np.load(images_path, mmap_mode="r")
-    return batch_features(images[list(positions)], p)
+    """Feature rows of the images at `positions` of the chunked array (read in the worker)."""
+    return batch_features(chunked.ChunkedArray(images_path).take(np.asarray(positions)), p)
 
 
 def _features_of_pixels(pixels: np.ndarray, p: FeatureParams) -> np.ndarray:
@@ -224,72 +226,89 @@ def _features_of_pixels(pixels: np.ndarray, p: FeatureParams) -> np.ndarray:
     return batch_features(pixels, p)
 
 
-class PixelRows(Sequence[np.ndarray]):
-    """The rows of `images` at `positions`, read from the memory map only when a batch is sliced."""
+class PixelGroups(Sequence[Any]):
+    """The pixels of each group of positions of `images`, read only when a group is asked for."""
 
-    def __init__(self, images: np.ndarray, positions: Sequence[int]):
+    def __init__(self, images: chunked.ChunkedArray, groups: Sequence[Sequence[int]]):
         self.images = images
-        self.positions = list(positions)
+        self.groups = groups
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.groups)
 
     def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return np.ascontiguousarray(self.images[self.positions[index]])
-        return self.images[self.positions[index]]
+        return self.images.take(np.asarray(self.groups[index]))
 
 
-def feature_memo(images: np.ndarray, p: FeatureParams) -> memo.Memo:
+def feature_memo(images: Any, p: FeatureParams) -> memo.Memo:
     """The memo of feature rows for images of this size under these params and this code."""
     settings = {"features": p.model_dump(mode="json"), "image_size": list(images.shape[1:3])}
     # The code of the features is this module and the HOG it calls.
     return memo.Memo("features", memo.fingerprint(settings, hog, sys.modules[__name__]), arrays=True)
 
 
-def write_features(images_path: Path, path: Path, p: FeatureParams, compute: ComputeParams) -> dict[str, Any]:
-    """Write the float32 ``N x D`` features of the images in `images_path` to `path`; return the info.
+def _rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return np.asarray(array[start:stop])
 
-    Only images whose pixels are not in the memo are computed, in `compute`'s batches and
-    workers; each batch is memoized as it comes back, so a killed run keeps what it finished.
-    The free space for the output and the memo's new rows is checked before any is computed.
+
+def write_features(images_path: Path, path: Path, p: FeatureParams, compute: ComputeParams) -> dict[str, Any]:
+    """Write the float32 ``N x D`` features of the chunked images at `images_path` as the chunked
+    array folder `path`, chunk for chunk beside the images; return the info.
+
+    Each chunk is a part of the features memo (keyed by the sha256 of each image's pixels),
+    computed only for the images that no part holds, in `compute`'s workers, and hard-linked
+    into `path` ('standard' scaling, which changes every row when rows are added, writes its
+    chunks instead). The free space for the memo's new chunks is checked before any is computed.
     """
-    images = np.load(images_path, mmap_mode="r")
+    images = chunked.ChunkedArray(images_path)
     check_images(images)
     hog.check_impl(p.hog)
-    info = feature_info(images.shape[1:3], p)
+    info = feature_info((images.shape[1], images.shape[2]), p)
     keys = pixel_keys(images)
     cache = feature_memo(images, p)
-    todo = cache.missing(keys)
+    cuts = [(int(images.starts[i]), int(images.starts[i + 1])) for i in range(images.chunks)]
+    chunks = [keys[start:stop] for start, stop in cuts]
     row_bytes = 4 * info["dim"]
-    require_space([(path, len(keys) * row_bytes), (cache.directory, len(todo) * row_bytes)])
-    if todo:
-        first: dict[str, int] = {}
-        for position, key in enumerate(keys):
-            first.setdefault(key, position)
-        positions = [first[key] for key in todo]
-        batches: Generator[tuple[Sequence[Any], np.ndarray], None, None]
+    standard = p.scaling == "standard" and len(keys) > 0
+    new_rows = sum(len(c) for c in chunks if not cache.holds_part(c))
+    whole_bytes = len(keys) * row_bytes
+    out_bytes = whole_bytes if standard else chunked.copy_bytes(cache.directory, path, whole_bytes)
+    require_space([(cache.directory, new_rows * row_bytes), (path, out_bytes)])
+    first: dict[str, int] = {}
+    for position, key in enumerate(keys):
+        first.setdefault(key, position)
+
+    def compute_rows(groups: list[list[str]]) -> Any:
+        positions = [[first[key] for key in group] for group in groups]
+        total = sum(len(group) for group in groups)
         if compute.backend == "dask":
-            # Workers elsewhere cannot open images.npy: each batch's pixels (12 KB an image at
-            # 64x64) go with the task, straight to a worker (photoprep.core.parallel).
-            batches = parallel.imap_batches(
-                _features_of_pixels, PixelRows(images, positions), compute, p, desc="features"
+            # Workers elsewhere cannot open the images' folder: each group's pixels (12 KB an
+            # image at 64x64) go with the task, straight to a worker (photoprep.core.parallel).
+            return parallel.imap_groups(
+                _features_of_pixels, PixelGroups(images, positions), compute, p, desc="features", total=total
             )
-        else:
-            batches = parallel.imap_batches(
-                _features_of, positions, compute, str(images_path), p, desc="features"
-            )
-        with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
-            cache.fill(todo, batches, lambda keys, rows: (pd.DataFrame({"sha256": keys}), rows))
-    memo.log_decodes("features", decoded=len(todo), cached=len(set(keys)) - len(todo))
-    step = memo.write_step(compute.batch_size, row_bytes)
-    with atomic_path(path, needed=len(keys) * row_bytes) as tmp:
-        out = open_array(tmp, np.float32, (len(keys), info["dim"]))
-        for start in range(0, len(keys), step):
-            cache.arrays(keys[start : start + step], out=out[start : start + step])
-            out.flush()
-        if p.scaling == "standard" and len(keys):
-            info["standard"] = {"ddof": 0, "constant_columns": standardise(out)}
-        out.flush()
-        del out
+        return parallel.imap_groups(_features_of, positions, compute, str(images_path), p, desc="features")
+
+    computed = cache.fill_chunks(chunks, compute_rows)
+    memo.log_decodes("features", decoded=computed, cached=len(set(keys)) - computed)
+    if not standard:
+        parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
+        chunked.write_folder(path, parts, np.float32, (info["dim"],), needed=out_bytes or None)
+        return info
+    # 'standard': the column moments of the whole matrix, from a memory map of it beside the output.
+    tmp = path.with_name(f".{path.name}.unscaled-{os.getpid()}.npy")
+    try:
+        with storage_path(path, len(keys) * row_bytes, aliases=(str(tmp),)):
+            whole = open_array(tmp, np.float32, (len(keys), info["dim"]))
+        for chunk, (start, stop) in zip(chunks, cuts, strict=True):
+            whole[start:stop] = np.load(cache.part_path(chunk), mmap_mode="r")
+        info["standard"] = {"ddof": 0, "constant_columns": standardise(whole)}
+        scaled = [
+            chunked.Chunk(memo.part_name(c), len(c), functools.partial(_rows, whole, start, stop))
+            for c, (start, stop) in zip(chunks, cuts, strict=True)
+        ]
+        chunked.write_folder(path, scaled, np.float32, (info["dim"],), needed=whole_bytes)
+        del whole, scaled
+    finally:
+        tmp.unlink(missing_ok=True)
     return info

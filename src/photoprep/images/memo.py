@@ -37,6 +37,7 @@ import pandas as pd
 
 import photoprep
 from photoprep.core import memory
+from photoprep.core.chunked import chunk_name
 from photoprep.core.errors import ACTIONABLE, StorageError, storage_path
 from photoprep.core.io import write_table, write_with
 
@@ -63,9 +64,8 @@ def fingerprint(settings: dict[str, Any], *modules: ModuleType) -> str:
     return digest.hexdigest()[:16]
 
 
-def part_name(keys: Sequence[str]) -> str:
-    """The name of the part that holds ``keys`` (in that order): a hash of them."""
-    return "part-" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+# A part is named by the hash of its keys, as a chunk of an output is: a chunk is a part.
+part_name = chunk_name
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -267,6 +267,67 @@ class Memo:
             done += len(batch)
             self.put(*part(keys, result))
             memory.release()  # the batch is on disk: its copies need not stay in the heap
+
+    # ------------------------------------------------------------------ chunks
+
+    def holds_part(self, keys: Sequence[str]) -> bool:
+        """Whether a part holds exactly `keys`, in that order (a chunk of an output)."""
+        return part_name(keys) in self._parts
+
+    def part_path(self, keys: Sequence[str]) -> Path:
+        """The array file of the part that holds exactly `keys`."""
+        return self.directory / f"{part_name(keys)}.npy"
+
+    def put_chunk(self, keys: Sequence[str], fresh: Sequence[str], arrays: Any) -> None:
+        """Memoize the part of exactly `keys`: the arrays of `fresh` keys are `arrays` (aligned
+        with `fresh`), those of the others come from the memo's other parts."""
+        computed = {key: position for position, key in enumerate(fresh)}
+        new = np.asarray(arrays) if len(fresh) else None
+        if new is not None and len(new) != len(fresh):
+            raise ValueError(f"{len(new)} arrays for {len(fresh)} keys")
+        old_slots = [slot for slot, key in enumerate(keys) if key not in computed]
+        old = self.arrays([keys[slot] for slot in old_slots]) if old_slots else None
+        like = new if new is not None else old
+        assert like is not None
+        out = np.empty((len(keys), *like.shape[1:]), dtype=like.dtype)
+        if old is not None:
+            out[old_slots] = old
+        if new is not None:
+            new_slots = [slot for slot, key in enumerate(keys) if key in computed]
+            out[new_slots] = new[[computed[keys[slot]] for slot in new_slots]]
+        self.put(pd.DataFrame({KEY: list(keys)}), out)
+
+    def fill_chunks(
+        self,
+        chunks: Sequence[Sequence[str]],
+        compute: Callable[[list[list[str]]], Iterable[tuple[Any, Any]]],
+    ) -> int:
+        """Make each chunk (the keys of consecutive output rows) a part of its own, in order;
+        return how many keys were computed.
+
+        Only the keys no part holds are computed: ``compute(groups)`` yields one
+        ``(group, arrays)`` per non-empty group of them, in order (each chunk's missing keys),
+        and each chunk is put as its arrays come back, so a killed run keeps every finished one.
+        """
+        missing = [list(keys) for keys in chunks if not self.holds_part(keys)]
+        scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
+        fresh = []
+        for keys in missing:
+            fresh.append(
+                [key for key in dict.fromkeys(keys) if key not in self._index and key not in scheduled]
+            )
+            scheduled.update(fresh[-1])
+        pending = iter(compute([group for group in fresh if group]) if any(fresh) else ())
+        try:
+            for keys, group in zip(missing, fresh, strict=True):
+                arrays = next(pending)[1] if group else None
+                self.put_chunk(keys, group, arrays)
+                memory.release()
+        finally:  # a failed put (a full disk) stops the workers now
+            close = getattr(pending, "close", None)
+            if close is not None:
+                close()
+        return sum(len(group) for group in fresh)
 
     def compact(self) -> None:
         """Merge the parts of a row-only memo into one (no-op for memos with arrays)."""

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from photoprep.core import parallel
-from photoprep.core.io import atomic_path, open_array, require_space
+from photoprep.core import chunked, parallel
+from photoprep.core.io import require_space
 from photoprep.core.params import ComputeParams
 from photoprep.images import containers, decode, formats, memo, resize
 from photoprep.images.decode import DecodeLimits
@@ -143,28 +143,42 @@ def resized_pixels(
 
 
 def write_pixels(
-    table: pd.DataFrame, raw_dir: Path, spec: PixelSpec, compute: ComputeParams, path: Path
+    table: pd.DataFrame,
+    raw_dir: Path,
+    spec: PixelSpec,
+    compute: ComputeParams,
+    path: Path,
+    chunk_bytes: int = chunked.CHUNK_BYTES,
 ) -> None:
-    """Write `resized_pixels` of `table` to the .npy file `path`, batch by batch, never all in memory.
+    """Write `resized_pixels` of `table` as the chunked array folder `path` (`photoprep.core.chunked`).
 
-    The file is filled through a memory map of its temporary name and replaces `path` when
-    complete; its bytes equal ``io.write_array(resized_pixels(...), path)``. Before any image is
-    decoded, the free space is checked for the array and the memo's new rows (`require_space`).
+    Each chunk of rows (about `chunk_bytes`, cut where the rows' sha256 say, per source) is a part
+    of the pixel memo, decoded only for the sha256s that no part holds, and hard-linked into `path`:
+    the memo and the output are one file, and a chunk that an earlier run wrote is neither decoded
+    nor written again. Before any image is decoded, the free space is checked for the new chunks
+    (and for the whole array when the memo is on another file system, where links become copies).
     """
     job = pixels_pass(spec)
     cache = job.memo()
     keys = table["sha256"].tolist()
     height, width = spec.size
     row_bytes = height * width * 3
-    require_space([(path, len(keys) * row_bytes), (cache.directory, len(cache.missing(keys)) * row_bytes)])
-    decode_missing(table, raw_dir, compute, job, cache)
-    step = memo.write_step(compute.batch_size, row_bytes)
-    with atomic_path(path, needed=len(keys) * row_bytes) as tmp:
-        out = open_array(tmp, np.uint8, (len(keys), height, width, 3))
-        for start in range(0, len(keys), step):
-            cache.arrays(keys[start : start + step], out=out[start : start + step])
-            out.flush()
-        del out
+    cuts = chunked.boundaries(keys, table["source"].tolist(), chunked.target_rows(row_bytes, chunk_bytes))
+    chunks = [keys[start:stop] for start, stop in cuts]
+    new_rows = sum(len(c) for c in chunks if not cache.holds_part(c))
+    out_bytes = chunked.copy_bytes(cache.directory, path, len(keys) * row_bytes)
+    require_space([(cache.directory, new_rows * row_bytes), (path, out_bytes)])
+    firsts = table.drop_duplicates("sha256").set_index("sha256")
+    root = blob_root(raw_dir, compute)
+
+    def decode(groups: list[list[str]]) -> Any:
+        located = [locations(firsts.loc[group].reset_index()) for group in groups]
+        return parallel.imap_groups(job.task, located, compute, root, *job.args, desc=job.desc)
+
+    decoded = cache.fill_chunks(chunks, decode)
+    memo.log_decodes(job.namespace, decoded=decoded, cached=len(set(keys)) - decoded)
+    parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
+    chunked.write_folder(path, parts, np.uint8, (height, width, 3), needed=out_bytes or None)
 
 
 def thumbnails(

@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 from photoprep import portable
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.errors import UserError
 from photoprep.core.layout import PATHS, Layout
 from photoprep.core.params import ClusterParams
@@ -81,9 +82,11 @@ def _stderr(line: str) -> None:
 # --------------------------------------------------------------------------- input
 
 
-def select_blocks(features: np.ndarray, info: dict[str, Any], blocks: Sequence[str]) -> np.ndarray:
+def select_blocks(
+    features: np.ndarray | ChunkedArray, info: dict[str, Any], blocks: Sequence[str]
+) -> np.ndarray:
     """The columns of the named blocks (``hog``, ``color``), in that order, as float32."""
-    features = np.asarray(features)
+    features = np.asarray(features)  # a chunked array: read whole, once
     if features.ndim != 2:
         raise UserError(f"cluster: features must be a N x D matrix (got shape {features.shape})")
     if list(blocks) == list(BLOCKS) and info.get("dim", features.shape[1]) == features.shape[1]:
@@ -145,25 +148,23 @@ class ClusterInput:
     vectors: np.ndarray  # float32 N x D
     keys: pd.DataFrame
     describe: dict[str, Any]
-    source_dim: int  # columns of the array the vectors came from (features.npy: all blocks)
+    source_dim: int  # columns of the array the vectors came from (data/features/features: all blocks)
     features: np.ndarray | None = None  # embeddings only: the same rows' HOG + colour blocks
 
 
 def features_input(
-    features: np.ndarray, info: dict[str, Any], keys: pd.DataFrame, p: ClusterParams
+    features: np.ndarray | ChunkedArray, info: dict[str, Any], keys: pd.DataFrame, p: ClusterParams
 ) -> ClusterInput:
     """The HOG + colour blocks of ``p.blocks`` of every row of ``features``."""
     vectors = select_blocks(features, info, p.blocks)
-    return ClusterInput(
-        "features", vectors, keys, {"blocks": list(p.blocks)}, int(np.asarray(features).shape[1])
-    )
+    return ClusterInput("features", vectors, keys, {"blocks": list(p.blocks)}, int(features.shape[1]))
 
 
 def embeddings_input(
     vectors: np.ndarray,
     info: dict[str, Any],
     keys: pd.DataFrame,
-    features: np.ndarray,
+    features: np.ndarray | ChunkedArray,
     features_info: dict[str, Any],
     feature_keys: pd.DataFrame,
     p: ClusterParams,
@@ -337,7 +338,7 @@ def read_input(p: ClusterParams, paths: Layout = PATHS) -> ClusterInput:
     and, for embeddings, the embed stage's."""
     from photoprep.core.io import read_json
 
-    features = np.load(paths.features_array, mmap_mode="r")
+    features = ChunkedArray(paths.features_array)
     info = read_json(paths.features_info)
     keys = pd.read_parquet(paths.features_table, columns=["source", "id", "row"])
     if p.input == "features":

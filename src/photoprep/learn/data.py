@@ -1,10 +1,10 @@
 """The learn room's data: split tables and their arrays, as the models want them, cut into batches.
 
-A split is read from its table (``data/splits/<name>.parquet``, whose fingerprint must equal the
-one in ``reports/splits.json``); the rows it names stay in the memory-mapped ``images.npy``
-(uint8 N x H x W x 3) or ``features.npy`` (float32 N x D), read when a batch needs them
-(:class:`Rows`): a split of 224 px photographs is never loaded whole. Train, evaluate, predict,
-introspect, embed and verify all read splits through here, with the paths of a
+A split is read from its table (``data/splits/<name>.parquet``, whose fingerprint must equal the one
+in ``reports/splits.json``); the rows it names stay in the memory-mapped chunks of
+``data/processed/images`` (uint8 N x H x W x 3) or ``data/features/features`` (float32 N x D), read
+when a batch needs them (:class:`Rows`): a split of 224 px photographs is never loaded whole. Train,
+evaluate, predict, introspect, embed and verify all read splits through here, with the paths of a
 :class:`~photoprep.core.layout.Layout`.
 
 The hot path has no per-sample Python. :class:`Batches` cuts each batch with an index tensor,
@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.errors import UserError
 from photoprep.core.io import read_json
 from photoprep.core.layout import PATHS, Layout
@@ -77,7 +78,7 @@ class Rows:
     ``np.asarray(rows)`` reads them all.
     """
 
-    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+    def __init__(self, array: np.ndarray | ChunkedArray, rows: np.ndarray) -> None:
         self.array = array
         self.rows = np.asarray(rows, dtype=np.int64)
 
@@ -189,7 +190,7 @@ def load_split(
     paths: Layout = PATHS,
     expected_fingerprint: str | None = None,
 ) -> SplitData:
-    """Read the split table ``name`` and gather its rows of images.npy (or features.npy).
+    """Read the split table ``name`` and gather its rows of the images (or the features).
 
     The split's fingerprint is recomputed and must equal ``expected_fingerprint`` when given
     (the one in reports/splits.json): a stale split table is a user error, not a silent mix-up.
@@ -225,9 +226,9 @@ def read_split_table(
 
 
 def gather_rows(kind: str, rows: np.ndarray, array_path: Path, table_path: Path | str) -> Rows:
-    """Rows ``rows`` of images.npy (uint8 N x H x W x 3) or features.npy (float32 N x D), in that
+    """Rows ``rows`` of the images (uint8 N x H x W x 3) or the features (float32 N x D), in that
     order, memory-mapped (read when used)."""
-    array = np.load(array_path, mmap_mode="r")
+    array = ChunkedArray(array_path)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(array)):
         raise UserError(f"{table_path}: row {int(rows.max())} is outside {array_path} ({len(array)} rows)")
     if kind == "images" and (array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8):

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.errors import UserError
 from photoprep.core.layout import PATHS, Layout
 from photoprep.core.params import TrainParams
@@ -94,7 +95,7 @@ def backbone(
 
 @dataclass(frozen=True)
 class Embeddings:
-    """One row per kept image: its key (source, id, row of images.npy) and its embedding."""
+    """One row per kept image: its key (source, id, row of data/processed/images) and its embedding."""
 
     keys: pd.DataFrame
     vectors: np.ndarray  # float32 N x D
@@ -102,7 +103,11 @@ class Embeddings:
 
 
 def embed_images(
-    model: nn.Module, meta: dict[str, Any], images: np.ndarray, keys: pd.DataFrame, origin: dict[str, Any]
+    model: nn.Module,
+    meta: dict[str, Any],
+    images: np.ndarray | ChunkedArray,
+    keys: pd.DataFrame,
+    origin: dict[str, Any],
 ) -> Embeddings:
     """The embeddings of every row of ``keys`` (``source``, ``id``, ``row``) of ``images``."""
     rows = Rows(images, keys["row"].to_numpy(dtype=np.int64))
@@ -123,7 +128,7 @@ def embed_stage(p: TrainParams, whose: str, paths: Layout = PATHS) -> Embeddings
     from photoprep.learn import checkpoint, pretrained
 
     keys = pd.read_parquet(paths.images_table, columns=["source", "id", "row"])
-    images = np.load(paths.images_array, mmap_mode="r")
+    images = ChunkedArray(paths.images_array)
     if whose == "model":
         model, meta = checkpoint.load_model(paths.model)
         origin = {"input": "embeddings", "embeddings": "model", "model": meta["architecture"]["name"]}

@@ -19,6 +19,7 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 from torch import nn
 
+from photoprep.core.chunked import ChunkedArray
 from photoprep.core.errors import UserError
 from photoprep.core.layout import PATHS, Layout
 from photoprep.core.params import EvaluateParams
@@ -161,7 +162,7 @@ def split_pixels(test: SplitData, paths: Layout = PATHS) -> Rows:
     """The test split's pixels (for the grids, read when drawn), whatever the model's input was."""
     if test.inputs.ndim == 4:
         return test.inputs
-    images = np.load(paths.images_array, mmap_mode="r")
+    images = ChunkedArray(paths.images_array)
     return Rows(images, test.table["row"].to_numpy(dtype=np.int64))
 
 
