@@ -37,6 +37,12 @@ and on a running cluster (a `dask scheduler` and --n-jobs `dask worker` processe
 started before the clock), each on an empty memo; it prints each stage's throughput (images /
 wall s of the whole stage), the ratio to joblib, and whether the outputs are byte-identical.
 
+With ``--disk`` it measures the disk of an increment under DVC instead (bench/scale_disk.py): what
+`dvc repro` of the data stages adds to `.dvc/cache` when 1 % photos join the largest size, with
+chunked arrays (the default) against one file per array.
+
+    python bench/scale.py --disk --sizes 10000                  # +1 % of 10,000: cache and disk added
+
 With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
 process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
 
@@ -72,6 +78,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
+from scale_disk import disk_of_an_increment, print_disk  # noqa: E402  (bench/scale_disk.py)
 from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
@@ -349,8 +356,10 @@ def _stage_images(project: Path, stage: str) -> int:
 
 def _outputs_digest(project: Path) -> str:
     digest = hashlib.sha256()
-    for name in ("data/interim/dedup.parquet", "data/processed/images.npy", "data/features/features.npy"):
-        digest.update((project / name).read_bytes())
+    for name in ("data/interim/dedup.parquet", "data/processed/images", "data/features/features"):
+        path = project / name
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:  # a chunked array: every file
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 
@@ -624,6 +633,11 @@ def main() -> None:
         action="store_true",
         help="only dedup, bucket, features at the largest size: joblib against Dask (LocalCluster), images/s",
     )
+    parser.add_argument(
+        "--disk",
+        action="store_true",
+        help="only the disk of a +1 %% increment under DVC at the largest size: chunked against one file",
+    )
     parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
     parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
     parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
@@ -640,6 +654,18 @@ def main() -> None:
         train_main(args)
         return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.disk:
+        run_and_print(
+            args,
+            "photoprep-scale-disk-",
+            lambda work: {
+                "disk": disk_of_an_increment(
+                    work, max(sizes), args.seed, args.n_jobs, _env(), make_project, write_photos
+                )
+            },
+            lambda figures: (print(f"machine: {figures['machine']}"), print_disk(figures["disk"])),
+        )
+        return
     if args.backends:
         run_and_print(
             args,

@@ -1,7 +1,7 @@
 """The training part of bench/scale.py (``--train``): one process against DDP ranks on this machine.
 
 A synthetic labelled dataset (``--train-n`` uint8 64 x 64 photos, ten classes: a bright square
-at a class-dependent place on noise) is written as the split stage leaves it (``images.npy``,
+at a class-dependent place on noise) is written as the split stage leaves it (the images' chunks,
 the split tables, ``reports/splits.json``). Then ``python stages/train.py`` runs as the pipeline
 runs it, with the default params but ``train.epochs`` and ``device: cpu``:
 
@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from photoprep.core import io
+from photoprep.core import chunked, io
 from photoprep.core.params import SplitParams
 from photoprep.dataset.split import assign_splits, split_report
 
@@ -56,7 +56,7 @@ def write_dataset(root: Path, n: int, seed: int, size: int = 64) -> None:
         }
     )
     (root / "data/processed").mkdir(parents=True, exist_ok=True)
-    np.save(root / "data/processed/images.npy", pixels)
+    chunked.save(root / "data/processed/images", pixels)
     io.write_table(table.assign(row=range(n)), root / "data/processed/images.parquet")
     result = assign_splits(table, SplitParams())
     for name in ("train", "val", "test", "unlabeled"):
