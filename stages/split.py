@@ -15,7 +15,8 @@ from photoprep.ingest import sources
 
 def main() -> str:
     p = params.load()
-    table = pd.read_parquet(PATHS.images_table)
+    # Only what labels and splits read: the images table carries every probe column besides.
+    table = pd.read_parquet(PATHS.images_table, columns=split.READS)
     console.require_input(len(table), "split", "bucket kept no image", PATHS.stage_counts("bucket"))
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
     members = pd.read_parquet(PATHS.dedup_table, columns=["source", "id", "label", "group"])

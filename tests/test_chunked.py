@@ -125,7 +125,7 @@ def test_memo_parts_are_the_output_chunks_one_file_and_only_missing_keys_are_com
         cache = memo.Memo("test", "fp", root=tmp_path / "cache", arrays=True)
         cuts = chunked.boundaries(rows, None, 16)
         chunks = [rows[a:b] for a, b in cuts]
-        cache.fill_chunks(chunks, compute)
+        cache.fill_chunks(chunks, compute, batch=5)  # chunks of ~16 rows: several batches each
         parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
         chunked.write_folder(tmp_path / "out", parts, np.int32, (2, 2))
         return chunked.ChunkedArray(tmp_path / "out")

@@ -238,7 +238,7 @@ def imap_groups(
             # and joblib (with loky) is a tenth of a second of every stage's start.
             from joblib import Parallel, delayed
 
-            runner = Parallel(n_jobs=compute.n_jobs, return_as="generator")
+            runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1)
             results = runner(delayed(work)(c, *args) for c in chunks)
         for chunk, result in zip(chunks, results, strict=True):
             bar.update(len(chunk))

@@ -60,6 +60,8 @@ COLUMNS = ["source", "id", "sha256", "label", "row", "split"]
 DROP_REASONS = ("class_not_selected", "max_per_class")
 
 _REQUIRED = ("source", "id", "sha256", "label")
+# The columns of the images table that `attach_labels` and `assign_splits` read.
+READS = ["source", "id", "sha256", "label", "row", "group"]
 _DIGITS = re.compile(r"(\d+)")
 
 

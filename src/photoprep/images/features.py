@@ -289,7 +289,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             )
         return parallel.imap_groups(_features_of, positions, compute, str(images_path), p, desc="features")
 
-    computed = cache.fill_chunks(chunks, compute_rows)
+    computed = cache.fill_chunks(chunks, compute_rows, compute.batch_size)
     memo.log_decodes("features", decoded=computed, cached=len(set(keys)) - computed)
     if not standard:
         parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]

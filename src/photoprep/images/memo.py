@@ -301,13 +301,15 @@ class Memo:
         self,
         chunks: Sequence[Sequence[str]],
         compute: Callable[[list[list[str]]], Iterable[tuple[Any, Any]]],
+        batch: int = 256,
     ) -> int:
         """Make each chunk (the keys of consecutive output rows) a part of its own, in order;
         return how many keys were computed.
 
-        Only the keys no part holds are computed: ``compute(groups)`` yields one
-        ``(group, arrays)`` per non-empty group of them, in order (each chunk's missing keys),
-        and each chunk is put as its arrays come back, so a killed run keeps every finished one.
+        Only the keys no part holds are computed, in batches of at most `batch` (a worker's
+        memory is a batch's, whatever the chunk's size): ``compute(batches)`` yields one
+        ``(batch, arrays)`` per batch, in order, and each chunk is put as its last batch comes
+        back, so a killed run keeps every finished chunk.
         """
         missing = [list(keys) for keys in chunks if not self.holds_part(keys)]
         scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
@@ -317,10 +319,16 @@ class Memo:
                 [key for key in dict.fromkeys(keys) if key not in self._index and key not in scheduled]
             )
             scheduled.update(fresh[-1])
-        pending = iter(compute([group for group in fresh if group]) if any(fresh) else ())
+        step = max(1, batch)
+        pieces = [group[start : start + step] for group in fresh for start in range(0, len(group), step)]
+        pending = iter(compute(pieces) if pieces else ())
         try:
             for keys, group in zip(missing, fresh, strict=True):
-                arrays = next(pending)[1] if group else None
+                arrays = None
+                if group:
+                    parts = [np.asarray(next(pending)[1]) for _ in range(0, len(group), step)]
+                    arrays = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                    del parts
                 self.put_chunk(keys, group, arrays)
                 memory.release()
         finally:  # a failed put (a full disk) stops the workers now

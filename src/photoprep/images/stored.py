@@ -175,7 +175,7 @@ def write_pixels(
         located = [locations(firsts.loc[group].reset_index()) for group in groups]
         return parallel.imap_groups(job.task, located, compute, root, *job.args, desc=job.desc)
 
-    decoded = cache.fill_chunks(chunks, decode)
+    decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
     memo.log_decodes(job.namespace, decoded=decoded, cached=len(set(keys)) - decoded)
     parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
     chunked.write_folder(path, parts, np.uint8, (height, width, 3), needed=out_bytes or None)
