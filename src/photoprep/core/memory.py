@@ -1,9 +1,8 @@
 """Give freed memory back to the operating system between a stage's steps.
 
 A stage reads a table, transforms it, writes it, and moves on; the copies it made are freed,
-but the allocators keep the pages for reuse: glibc's malloc (numpy, pandas' Python objects and,
-since `photoprep/__init__.py` picks Arrow's system pool over mimalloc, which kept its pages
-whatever it was told, pandas' Arrow-backed strings and parquet reads). Those pages count in the
+but the allocators keep the pages for reuse: glibc's malloc (numpy, pandas' Python objects) and
+Arrow's mimalloc pool (pandas' Arrow-backed strings, parquet reads). Those pages count in the
 stage's resident anonymous memory, and the next step's working set lands on top of them, so the
 peak grows with every transient copy of every table that came before. `release` hands the free
 pages back: the stage's peak is then its largest single step, not the sum of its steps' garbage.
