@@ -7,7 +7,7 @@ ensure_project_python()
 
 import pandas as pd
 
-from photoprep.core import console, errors, io, params
+from photoprep.core import console, errors, io, params, tables
 from photoprep.core.layout import PATHS, SPLITS
 from photoprep.dataset import split
 from photoprep.ingest import sources
@@ -16,7 +16,7 @@ from photoprep.ingest import sources
 def main() -> str:
     p = params.load()
     # Only what labels and splits read: the images table carries every probe column besides.
-    table = pd.read_parquet(PATHS.images_table, columns=split.READS)
+    table = tables.read_columns(PATHS.images_table, split.READS)
     console.require_input(len(table), "split", "bucket kept no image", PATHS.stage_counts("bucket"))
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
     members = pd.read_parquet(PATHS.dedup_table, columns=["source", "id", "label", "group"])

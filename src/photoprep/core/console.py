@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,9 +44,10 @@ def count(n: int) -> str:
     return f"{n:,}"
 
 
-def reasons(values: Iterable[object], top: int = 3) -> str:
-    """The most common reasons with their counts: 'connect_error 2,000, http_404 3' ('' when none)."""
-    counted = Counter(str(v) for v in values)
+def reasons(values: Iterable[object] | Mapping[str, int], top: int = 3) -> str:
+    """The most common reasons with their counts: 'connect_error 2,000, http_404 3' ('' when none);
+    `values` are the reasons, or a mapping of reason to count."""
+    counted = Counter(values) if isinstance(values, Mapping) else Counter(str(v) for v in values)
     return ", ".join(
         f"{reason} {count(n)}" for reason, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
     )

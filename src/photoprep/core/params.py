@@ -65,6 +65,11 @@ class ComputeParams(Section):
     threads: int = Field(
         2, ge=1, le=1024, description="CPU threads of torch (part of what makes runs repeatable)"
     )
+    memory_mb: int = Field(
+        256,
+        ge=16,
+        description="heap of a slice of a table a stage streams (validate); outputs do not depend on it",
+    )
 
     @model_validator(mode="before")
     @classmethod

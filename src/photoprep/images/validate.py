@@ -39,6 +39,20 @@ def validate_counts(valid: pd.DataFrame) -> dict:
     }
 
 
+def add_counts(total: dict | None, more: dict) -> dict:
+    """`validate_counts` of two slices of the table together (`total` None: `more` alone)."""
+    if total is None:
+        return more
+    by_reason = dict(total["broken_by_reason"])
+    for reason, n in more["broken_by_reason"].items():
+        by_reason[reason] = by_reason.get(reason, 0) + n
+    return {
+        "broken": total["broken"] + more["broken"],
+        "broken_by_reason": dict(sorted(by_reason.items())),
+        "valid": total["valid"] + more["valid"],
+    }
+
+
 def broken_report(valid: pd.DataFrame) -> pd.DataFrame:
     """reports/broken.csv: what was rejected and why."""
     columns = ["source", "id", "url", "reason", "mime", "size", "format", "width", "height", "mode"]

@@ -1,0 +1,178 @@
+"""Tables read and written a slice at a time: a stage's heap set by ``compute.memory_mb``, not by
+the collection.
+
+`slices` yields a Parquet file's rows as pandas frames of as many consecutive rows as fit the
+budget, estimated from the file's own uncompressed bytes per row (times `COPIES`: the frame,
+Arrow's batch and a transform's copies). `TableWriter` writes frames as they come into row groups
+of `ROW_GROUP` rows under the schema of the first, to a temporary name that replaces the file when
+closed, so the file's bytes depend on its rows only, never on the budget: a table of up to
+`ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes. `CsvWriter` does the
+same for a CSV report (the header once).
+
+Why by hand: pyarrow reads (``ParquetFile.iter_batches``) and writes (``ParquetWriter``); this
+module only ties the slice to a memory budget and fixes the row groups and the schema, which a
+slice-by-slice writer must hold steady (a slice whose text column is all empty would otherwise
+write it as another type).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from photoprep.core.errors import storage_path
+
+ROW_GROUP = 65_536
+COPIES = 4
+MIN_ROWS = 1024
+
+
+def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> int:
+    """How many rows of the Parquet file `path` a slice holds within `memory_mb`."""
+    meta = pq.ParquetFile(path).metadata
+    names = set(columns) if columns is not None else None
+    total = 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        for c in range(group.num_columns):
+            chunk = group.column(c)
+            if names is None or chunk.path_in_schema in names:
+                total += chunk.total_uncompressed_size
+    per_row = COPIES * max(1, total // max(1, meta.num_rows))
+    return max(MIN_ROWS, (memory_mb << 20) // per_row)
+
+
+def slices(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+    """The rows of the Parquet file `path` (its `columns`, or all), in order, a slice at a time."""
+    rows = slice_rows(path, memory_mb, columns)
+    with storage_path(path):
+        handle = pq.ParquetFile(path, buffer_size=1 << 20)
+    try:
+        cols = list(columns) if columns is not None else None
+        empty = True
+        for batch in handle.iter_batches(batch_size=rows, columns=cols):
+            empty = False
+            yield batch.to_pandas()
+        if empty:  # no rows: one empty frame with the columns, as pd.read_parquet gives
+            yield handle.schema_arrow.empty_table().select(cols or handle.schema_arrow.names).to_pandas()
+    finally:
+        handle.close()
+
+
+def read_columns(path: str | Path, wanted: Sequence[str]) -> pd.DataFrame:
+    """The columns of `wanted` that the Parquet file `path` has (the others are left out)."""
+    with storage_path(path):
+        present = set(pq.read_schema(path).names)
+        return pd.read_parquet(path, columns=[c for c in wanted if c in present])
+
+
+class TableWriter:
+    """Frames appended as they come, written as one Parquet table at `path` when closed."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        self.schema: pa.Schema | None = None
+        self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if self.schema is None:
+            self.schema = _steady_schema(frame)
+        table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+        self.pending.append(table)
+        self.rows += table.num_rows
+        if self.rows >= ROW_GROUP:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.pending:
+            return
+        assert self.schema is not None
+        table = pa.concat_tables(self.pending)
+        cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP
+        with storage_path(self.path, aliases=(str(self.tmp),)):
+            if self.writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="snappy")
+            if cut:
+                self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP)
+        rest = table.slice(cut)
+        self.pending = [rest] if rest.num_rows else []
+        self.rows = rest.num_rows
+
+    def close(self) -> None:
+        """Write what is left and put the file in place (an empty table if nothing came)."""
+        if self.schema is None:
+            raise ValueError(f"{self.path}: no frame was written, so the table has no columns")
+        self._flush(final=True)
+        with storage_path(self.path, aliases=(str(self.tmp),)):
+            if self.writer is None:  # only empty frames: the file still has its columns
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="snappy")
+                self.writer.write_table(self.schema.empty_table())
+            self.writer.close()
+            os.replace(self.tmp, self.path)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+            return
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _steady_schema(frame: pd.DataFrame) -> pa.Schema:
+    """The Arrow schema of `frame` with text in place of the type of a column with no values."""
+    schema = pa.Schema.from_pandas(frame, preserve_index=False)
+    for i, field in enumerate(schema):
+        if pa.types.is_null(field.type):
+            schema = schema.set(i, field.with_type(pa.large_string()))
+    return schema
+
+
+class CsvWriter:
+    """Frames appended to one CSV file (the header once), put in place at `path` when closed."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        self.started = False
+
+    def __enter__(self) -> CsvWriter:
+        return self
+
+    def write(self, frame: pd.DataFrame) -> None:
+        with storage_path(self.path, aliases=(str(self.tmp),)):
+            if not self.started:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            frame.to_csv(
+                self.tmp,
+                mode="a" if self.started else "w",
+                header=not self.started,
+                index=False,
+                lineterminator="\n",
+            )
+        self.started = True
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None and self.started:
+            with storage_path(self.path, aliases=(str(self.tmp),)):
+                os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,103 @@
+"""Tables a slice at a time (photoprep.core.tables): the file written depends on the rows only,
+never on the memory budget; a table of one row group is the file DataFrame.to_parquet writes; and
+the validate stage, which streams its table, writes the same bytes in one slice or in many."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from photoprep.core import tables
+
+
+def _frame(n: int) -> pd.DataFrame:
+    rng = np.random.default_rng(n)
+    return pd.DataFrame(
+        {
+            "source": np.where(rng.random(n) < 0.5, "a", "b"),
+            "id": [f"p{i:07d}" for i in range(n)],
+            "width": rng.integers(1, 500, n).astype(float),
+            "valid": rng.random(n) < 0.9,
+            "note": [None if i < n // 2 else f"n{i}" for i in range(n)],  # empty in the first slices
+        }
+    )
+
+
+def _stream(src, dst, memory_mb=256, rows=None, monkeypatch=None) -> None:
+    if rows is not None:
+        monkeypatch.setattr(tables, "slice_rows", lambda *args, **kwargs: rows)
+    with tables.TableWriter(dst) as out:
+        for frame in tables.slices(src, memory_mb):
+            out.write(frame)
+
+
+def test_a_streamed_table_is_the_same_file_whatever_the_slices(tmp_path, monkeypatch):
+    whole = _frame(150_000)
+    whole.to_parquet(tmp_path / "in.parquet", index=False)
+    _stream(tmp_path / "in.parquet", tmp_path / "many.parquet", rows=10_000, monkeypatch=monkeypatch)
+    _stream(tmp_path / "in.parquet", tmp_path / "few.parquet", rows=37_001, monkeypatch=monkeypatch)
+    assert (tmp_path / "many.parquet").read_bytes() == (tmp_path / "few.parquet").read_bytes()
+    assert pq.ParquetFile(tmp_path / "many.parquet").metadata.num_row_groups == 3  # 65,536 rows each
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "many.parquet"), whole)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["few.parquet", "in.parquet", "many.parquet"]
+
+
+def test_a_table_of_one_row_group_is_the_file_to_parquet_writes(tmp_path, monkeypatch):
+    whole = _frame(5_000)
+    whole.to_parquet(tmp_path / "in.parquet", index=False)
+    _stream(tmp_path / "in.parquet", tmp_path / "out.parquet", rows=999, monkeypatch=monkeypatch)
+    assert (tmp_path / "out.parquet").read_bytes() == (tmp_path / "in.parquet").read_bytes()
+
+
+def test_slices_of_a_budget_hold_fewer_rows_for_a_smaller_budget(tmp_path):
+    _frame(20_000).to_parquet(tmp_path / "in.parquet", index=False)
+    small, large = (tables.slice_rows(tmp_path / "in.parquet", mb) for mb in (16, 256))
+    assert tables.MIN_ROWS <= small < large
+    assert tables.slice_rows(tmp_path / "in.parquet", 16, columns=["valid"]) > small  # narrower rows
+
+
+def test_an_empty_table_streams_to_an_empty_table_with_its_columns(tmp_path):
+    _frame(10).iloc[:0].to_parquet(tmp_path / "in.parquet", index=False)
+    _stream(tmp_path / "in.parquet", tmp_path / "out.parquet")
+    out = pd.read_parquet(tmp_path / "out.parquet")
+    assert out.empty and list(out.columns) == list(_frame(1).columns)
+
+
+def test_a_failed_slice_leaves_the_old_file_and_no_temporary(tmp_path):
+    _frame(100).to_parquet(tmp_path / "out.parquet", index=False)
+    before = (tmp_path / "out.parquet").read_bytes()
+    with pytest.raises(RuntimeError), tables.TableWriter(tmp_path / "out.parquet") as out:
+        out.write(_frame(10))
+        raise RuntimeError("stop")
+    assert (tmp_path / "out.parquet").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+
+
+def test_a_csv_written_in_slices_is_the_csv_written_at_once(tmp_path):
+    whole = _frame(3_000)
+    with tables.CsvWriter(tmp_path / "slices.csv") as out:
+        for start in range(0, len(whole), 700):
+            out.write(whole.iloc[start : start + 700])
+    whole.to_csv(tmp_path / "once.csv", index=False, lineterminator="\n")
+    assert (tmp_path / "slices.csv").read_bytes() == (tmp_path / "once.csv").read_bytes()
+
+
+def test_the_validate_stage_writes_the_same_bytes_in_one_slice_or_in_many(tmp_path, monkeypatch):
+    from test_incremental import make_project, run_stage
+
+    project = make_project(tmp_path / "p", 120)
+    for i in range(0, 120, 17):  # some broken photos for reports/broken.csv
+        photo = project / "pipeline" / "sources" / "syn" / "cdn" / f"p{i:04d}"
+        photo.write_bytes(photo.read_bytes()[:300])
+    run_stage(project, "download", monkeypatch, "syn")
+    run_stage(project, "dedup", monkeypatch)
+    outputs = ("data/interim/valid.parquet", "reports/broken.csv", "reports/counts/validate.json")
+    run_stage(project, "validate", monkeypatch)
+    once = {name: (project / name).read_bytes() for name in outputs}
+    monkeypatch.setattr(tables, "slice_rows", lambda *args, **kwargs: 7)  # 18 slices
+    run_stage(project, "validate", monkeypatch)
+    assert {name: (project / name).read_bytes() for name in outputs} == once
+    assert len(pd.read_parquet(project / outputs[0])) > 100
+    assert len(pd.read_csv(project / outputs[1])) == 8
