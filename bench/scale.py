@@ -43,6 +43,12 @@ chunked arrays (the default) against one file per array.
 
     python bench/scale.py --disk --sizes 10000                  # +1 % of 10,000: cache and disk added
 
+With ``--tables`` it runs only the table steps (dedup's grouping and keep rule, validate, bucket
+assignment, split) on synthetic probe rows, a fresh process per size (bench/scale_tables.py):
+wall and peak heap per step.
+
+    python bench/scale.py --tables --table-sizes 100000,1000000
+
 With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
 process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
 
@@ -79,6 +85,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
 from scale_disk import disk_of_an_increment, print_disk  # noqa: E402  (bench/scale_disk.py)
+from scale_tables import print_tables, table_steps  # noqa: E402  (bench/scale_tables.py)
 from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
@@ -638,6 +645,10 @@ def main() -> None:
         action="store_true",
         help="only the disk of a +1 %% increment under DVC at the largest size: chunked against one file",
     )
+    parser.add_argument(
+        "--tables", action="store_true", help="only the table steps, on synthetic probe rows (--table-sizes)"
+    )
+    parser.add_argument("--table-sizes", default="100000,1000000", help="rows of --tables (comma-separated)")
     parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
     parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
     parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
@@ -654,6 +665,15 @@ def main() -> None:
         train_main(args)
         return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
+    if args.tables:
+        table_sizes = [int(s) for s in args.table_sizes.split(",")]
+        run_and_print(
+            args,
+            "photoprep-scale-tables-",
+            lambda work: {"tables": table_steps(table_sizes, args.seed, _env())},
+            lambda figures: (print(f"machine: {figures['machine']}"), print_tables(figures["tables"])),
+        )
+        return
     if args.disk:
         run_and_print(
             args,

@@ -434,8 +434,9 @@ def attach_labels(
     members = members[members["label"].notna() & (members["label"].astype(str) != "")]
     rank = {name: i for i, name in enumerate(priority or [])}
     members["_rank"] = members["source"].map(rank).fillna(-1)
-    kept_keys = set(zip(table["source"], table["id"], strict=True))
-    members["_kept"] = [(s, i) in kept_keys for s, i in zip(members["source"], members["id"], strict=True)]
+    kept_keys = pd.MultiIndex.from_arrays([table["source"].astype(str), table["id"].astype(str)])
+    member_keys = pd.MultiIndex.from_arrays([members["source"].astype(str), members["id"].astype(str)])
+    members["_kept"] = member_keys.isin(kept_keys)
     best = (
         members.sort_values(
             ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
