@@ -10,6 +10,8 @@ The jobs, one module each: the client (`photoprep.ingest.client`: requests, retr
 pauses and cut-off), the targets (`photoprep.ingest.targets`: URL and path safety), the sink
 (`photoprep.ingest.sink`: bodies to the store in record order, spilled while they wait, rows
 committed to the journal as the run goes). This module resumes and runs the loop: `download`.
+The event loop only answers sockets: hashing, shard writes and commits (fsyncs) run on one
+thread of their own (`_Storing`), so a slow disk holds up no request.
 
 A run picks up the journal of an interrupted one and the table of a finished one: rows that are
 ok, for the same url, whose blob the (verified) store holds are reused without a request,
@@ -23,6 +25,7 @@ the client cut off, and the error as the system gave it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import signal
@@ -37,7 +40,7 @@ from photoprep.core.console import Progress, count
 from photoprep.core.errors import ACTIONABLE, StorageError, UserError
 from photoprep.core.io import write_table
 from photoprep.core.params import DownloadParams
-from photoprep.ingest.client import Client, HostDown
+from photoprep.ingest.client import Client, HostDown, Outcome
 from photoprep.ingest.journal import Journal, read_journal, remove_journal
 from photoprep.ingest.rows import (
     KEY,
@@ -168,6 +171,52 @@ def _resume(
     return _Resume(records, reused, positions, keys, writer, journal)
 
 
+class _Storing:
+    """The sink on a thread of its own: hashing, shard writes and commits (fsyncs) stay off the
+    event loop, which only answers sockets, so a slow disk delays no request.
+
+    One thread calls the sink, in the order results are handed over (the sink is not
+    thread-safe). `hand_over` returns at once; a worker waits for its previous hand-over before the
+    next (`wait`), so at most one body per worker waits for the thread. A write that failed is
+    raised by the next `check` or `wait` of every worker.
+    """
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photoprep-store")
+        self.error: BaseException | None = None
+
+    def hand_over(self, index: int, outcome: Outcome, attempts: int) -> concurrent.futures.Future[None]:
+        return self.thread.submit(self._store, index, outcome, attempts)
+
+    def _store(self, index: int, outcome: Outcome, attempts: int) -> None:
+        body = outcome.body
+        if body is None:
+            row = FetchRow.failed(outcome.reason, outcome.http_status, attempts)
+        else:
+            row = FetchRow.stored(body, outcome.http_status, attempts)
+        try:
+            self.sink.put(index, row, body)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def check(self) -> None:
+        """Raise the write that failed, if one did: nothing fetched now could be stored."""
+        if self.error is not None:
+            raise self.error
+
+    async def wait(self, handed: concurrent.futures.Future[None]) -> None:
+        """Wait until `handed` is stored (raising its failure); a cancelled wait leaves it queued."""
+        if not handed.done():
+            await asyncio.shield(asyncio.wrap_future(handed))
+        handed.result()
+
+    def close(self) -> None:
+        """Store what was handed over, then end the thread: the sink is the caller's again."""
+        self.thread.shutdown(wait=True)
+
+
 async def _fetch_rows(
     client_of: Callable[[], Client], urls: list[str], sink: Sink, bar: Progress
 ) -> tuple[list[HostDown], str]:
@@ -175,28 +224,35 @@ async def _fetch_rows(
     ('' if none)."""
     if not urls:
         return [], ""
-    async with client_of() as client:
-        queue: Iterator[tuple[int, str]] = enumerate(urls)
-        done = 0
+    storing = _Storing(sink)
+    try:
+        async with client_of() as client:
+            queue: Iterator[tuple[int, str]] = enumerate(urls)
+            done = 0
 
-        async def worker() -> None:
-            nonlocal done
-            for index, url in queue:  # one shared iterator: each target to one worker
-                outcome, attempts = await client.fetch_url(url)
-                if outcome.body is None:
-                    row = FetchRow.failed(outcome.reason, outcome.http_status, attempts)
-                else:
-                    row = FetchRow.stored(outcome.body, outcome.http_status, attempts)
-                sink.put(index, row, outcome.body)
-                done += 1
-                if done % _PROGRESS_EVERY == 0:
-                    bar.update(_PROGRESS_EVERY)
+            async def worker() -> None:
+                nonlocal done
+                handed: concurrent.futures.Future[None] | None = None
+                for index, url in queue:  # one shared iterator: each target to one worker
+                    storing.check()
+                    outcome, attempts = await client.fetch_url(url)
+                    if handed is not None:
+                        await storing.wait(handed)
+                    handed = storing.hand_over(index, outcome, attempts)
+                    done += 1
+                    if done % _PROGRESS_EVERY == 0:
+                        bar.update(_PROGRESS_EVERY)
+                if handed is not None:
+                    await storing.wait(handed)
 
-        # Twice as many workers as request slots: a worker sleeping through a backoff holds
-        # no slot, so the others keep the slots busy.
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(urls), 2 * client.p.concurrency))]
-        stopped = await _gather_until_signal(tasks)
-        bar.update(done % _PROGRESS_EVERY)
+            # Twice as many workers as request slots: a worker sleeping through a backoff holds
+            # no slot, so the others keep the slots busy.
+            tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(urls), 2 * client.p.concurrency))]
+            stopped = await _gather_until_signal(tasks)
+            bar.update(done % _PROGRESS_EVERY)
+    finally:
+        storing.close()
+    storing.check()
     return client.hosts_down(), stopped
 
 

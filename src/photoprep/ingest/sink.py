@@ -13,6 +13,8 @@ count towards `commit_every`: a dead host's thousands of failures do not fsync t
 thousands of times. After a failed write (a full disk) the sink stores nothing more; one last
 commit (`salvage`, in the room the journal keeps for it) records what was stored whole, so a
 full disk costs only the requests in flight.
+
+Not thread-safe: one thread calls it (a download's storage thread, `photoprep.ingest.fetch`).
 """
 
 from __future__ import annotations
