@@ -11,7 +11,7 @@ pauses and cut-off), the targets (`photoprep.ingest.targets`: URL and path safet
 (`photoprep.ingest.sink`: bodies to the store in record order, spilled while they wait, rows
 committed to the journal as the run goes). This module resumes and runs the loop: `download`.
 The event loop only answers sockets: hashing, shard writes and commits (fsyncs) run on one
-thread of their own (`_Storing`), so a slow disk holds up no request.
+thread of their own (`photoprep.ingest.sink.SinkThread`), so a slow disk holds up no request.
 
 A run picks up the journal of an interrupted one and the table of a finished one: rows that are
 ok, for the same url, whose blob the (verified) store holds are reused without a request,
@@ -40,7 +40,7 @@ from photoprep.core.console import Progress, count
 from photoprep.core.errors import ACTIONABLE, StorageError, UserError
 from photoprep.core.io import write_table
 from photoprep.core.params import DownloadParams
-from photoprep.ingest.client import Client, HostDown, Outcome
+from photoprep.ingest.client import Client, HostDown
 from photoprep.ingest.journal import Journal, read_journal, remove_journal
 from photoprep.ingest.rows import (
     KEY,
@@ -50,7 +50,7 @@ from photoprep.ingest.rows import (
     journal_values,
     table_of,
 )
-from photoprep.ingest.sink import Sink
+from photoprep.ingest.sink import Sink, SinkThread
 from photoprep.ingest.store import ShardWriter
 
 _MIB = 2**20
@@ -171,52 +171,6 @@ def _resume(
     return _Resume(records, reused, positions, keys, writer, journal)
 
 
-class _Storing:
-    """The sink on a thread of its own: hashing, shard writes and commits (fsyncs) stay off the
-    event loop, which only answers sockets, so a slow disk delays no request.
-
-    One thread calls the sink, in the order results are handed over (the sink is not
-    thread-safe). `hand_over` returns at once; a worker waits for its previous hand-over before the
-    next (`wait`), so at most one body per worker waits for the thread. A write that failed is
-    raised by the next `check` or `wait` of every worker.
-    """
-
-    def __init__(self, sink: Sink):
-        self.sink = sink
-        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photoprep-store")
-        self.error: BaseException | None = None
-
-    def hand_over(self, index: int, outcome: Outcome, attempts: int) -> concurrent.futures.Future[None]:
-        return self.thread.submit(self._store, index, outcome, attempts)
-
-    def _store(self, index: int, outcome: Outcome, attempts: int) -> None:
-        body = outcome.body
-        if body is None:
-            row = FetchRow.failed(outcome.reason, outcome.http_status, attempts)
-        else:
-            row = FetchRow.stored(body, outcome.http_status, attempts)
-        try:
-            self.sink.put(index, row, body)
-        except BaseException as exc:
-            self.error = self.error or exc
-            raise
-
-    def check(self) -> None:
-        """Raise the write that failed, if one did: nothing fetched now could be stored."""
-        if self.error is not None:
-            raise self.error
-
-    async def wait(self, handed: concurrent.futures.Future[None]) -> None:
-        """Wait until `handed` is stored (raising its failure); a cancelled wait leaves it queued."""
-        if not handed.done():
-            await asyncio.shield(asyncio.wrap_future(handed))
-        handed.result()
-
-    def close(self) -> None:
-        """Store what was handed over, then end the thread: the sink is the caller's again."""
-        self.thread.shutdown(wait=True)
-
-
 async def _fetch_rows(
     client_of: Callable[[], Client], urls: list[str], sink: Sink, bar: Progress
 ) -> tuple[list[HostDown], str]:
@@ -224,7 +178,7 @@ async def _fetch_rows(
     ('' if none)."""
     if not urls:
         return [], ""
-    storing = _Storing(sink)
+    storing = SinkThread(sink)
     try:
         async with client_of() as client:
             queue: Iterator[tuple[int, str]] = enumerate(urls)
@@ -238,7 +192,9 @@ async def _fetch_rows(
                     outcome, attempts = await client.fetch_url(url)
                     if handed is not None:
                         await storing.wait(handed)
-                    handed = storing.hand_over(index, outcome, attempts)
+                    handed = storing.hand_over(
+                        index, outcome.body, outcome.reason, outcome.http_status, attempts
+                    )
                     done += 1
                     if done % _PROGRESS_EVERY == 0:
                         bar.update(_PROGRESS_EVERY)
