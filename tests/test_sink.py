@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+import threading
+import time
 
 import pandas as pd
 from downloads import (
@@ -15,6 +17,7 @@ from downloads import (
     run,
 )
 
+from photoprep.ingest import store
 from photoprep.ingest.store import SHARD_NAME
 
 
@@ -69,3 +72,31 @@ def test_two_fresh_runs_give_identical_tables_and_shards(cdn, tmp_path):
     shards_one = {p.name: p.read_bytes() for p in (tmp_path / "one" / "store").iterdir()}
     shards_two = {p.name: p.read_bytes() for p in (tmp_path / "two" / "store").iterdir()}
     assert shards_one == shards_two
+
+
+def test_a_stalled_disk_holds_up_no_request(cdn, tmp_path, monkeypatch):
+    # The first commit after a body came back stalls until the CDN has seen every request (5 s at
+    # most): they all arrive in time only when storing runs beside the event loop, not on it.
+    ids = [f"img{i:02d}" for i in range(12)]
+    for i in ids:
+        cdn.add(i, photo(i))
+    all_asked = threading.Event()
+    real_commit = store.ShardWriter.commit
+
+    def stalled_commit(writer: store.ShardWriter) -> store.OpenState | None:
+        if cdn.total_requests == 0:  # the commit a run starts with
+            return real_commit(writer)
+        deadline = time.monotonic() + 5
+        while not all_asked.is_set() and time.monotonic() < deadline:
+            if cdn.total_requests >= len(ids):
+                all_asked.set()
+            time.sleep(0.01)
+        monkeypatch.setattr(store.ShardWriter, "commit", real_commit)  # stall once
+        return real_commit(writer)
+
+    monkeypatch.setattr(store.ShardWriter, "commit", stalled_commit)
+    p = FAST.model_copy(update={"concurrency": 4, "per_host": 4, "commit_every": 1})
+    table = run(records(cdn.url, *ids), tmp_path, p)
+    assert all_asked.is_set()
+    for i in ids:
+        assert_ok(tmp_path, table, i, photo(i))

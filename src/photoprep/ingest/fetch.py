@@ -10,6 +10,8 @@ The jobs, one module each: the client (`photoprep.ingest.client`: requests, retr
 pauses and cut-off), the targets (`photoprep.ingest.targets`: URL and path safety), the sink
 (`photoprep.ingest.sink`: bodies to the store in record order, spilled while they wait, rows
 committed to the journal as the run goes). This module resumes and runs the loop: `download`.
+The event loop only answers sockets: hashing, shard writes and commits (fsyncs) run on one
+thread of their own (`photoprep.ingest.sink.SinkThread`), so a slow disk holds up no request.
 
 A run picks up the journal of an interrupted one and the table of a finished one: rows that are
 ok, for the same url, whose blob the (verified) store holds are reused without a request,
@@ -23,6 +25,7 @@ the client cut off, and the error as the system gave it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import signal
@@ -47,7 +50,7 @@ from photoprep.ingest.rows import (
     journal_values,
     table_of,
 )
-from photoprep.ingest.sink import Sink
+from photoprep.ingest.sink import Sink, SinkThread
 from photoprep.ingest.store import ShardWriter
 
 _MIB = 2**20
@@ -175,28 +178,37 @@ async def _fetch_rows(
     ('' if none)."""
     if not urls:
         return [], ""
-    async with client_of() as client:
-        queue: Iterator[tuple[int, str]] = enumerate(urls)
-        done = 0
+    storing = SinkThread(sink)
+    try:
+        async with client_of() as client:
+            queue: Iterator[tuple[int, str]] = enumerate(urls)
+            done = 0
 
-        async def worker() -> None:
-            nonlocal done
-            for index, url in queue:  # one shared iterator: each target to one worker
-                outcome, attempts = await client.fetch_url(url)
-                if outcome.body is None:
-                    row = FetchRow.failed(outcome.reason, outcome.http_status, attempts)
-                else:
-                    row = FetchRow.stored(outcome.body, outcome.http_status, attempts)
-                sink.put(index, row, outcome.body)
-                done += 1
-                if done % _PROGRESS_EVERY == 0:
-                    bar.update(_PROGRESS_EVERY)
+            async def worker() -> None:
+                nonlocal done
+                handed: concurrent.futures.Future[None] | None = None
+                for index, url in queue:  # one shared iterator: each target to one worker
+                    storing.check()
+                    outcome, attempts = await client.fetch_url(url)
+                    if handed is not None:
+                        await storing.wait(handed)
+                    handed = storing.hand_over(
+                        index, outcome.body, outcome.reason, outcome.http_status, attempts
+                    )
+                    done += 1
+                    if done % _PROGRESS_EVERY == 0:
+                        bar.update(_PROGRESS_EVERY)
+                if handed is not None:
+                    await storing.wait(handed)
 
-        # Twice as many workers as request slots: a worker sleeping through a backoff holds
-        # no slot, so the others keep the slots busy.
-        tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(urls), 2 * client.p.concurrency))]
-        stopped = await _gather_until_signal(tasks)
-        bar.update(done % _PROGRESS_EVERY)
+            # Twice as many workers as request slots: a worker sleeping through a backoff holds
+            # no slot, so the others keep the slots busy.
+            tasks = [asyncio.ensure_future(worker()) for _ in range(min(len(urls), 2 * client.p.concurrency))]
+            stopped = await _gather_until_signal(tasks)
+            bar.update(done % _PROGRESS_EVERY)
+    finally:
+        storing.close()
+    storing.check()
     return client.hosts_down(), stopped
 
 

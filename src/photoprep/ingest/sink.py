@@ -13,10 +13,16 @@ count towards `commit_every`: a dead host's thousands of failures do not fsync t
 thousands of times. After a failed write (a full disk) the sink stores nothing more; one last
 commit (`salvage`, in the room the journal keeps for it) records what was stored whole, so a
 full disk costs only the requests in flight.
+
+A `Sink` is not thread-safe: a download calls it from one thread of its own (`SinkThread`), so that
+hashing, shard writes and commits (fsyncs) stay off the event loop and a slow disk holds up no
+request.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import tempfile
@@ -161,6 +167,53 @@ class Sink:
             view = view[os.pwrite(self.spill_fd, view, offset + len(body) - len(view)) :]
         self.spill_end += len(body)
         return offset
+
+
+class SinkThread:
+    """A sink on a thread of its own: the rows built (bodies hashed and sniffed) and put there.
+
+    One thread calls the sink, in the order results are handed over. `hand_over` returns at once;
+    a worker waits for its previous hand-over before the next (`wait`), so at most one body per
+    worker waits for the thread. A write that failed is raised by the next `check` or `wait` of
+    every worker.
+    """
+
+    def __init__(self, sink: Sink):
+        self.sink = sink
+        self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photoprep-sink")
+        self.error: BaseException | None = None
+
+    def hand_over(
+        self, index: int, body: bytes | None, reason: str, http_status: int, attempts: int
+    ) -> concurrent.futures.Future[None]:
+        """Put target `index`'s result (its body, or None and the reason there is none) on the thread."""
+        return self.thread.submit(self._put, index, body, reason, http_status, attempts)
+
+    def _put(self, index: int, body: bytes | None, reason: str, http_status: int, attempts: int) -> None:
+        if body is None:
+            row = FetchRow.failed(reason, http_status, attempts)
+        else:
+            row = FetchRow.stored(body, http_status, attempts)
+        try:
+            self.sink.put(index, row, body)
+        except BaseException as exc:
+            self.error = self.error or exc
+            raise
+
+    def check(self) -> None:
+        """Raise the write that failed, if one did: nothing fetched now could be stored."""
+        if self.error is not None:
+            raise self.error
+
+    async def wait(self, handed: concurrent.futures.Future[None]) -> None:
+        """Wait until `handed` is put (raising its failure); a cancelled wait leaves it queued."""
+        if not handed.done():
+            await asyncio.shield(asyncio.wrap_future(handed))
+        handed.result()
+
+    def close(self) -> None:
+        """Put what was handed over, then end the thread: the sink is the caller's again."""
+        self.thread.shutdown(wait=True)
 
 
 def _read_spill(fd: int, offset: int, size: int) -> bytes:

@@ -369,7 +369,7 @@ class ShardWriter:
     download, whose journal commits part of that shard, calls `cut_back` instead, which keeps it.
     Temporary files a killed run left behind are removed when a writer starts, so they never
     end up in a DVC output: one writer per folder at a time. Not thread-safe: call it from
-    one thread (the fetcher's event loop).
+    one thread (a download's storage thread, `photoprep.ingest.fetch`).
     """
 
     def __init__(
