@@ -7,7 +7,7 @@ from _interpreter import ensure_project_python
 ensure_project_python()
 
 
-from photoprep.core import console, errors, io, params, tables
+from photoprep.core import console, errors, io, memory, params, tables
 from photoprep.core.layout import PATHS
 from photoprep.images import validate
 
@@ -21,6 +21,8 @@ def main() -> str:
             out.write(checked)
             report.write(validate.broken_report(checked))
             counts = validate.add_counts(counts, validate.validate_counts(checked))
+            del deduped, checked
+            memory.release()  # the slice's pages back to the OS: the next slice takes their place
         assert counts is not None  # slices yields one frame at least
         images = counts["broken"] + counts["valid"]
         console.require_input(images, "validate", "dedup left no fetched image", PATHS.stage_counts("dedup"))

@@ -4,8 +4,9 @@ A chunked array is a folder: ``part-<hash>.npy`` files (each a run of consecutiv
 ``index.json`` listing them in order with their row counts, the dtype and the shape. A chunk's
 name is the hash of the keys of its rows (`chunk_name`, the memo's part names too): the same rows
 under the same settings are the same file, so the memo's part and the pipeline output are one
-file (hard-linked where the file system allows), and DVC, which caches a folder output file by
-file, stores and pushes each chunk once, whatever later runs add.
+file (hard-linked where the file system allows; DVC, under its default cache type, then makes
+the output's file a copy of its own: docs/scale.md), and DVC, which caches a folder output file
+by file, stores and pushes each chunk once, whatever later runs add.
 
 Where chunks end (`boundaries`) depends on the rows' keys, not on their positions: a row ends a
 chunk when its key's hash falls in one bucket of ``target`` (about one row in ``target``), at the

@@ -115,12 +115,20 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+# Rows of a Parquet row group: a reader that streams a table (photoprep.core.tables) holds one
+# row group's columns at a time, so no table is one group of a million rows.
+ROW_GROUP = 16_384
+
+
 def write_table(table: pd.DataFrame, path: str | Path, *, durable: bool = False) -> None:
-    """Write a Parquet (or CSV, by suffix) table atomically, without the pandas index."""
+    """Write a Parquet (or CSV, by suffix) table atomically, without the pandas index, in row
+    groups of `ROW_GROUP` rows (a table of fewer rows is the file ``to_parquet`` writes)."""
     if Path(path).suffix == ".csv":
         write_with(path, lambda tmp: table.to_csv(tmp, index=False, lineterminator="\n"), durable=durable)
     else:
-        write_with(path, lambda tmp: table.to_parquet(tmp, index=False), durable=durable)
+        write_with(
+            path, lambda tmp: table.to_parquet(tmp, index=False, row_group_size=ROW_GROUP), durable=durable
+        )
 
 
 def write_array(array: np.ndarray, path: str | Path, *, durable: bool = False) -> None:

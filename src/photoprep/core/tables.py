@@ -5,7 +5,8 @@ the collection.
 budget, estimated from the file's own uncompressed bytes per row (times `COPIES`: the frame,
 Arrow's batch and a transform's copies). `TableWriter` writes frames as they come into row groups
 of `ROW_GROUP` rows under the schema of the first, to a temporary name that replaces the file when
-closed, so the file's bytes depend on its rows only, never on the budget: a table of up to
+closed, so the file's bytes depend on its rows only, never on the budget (each row group is
+written from one array per column: the writer would cut pages where slices met): a table of up to
 `ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes. `CsvWriter` does the
 same for a CSV report (the header once).
 
@@ -27,9 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from photoprep.core import io
 from photoprep.core.errors import storage_path
 
-ROW_GROUP = 65_536
+ROW_GROUP = io.ROW_GROUP
 COPIES = 4
 MIN_ROWS = 1024
 
@@ -100,7 +102,9 @@ class TableWriter:
         if not self.pending:
             return
         assert self.schema is not None
-        table = pa.concat_tables(self.pending)
+        # One array per column: the writer cuts pages where the slices met otherwise, and the
+        # bytes would depend on the slices.
+        table = pa.concat_tables(self.pending).combine_chunks()
         cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP
         with storage_path(self.path, aliases=(str(self.tmp),)):
             if self.writer is None:

@@ -306,10 +306,10 @@ class Memo:
         """Make each chunk (the keys of consecutive output rows) a part of its own, in order;
         return how many keys were computed.
 
-        Only the keys no part holds are computed, in batches of at most `batch` (a worker's
-        memory is a batch's, whatever the chunk's size): ``compute(batches)`` yields one
-        ``(batch, arrays)`` per batch, in order, and each chunk is put as its last batch comes
-        back, so a killed run keeps every finished chunk.
+        Only the keys no part holds are computed, in batches of at most `batch` keys taken in
+        chunk order (a worker's memory is a batch's, whatever the chunk's size):
+        ``compute(batches)`` yields one ``(batch, arrays)`` per batch, in order, and each chunk is
+        put as soon as its rows are back, so a killed run keeps every finished chunk.
         """
         missing = [list(keys) for keys in chunks if not self.holds_part(keys)]
         scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
@@ -319,17 +319,27 @@ class Memo:
                 [key for key in dict.fromkeys(keys) if key not in self._index and key not in scheduled]
             )
             scheduled.update(fresh[-1])
+        # The missing keys of every chunk, one after another, cut into batches: a few new photos
+        # spread over several chunks are one batch (no worker started for them), a large chunk
+        # is several.
+        flat = [key for group in fresh for key in group]
         step = max(1, batch)
-        pieces = [group[start : start + step] for group in fresh for start in range(0, len(group), step)]
-        pending = iter(compute(pieces) if pieces else ())
+        pending = iter(compute([flat[start : start + step] for start in range(0, len(flat), step)]))
+        waiting: list[np.ndarray] = []  # computed rows not yet put, in key order
+        held = 0
         try:
             for keys, group in zip(missing, fresh, strict=True):
+                while held < len(group):
+                    rows = np.asarray(next(pending)[1])
+                    waiting.append(rows)
+                    held += len(rows)
                 arrays = None
                 if group:
-                    parts = [np.asarray(next(pending)[1]) for _ in range(0, len(group), step)]
-                    arrays = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                    del parts
+                    joined = waiting[0] if len(waiting) == 1 else np.concatenate(waiting)
+                    arrays, rest = joined[: len(group)], joined[len(group) :]
+                    waiting, held = ([rest] if len(rest) else []), len(rest)
                 self.put_chunk(keys, group, arrays)
+                del arrays
                 memory.release()
         finally:  # a failed put (a full disk) stops the workers now
             close = getattr(pending, "close", None)
