@@ -675,27 +675,35 @@ def main() -> None:
         train_main(args)
         return
     sizes = sorted({int(s) for s in args.sizes.split(",")})
-    if args.tables:
-        table_sizes = [int(s) for s in args.table_sizes.split(",")]
-        run_and_print(
-            args,
-            "photoprep-scale-tables-",
-            lambda work: {"tables": table_steps(table_sizes, args.seed, _env())},
-            lambda figures: (print(f"machine: {figures['machine']}"), print_tables(figures["tables"])),
-        )
-        return
-    if args.disk:
-        run_and_print(
-            args,
-            "photoprep-scale-disk-",
-            lambda work: {
-                "disk": disk_of_an_increment(
-                    work, max(sizes), args.seed, args.n_jobs, _env(), make_project, write_photos
-                )
-            },
-            lambda figures: (print(f"machine: {figures['machine']}"), print_disk(figures["disk"])),
-        )
-        return
+    # One mode, one key of the report: (flag, what measures it, what prints it).
+    modes: list[tuple[bool, str, Callable[[Path], dict], Callable[[dict], None]]] = [
+        (
+            args.tables,
+            "tables",
+            lambda work: table_steps([int(s) for s in args.table_sizes.split(",")], args.seed, _env()),
+            print_tables,
+        ),
+        (
+            args.disk,
+            "disk",
+            lambda work: disk_of_an_increment(
+                work, max(sizes), args.seed, args.n_jobs, _env(), make_project, write_photos
+            ),
+            print_disk,
+        ),
+    ]
+    for chosen, key, figures_of, printer in modes:
+        if chosen:
+            run_and_print(
+                args,
+                f"photoprep-scale-{key}-",
+                lambda work, key=key, figures_of=figures_of: {key: figures_of(work)},
+                lambda figures, key=key, printer=printer: (
+                    print(f"machine: {figures['machine']}"),
+                    printer(figures[key]),
+                ),
+            )
+            return
     if args.backends:
         run_and_print(
             args,
