@@ -163,3 +163,43 @@ def test_a_folder_on_another_file_system_is_copied(tmp_path):
         chunked.write_folder(other / "out", [chunked.Chunk("part-x", 3, source)], np.int64, ())
         np.testing.assert_array_equal(np.asarray(chunked.ChunkedArray(other / "out")), np.arange(3))
     assert chunked.copy_bytes(tmp_path, tmp_path / "out", 24) == 0
+
+
+def test_a_folder_is_updated_in_place_and_keeps_the_chunks_whose_bytes_stay(tmp_path):
+    keys = _keys(range(400))
+    cache = memo.Memo("test", "fp", root=tmp_path / "cache", arrays=True)
+    values = {k: np.full((3,), i, np.int32) for i, k in enumerate(keys)}
+
+    def compute(groups):
+        for group in groups:
+            yield group, np.stack([values[k] for k in group])
+
+    def write(rows: list[str]) -> dict[str, int]:
+        chunks = [rows[a:b] for a, b in chunked.boundaries(rows, None, 16)]
+        cache.fill_chunks(chunks, compute)
+        parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
+        chunked.write_folder(tmp_path / "out", parts, np.int32, (3,))
+        return {p.name: p.stat().st_ino for p in (tmp_path / "out").iterdir() if p.name != chunked.INDEX}
+
+    first = write(keys[:300])
+    # A copy instead of the memo's link, as DVC leaves a committed output: it is not rewritten.
+    name = sorted(first)[0]
+    copy = (tmp_path / "out" / name).read_bytes()
+    (tmp_path / "out" / name).unlink()
+    (tmp_path / "out" / name).write_bytes(copy)
+    first[name] = (tmp_path / "out" / name).stat().st_ino
+    grown = write(keys[:280] + keys[300:])  # 20 removed at the end of the first run, 100 added
+    stays = set(first) & set(grown)
+    assert len(stays) >= len(first) - 3 and all(first[n] == grown[n] for n in stays)
+    assert name in stays  # the copy stayed: nothing rewrote it
+    np.testing.assert_array_equal(
+        np.asarray(chunked.ChunkedArray(tmp_path / "out")),
+        np.stack([values[k] for k in keys[:280] + keys[300:]]),
+    )
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary
+    # Other settings give the same keys other bytes: a file of the same name is replaced.
+    values.update({k: v + 1000 for k, v in values.items()})
+    cache = memo.Memo("test", "other settings", root=tmp_path / "cache", arrays=True)
+    other = write(keys[:280] + keys[300:])
+    assert set(other) == set(grown) and all(other[n] != grown[n] for n in other)
+    assert int(np.asarray(chunked.ChunkedArray(tmp_path / "out"))[0, 0]) == 1000

@@ -28,6 +28,7 @@ Arrow or Parquet dataset would need the same content-named index on top and give
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import functools
 import hashlib
 import json
@@ -131,13 +132,17 @@ def write_folder(
 ) -> None:
     """Make `folder` the chunked array of `chunks`, in that order.
 
-    The folder is built beside it under a temporary name and put in place when complete; a
-    chunk that is a file is hard-linked (copied where linking fails), so it costs no disk. A
-    write the user can fix (a full disk, a read-only folder) is a StorageError naming `folder`
-    and the bytes `needed`, and leaves the old folder as it was.
+    A folder of the same dtype and row shape, whose new chunks are all files, is updated in
+    place: a chunk whose file is there with the same bytes (the same file, or compared byte for
+    byte: a name alone proves nothing, since other settings give the same keys other pixels) is
+    not touched, new ones are placed, the index replaced, the others removed. So an increment
+    writes only its own chunks, and DVC (the folder is a persisted output) hashes and caches
+    only those. Otherwise the folder is built beside it under a temporary name and put in place
+    when complete. A chunk that is a file is hard-linked (copied where linking fails),
+    so it costs no disk. A write the user can fix (a full disk, a read-only folder) is a
+    StorageError naming `folder` and the bytes `needed`.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     total = sum(c.rows for c in chunks)
     index = {
         "format": FORMAT,
@@ -145,6 +150,11 @@ def write_folder(
         "shape": [total, *row_shape],
         "chunks": [[c.name + ".npy", c.rows] for c in chunks],
     }
+    if _updatable(folder, index) and all(isinstance(c.source, Path) for c in chunks):
+        with _about(folder, needed):
+            _update(folder, chunks, index)
+        return
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with _about(folder, needed):
             tmp.mkdir(parents=True)
@@ -163,6 +173,54 @@ def write_folder(
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _updatable(folder: Path, index: dict[str, Any]) -> bool:
+    """Whether `folder` holds a chunked array of the same dtype and row shape."""
+    try:
+        old = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    same = ("format", "dtype")
+    return (
+        isinstance(old, dict)
+        and all(old.get(k) == index[k] for k in same)
+        and (list(old.get("shape", []))[1:] == index["shape"][1:])
+    )
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (one file twice: without reading it)."""
+    if os.path.samefile(a, b):
+        return True
+    return filecmp.cmp(a, b, shallow=False)
+
+
+def _update(folder: Path, chunks: Sequence[Chunk], index: dict[str, Any]) -> None:
+    """`write_folder` in place: keep what stays, place what is new, then the index, then remove."""
+    wanted = set()
+    for chunk in chunks:
+        target = folder / f"{chunk.name}.npy"
+        wanted.add(target.name)
+        assert isinstance(chunk.source, Path)
+        if target.is_file() and not target.is_symlink() and _same_bytes(target, chunk.source):
+            continue
+        tmp = folder / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            _place(chunk, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    tmp_index = folder / f".{INDEX}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp_index.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp_index, folder / INDEX)
+    fsync_directory(folder)
+    for path in folder.iterdir():
+        if path.name != INDEX and path.name not in wanted:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
