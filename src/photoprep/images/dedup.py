@@ -21,12 +21,13 @@ one is ``near`` (or ``near_crop`` when a cropped hash of it or of the kept copy 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from photoprep.core.errors import UserError
 from photoprep.core.params import DedupParams
@@ -37,6 +38,8 @@ CROP_FINE_THRESHOLD = 56
 are within this distance. On bench/dedup_quality.py's photographs the true crop matches were
 at most 46 apart; the one false crop match of the demo (two different handwritten 3s, 4 bits
 apart in the 64-bit hash) 70."""
+
+_PACK_ROWS = 1 << 16  # hex hashes made Python strings at once while packing them
 
 GROUPING_ONLY = ("fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes")
 """Probe columns only grouping and ranking read: the dedup stage's table leaves them out."""
@@ -54,17 +57,38 @@ _DEFAULTS = {
     "format": "",
 }
 
-# What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record.
-_RANKED_COLUMNS = (
-    "source",
-    "id",
-    "sha256",
-    "hash",
-    "width",
-    "height",
-    "first_line",
-    *_DEFAULTS,
-)
+_HEX = ("hash", *GROUPING_ONLY)
+"""The hex hash columns: grouping reads them where they are (`_Hex`), never copied whole."""
+
+# What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record, besides `_HEX`.
+_RANKED_COLUMNS: tuple[str, ...] = ("source", "id", "sha256", "width", "height", "first_line")
+_RANKED_COLUMNS += ("colour", "lossless", "quality", "camera", "format")
+
+
+@dataclass(frozen=True)
+class _Hex:
+    """The candidates' hex hash columns, read in place in the table: `rows` are the table
+    positions of the candidates, in candidate order. Only the values asked for become Python
+    strings."""
+
+    table: pd.DataFrame
+    rows: np.ndarray
+
+    def take(self, name: str, positions: np.ndarray) -> list[str]:
+        """The values of the candidates at `positions`."""
+        return self.table[name].iloc[self.rows[positions]].fillna(_DEFAULTS.get(name, "")).tolist()
+
+    def slices(self, name: str) -> Iterator[tuple[int, pd.Series]]:
+        """(first candidate position, values) of `_PACK_ROWS` candidates at a time."""
+        column = self.table[name]
+        for start in range(0, len(self.rows), _PACK_ROWS):
+            values = column.iloc[self.rows[start : start + _PACK_ROWS]]
+            yield start, values.fillna(_DEFAULTS.get(name, ""))
+
+    def packed(self, name: str) -> np.ndarray:
+        """Every candidate's hash packed (N x B bytes)."""
+        parts = [hamming.pack_hashes(values.tolist()) for _, values in self.slices(name)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0), np.uint8)
 
 
 @dataclass
@@ -102,8 +126,8 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
     return first
 
 
-def _near_edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
-    """Row pairs joined by near hashes, from one search:
+def _near_edges(hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs joined by near hashes (`hashes`: the rows' packed hashes), from one search:
 
     - each row to the first row of its hash, and the first rows of hashes within the
       threshold (with `verify_threshold`, only pairs whose fine hashes are that close);
@@ -116,17 +140,19 @@ def _near_edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, n
     The cropped and transformed hashes are the search's second set (`others`): only their
     pairs with a row's own hash are found, never a pair of two of them.
     """
-    hashes, fine = list(candidates["hash"]), list(candidates["fine_hash"])
-    crop_rows, cropped = _extra_hashes(candidates["crop_hashes"], len(p.crops))
-    turn_rows, turned = _extra_hashes(candidates["transform_hashes"], len(p.transforms))
+    crop_rows, cropped = _extra_hashes(hexes, "crop_hashes", len(p.crops))
+    turn_rows, turned = _extra_hashes(hexes, "transform_hashes", len(p.transforms))
     sets = [s for s in (cropped, turned) if s is not None]
     others = np.concatenate(sets) if sets else None
-    near = hamming.near_duplicate_pairs(hamming.pack_hashes(hashes), p.near_threshold, others)
+    near = hamming.near_duplicate_pairs(hashes, p.near_threshold, others)
     first = _first_rows(near.inverse, len(near.unique))
     a = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
     b = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
     if p.verify_threshold is not None and len(a):
-        keep = _distances([fine[i] for i in a], [fine[i] for i in b]) <= p.verify_threshold
+        joined = a != b  # a row and the first row of its own hash share it: only other pairs
+        keep = np.ones(len(a), bool)
+        fine = hexes.take("fine_hash", a[joined]), hexes.take("fine_hash", b[joined])
+        keep[joined] = _distances(*fine) <= p.verify_threshold
         a, b = a[keep], b[keep]
     src, dst = [a], [b]
     if len(near.across):
@@ -139,10 +165,10 @@ def _near_edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, n
         # A crop match counts once the fine hashes of the two views agree (split only here).
         crop, position = np.divmod(entry[is_crop], max(1, len(crop_rows)))
         b = crop_rows[position]
-        crop_fine = candidates["crop_fine_hashes"]
+        crop_fine = hexes.take("crop_fine_hashes", b)
         seen = _distances(
-            [fine[i] for i in a[is_crop]],
-            [crop_fine.iat[i].split(",")[j] for i, j in zip(b, crop, strict=True)],
+            hexes.take("fine_hash", a[is_crop]),
+            [views.split(",")[j] for views, j in zip(crop_fine, crop, strict=True)],
         )
         limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
         src += [a[is_crop][seen <= limit], a[~is_crop]]
@@ -150,31 +176,38 @@ def _near_edges(candidates: pd.DataFrame, p: DedupParams) -> tuple[np.ndarray, n
     return np.concatenate(src), np.concatenate(dst)
 
 
-def _extra_hashes(column: pd.Series, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rows that have k comma-separated hashes in `column` (cropped or transformed), and
+def _codes(column: pd.Series) -> np.ndarray:
+    """Each value's number, in the order values first appear (`pd.factorize`'s), from Arrow's
+    hash kernel: no Python string is made (pandas' factorize made one per row)."""
+    encoded = pa.array(column, from_pandas=True).dictionary_encode(null_encoding="encode")
+    return encoded.indices.to_numpy().astype(np.int64)
+
+
+def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rows that have k comma-separated hashes in column `name` (cropped or transformed), and
     those hashes packed one kind after another (every row's first, then every row's second,
     ...); (empty, None) when k is 0 or no row has them."""
-    if k == 0:
+    found, hashes = [], []
+    for start, values in hexes.slices(name) if k else ():
+        commas = values.str.count(",").to_numpy()
+        rows = np.flatnonzero((values.str.len().to_numpy() > 0) & (commas == k - 1))
+        if len(rows):
+            found.append(start + rows)
+            hashes.append(hamming.pack_hashes(",".join(values.iloc[rows]).split(",")))  # k a row
+    if not found:
         return np.zeros(0, np.int64), None
-    text = column.to_numpy()
-    commas = column.str.count(",").to_numpy()
-    rows = np.flatnonzero((column.str.len().to_numpy() > 0) & (commas == k - 1))
-    if not len(rows):
-        return rows, None
-    packed = hamming.pack_hashes(",".join(text[rows]).split(","))  # row by row, k a row
+    rows, packed = np.concatenate(found), np.concatenate(hashes)
     others = packed.reshape(len(rows), k, -1).transpose(1, 0, 2).reshape(len(rows) * k, -1)
     return rows, np.ascontiguousarray(others)
 
 
-def _groups(candidates: pd.DataFrame, p: DedupParams) -> np.ndarray:
+def _groups(candidates: pd.DataFrame, hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> np.ndarray:
     n = len(candidates)
-    rows = np.arange(n)
     # Byte-identical payloads: each row joins the first row that has its sha256.
-    first_of_sha = candidates.groupby("sha256", sort=False).cumcount().to_numpy() == 0
-    sha_first = pd.Series(rows[first_of_sha], index=candidates["sha256"].to_numpy()[first_of_sha])
-    src, dst = [rows], [sha_first.loc[candidates["sha256"]].to_numpy()]
+    sha = candidates["_sha"].to_numpy()
+    src, dst = [np.arange(n)], [_first_rows(sha, int(sha.max()) + 1 if n else 0)[sha]]
     if p.near_threshold >= 0 and n:
-        near_src, near_dst = _near_edges(candidates, p)
+        near_src, near_dst = _near_edges(hexes, hashes, p)
         src.append(near_src)
         dst.append(near_dst)
     a, b = np.concatenate(src), np.concatenate(dst)
@@ -205,22 +238,28 @@ def find_duplicates(
     table["dup_distance"] = -1
     table["keep_reason"] = ""
     is_candidate = (table["status"] == "ok") & table["valid"].fillna(False).astype(bool)
-    # Only the columns grouping and ranking read: the working copies stay narrow however wide
-    # the download table is.
-    used = [c for c in _RANKED_COLUMNS if c in table.columns]
-    candidates = table.loc[is_candidate, used].copy()
+    # Only the narrow columns grouping and ranking read are copied, however wide the download
+    # table is; the hex hashes are read where they are.
+    rows = np.flatnonzero(is_candidate.to_numpy())
+    candidates = table[[c for c in _RANKED_COLUMNS if c in table.columns]].iloc[rows]
     for column, default in _DEFAULTS.items():
-        candidates[column] = candidates[column].fillna(default)
+        if column in candidates and column not in _HEX:
+            candidates[column] = candidates[column].fillna(default)
     if len(candidates):
-        candidates = candidates.sort_values(["source", "id"], kind="stable")
-        candidates["_group"] = _groups(candidates, p)
+        by = ["source", "id"]
+        ordered = candidates[by].reset_index(drop=True).sort_values(by, kind="stable").index.to_numpy()
+        if (ordered != np.arange(len(ordered))).any():
+            candidates, rows = candidates.iloc[ordered], rows[ordered]
+        hexes = _Hex(table, rows)
+        candidates["_sha"] = _codes(candidates["sha256"])
+        hashes = hexes.packed("hash")
+        candidates["_group"] = _groups(candidates, hexes, hashes, p)
         facts = None
         if p.keep == "best" and evidence is not None:
             asked = keep.needs_evidence(candidates, candidates["_group"].to_numpy())
             if asked.any():
                 facts = evidence(table.loc[candidates.index[asked]])
-        order, criteria = keep.rank(candidates, p, sources, facts)
-        _assign(table, order, criteria, p)
+        _assign(table, candidates, hexes, hashes, keep.rank(candidates, p, sources, facts), p)
     counts = {
         "exact_duplicates": int((table["dup_reason"] == "exact").sum()),
         "near_duplicates": int(table["dup_reason"].str.startswith("near").sum()),
@@ -230,16 +269,33 @@ def find_duplicates(
 
 
 def _assign(
-    table: pd.DataFrame, order: pd.DataFrame, criteria: list[tuple[str, str]], p: DedupParams
+    table: pd.DataFrame,
+    candidates: pd.DataFrame,
+    hexes: _Hex,
+    hashes: np.ndarray,
+    ranking: keep.Ranking,
+    p: DedupParams,
 ) -> None:
-    """Write group, dup_of, dup_reason, dup_distance and keep_reason of the ranked rows."""
-    rank = order.groupby("_group").cumcount().to_numpy()
-    kept = order[rank == 0].set_index("_group")
-    reps = kept.loc[order["_group"]]
-    is_dup = rank > 0
+    """Write group, dup_of, dup_reason, dup_distance and keep_reason of the candidates
+    (`hashes`: their packed hashes), from their ranking.
+
+    Worked out on positions and numeric arrays: strings are read only for group members.
+    """
+    order, criteria = ranking.order, ranking.values
+    n = len(order)
+    group = candidates["_group"].to_numpy()[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    local = np.repeat(np.arange(len(starts)), sizes)  # each row's group, 0.. in order
+    first = starts[local]  # where each row's kept row stands in `order`
+    is_dup = np.arange(n) != first
+    rep = order[first]  # each row's kept row, as a candidate position
     # Exact: byte-identical to a row ranked before it in the group.
-    exact = order.duplicated(["_group", "sha256"]).to_numpy()
-    dist = _distances(list(order["hash"]), list(reps["hash"]))
+    sha = candidates["_sha"].to_numpy()[order]
+    key = local.astype(np.int64) * (int(sha.max()) + 1) + sha
+    exact = np.ones(n, bool)
+    exact[np.unique(key, return_index=True)[1]] = False
+    dist = _popcounts(hashes[order], hashes[rep])
     reason = np.where(exact, "exact", "near").astype(object)
     members = np.flatnonzero(is_dup & ~exact)  # only a near member's reason can change
     extra = [(f"near_{name}", "transform_hashes", j) for j, name in enumerate(p.transforms)]
@@ -247,38 +303,43 @@ def _assign(
     for label, column, j in extra:
         # The member's hash against the kept row's transformed or cropped hash; for a crop also
         # the other way round (the kept row a cropped copy of the member).
-        d = _extra_distances(order["hash"].iloc[members], reps[column].iloc[members], j)
+        mine, theirs = order[members], rep[members]
+        d = _extra_distances(hexes.take("hash", mine), hexes.take(column, theirs), j)
         if column == "crop_hashes":
-            d = np.minimum(d, _extra_distances(reps["hash"].iloc[members], order[column].iloc[members], j))
+            d = np.minimum(d, _extra_distances(hexes.take("hash", theirs), hexes.take(column, mine), j))
         better = members[d < dist[members]]
         reason[better] = label
         dist[members] = np.minimum(dist[members], d)
     # The runner-up (the best other payload) decides why the kept row won; each member says
     # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
-    others = order[is_dup & (order["sha256"].to_numpy() != reps["sha256"].to_numpy())]
-    runner = others.groupby("_group").head(1).set_index("_group")
-    sizes = order.groupby("_group").size().loc[kept.index]
-    won = pd.Series(np.where(sizes > 1, "key", ""), index=kept.index, dtype=object)
+    other = np.flatnonzero(is_dup & (sha != sha[first]))
+    runner = other[np.r_[True, local[other][1:] != local[other][:-1]]] if len(other) else other
+    won = np.where(sizes > 1, "key", "").astype(object)
     if len(runner):
-        won.loc[runner.index] = keep.deciding(kept.loc[runner.index], runner, criteria)
-    lost = keep.deciding(reps.reset_index(drop=True), order.reset_index(drop=True), criteria)
-    keep_reason = np.where(is_dup, lost, won.loc[order["_group"]].to_numpy())
-    group_ids = pd.Series(np.arange(len(kept)), index=kept.sort_values("_key").index)
-    table.loc[order.index, "group"] = group_ids.loc[order["_group"]].to_numpy()
-    table.loc[order.index, "dup_of"] = np.where(is_dup, reps["_key"].to_numpy(), "")
-    table.loc[order.index, "dup_reason"] = np.where(is_dup, reason, "")
-    table.loc[order.index, "dup_distance"] = np.where(is_dup, dist, -1)
-    table.loc[order.index, "keep_reason"] = keep_reason
+        won[local[runner]] = ranking.deciding(order[first[runner]], order[runner])
+    dups = np.flatnonzero(is_dup)
+    keep_reason = won[local]
+    keep_reason[dups] = ranking.deciding(rep[dups], order[dups])
+    # Groups are numbered in the order of their kept rows' keys.
+    kept_keys = criteria["_key"].to_numpy()[order[starts]]
+    number = np.empty(len(starts), np.int64)
+    number[np.argsort(kept_keys, kind="stable")] = np.arange(len(starts))
+    where = candidates.index[order]
+    table.loc[where, "group"] = number[local]
+    table.loc[where, "dup_of"] = np.where(is_dup, criteria["_key"].to_numpy()[rep], "")
+    table.loc[where, "dup_reason"] = np.where(is_dup, reason, "")
+    table.loc[where, "dup_distance"] = np.where(is_dup, dist, -1)
+    table.loc[where, "keep_reason"] = keep_reason
 
 
-def _extra_distances(hashes: pd.Series, extra: pd.Series, j: int) -> np.ndarray:
+def _extra_distances(hashes: list[str], extra: list[str], j: int) -> np.ndarray:
     """Distance of each hash to the j-th transformed or cropped hash of the same position (a
     large number where there is none)."""
     other = [c.split(",")[j] if c else "" for c in extra]
     has = np.array([bool(o) for o in other], bool)
     d = np.full(len(other), 1 << 30, np.int64)
     if has.any():
-        d[has] = _distances(list(hashes.to_numpy()[has]), [o for o in other if o])
+        d[has] = _distances([h for h, o in zip(hashes, other, strict=True) if o], [o for o in other if o])
     return d
 
 

@@ -31,6 +31,7 @@ by source order (the order of `sources`, then the manifest line, then the id).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,10 @@ the same index and the columns of `EVIDENCE_DEFAULTS` (``thumb``: the thumbnail'
 
 EVIDENCE_DEFAULTS = {"history": 0, "depth": 8, "upconverted": False, "thumb": b""}
 
+# What the criteria read of a candidate.
+_READS: tuple[str, ...] = ("_group", "source", "id", "sha256", "width", "height", "first_line")
+_READS += ("colour", "lossless", "quality", "camera")
+
 _MEDOID_REFERENCES = 256  # members a copy is compared with at most (the first ones of its group)
 _PAIRS_PER_STEP = 1 << 15
 
@@ -69,30 +74,44 @@ def needs_evidence(candidates: pd.DataFrame, groups: np.ndarray) -> np.ndarray:
     return first & (pd.Series(groups).map(payloads).to_numpy() > 1)
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """How the copies of each group rank: `order` holds the candidates' positions best first
+    within each group (groups ascending), `values` the columns they were sorted by (a row per
+    candidate position), `criteria` those columns with their reasons, in sort order."""
+
+    order: np.ndarray
+    values: pd.DataFrame
+    criteria: list[tuple[str, str]]
+
+    def deciding(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """For candidate positions (a[i], b[i]): the reason of the first criterion on which
+        they differ (the last criterion's where none does)."""
+        reason = np.full(len(a), self.criteria[-1][1], dtype=object)
+        decided = np.zeros(len(a), bool)
+        for column, name in self.criteria:
+            values = self.values[column].to_numpy()
+            differs = (values[a] != values[b]) & ~decided
+            reason[differs] = name
+            decided |= differs
+        return reason
+
+
 def rank(
     candidates: pd.DataFrame,
     p: DedupParams,
     sources: Sequence[str] | None,
     facts: pd.DataFrame | None = None,
-) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """`candidates` (with their `_group`) sorted best first within each group, and the criteria
-    (column, reason) of `p.keep` they were sorted by. `facts` are the evidence of rows that need
-    it (`needs_evidence`), shared here by every row of the same payload in the group."""
-    frame = candidates.copy()
+) -> Ranking:
+    """The ranking of `candidates` (with their `_group`) within each group by the criteria of
+    `p.keep`. `facts` are the evidence of rows that need it (`needs_evidence`), shared here by
+    every row of the same payload in the group. Only the columns the criteria read are copied."""
+    frame = candidates[[c for c in _READS if c in candidates.columns]].copy()
     criteria = _criteria(frame, p, sources, facts)
-    order = frame.sort_values(["_group", *(c for c, _ in criteria)], kind="stable")
-    return order, criteria
-
-
-def deciding(a: pd.DataFrame, b: pd.DataFrame, criteria: list[tuple[str, str]]) -> np.ndarray:
-    """For row pairs (a[i], b[i]): the reason of the first criterion on which they differ."""
-    reason = np.full(len(a), criteria[-1][1], dtype=object)
-    decided = np.zeros(len(a), bool)
-    for column, name in criteria:
-        differs = (a[column].to_numpy() != b[column].to_numpy()) & ~decided
-        reason[differs] = name
-        decided |= differs
-    return reason
+    columns = ["_group", *(c for c, _ in criteria)]
+    values = frame[columns].reset_index(drop=True)
+    order = values.sort_values(columns, kind="stable").index.to_numpy()
+    return Ranking(order=order, values=values, criteria=criteria)
 
 
 def _criteria(
