@@ -99,9 +99,12 @@ def decode_missing(
     keys = table["sha256"].tolist()
     todo = cache.missing(keys)
     if todo:
-        firsts = table.drop_duplicates("sha256").set_index("sha256").loc[todo].reset_index()
+        # Only the columns that say where the bytes lie: the table may be wide.
+        where = table[["sha256", "source", "shard", "offset", "size"]].drop_duplicates("sha256")
+        located = locations(where.set_index("sha256").loc[todo])
+        del where
         root = blob_root(raw_dir, compute)
-        batches = parallel.imap_batches(job.task, locations(firsts), compute, root, *job.args, desc=job.desc)
+        batches = parallel.imap_batches(job.task, located, compute, root, *job.args, desc=job.desc)
         with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
             cache.fill(todo, batches, job.part)
     memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
