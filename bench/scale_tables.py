@@ -6,7 +6,8 @@ cropped hashes of the default `dedup.crops`), 2 % near copies of an earlier row 
 two bits flipped), 1 % byte-identical copies (its sha256), 1 % broken, sizes from six
 resolutions, ten labels. For each size it prints each step's wall seconds and the process's peak
 heap (RssAnon, sampled every 20 ms) above what it held before the step ("rows": making the
-table), and the largest step's peak per row.
+table, numpy's temporary strings included), the largest step's peak per row, and what the table
+holds once made.
 
     python bench/scale.py --tables --table-sizes 100000,1000000
 """
@@ -148,6 +149,7 @@ def run_size(n: int, seed: int) -> dict:
     out["steps"]["rows"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak - base, 1)}
     memory.release()
     held = _anon_mb()
+    out["table_mb"] = round(held - base, 1)  # what the table holds once made (numpy's strings freed)
     with _Peak() as step:
         result = dedup.find_duplicates(table, DedupParams(), ["syn"], None)
     out["steps"]["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak - held, 1)}
@@ -209,6 +211,7 @@ def print_tables(report: dict) -> None:
         cells = " ".join(f"{run['steps'][s]['wall_s']:7.1f} {run['steps'][s]['peak_mb']:8.1f}" for s in STEPS)
         per_row = 1024 * run["table_steps_peak_mb"] / run["n"]
         print(f"{run['n']:10,d} {cells} {per_row:9.2f}")
+    print("the table once made (MB): " + ", ".join(f"{r['n']:,}: {r['table_mb']}" for r in report["runs"]))
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
