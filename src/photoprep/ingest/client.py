@@ -127,7 +127,8 @@ class _HostState:
     detail: str = ""
     down: HostDown | None = None
     left: int = 0  # ids that ended with the host's breaker reason
-    in_flight: set[asyncio.Task] = field(default_factory=set)
+    in_flight: set[asyncio.Task] = field(default_factory=set)  # the tasks asking it now
+    cancelled: set[asyncio.Task] = field(default_factory=set)  # ... that the breaker cancelled
 
 
 def _failure_kind(outcome: Outcome) -> str:
@@ -263,6 +264,7 @@ class Client:
             state.down = HostDown(host, reason, state.detail, state.answers, 0)
             self.down_origins[str(url.origin())] = state
             for task in list(state.in_flight):
+                state.cancelled.add(task)
                 task.cancel()
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
@@ -282,15 +284,19 @@ class Client:
                     return None
                 if self.not_before.get(host, 0.0) > self.loop.time():
                     continue  # the host was paused while this request queued for a slot
-                task = asyncio.ensure_future(self._try_get(url))
+                # In the caller's task, not one more per request (two more turns of the loop each).
+                task = asyncio.current_task()
+                assert task is not None
                 state.in_flight.add(task)
                 try:
-                    return await task
+                    return await self._try_get(url)
                 except asyncio.CancelledError:
-                    current = asyncio.current_task()
-                    if state.down is not None and current is not None and not current.cancelling():
-                        return None  # the breaker cancelled it, not a stop of the run
-                    raise
+                    if task not in state.cancelled:  # the breaker's cancel is taken back here
+                        raise
+                    state.cancelled.discard(task)
+                    if task.uncancel() > 0:
+                        raise  # a stop of the run as well
+                    return None
                 finally:
                     state.in_flight.discard(task)
 

@@ -172,22 +172,51 @@ class Sink:
 class SinkThread:
     """A sink on a thread of its own: the rows built (bodies hashed and sniffed) and put there.
 
-    One thread calls the sink, in the order results are handed over. `hand_over` returns at once;
-    a worker waits for its previous hand-over before the next (`wait`), so at most one body per
-    worker waits for the thread. A write that failed is raised by the next `check` or `wait` of
-    every worker.
+    One thread calls the sink, in the order results are handed over. The results handed over in
+    one turn of the event loop go to the thread together, as one batch: the thread wakes once per
+    turn instead of once per body (each wake took the interpreter's lock from the loop in the
+    middle of its turn). `hand_over` returns at once; a worker waits for its previous hand-over
+    before the next (`wait`), so at most one body per worker waits for the thread. A write that
+    failed is raised by the next `check` or `wait` of every worker.
+
+    Made inside the running event loop.
     """
 
     def __init__(self, sink: Sink):
         self.sink = sink
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="photoprep-sink")
+        self.loop = asyncio.get_running_loop()
         self.error: BaseException | None = None
+        self.batch: list[tuple[int, bytes | None, str, int, int]] = []
+        self.batch_done: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     def hand_over(
         self, index: int, body: bytes | None, reason: str, http_status: int, attempts: int
     ) -> concurrent.futures.Future[None]:
-        """Put target `index`'s result (its body, or None and the reason there is none) on the thread."""
-        return self.thread.submit(self._put, index, body, reason, http_status, attempts)
+        """Put target `index`'s result (its body, or None and the reason there is none) on the
+        thread, with the others of this turn of the loop; done once they are all put."""
+        if not self.batch:
+            self.loop.call_soon(self._send)
+        self.batch.append((index, body, reason, http_status, attempts))
+        return self.batch_done
+
+    def _send(self) -> None:
+        if not self.batch:
+            return  # sent already by `close`
+        batch, done = self.batch, self.batch_done
+        self.batch, self.batch_done = [], concurrent.futures.Future()
+        self.thread.submit(self._put_all, batch, done)
+
+    def _put_all(
+        self, batch: list[tuple[int, bytes | None, str, int, int]], done: concurrent.futures.Future[None]
+    ) -> None:
+        try:
+            for index, body, reason, http_status, attempts in batch:
+                self._put(index, body, reason, http_status, attempts)
+        except BaseException as exc:
+            done.set_exception(exc)
+            raise
+        done.set_result(None)
 
     def _put(self, index: int, body: bytes | None, reason: str, http_status: int, attempts: int) -> None:
         if body is None:
@@ -213,6 +242,7 @@ class SinkThread:
 
     def close(self) -> None:
         """Put what was handed over, then end the thread: the sink is the caller's again."""
+        self._send()
         self.thread.shutdown(wait=True)
 
 
