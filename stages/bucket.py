@@ -4,6 +4,10 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
+import os
+
+# Arrow's buffers from malloc, set before pyarrow loads: photoprep.core.tables says why.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import pandas as pd
 
@@ -23,24 +27,32 @@ def main() -> str:
     result = bucket.assign_buckets(valid, p.bucket)
     del valid  # result.table holds the valid rows: one copy of the wide table, not two
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
+    counts = bucket.bucket_counts(result)
+    samples = bucket.sample_rows(result.table, p.bucket.samples_per_bucket)
+    images = len(result.table)
     kept = result.table[result.table["kept"]].reset_index(drop=True)
-    dropped = (
-        f"bucket.keep and bucket.min_count dropped every bucket ({console.count(len(result.table))} images)"
-    )
+    # Counts and samples are taken and the plot reads the resolutions: the wide table is held once.
+    result.table = kept.iloc[:0]
+    memory.release()
+    dropped = f"bucket.keep and bucket.min_count dropped every bucket ({console.count(images)} images)"
     console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
     spec = PixelSpec.from_params(p)
-    stored.write_pixels(kept, PATHS.raw_dir, spec, p.compute, PATHS.images_array, p.bucket.chunk_kb << 10)
+    # Only what the pixels read (where each blob lies, its key, its source), not the wide table.
+    located = kept[["source", "sha256", "shard", "offset", "size"]]
+    stored.write_pixels(located, PATHS.raw_dir, spec, p.compute, PATHS.images_array, p.bucket.chunk_kb << 10)
+    del located
     memory.release()
     pixels = ChunkedArray(PATHS.images_array)
-    io.write_table(kept.assign(row=range(len(kept))), PATHS.images_table)
+    kept["row"] = range(len(kept))
+    io.write_table(kept, PATHS.images_table)
+    del kept
+    memory.release()
     io.write_table(result.resolutions, PATHS.resolutions_csv)
     bucket.plot_resolutions(result, PATHS.resolutions_png)
-    samples = bucket.sample_rows(result.table, p.bucket.samples_per_bucket)
     sheets.draw_bucket_samples(samples, pixels, PATHS.buckets_png)
-    counts = bucket.bucket_counts(result)
     io.write_json(counts, PATHS.stage_counts("bucket"))
     return (
-        f"{console.count(len(result.table))} valid images: {console.count(counts['kept'])} kept in "
+        f"{console.count(images)} valid images: {console.count(counts['kept'])} kept in "
         f"{len(counts['kept_per_bucket'])} buckets, {console.count(counts['bucket_dropped'])} dropped"
     )
 

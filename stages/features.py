@@ -4,22 +4,27 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
+import os
+
+# Arrow's buffers from malloc, set before pyarrow loads: photoprep.core.tables says why.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import pandas as pd
 
-from photoprep.core import console, errors, io, params
+from photoprep.core import console, errors, io, params, tables
 from photoprep.core.layout import PATHS
 from photoprep.images import features
 
 
 def main() -> str:
     p = params.load()
-    table = pd.read_parquet(PATHS.images_table, columns=["source", "id", "row"])
-    console.require_input(len(table), "features", "bucket kept no image", PATHS.stage_counts("bucket"))
+    images = tables.row_count(PATHS.images_table)
+    console.require_input(images, "features", "bucket kept no image", PATHS.stage_counts("bucket"))
     info = features.write_features(PATHS.images_array, PATHS.features_array, p.features, p.compute)
-    io.write_table(table, PATHS.features_table)
+    # The ids are read once the features are written: they are not held while those are computed.
+    io.write_table(pd.read_parquet(PATHS.images_table, columns=["source", "id", "row"]), PATHS.features_table)
     io.write_json(info, PATHS.features_info)
-    return f"{console.count(len(table))} images: {info['dim']} features each"
+    return f"{console.count(images)} images: {info['dim']} features each"
 
 
 if __name__ == "__main__":

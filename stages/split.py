@@ -4,6 +4,10 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
+import os
+
+# Arrow's buffers from malloc, set before pyarrow loads: photoprep.core.tables says why.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 import pandas as pd
 
@@ -21,18 +25,21 @@ def main() -> str:
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
     members = pd.read_parquet(PATHS.dedup_table, columns=["source", "id", "label", "group"])
     table = split.attach_labels(table, labels, members, priority=p.sources)
+    del labels, members  # held to the end, they were the stage's largest tables after the images'
+    images = len(table)
     labelled = int((table["label"].notna() & (table["label"].astype(str) != "")).sum())
-    cause = f"none of the {console.count(len(table))} images has a label (labels.csv ids or class folders)"
+    cause = f"none of the {console.count(images)} images has a label (labels.csv ids or class folders)"
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/labels_unmatched.csv"
     console.require_input(labelled, "split", cause, see)
     result = split.assign_splits(table, p.split)
+    del table  # the result holds what the splits need
     for name in SPLITS:
         part = result.table[result.table["split"] == name].reset_index(drop=True)
         io.write_table(part, PATHS.split_table(name))
     report = split.split_report(result)
     io.write_json(report, PATHS.splits_report)
     totals = ", ".join(f"{name} {console.count(n)}" for name, n in report["totals"].items())
-    return f"{console.count(len(table))} images, {len(report['classes'])} classes: {totals}"
+    return f"{console.count(images)} images, {len(report['classes'])} classes: {totals}"
 
 
 if __name__ == "__main__":

@@ -17,6 +17,44 @@ def test_rows_and_arrays_come_back_in_the_order_asked(tmp_path):
     assert again.arrays(["b", "c", "a"]).ravel().tolist() == [2, 3, 1]
 
 
+def test_the_key_index_finds_each_key_where_it_was_first_put_in_the_array_or_beside_it(monkeypatch):
+    monkeypatch.setattr(memo.KeyIndex, "MERGE", 3)  # the first parts join the sorted array
+    index = memo.KeyIndex()
+    index.add("p1", ["f", "a", "f"])
+    index.add("p2", ["a", "c", "b"])  # "a" stays p1's; three keys join the array
+    index.add("p3", ["e", "c"])  # waits beside the array
+    assert len(index) == 5
+    assert "e" in index and "b" in index and "z" not in index
+    assert index.where(["a", "b", "c", "e", "f", "z", "ff"]).tolist() == [
+        1,
+        2 | 1 << 32,
+        1 | 1 << 32,
+        2 << 32,
+        0,
+        -1,
+        -1,
+    ]
+    located = [
+        (name, slots.tolist(), positions.tolist())
+        for name, slots, positions in index.locate(["e", "f", "b", "a"])
+    ]
+    assert located == [("p3", [0], [0]), ("p1", [1, 3], [0, 1]), ("p2", [2], [2])]
+
+
+def test_a_memo_of_many_parts_finds_every_key_after_the_index_merged(tmp_path, monkeypatch):
+    monkeypatch.setattr(memo.KeyIndex, "MERGE", 4)
+    cache = memo.Memo("pixels", "fp", root=tmp_path, arrays=True)
+    keys = [f"{i:064x}" for i in range(40)]
+    for start in range(0, 40, 5):
+        part = keys[start : start + 5]
+        cache.put(pd.DataFrame({"sha256": part}), np.arange(start, start + 5, dtype=np.int32)[:, None])
+    again = memo.Memo("pixels", "fp", root=tmp_path, arrays=True)
+    assert len(again) == 40 and again.parts == 8
+    asked = [*keys[::-3], "f" * 64]
+    assert again.missing(asked) == ["f" * 64]
+    assert again.arrays(asked[:-1]).ravel().tolist() == list(range(39, -1, -3))
+
+
 def test_another_fingerprint_sees_nothing(tmp_path):
     memo.Memo("probe", "one", root=tmp_path).put(pd.DataFrame({"sha256": ["a"], "width": [1]}))
     assert memo.Memo("probe", "two", root=tmp_path).missing(["a"]) == ["a"]

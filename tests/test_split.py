@@ -322,6 +322,19 @@ def test_fingerprint_is_order_independent_and_content_sensitive():
     assert fingerprint(unlab) != fp
 
 
+def test_fingerprint_hashes_the_whole_json_text_though_it_is_written_a_slice_at_a_time(monkeypatch):
+    import photoprep.dataset.split as split_module
+
+    t = assign_splits(images_table(300, unlabeled_every=7), SplitParams()).table
+    rows = t.sort_values(["source", "id"])[["source", "id", "sha256", "label"]].to_numpy(dtype=object)
+    whole = json.dumps(rows.tolist(), ensure_ascii=False, separators=(",", ":"))
+    expected = hashlib.sha256(whole.encode("utf-8")).hexdigest()
+    for step in (1, 7, 299, 300, 301):
+        monkeypatch.setattr(split_module, "FINGERPRINT_ROWS", step)
+        assert fingerprint(t) == expected, step
+    assert fingerprint(t.iloc[:0]) == hashlib.sha256(b"[]").hexdigest()
+
+
 def test_split_report_is_json_and_consistent():
     t = images_table(1000, unlabeled_every=20)
     r = assign_splits(t, SplitParams(classes=["c1", "c2", "c3"], max_per_class=80, seed=5))

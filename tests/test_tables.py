@@ -4,6 +4,11 @@ the validate stage, which streams its table, writes the same bytes in one slice 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -102,3 +107,27 @@ def test_the_validate_stage_writes_the_same_bytes_in_one_slice_or_in_many(tmp_pa
     assert {name: (project / name).read_bytes() for name in outputs} == once
     assert len(pd.read_parquet(project / outputs[0])) > 100
     assert len(pd.read_csv(project / outputs[1])) == 8
+
+
+def test_row_count_reads_the_footer(tmp_path):
+    _frame(40_000).to_parquet(tmp_path / "in.parquet", index=False, row_group_size=tables.ROW_GROUP)
+    assert tables.row_count(tmp_path / "in.parquet") == 40_000
+
+
+@pytest.mark.parametrize("stage", ["validate", "bucket", "features", "split"])
+def test_the_table_stages_take_arrows_buffers_from_malloc(stage):
+    """The setting must come before pyarrow loads (Arrow reads it once): importing the stage
+    script, with all it imports, leaves Arrow's default pool the system's."""
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import importlib.util, sys\n"
+        "sys.path.insert(0, 'stages')\n"
+        f"spec = importlib.util.spec_from_file_location('stage', 'stages/{stage}.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import pyarrow\n"
+        "print(pyarrow.default_memory_pool().backend_name)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "system"

@@ -337,10 +337,6 @@ class ChunkedArray:
         out = self.take(np.arange(self.shape[0]))
         return out if dtype is None else out.astype(dtype)
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for _, _, block in self.blocks():
-            yield from block
-
 
 def save(
     folder: str | Path, array: np.ndarray, keys: Sequence[str] | None = None, target: int | None = None
@@ -354,11 +350,16 @@ def save(
     row_bytes = int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize
     cuts = boundaries(keys, None, target or target_rows(row_bytes))
     chunks = [
-        Chunk(chunk_name(keys[start:stop]), stop - start, functools.partial(_slice, array, start, stop))
-        for start, stop in cuts
+        Chunk(chunk_name(keys[start:stop]), stop - start, rows_of(array, start, stop)) for start, stop in cuts
     ]
     write_folder(Path(folder), chunks, array.dtype, tuple(array.shape[1:]))
 
 
-def _slice(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return array[start:stop]
+def rows_of(array: np.ndarray, start: int, stop: int) -> Callable[[], np.ndarray]:
+    """A chunk's source that is the rows ``start:stop`` of `array` (an ndarray or a memory map),
+    read only when the chunk is written."""
+    return functools.partial(_read_rows, array, start, stop)
+
+
+def _read_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return np.asarray(array[start:stop])

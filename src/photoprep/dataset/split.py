@@ -63,6 +63,7 @@ _REQUIRED = ("source", "id", "sha256", "label")
 # The columns of the images table that `attach_labels` and `assign_splits` read.
 READS = ["source", "id", "sha256", "label", "row", "group"]
 _DIGITS = re.compile(r"(\d+)")
+FINGERPRINT_ROWS = 4096  # rows of the fingerprint's text hashed at a time
 
 
 @dataclass
@@ -364,9 +365,17 @@ def fingerprint(table: pd.DataFrame) -> str:
     )
     # Python's order of (source, id, sha256 is None, sha256 or "", label is None, label or "").
     order = rows.sort_values(["source", "id", "_sha_none", "_sha", "_label_none", "_label"], kind="mergesort")
-    listed = order[["source", "id", "sha256", "label"]].to_numpy(dtype=object).tolist()
-    text = json.dumps(listed, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    values = order[["source", "id", "sha256", "label"]].to_numpy(dtype=object)
+    # The JSON text of the whole list, hashed a slice of rows at a time (the text of every row at
+    # once was the step's peak): "[" + the rows' texts joined by "," + "]".
+    digest = hashlib.sha256(b"[")
+    for start in range(0, len(values), FINGERPRINT_ROWS):
+        rows_text = json.dumps(
+            values[start : start + FINGERPRINT_ROWS].tolist(), ensure_ascii=False, separators=(",", ":")
+        )
+        digest.update((("," if start else "") + rows_text[1:-1]).encode("utf-8"))
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 def split_report(result: SplitResult) -> dict:

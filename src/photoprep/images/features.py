@@ -26,7 +26,6 @@ blocks, and every chunk is written anew.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import sys
@@ -247,10 +246,6 @@ def feature_memo(images: Any, p: FeatureParams) -> memo.Memo:
     return memo.Memo("features", memo.fingerprint(settings, hog, sys.modules[__name__]), arrays=True)
 
 
-def _rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-    return np.asarray(array[start:stop])
-
-
 def write_features(images_path: Path, path: Path, p: FeatureParams, compute: ComputeParams) -> dict[str, Any]:
     """Write the float32 ``N x D`` features of the chunked images at `images_path` as the chunked
     array folder `path`, chunk for chunk beside the images; return the info.
@@ -304,7 +299,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             whole[start:stop] = np.load(cache.part_path(chunk), mmap_mode="r")
         info["standard"] = {"ddof": 0, "constant_columns": standardise(whole)}
         scaled = [
-            chunked.Chunk(memo.part_name(c), len(c), functools.partial(_rows, whole, start, stop))
+            chunked.Chunk(memo.part_name(c), len(c), chunked.rows_of(whole, start, stop))
             for c, (start, stop) in zip(chunks, cuts, strict=True)
         ]
         chunked.write_folder(path, scaled, np.float32, (info["dim"],), needed=whole_bytes)

@@ -16,6 +16,11 @@ A part that cannot be written (a full disk, a read-only cache folder) stops the 
 line naming the memo's folder and `PHOTOPREP_CACHE` (`photoprep.core.errors`); the parts
 written before stay, so the re-run decodes only what they do not hold. A part that cannot be
 read for such a reason is not discarded: the disk is the problem, not the part.
+
+Why one module
+    The key index (`KeyIndex`: where each key's row lies, as sorted arrays) serves the memo
+    alone and follows its rules (a part's number and positions, the first part wins); the
+    memo's loading, reading and writing share the parts' names and verification.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -83,6 +88,80 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+class KeyIndex:
+    """Where the row of each key lies: its part's number (`names`) and its position there.
+
+    The keys are one sorted array of bytes (64 a sha256) beside one int64 each (part number and
+    position), not a dict of Python strings and tuples (about 300 bytes a key); the keys of the
+    latest parts wait in a small dict until they are an eighth of the array, then join it. A key
+    that two parts hold keeps the first place it was given.
+    """
+
+    MERGE = 4096  # keys that wait in the dict at least, before they join the array
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._numbers: dict[str, int] = {}
+        self._keys = np.empty(0, dtype=np.bytes_)
+        self._where = np.empty(0, dtype=np.int64)
+        self._recent: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self._recent)
+
+    def __contains__(self, key: str) -> bool:
+        return bool(self.where([key])[0] >= 0)
+
+    def add(self, name: str, keys: Sequence[str]) -> None:
+        """The keys of part `name`, in its row order."""
+        number = self._numbers.setdefault(name, len(self.names))
+        if number == len(self.names):
+            self.names.append(name)
+        held = self.where(keys) >= 0
+        for position, key in enumerate(keys):
+            if not held[position]:
+                self._recent.setdefault(str(key), number << 32 | position)
+        if len(self._recent) >= max(self.MERGE, len(self._keys) // 8):
+            self._merge()
+
+    def _merge(self) -> None:
+        keys = np.concatenate([self._keys, _encoded(list(self._recent))])
+        where = np.concatenate([self._where, np.fromiter(self._recent.values(), np.int64, len(self._recent))])
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._where = keys[order], where[order]
+        self._recent = {}
+
+    def where(self, keys: Sequence[str]) -> np.ndarray:
+        """int64 part number << 32 | position of each key, -1 where no part holds it."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if len(self._keys) and len(keys):
+            encoded = _encoded(keys)
+            at = np.minimum(np.searchsorted(self._keys, encoded), len(self._keys) - 1)
+            found = self._keys[at] == encoded
+            out[found] = self._where[at[found]]
+        if self._recent:
+            for slot in np.flatnonzero(out < 0).tolist():
+                out[slot] = self._recent.get(str(keys[slot]), -1)
+        return out
+
+    def locate(self, keys: Sequence[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """(part name, slots in `keys`, positions in the part) of each part that holds some of
+        `keys`, parts in the order of their first key; every key must be held (KeyError)."""
+        where = self.where(keys)
+        if (where < 0).any():
+            raise KeyError(keys[int(np.flatnonzero(where < 0)[0])])
+        numbers = where >> 32
+        order = np.argsort(numbers, kind="stable")
+        cuts = np.flatnonzero(np.diff(numbers[order])) + 1
+        groups = sorted(np.split(order, cuts), key=lambda slots: int(slots[0]))
+        for slots in groups:
+            yield self.names[int(numbers[slots[0]])], slots, where[slots] & 0xFFFFFFFF
+
+
+def _encoded(keys: Sequence[str]) -> np.ndarray:
+    return np.array([str(key).encode() for key in keys], dtype=np.bytes_)
+
+
 class DamagedPart(Exception):
     """A memo part that cannot be trusted (the message says why)."""
 
@@ -100,7 +179,7 @@ class Memo:
         self.directory = (root or cache_root()) / namespace / fingerprint
         self.with_arrays = arrays
         self.discarded = 0  # damaged parts set aside while loading
-        self._index: dict[str, tuple[str, int]] = {}
+        self._index = KeyIndex()
         self._parts: dict[str, pd.DataFrame] = {}
         self._mapped: dict[str, np.ndarray] = {}
         if self.directory.exists():
@@ -164,8 +243,7 @@ class Memo:
     def _add_part(self, name: str, rows: pd.DataFrame) -> None:
         rows = rows.reset_index(drop=True)
         self._parts[name] = rows
-        for position, key in enumerate(rows[KEY]):
-            self._index.setdefault(key, (name, position))
+        self._index.add(name, rows[KEY].tolist())
 
     # ------------------------------------------------------------------ reading
 
@@ -182,22 +260,18 @@ class Memo:
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The distinct keys not memoized yet, in first-seen order."""
-        return [k for k in dict.fromkeys(keys) if k not in self._index]
+        distinct = list(dict.fromkeys(keys))
+        return [k for k, where in zip(distinct, self._index.where(distinct), strict=True) if where < 0]
 
     def rows(self, keys: Sequence[str]) -> pd.DataFrame:
         """Memoized rows for `keys`, in that order (every key must be present)."""
         if not len(keys):
             frames = list(self._parts.values())
             return frames[0].iloc[:0].copy() if frames else pd.DataFrame({KEY: []})
-        by_part: dict[str, list[tuple[int, int]]] = {}
-        for slot, key in enumerate(keys):
-            name, position = self._index[key]
-            by_part.setdefault(name, []).append((slot, position))
         pieces = []
-        for name, pairs in by_part.items():
-            slots, positions = zip(*pairs, strict=True)
-            piece = self._parts[name].iloc[list(positions)].copy()
-            piece.index = list(slots)
+        for name, slots, positions in self._index.locate(keys):
+            piece = self._parts[name].iloc[positions].copy()
+            piece.index = slots.tolist()
             pieces.append(piece)
         return pd.concat(pieces).sort_index().reset_index(drop=True)
 
@@ -210,17 +284,12 @@ class Memo:
         """Memoized arrays for `keys`, stacked in that order (into `out` when given)."""
         if not len(keys):
             return out if out is not None else np.zeros((0,), np.uint8)
-        by_part: dict[str, tuple[list[int], list[int]]] = {}
-        for slot, key in enumerate(keys):
-            name, position = self._index[key]
-            slots, positions = by_part.setdefault(name, ([], []))
-            slots.append(slot)
-            positions.append(position)
-        if out is None:
-            first = self._array(next(iter(by_part)))
-            out = np.empty((len(keys), *first.shape[1:]), dtype=first.dtype)
-        for name, (slots, positions) in by_part.items():
+        for name, slots, positions in self._index.locate(keys):
+            if out is None:  # the first key's part says the row shape and dtype
+                first = self._array(name)
+                out = np.empty((len(keys), *first.shape[1:]), dtype=first.dtype)
             out[slots] = self._array(name)[positions]
+        assert out is not None
         return out
 
     # ------------------------------------------------------------------ writing
@@ -285,6 +354,11 @@ class Memo:
         new = np.asarray(arrays) if len(fresh) else None
         if new is not None and len(new) != len(fresh):
             raise ValueError(f"{len(new)} arrays for {len(fresh)} keys")
+        if new is not None and list(fresh) == list(keys):
+            # Every row is new, in order (a chunk of new photos): its arrays are the part as they
+            # are, not copied twice more into a new array.
+            self.put(pd.DataFrame({KEY: list(keys)}), new)
+            return
         old_slots = [slot for slot, key in enumerate(keys) if key not in computed]
         old = self.arrays([keys[slot] for slot in old_slots]) if old_slots else None
         like = new if new is not None else old
@@ -315,8 +389,10 @@ class Memo:
         scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
         fresh = []
         for keys in missing:
+            distinct = list(dict.fromkeys(keys))
+            known = self._index.where(distinct) >= 0
             fresh.append(
-                [key for key in dict.fromkeys(keys) if key not in self._index and key not in scheduled]
+                [key for key, h in zip(distinct, known, strict=True) if not h and key not in scheduled]
             )
             scheduled.update(fresh[-1])
         # The missing keys of every chunk, one after another, cut into batches: a few new photos
@@ -357,7 +433,7 @@ class Memo:
         name = part_name([str(k) for k in merged[KEY]])
         write_table(merged, self.directory / f"{name}.parquet", durable=True)
         self._parts = {}
-        self._index = {}
+        self._index = KeyIndex()
         self._add_part(name, merged)
         for stale in old:
             if stale != name:

@@ -19,14 +19,17 @@ VALID_COLUMNS = ["format", "width", "height", "mode", "valid", "reason"]
 
 def validate_images(deduped: pd.DataFrame, p: ValidateParams) -> pd.DataFrame:
     """The fetched, non-duplicate records, each with `valid` and a `reason` when it is not."""
-    remaining = deduped[(deduped["status"] == "ok") & (deduped["dup_of"] == "")].copy()
-    reason = remaining["decode_reason"].fillna("").astype(str)
+    chosen = ((deduped["status"] == "ok") & (deduped["dup_of"] == "")).to_numpy()
+    # One copy of the chosen rows, of the columns that stay (a copy of every column, then of the
+    # ones kept, held the slice twice more).
+    keep = [c for c in deduped.columns if c not in ("decode_reason", "status", "fetch_reason")]
+    remaining = deduped.loc[chosen, keep].reset_index(drop=True)
+    reason = deduped.loc[chosen, "decode_reason"].fillna("").astype(str).reset_index(drop=True)
     too_small = (reason == "") & (remaining[["width", "height"]].min(axis=1) < p.min_side)
     reason = reason.mask(too_small, "too_small")
     remaining["reason"] = reason
     remaining["valid"] = reason == ""
-    keep = [c for c in remaining.columns if c not in ("decode_reason", "status", "fetch_reason")]
-    return remaining[keep].reset_index(drop=True)
+    return remaining
 
 
 def validate_counts(valid: pd.DataFrame) -> dict:
