@@ -4,6 +4,10 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
+from photoprep.core import memory
+
+memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
+
 
 from photoprep.core import console, errors, io, memory, parallel, params
 from photoprep.core.layout import PATHS

@@ -4,10 +4,10 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
-import os
+from photoprep.core import memory
 
-# Arrow's buffers from malloc, set before pyarrow loads: photoprep.core.tables says why.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
+
 
 import pandas as pd
 

@@ -114,8 +114,8 @@ def test_row_count_reads_the_footer(tmp_path):
     assert tables.row_count(tmp_path / "in.parquet") == 40_000
 
 
-@pytest.mark.parametrize("stage", ["validate", "bucket", "features", "split"])
-def test_the_table_stages_take_arrows_buffers_from_malloc(stage):
+@pytest.mark.parametrize("stage", ["download", "dedup", "validate", "bucket", "features", "split"])
+def test_the_data_stages_take_arrows_buffers_from_malloc(stage):
     """The setting must come before pyarrow loads (Arrow reads it once): importing the stage
     script, with all it imports, leaves Arrow's default pool the system's."""
     repo = Path(__file__).resolve().parents[1]

@@ -7,11 +7,20 @@ stage's resident anonymous memory, and the next step's working set lands on top 
 peak grows with every transient copy of every table that came before. `release` hands the free
 pages back: the stage's peak is then its largest single step, not the sum of its steps' garbage.
 It frees nothing that is in use, costs a few milliseconds, and changes no result.
+
+`arrow_from_malloc`, called by the data stages before pyarrow loads, puts Arrow's buffers in the C
+library's malloc instead of Arrow's default mimalloc pool, which kept about two and a half times
+the bytes Arrow held resident and gave little back (reading the 20,200 rows of a dedup table,
+14 MB of Arrow buffers: 38 MB more RssAnon with mimalloc, 14 with malloc, which `release` trims).
+Arrow reads the choice (``ARROW_DEFAULT_MEMORY_POOL``) once, when it loads, so it is an
+environment variable set first thing; the workers a stage starts inherit it. The bytes written
+do not depend on the allocator.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable
 from functools import cache
@@ -26,6 +35,12 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         return None
     return trim
+
+
+def arrow_from_malloc() -> None:
+    """Arrow's buffers from malloc in this process and the ones it starts, unless the environment
+    chose a pool already. Call before pyarrow loads: afterwards it changes nothing here."""
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 
 def release() -> None:

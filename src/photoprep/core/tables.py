@@ -10,13 +10,6 @@ written from one array per column: the writer would cut pages where slices met):
 `ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes. `CsvWriter` does the
 same for a CSV report (the header once).
 
-The stages that read tables (validate, bucket, features, split) set ``ARROW_DEFAULT_MEMORY_POOL=system``
-before pyarrow loads (Arrow reads it once, when it loads): Arrow's buffers then come from the C
-library's malloc, not from its default mimalloc pool, which kept about two and a half times the
-bytes Arrow held resident and gave little back (reading the 20,200 rows of a dedup table, 14 MB of
-Arrow buffers: 38 MB more RssAnon with mimalloc, 14 with malloc, which
-`photoprep.core.memory.release` trims). The bytes written do not depend on the allocator.
-
 Why by hand: pyarrow reads (``ParquetFile.iter_batches``) and writes (``ParquetWriter``); this
 module only ties the slice to a memory budget and fixes the row groups and the schema, which a
 slice-by-slice writer must hold steady (a slice whose text column is all empty would otherwise
