@@ -112,15 +112,17 @@ def mean_chroma(ycbcr: Image.Image) -> float:
     less than converting the channels to float and taking the hypot of each."""
     if ycbcr.width == 0 or ycbcr.height == 0:
         return 0.0
-    cb, cr = (np.asarray(ycbcr.getchannel(band)) for band in (1, 2))
-    return float(np.take(_chroma_table(), (cb.astype(np.uint16) << 8) | cr).mean())
+    pixels = np.asarray(ycbcr)
+    # Each pixel's Cb and Cr bytes, side by side, read as one little-endian uint16: cb + 256 * cr.
+    pairs = np.ndarray(pixels.shape[:2], "<u2", pixels, offset=1, strides=(pixels.strides[0], 3))
+    return float(np.take(_chroma_table(), pairs).mean())
 
 
 @functools.cache
 def _chroma_table() -> np.ndarray:
-    """hypot(cb - 128, cr - 128) in float32 for every (cb, cr), at cb * 256 + cr."""
+    """hypot(cb - 128, cr - 128) in float32 for every (cb, cr), at cb + 256 * cr."""
     offset = np.arange(256, dtype=np.float32) - 128
-    cb, cr = np.meshgrid(offset, offset, indexing="ij")
+    cb, cr = np.meshgrid(offset, offset, indexing="xy")
     table = np.hypot(cb, cr).ravel()
     table.flags.writeable = False
     return table
@@ -204,9 +206,20 @@ def _phash_bits(views: Sequence[Image.Image], hash_size: int) -> np.ndarray:
     side = 4 * hash_size
     lanczos = Image.Resampling.LANCZOS
     pixels = np.stack([np.asarray(_grey(view).resize((side, side), lanczos)) for view in views])
-    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1), axis=2)
-    low = dct[:, :hash_size, :hash_size].reshape(len(views), -1)
-    return low > np.median(low, axis=1, keepdims=True)
+    # The row DCT only of the rows the hash keeps: each row's transform is its own.
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1)[:, :hash_size], axis=2)
+    low = dct[:, :, :hash_size].reshape(len(views), -1)
+    return low > _medians(low)
+
+
+def _medians(rows: np.ndarray) -> np.ndarray:
+    """np.median of each row, as a column: the middle value, or the mean (a + b) / 2 of the two
+    middle ones (np.median's own arithmetic), from one sort of the whole stack."""
+    ordered = np.sort(rows, axis=1)
+    half = rows.shape[1] // 2
+    if rows.shape[1] % 2:
+        return ordered[:, half : half + 1]
+    return (ordered[:, half - 1 : half] + ordered[:, half : half + 1]) / 2
 
 
 def _grey(view: Image.Image) -> Image.Image:
