@@ -14,7 +14,10 @@ medians over the repeats, the paths interleaved:
     view at a time (the probe's way before `view_hashes`) against `view_hashes`, and whether
     every string is the same;
 (c) colour: the mean chroma, ``np.hypot`` over the float32 channels against `mean_chroma`,
-    and whether every value is the same.
+    and whether every value is the same;
+(d) what any probe with imagehash's hashes pays: libjpeg's decode at the draft scale (open,
+    draft, load), and Pillow's LANCZOS resize of the six views (crop and resize, as imagehash
+    does before its DCT).
 
 With ``--against-rev REV`` (a git revision, e.g. main) (a) is timed for REV's `src/` too, for a
 before/after on the same photos: two worker processes, one importing each tree, probe the same
@@ -26,6 +29,7 @@ machine falls on both alike. ``--json`` prints the figures as one JSON object an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -95,6 +99,22 @@ def reference_chroma(colours: list[Image.Image]) -> list[float]:
     return out
 
 
+def decoded(blobs: list[bytes]) -> None:
+    for blob in blobs:
+        im = Image.open(io.BytesIO(blob))
+        im.draft("YCbCr", (HASH_SIDE, HASH_SIDE))
+        with contextlib.suppress(OSError):
+            im.load()
+
+
+def resized(views: list[list[Image.Image]]) -> None:
+    lanczos = Image.Resampling.LANCZOS
+    for vs in views:
+        for view in vs:
+            for size in (8, 16):
+                view.resize((4 * size, 4 * size), lanczos)
+
+
 def fast_chroma(colours: list[Image.Image]) -> list[float]:
     from photoprep.images.fingerprint import mean_chroma
 
@@ -118,8 +138,10 @@ def measure(photos: int, repeats: int, probe_only: bool) -> dict:
             "hashes_view_hashes": lambda: fast_hashes(views),
             "colour_hypot": lambda: reference_chroma(colours),
             "colour_mean_chroma": lambda: fast_chroma(colours),
+            "decode_alone": lambda: decoded(blobs),
+            "lanczos_resizes_alone": lambda: resized(views),
         }
-        counts |= dict.fromkeys(list(paths)[1:], len(greys))
+        counts |= dict.fromkeys(list(paths)[1:], len(greys)) | {"decode_alone": len(blobs)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
         for name, run in paths.items():

@@ -175,3 +175,5 @@ def test_mean_chroma_is_the_float32_mean_of_the_pixels_hypot():
         reference = float(np.hypot(pixels[..., 1] - 128, pixels[..., 2] - 128).mean())
         assert mean_chroma(ycbcr) == reference
     assert mean_chroma(Image.new("YCbCr", (0, 0))) == 0.0
+    with pytest.raises(ValueError, match="YCbCr"):
+        mean_chroma(Image.fromarray(coffee()))

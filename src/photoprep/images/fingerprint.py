@@ -7,6 +7,9 @@ probe (`photoprep.images.probe`) decodes it at a scale whose shorter side stays 
 follows the input size and so would follow the decode scale. Every hash may leave out a margin
 of each side (`trimmed`), and a crop's hash is what a copy cropped by that share of each side
 would hash to (`crop_trim`). `FINE_HASH` (256 bits) verifies candidate pairs and crop matches.
+The probe hashes all of a picture's views in one call (`view_hashes`): each string is the one
+imagehash gives; for phash the DCTs and medians run once over the stack of views, so what is
+left of the cost is Pillow's LANCZOS resize of each view (bench/probe.py).
 
 The JPEG quality is estimated from the luminance quantisation table (`jpeg_quality`); EXIF
 names a camera when it has Make, Model or DateTimeOriginal (`names_a_camera`).
@@ -110,6 +113,8 @@ def mean_chroma(ycbcr: Image.Image) -> float:
     The mean in float32 of ``np.hypot(cb - 128, cr - 128)`` (float32) over the pixels; each
     pixel's distance is looked up in `_chroma_table` (the same float32 values), which costs
     less than converting the channels to float and taking the hypot of each."""
+    if ycbcr.mode != "YCbCr":
+        raise ValueError(f"mean_chroma needs a YCbCr image (got {ycbcr.mode})")
     if ycbcr.width == 0 or ycbcr.height == 0:
         return 0.0
     pixels = np.asarray(ycbcr)
