@@ -20,6 +20,7 @@ from pictures import (
 )
 from PIL import Image
 
+from photoprep.images.fingerprint import hex_of_bits, mean_chroma, view_hashes
 from photoprep.images.probe import ProbeSpec, probe
 
 
@@ -119,3 +120,60 @@ def test_transform_hashes_are_the_hashes_of_the_transformed_picture():
         assert value == probe(encode(np.ascontiguousarray(picture), "PNG"))["hash"]
     with pytest.raises(ValueError, match="transforms"):
         ProbeSpec(transforms=("shear",))
+
+
+def _views() -> list[Image.Image]:
+    """Grey views of every kind the probe hashes: pictures, their trims and crops, turns, flat,
+    noise, tiny and thin sizes."""
+    rng = np.random.default_rng(0)
+    greys = [Image.fromarray(p).convert("L") for p in (astronaut(), coffee(), chelsea())]
+    greys += [Image.fromarray(camera()), Image.new("L", (50, 40), 128)]
+    greys += [
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for size in ((1, 1), (3, 200), (64, 64))
+    ]
+    views = []
+    for grey in greys:
+        w, h = grey.size
+        views += [grey, grey.transpose(Image.Transpose.ROTATE_90)]
+        views += [
+            grey.crop((round(w * t), round(h * t), w - round(w * t), h - round(h * t))) for t in (0.1, 0.13)
+        ]
+    return views
+
+
+@pytest.mark.parametrize(
+    ("name", "size"),
+    [("phash", 8), ("phash", 16), ("phash", 5), ("phash", 4), ("dhash", 8), ("ahash", 6), ("whash", 8)],
+)
+def test_view_hashes_are_imagehash_bit_for_bit(name, size):
+    views = _views()
+    reference = {
+        "phash": imagehash.phash,
+        "dhash": imagehash.dhash,
+        "ahash": imagehash.average_hash,
+        "whash": lambda im, hash_size: imagehash.whash(im, hash_size, image_scale=8 * hash_size),
+    }[name]
+    assert view_hashes(views, name, size) == [str(reference(view, hash_size=size)) for view in views]
+    assert view_hashes([], name, size) == []
+
+
+def test_hex_of_bits_writes_imagehash_strings():
+    rng = np.random.default_rng(1)
+    for n_bits in (4, 16, 25, 36, 64, 100, 256):
+        bits = rng.random((20, n_bits)) < 0.5
+        bits[0], bits[1] = True, False
+        assert hex_of_bits(bits) == [str(imagehash.ImageHash(row)) for row in bits]
+
+
+def test_mean_chroma_is_the_float32_mean_of_the_pixels_hypot():
+    rng = np.random.default_rng(2)
+    pictures = [astronaut(), coffee(), chelsea(), np.dstack([camera()] * 3)]
+    pictures += [rng.integers(0, 256, (97, 131, 3), dtype=np.uint8), np.full((5, 3, 3), 130, np.uint8)]
+    for picture in pictures:
+        ycbcr = Image.fromarray(picture).convert("YCbCr")
+        pixels = np.asarray(ycbcr, dtype=np.float32)
+        reference = float(np.hypot(pixels[..., 1] - 128, pixels[..., 2] - 128).mean())
+        assert mean_chroma(ycbcr) == reference
+    assert mean_chroma(Image.new("YCbCr", (0, 0))) == 0.0
+    with pytest.raises(ValueError, match="YCbCr"):
+        mean_chroma(Image.fromarray(coffee()))

@@ -7,6 +7,9 @@ probe (`photoprep.images.probe`) decodes it at a scale whose shorter side stays 
 follows the input size and so would follow the decode scale. Every hash may leave out a margin
 of each side (`trimmed`), and a crop's hash is what a copy cropped by that share of each side
 would hash to (`crop_trim`). `FINE_HASH` (256 bits) verifies candidate pairs and crop matches.
+The probe hashes all of a picture's views in one call (`view_hashes`): each string is the one
+imagehash gives; for phash the DCTs and medians run once over the stack of views, so what is
+left of the cost is Pillow's LANCZOS resize of each view (bench/probe.py).
 
 The JPEG quality is estimated from the luminance quantisation table (`jpeg_quality`); EXIF
 names a camera when it has Make, Model or DateTimeOriginal (`names_a_camera`).
@@ -19,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 import imagehash
 import numpy as np
+import scipy.fftpack
 from PIL import Image
 
 from photoprep.images.formats import JPEG_FORMATS
@@ -104,9 +108,29 @@ def check_trims(trims: Sequence[float]) -> None:
 
 
 def mean_chroma(ycbcr: Image.Image) -> float:
-    """Mean distance of (Cb, Cr) from grey: at or above `COLOUR_CHROMA` a picture has colour."""
-    pixels = np.asarray(ycbcr, dtype=np.float32)
-    return float(np.hypot(pixels[..., 1] - 128, pixels[..., 2] - 128).mean()) if pixels.size else 0.0
+    """Mean distance of (Cb, Cr) from grey: at or above `COLOUR_CHROMA` a picture has colour.
+
+    The mean in float32 of ``np.hypot(cb - 128, cr - 128)`` (float32) over the pixels; each
+    pixel's distance is looked up in `_chroma_table` (the same float32 values), which costs
+    less than converting the channels to float and taking the hypot of each."""
+    if ycbcr.mode != "YCbCr":
+        raise ValueError(f"mean_chroma needs a YCbCr image (got {ycbcr.mode})")
+    if ycbcr.width == 0 or ycbcr.height == 0:
+        return 0.0
+    pixels = np.asarray(ycbcr)
+    # Each pixel's Cb and Cr bytes, side by side, read as one little-endian uint16: cb + 256 * cr.
+    pairs = np.ndarray(pixels.shape[:2], "<u2", pixels, offset=1, strides=(pixels.strides[0], 3))
+    return float(np.take(_chroma_table(), pairs).mean())
+
+
+@functools.cache
+def _chroma_table() -> np.ndarray:
+    """hypot(cb - 128, cr - 128) in float32 for every (cb, cr), at cb + 256 * cr."""
+    offset = np.arange(256, dtype=np.float32) - 128
+    cb, cr = np.meshgrid(offset, offset, indexing="xy")
+    table = np.hypot(cb, cr).ravel()
+    table.flags.writeable = False
+    return table
 
 
 def jpeg_quality(im: Image.Image) -> int:
@@ -160,6 +184,63 @@ def hasher_of(name: str, hash_size: int) -> Callable[[Image.Image], imagehash.Im
     # i.e. it would depend on the decode scale; a fixed scale keeps the hash about the picture.
     scale = _whash_scale(hash_size)
     return lambda im: imagehash.whash(im, hash_size=hash_size, image_scale=scale)
+
+
+def view_hashes(views: Sequence[Image.Image], name: str, hash_size: int) -> list[str]:
+    """The hash `name` at `hash_size` of each view as hex, exactly the string that
+    ``str(hasher_of(name, hash_size)(view))`` (imagehash) gives.
+
+    phash, the probe's default and its `FINE_HASH`, keeps imagehash's steps (Pillow's LANCZOS
+    resize to 4 * hash_size a side, scipy.fftpack's DCT of rows then columns, the median of
+    the lowest hash_size x hash_size coefficients) but runs the DCTs and medians once over the
+    stack of views; the other hashes are imagehash's, one view at a time. Hex strings come from
+    the packed bits (`hex_of_bits`), not from imagehash's string of digits."""
+    if not views:
+        return []
+    if name == "phash":
+        bits = _phash_bits(views, hash_size)
+    else:
+        hasher = hasher_of(name, hash_size)
+        bits = np.stack([np.asarray(hasher(view).hash).ravel() for view in views])
+    return hex_of_bits(bits)
+
+
+def _phash_bits(views: Sequence[Image.Image], hash_size: int) -> np.ndarray:
+    """imagehash.phash's bits (highfreq_factor 4) of each view, one row each."""
+    hasher_of("phash", hash_size)  # the same checks as imagehash's
+    side = 4 * hash_size
+    lanczos = Image.Resampling.LANCZOS
+    pixels = np.stack([np.asarray(_grey(view).resize((side, side), lanczos)) for view in views])
+    # The row DCT only of the rows the hash keeps: each row's transform is its own.
+    dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=1)[:, :hash_size], axis=2)
+    low = dct[:, :, :hash_size].reshape(len(views), -1)
+    return low > _medians(low)
+
+
+def _medians(rows: np.ndarray) -> np.ndarray:
+    """np.median of each row, as a column: the middle value, or the mean (a + b) / 2 of the two
+    middle ones (np.median's own arithmetic), from one sort of the whole stack."""
+    ordered = np.sort(rows, axis=1)
+    half = rows.shape[1] // 2
+    if rows.shape[1] % 2:
+        return ordered[:, half : half + 1]
+    return (ordered[:, half - 1 : half] + ordered[:, half : half + 1]) / 2
+
+
+def _grey(view: Image.Image) -> Image.Image:
+    # imagehash converts every input to L (a copy when it is L already: the same pixels).
+    return view if view.mode == "L" else view.convert("L")
+
+
+def hex_of_bits(bits: np.ndarray) -> list[str]:
+    """Each row of booleans as imagehash writes a hash: the bits, first one most significant,
+    as ceil(bits / 4) hex digits."""
+    n_bits = bits.shape[1]
+    digits, pad = -(-n_bits // 4), -n_bits % 8
+    packed = np.packbits(bits.astype(bool, copy=False), axis=1)
+    if pad == 0:
+        return [row.tobytes().hex() for row in packed]
+    return [format(int.from_bytes(row.tobytes(), "big") >> pad, f"0{digits}x") for row in packed]
 
 
 def _whash_scale(hash_size: int) -> int:

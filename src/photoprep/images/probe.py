@@ -60,6 +60,7 @@ from photoprep.images.fingerprint import (
     names_a_camera,
     transformed,
     trimmed,
+    view_hashes,
 )
 from photoprep.images.formats import JPEG_FORMATS, ImageRejected, codec_versions, stores_exactly
 from photoprep.ingest import sniff
@@ -212,17 +213,20 @@ def _upright_gray(data: bytes, spec: ProbeSpec, record: dict) -> tuple[Image.Ima
 
 
 def _hashes(gray: Image.Image, spec: ProbeSpec) -> dict[str, str]:
-    """The hash fields of a record, from the upright grey picture at the hash scale."""
-    hasher = hasher_of(spec.hash_name, spec.hash_size)
-    fine_hasher = hasher_of(*FINE_HASH)
+    """The hash fields of a record, from the upright grey picture at the hash scale: each
+    hash of all views at once (`view_hashes`)."""
     picture = trimmed(gray, spec.margin)
     crops_seen = [trimmed(gray, trim) for trim in spec.trims[1:]]
+    turned = [transformed(picture, t) for t in spec.transforms]
+    coarse = view_hashes([picture, *turned, *crops_seen], spec.hash_name, spec.hash_size)
+    fine = view_hashes([picture, *crops_seen], *FINE_HASH)
+    n_turned = len(turned)
     return {
-        "hash": str(hasher(picture)),
-        "fine_hash": str(fine_hasher(picture)),
-        "transform_hashes": ",".join(str(hasher(transformed(picture, t))) for t in spec.transforms),
-        "crop_hashes": ",".join(str(hasher(c)) for c in crops_seen),
-        "crop_fine_hashes": ",".join(str(fine_hasher(c)) for c in crops_seen),
+        "hash": coarse[0],
+        "fine_hash": fine[0],
+        "transform_hashes": ",".join(coarse[1 : 1 + n_turned]),
+        "crop_hashes": ",".join(coarse[1 + n_turned :]),
+        "crop_fine_hashes": ",".join(fine[1:]),
     }
 
 
