@@ -217,4 +217,7 @@ def print_tables(report: dict) -> None:
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     os.environ.setdefault("TQDM_DISABLE", "1")
+    from photoprep.core import memory
+
+    memory.arrow_from_malloc()  # as the stages do, before pyarrow loads
     _child()
