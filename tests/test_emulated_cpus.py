@@ -7,6 +7,9 @@ OpenBLAS by ISA and cache sizes, numpy by ISA), and qemu computes the approximat
 instructions exactly where real CPUs of each vendor round them their own way, so a kernel
 that uses them shows up as a difference too.
 
+``tests/emulated_probe.py`` runs dedup's probe (decode, perceptual hashes of every view, the
+colour test) on a few pictures: its records must be the native run's too.
+
 ``tests/emulated_math.py`` runs a few steps of each kind of CPU math the learn stages do:
 training the demo's convnet and a timm ResNet-18, evaluation logits, DEC, k-means, t-SNE, the
 softmax of predict. Pinned ``portable`` (the default), every hash must equal the native run's
@@ -32,6 +35,7 @@ from test_train import render_digits
 pytestmark = pytest.mark.slow
 
 SCRIPT = Path(__file__).with_name("emulated_math.py")
+PROBE = Path(__file__).with_name("emulated_probe.py")
 CPUS = {"intel": "Haswell-v1", "amd": "EPYC-Rome-v1"}
 QEMU = shutil.which("qemu-x86_64")
 
@@ -95,3 +99,21 @@ def test_the_pinning_of_earlier_versions_parts_intel_from_amd(inputs: Path) -> N
             )
         )
     assert runs["intel"]["convnet"] != runs["amd"]["convnet"]
+
+
+def test_the_probe_gives_the_native_hashes_on_an_emulated_intel_and_amd() -> None:
+    if QEMU is None:
+        pytest.skip("needs qemu-user (qemu-x86_64); .ci/run installs it")
+
+    def run(cpu: str | None) -> dict[str, str]:
+        command = [sys.executable, str(PROBE)]
+        done = subprocess.run(
+            [QEMU, "-cpu", cpu, *command] if cpu else command, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    with ThreadPoolExecutor(3) as pool:
+        native, *emulated = pool.map(run, [None, *CPUS.values()])
+    assert native["valid"] == 24
+    assert emulated == [native, native], f"native {native}, emulated {dict(zip(CPUS, emulated, strict=True))}"
