@@ -11,7 +11,7 @@ memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says w
 
 import pandas as pd
 
-from photoprep.core import console, errors, io, memory, params
+from photoprep.core import console, errors, io, params
 from photoprep.core.chunked import ChunkedArray
 from photoprep.core.layout import PATHS
 from photoprep.images import bucket, sheets, stored

@@ -9,7 +9,7 @@ from photoprep.core import memory
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
 
 
-from photoprep.core import console, errors, io, memory, parallel, params
+from photoprep.core import console, errors, io, parallel, params
 from photoprep.core.layout import PATHS
 from photoprep.images import dedup, probe, provenance, sheets, stored
 from photoprep.images.decode import DecodeLimits

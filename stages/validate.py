@@ -11,7 +11,7 @@ from photoprep.core import memory
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
 
 
-from photoprep.core import console, errors, io, memory, params, tables
+from photoprep.core import console, errors, io, params, tables
 from photoprep.core.layout import PATHS
 from photoprep.images import validate
 
