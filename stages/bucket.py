@@ -30,9 +30,10 @@ def main() -> str:
     counts = bucket.bucket_counts(result)
     samples = bucket.sample_rows(result.table, p.bucket.samples_per_bucket)
     images = len(result.table)
+    io.write_table(result.resolutions, PATHS.resolutions_csv)
+    bucket.plot_resolutions(result, PATHS.resolutions_png)
     kept = result.table[result.table["kept"]].reset_index(drop=True)
-    # Counts and samples are taken and the plot reads the resolutions: the wide table is held once.
-    result.table = kept.iloc[:0]
+    del result  # all it served is taken: the wide table is held once, as `kept`
     memory.release()
     dropped = f"bucket.keep and bucket.min_count dropped every bucket ({console.count(images)} images)"
     console.require_input(len(kept), "bucket", dropped, PATHS.resolutions_csv)
@@ -47,8 +48,6 @@ def main() -> str:
     io.write_table(kept, PATHS.images_table)
     del kept
     memory.release()
-    io.write_table(result.resolutions, PATHS.resolutions_csv)
-    bucket.plot_resolutions(result, PATHS.resolutions_png)
     sheets.draw_bucket_samples(samples, pixels, PATHS.buckets_png)
     io.write_json(counts, PATHS.stage_counts("bucket"))
     return (
