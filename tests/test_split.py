@@ -384,3 +384,13 @@ def test_a_later_source_relabels_the_duplicate_that_dedup_kept():
     # Listed first, the review source loses to the collection's own label where it has one.
     out = attach_labels(kept, none, members, priority=["review", "coll"])
     assert list(out["label"]) == ["dog", "cat"]
+
+
+def test_a_label_reaches_only_the_image_with_both_parts_of_its_key():
+    from photoprep.dataset.split import attach_labels
+
+    images = pd.DataFrame({"source": ["s", "sa", "t"], "id": ["ab", "b", "ab"], "label": [None, None, None]})
+    labels = pd.DataFrame({"source": ["s", "s"], "id": ["ab", "ab"], "label": ["cat", "dog"]})
+    # A repeated key gives its first label (pandas' drop_duplicates did); "s" + "ab" is not "sa" + "b".
+    assert attach_labels(images, labels)["label"].tolist()[0] == "cat"
+    assert attach_labels(images, labels)["label"].isna().tolist() == [False, True, True]

@@ -50,6 +50,8 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from photoprep.core.errors import UserError
 from photoprep.core.params import SplitParams
@@ -324,7 +326,7 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
     table = table[COLUMNS]
     table["row"] = table["row"].astype("int64")
 
-    classes = natural_sorted(set(table["label"].dropna()))
+    classes = natural_sorted(table["label"].dropna().unique())  # set() of an Arrow column: a step a row
     ratios = {name: float(p.ratios.get(name, 0.0)) for name in SPLITS}
     return SplitResult(table=table, classes=classes, dropped=dropped, ratios=ratios, seed=p.seed)
 
@@ -410,10 +412,26 @@ def split_report(result: SplitResult) -> dict:
     }
 
 
+def _keys(frame: pd.DataFrame) -> pa.Array:
+    """Each row's (source, id) as one text, the two joined by NUL: a source is a folder's name,
+    which never holds NUL, so the first NUL ends it and two keys are equal only if both parts are."""
+    text = pa.large_string()
+    parts = [pa.array(frame[c].astype(str), from_pandas=True).cast(text) for c in ("source", "id")]
+    return pc.binary_join_element_wise(*parts, pa.scalar("\0", text))
+
+
+def _key_positions(frame: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+    """The first row of `reference` that has the (source, id) of each row of `frame`, -1 where none
+    has: Arrow's hash kernel (`index_in`); a pandas MultiIndex made a Python tuple per row."""
+    found = pc.index_in(_keys(frame), value_set=_keys(reference))
+    return found.fill_null(-1).to_numpy().astype(np.int64)
+
+
 def _member_labels(members: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
     """Each member's label: its labels.csv entry, else what its manifest carried."""
-    given = labels.drop_duplicates(["source", "id"]).set_index(["source", "id"])["label"]
-    from_file = given.reindex(pd.MultiIndex.from_frame(members[["source", "id"]])).to_numpy()
+    at = _key_positions(members, labels)  # a key that labels repeat: its first row, as before
+    from_file = np.full(len(members), None, dtype=object)
+    from_file[at >= 0] = labels["label"].to_numpy(dtype=object)[at[at >= 0]]
     own = members["label"].to_numpy(dtype=object) if "label" in members else np.full(len(members), None)
     return pd.Series(np.where(pd.isna(from_file), own, from_file), index=members.index)
 
@@ -443,9 +461,7 @@ def attach_labels(
     members = members[members["label"].notna() & (members["label"].astype(str) != "")]
     rank = {name: i for i, name in enumerate(priority or [])}
     members["_rank"] = members["source"].map(rank).fillna(-1)
-    kept_keys = pd.MultiIndex.from_arrays([table["source"].astype(str), table["id"].astype(str)])
-    member_keys = pd.MultiIndex.from_arrays([members["source"].astype(str), members["id"].astype(str)])
-    members["_kept"] = member_keys.isin(kept_keys)
+    members["_kept"] = _key_positions(members, table) >= 0
     best = (
         members.sort_values(
             ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
