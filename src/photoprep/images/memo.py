@@ -95,6 +95,12 @@ class KeyIndex:
     position), not a dict of Python strings and tuples (about 300 bytes a key); the keys of the
     latest parts wait in a small dict until they are an eighth of the array, then join it. A key
     that two parts hold keeps the first place it was given.
+
+    Why not ``pd.Index(keys).get_indexer``, which gives the same positions: for an Arrow string
+    index pandas builds a hash table of Python strings. At 144,564 sha256 keys (this 2-core AMD)
+    that held 37 MB for the index plus 35 MB for its engine, against 15 MB here, and a lookup of a
+    seventh of the keys took 77 ms against 17 ms. Arrow's ``index_in`` rebuilds its hash table on
+    every call (81 ms).
     """
 
     MERGE = 4096  # keys that wait in the dict at least, before they join the array
