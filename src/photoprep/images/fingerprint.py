@@ -166,20 +166,25 @@ def names_a_camera(im: Image.Image) -> bool:
 
 
 @functools.cache
-def hasher_of(name: str, hash_size: int) -> Callable[[Image.Image], imagehash.ImageHash]:
-    """The hash function `name` (one of `HASHES`) at `hash_size`; ValueError when there is none."""
+def check_hash(name: str, hash_size: int) -> None:
+    """ValueError when there is no hash `name` (one of `HASHES`) at `hash_size`."""
     if name not in HASHES:
         raise ValueError(f"hash_name must be one of {HASHES} (got {name!r})")
     if hash_size < 2:
         raise ValueError(f"hash_size must be >= 2 (got {hash_size})")
+    if name == "whash" and hash_size & (hash_size - 1):
+        raise ValueError(f"whash needs a power-of-two hash_size (got {hash_size})")
+
+
+def hasher_of(name: str, hash_size: int) -> Callable[[Image.Image], imagehash.ImageHash]:
+    """The hash function `name` (one of `HASHES`) at `hash_size`; ValueError when there is none."""
+    check_hash(name, hash_size)
     if name == "phash":
         return lambda im: imagehash.phash(im, hash_size=hash_size)
     if name == "dhash":
         return lambda im: imagehash.dhash(im, hash_size=hash_size)
     if name == "ahash":
         return lambda im: imagehash.average_hash(im, hash_size=hash_size)
-    if hash_size & (hash_size - 1):
-        raise ValueError(f"whash needs a power-of-two hash_size (got {hash_size})")
     # imagehash's default scale is the largest power of two under the image's shorter side,
     # i.e. it would depend on the decode scale; a fixed scale keeps the hash about the picture.
     scale = _whash_scale(hash_size)
@@ -207,7 +212,7 @@ def view_hashes(views: Sequence[Image.Image], name: str, hash_size: int) -> list
 
 def _phash_bits(views: Sequence[Image.Image], hash_size: int) -> np.ndarray:
     """imagehash.phash's bits (highfreq_factor 4) of each view, one row each."""
-    hasher_of("phash", hash_size)  # the same checks as imagehash's
+    check_hash("phash", hash_size)
     side = 4 * hash_size
     lanczos = Image.Resampling.LANCZOS
     pixels = np.stack([np.asarray(_grey(view).resize((side, side), lanczos)) for view in views])

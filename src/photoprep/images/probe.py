@@ -50,11 +50,11 @@ from photoprep.images.decode import (
 from photoprep.images.fingerprint import (
     COLOUR_CHROMA,
     FINE_HASH,
+    check_hash,
     check_transforms,
     check_trims,
     crop_trim,
     hash_side,
-    hasher_of,
     jpeg_quality,
     mean_chroma,
     names_a_camera,
@@ -102,7 +102,7 @@ class ProbeSpec:
     limits: DecodeLimits = NO_BUDGET
 
     def __post_init__(self) -> None:
-        hasher_of(self.hash_name, self.hash_size)
+        check_hash(self.hash_name, self.hash_size)
         check_transforms(self.transforms)
         check_trims(self.trims)
 
