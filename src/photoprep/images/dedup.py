@@ -60,8 +60,9 @@ _DEFAULTS = {
 _HEX = ("hash", *GROUPING_ONLY)
 """The hex hash columns: grouping reads them where they are (`_Hex`), never copied whole."""
 
-# What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record, besides `_HEX`.
-_RANKED_COLUMNS: tuple[str, ...] = ("source", "id", "sha256", "width", "height", "first_line")
+# What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record, besides `_HEX`
+# and the sha256 (read once, to number the payloads: `_sha`).
+_RANKED_COLUMNS: tuple[str, ...] = ("source", "id", "width", "height", "first_line")
 _RANKED_COLUMNS += ("colour", "lossless", "quality", "camera", "format")
 
 
@@ -251,7 +252,7 @@ def find_duplicates(
         if (ordered != np.arange(len(ordered))).any():
             candidates, rows = candidates.iloc[ordered], rows[ordered]
         hexes = _Hex(table, rows)
-        candidates["_sha"] = _codes(candidates["sha256"])
+        candidates["_sha"] = _codes(table["sha256"].iloc[rows])  # the payloads, numbered
         hashes = hexes.packed("hash")
         candidates["_group"] = _groups(candidates, hexes, hashes, p)
         facts = None

@@ -58,18 +58,23 @@ the same index and the columns of `EVIDENCE_DEFAULTS` (``thumb``: the thumbnail'
 EVIDENCE_DEFAULTS = {"history": 0, "depth": 8, "upconverted": False, "thumb": b""}
 
 # What the criteria read of a candidate.
-_READS: tuple[str, ...] = ("_group", "source", "id", "sha256", "width", "height", "first_line")
+_READS: tuple[str, ...] = ("_group", "_sha", "source", "id", "width", "height", "first_line")
 _READS += ("colour", "lossless", "quality", "camera")
 
 _MEDOID_REFERENCES = 256  # members a copy is compared with at most (the first ones of its group)
 _PAIRS_PER_STEP = 1 << 15
 
 
+def _payloads(groups: np.ndarray, payloads: np.ndarray) -> np.ndarray:
+    """One int64 for each (group, payload number) pair: equal exactly when both are."""
+    return groups.astype(np.int64) * (int(payloads.max(initial=0)) + 1) + payloads
+
+
 def needs_evidence(candidates: pd.DataFrame, groups: np.ndarray) -> np.ndarray:
     """Rows whose group holds two or more distinct payloads (the others tie on every fact), one
-    row per payload."""
-    distinct = pd.DataFrame({"g": groups, "sha": candidates["sha256"].to_numpy()})
-    first = ~distinct.duplicated(["g", "sha"]).to_numpy()
+    row per payload (`_sha`: the payload's number)."""
+    distinct = pd.DataFrame({"g": groups, "payload": _payloads(groups, candidates["_sha"].to_numpy())})
+    first = ~distinct.duplicated("payload").to_numpy()
     payloads = distinct[first].groupby("g").size()
     return first & (pd.Series(groups).map(payloads).to_numpy() > 1)
 
@@ -103,9 +108,10 @@ def rank(
     sources: Sequence[str] | None,
     facts: pd.DataFrame | None = None,
 ) -> Ranking:
-    """The ranking of `candidates` (with their `_group`) within each group by the criteria of
-    `p.keep`. `facts` are the evidence of rows that need it (`needs_evidence`), shared here by
-    every row of the same payload in the group. Only the columns the criteria read are copied."""
+    """The ranking of `candidates` (with their `_group`, and `_sha`: their payload's number) within
+    each group by the criteria of `p.keep`. `facts` are the evidence of rows that need it
+    (`needs_evidence`), shared here by every row of the same payload in the group. Only the
+    columns the criteria read are copied."""
     frame = candidates[[c for c in _READS if c in candidates.columns]].copy()
     criteria = _criteria(frame, p, sources, facts)
     columns = ["_group", *(c for c, _ in criteria)]
@@ -157,13 +163,9 @@ def _shared_evidence(frame: pd.DataFrame, facts: pd.DataFrame | None) -> pd.Data
     out = pd.DataFrame({c: [v] * len(frame) for c, v in EVIDENCE_DEFAULTS.items()}, index=frame.index)
     if facts is None or facts.empty:
         return out
-    where = frame.loc[facts.index]
-    known = facts[list(EVIDENCE_DEFAULTS)].set_index(
-        pd.MultiIndex.from_arrays([where["_group"].to_numpy(), where["sha256"].to_numpy()])
-    )
-    shared = known.reindex(
-        pd.MultiIndex.from_arrays([frame["_group"].to_numpy(), frame["sha256"].to_numpy()])
-    )
+    payload = pd.Series(_payloads(frame["_group"].to_numpy(), frame["_sha"].to_numpy()), index=frame.index)
+    known = facts[list(EVIDENCE_DEFAULTS)].set_index(payload.loc[facts.index].to_numpy())
+    shared = known.reindex(payload.to_numpy())
     found = shared["history"].notna().to_numpy()
     for column in EVIDENCE_DEFAULTS:
         values = out[column].to_numpy(object, copy=True)
