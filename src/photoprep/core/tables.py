@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -190,3 +191,112 @@ class CsvWriter:
                 os.replace(self.tmp, self.path)
             return
         self.tmp.unlink(missing_ok=True)
+
+
+class Rows:
+    """A table's rows, read some columns and a slice of rows at a time, wherever the table lives:
+    in a frame (`InMemory`) or in a Parquet file (`InFile`, whose slices ``compute.memory_mb``
+    sizes). A row is named by its position in the table, and every frame these give is indexed
+    by it."""
+
+    n: int
+    columns: list[str]
+
+    def pick(
+        self, columns: Sequence[str], rows: np.ndarray, per_slice: int
+    ) -> Iterator[tuple[int, pd.DataFrame]]:
+        """(first place in `rows`, frame) of `per_slice` of `rows` at a time, in the order of
+        `rows`; `columns` only."""
+        raise NotImplementedError
+
+    def take(self, columns: Sequence[str], rows: np.ndarray) -> pd.DataFrame:
+        """The `rows` (any order, repeats allowed) as one frame, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = [frame for _, frame in self.pick(columns, rows, max(1, len(rows)))]
+        return parts[0] if parts else _frame_rows(self.empty(columns), columns, rows)
+
+    def empty(self, columns: Sequence[str]) -> pd.DataFrame:
+        """No row, with the `columns` and their types."""
+        raise NotImplementedError
+
+
+class InMemory(Rows):
+    """The rows of a frame, never copied whole: the columns asked for, a slice at a time."""
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        self.frame = frame
+        self.n = len(frame)
+        self.columns = list(frame.columns)
+
+    def pick(
+        self, columns: Sequence[str], rows: np.ndarray, per_slice: int
+    ) -> Iterator[tuple[int, pd.DataFrame]]:
+        for start in range(0, len(rows), per_slice):
+            yield start, _frame_rows(self.frame, columns, rows[start : start + per_slice])
+
+    def empty(self, columns: Sequence[str]) -> pd.DataFrame:
+        return self.frame[list(columns)].iloc[:0]
+
+
+class InFile(Rows):
+    """The rows of the Parquet file `path`, read in slices of as many rows as `memory_mb` holds
+    (`slice_rows`): a pick asks for rows in ascending order, so that one pass reads them."""
+
+    def __init__(self, path: str | Path, memory_mb: int) -> None:
+        self.path = Path(path)
+        self.memory_mb = memory_mb
+        with storage_path(self.path):
+            schema = pq.read_schema(self.path)
+        self.columns = list(schema.names)
+        self.n = row_count(self.path)
+
+    def pick(
+        self, columns: Sequence[str], rows: np.ndarray, per_slice: int
+    ) -> Iterator[tuple[int, pd.DataFrame]]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) < 2 or (rows[1:] >= rows[:-1]).all():
+            yield from self._ascending(columns, rows, per_slice)
+            return
+        # Read in ascending order, then put in the order asked for.
+        wanted, back = np.unique(rows, return_inverse=True)
+        found = pd.concat([frame for _, frame in self._ascending(columns, wanted, len(wanted))])
+        for start in range(0, len(rows), per_slice):
+            yield start, found.iloc[back[start : start + per_slice]]
+
+    def _ascending(
+        self, columns: Sequence[str], rows: np.ndarray, per_slice: int
+    ) -> Iterator[tuple[int, pd.DataFrame]]:
+        if not len(rows):
+            return
+        done, pending, held, first = 0, [], 0, 0
+        for frame in slices(self.path, self.memory_mb, columns):
+            stop = first + len(frame)
+            lo, hi = np.searchsorted(rows, [first, stop])
+            if hi > lo:
+                part = frame.iloc[rows[lo:hi] - first]
+                part.index = pd.Index(rows[lo:hi], dtype=np.int64)
+                pending.append(part)
+                held += len(part)
+            first = stop
+            del frame
+            while held >= per_slice or (held and first >= self.n):
+                joined = pd.concat(pending) if len(pending) > 1 else pending[0]
+                yield done, joined.iloc[:per_slice]
+                rest = joined.iloc[per_slice:]
+                done += min(per_slice, held)
+                pending, held = ([rest] if len(rest) else []), len(rest)
+            if first > rows[-1] and not held:  # past the last row asked for
+                break
+        if done < len(rows):
+            raise ValueError(f"{self.path}: asked for row {int(rows[done])} of {self.n}")
+
+    def empty(self, columns: Sequence[str]) -> pd.DataFrame:
+        with storage_path(self.path):
+            return pq.read_schema(self.path).empty_table().select(list(columns)).to_pandas()
+
+
+def _frame_rows(frame: pd.DataFrame, columns: Sequence[str], rows: np.ndarray) -> pd.DataFrame:
+    """`columns` of the rows at positions `rows` of `frame`, indexed by those positions."""
+    out = pd.DataFrame({c: frame[c].iloc[rows].reset_index(drop=True) for c in columns})
+    out.index = pd.Index(rows, dtype=np.int64)
+    return out

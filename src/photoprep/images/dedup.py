@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from photoprep.core import tables
 from photoprep.core.errors import UserError
 from photoprep.core.params import DedupParams
 from photoprep.images import graph, hamming, keep
@@ -68,28 +70,47 @@ _RANKED_COLUMNS += ("colour", "lossless", "quality", "camera", "format")
 
 @dataclass(frozen=True)
 class _Hex:
-    """The candidates' hex hash columns, read in place in the table: `rows` are the table
-    positions of the candidates, in candidate order. Only the values asked for become Python
-    strings."""
+    """The candidates' hex hash columns, read where the table is (`records`): `rows` are the
+    table rows of the candidates, in candidate order. Only the values asked for become Python
+    strings, a slice at a time."""
 
-    table: pd.DataFrame
+    records: tables.Rows
     rows: np.ndarray
+
+    def _values(self, frame: pd.DataFrame, name: str) -> pd.Series:
+        default = _DEFAULTS.get(name, "")
+        if name not in frame:
+            return pd.Series(default, index=frame.index, dtype=str)
+        return frame[name].fillna(default)
 
     def take(self, name: str, positions: np.ndarray) -> list[str]:
         """The values of the candidates at `positions`."""
-        return self.table[name].iloc[self.rows[positions]].fillna(_DEFAULTS.get(name, "")).tolist()
+        columns = [name] if name in self.records.columns else []
+        return self._values(self.records.take(columns, self.rows[positions]), name).tolist()
 
     def slices(self, name: str) -> Iterator[tuple[int, pd.Series]]:
         """(first candidate position, values) of `_PACK_ROWS` candidates at a time."""
-        column = self.table[name]
-        for start in range(0, len(self.rows), _PACK_ROWS):
-            values = column.iloc[self.rows[start : start + _PACK_ROWS]]
-            yield start, values.fillna(_DEFAULTS.get(name, ""))
+        columns = [name] if name in self.records.columns else []
+        for start, frame in self.records.pick(columns, self.rows, _PACK_ROWS):
+            yield start, self._values(frame, name)
 
     def packed(self, name: str) -> np.ndarray:
         """Every candidate's hash packed (N x B bytes)."""
         parts = [hamming.pack_hashes(values.tolist()) for _, values in self.slices(name)]
         return np.concatenate(parts) if parts else np.zeros((0, 0), np.uint8)
+
+
+@dataclass(frozen=True)
+class _Candidates:
+    """The records that take part (fetched and valid), in (source, id) order: `rows` their table
+    rows; `source_rank` the rank of each one's source among the sources' ``name/`` texts (the
+    order of the keys ``source/id``); `key_run` the first candidate with the same (source, id);
+    `ok` the records fetched, candidates or not."""
+
+    rows: np.ndarray
+    source_rank: np.ndarray
+    key_run: np.ndarray
+    ok: int
 
 
 @dataclass
@@ -177,13 +198,6 @@ def _near_edges(hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> tuple[np.nda
     return np.concatenate(src), np.concatenate(dst)
 
 
-def _codes(column: pd.Series) -> np.ndarray:
-    """Each value's number, in the order values first appear (`pd.factorize`'s), from Arrow's
-    hash kernel: no Python string is made (pandas' factorize made one per row)."""
-    encoded = pa.array(column, from_pandas=True).dictionary_encode(null_encoding="encode")
-    return encoded.indices.to_numpy().astype(np.int64)
-
-
 def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows that have k comma-separated hashes in column `name` (cropped or transformed), and
     those hashes packed one kind after another (every row's first, then every row's second,
@@ -202,17 +216,17 @@ def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarra
     return rows, np.ascontiguousarray(others)
 
 
-def _groups(candidates: pd.DataFrame, hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> np.ndarray:
-    n = len(candidates)
+def _groups(payload: np.ndarray, hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> np.ndarray:
+    """Each candidate's group: components of the exact and near pairs (`payload`: the first
+    candidate of each one's payload)."""
+    n = len(payload)
     # Byte-identical payloads: each row joins the first row that has its sha256.
-    sha = candidates["_sha"].to_numpy()
-    src, dst = [np.arange(n)], [_first_rows(sha, int(sha.max()) + 1 if n else 0)[sha]]
+    src, dst = [np.arange(n)], [payload]
     if p.near_threshold >= 0 and n:
         near_src, near_dst = _near_edges(hexes, hashes, p)
         src.append(near_src)
         dst.append(near_dst)
-    a, b = np.concatenate(src), np.concatenate(dst)
-    return graph.components(n, a, b)
+    return graph.components(n, np.concatenate(src), np.concatenate(dst))
 
 
 def find_duplicates(
@@ -233,104 +247,293 @@ def find_duplicates(
     for column, default in _DEFAULTS.items():
         if column not in table:
             table[column] = default
-    table["group"] = -1
-    table["dup_of"] = ""
-    table["dup_reason"] = ""
-    table["dup_distance"] = -1
-    table["keep_reason"] = ""
-    is_candidate = (table["status"] == "ok") & table["valid"].fillna(False).astype(bool)
-    # Only the narrow columns grouping and ranking read are copied, however wide the download
-    # table is; the hex hashes are read where they are.
-    rows = np.flatnonzero(is_candidate.to_numpy())
-    candidates = table[[c for c in _RANKED_COLUMNS if c in table.columns]].iloc[rows]
-    for column, default in _DEFAULTS.items():
-        if column in candidates and column not in _HEX:
-            candidates[column] = candidates[column].fillna(default)
-    if len(candidates):
+    records = tables.InMemory(table)
+    decided = _decide(records, p, sources, evidence)
+    for column, values in decided.columns(0, len(table)).items():
+        table[column] = values if column not in _TEXT else pd.array(values, dtype="str")
+    return DedupResult(table=table, counts=decided.counts)
+
+
+def find_duplicates_in_file(
+    path: Path,
+    out: Path,
+    p: DedupParams,
+    memory_mb: int,
+    sources: Sequence[str] | None = None,
+    evidence: keep.Evidence | None = None,
+) -> dict[str, int]:
+    """`find_duplicates` of the Parquet table at `path` (sorted by source and id), written to
+    `out` with the same columns; the counts. The table is never held whole: it is read a slice
+    of `memory_mb` at a time, and what is held for every record is a few numbers (`_decide`)."""
+    records = tables.InFile(path, memory_mb)
+    decided = _decide(records, p, sources, evidence)
+    with tables.TableWriter(out) as writer:
+        for start, frame in records.pick(
+            records.columns, np.arange(records.n), tables.slice_rows(path, memory_mb)
+        ):
+            for column, default in _DEFAULTS.items():
+                if column not in frame:
+                    frame[column] = default
+            for column, values in decided.columns(start, start + len(frame)).items():
+                frame[column] = values if column not in _TEXT else pd.array(values, dtype="str")
+            writer.write(frame.reset_index(drop=True))
+    return decided.counts
+
+
+_TEXT = ("dup_of", "dup_reason", "keep_reason")
+
+
+@dataclass
+class _Decided:
+    """What dedup decided, held as numbers for every record and as text only for the members of
+    groups of two or more: `group` each record's group number (-1: not a candidate); `members`
+    the table rows of the members (ascending), with `dup_of`, `reason`, `distance` and
+    `keep_reason` of each."""
+
+    group: np.ndarray
+    members: np.ndarray
+    dup_of: np.ndarray
+    reason: np.ndarray
+    distance: np.ndarray
+    keep_reason: np.ndarray
+    counts: dict[str, int]
+
+    def columns(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """The five columns dedup adds, for table rows start .. stop - 1."""
+        lo, hi = np.searchsorted(self.members, [start, stop])
+        at = self.members[lo:hi] - start
+        out: dict[str, np.ndarray] = {"group": self.group[start:stop].copy()}
+        for name, values, default in (
+            ("dup_of", self.dup_of, ""),
+            ("dup_reason", self.reason, ""),
+            ("dup_distance", self.distance, -1),
+            ("keep_reason", self.keep_reason, ""),
+        ):
+            column = np.full(stop - start, default, dtype=object if default == "" else np.int64)
+            column[at] = values[lo:hi]
+            out[name] = column
+        return out
+
+
+def _candidates(records: tables.Rows) -> _Candidates:
+    """The candidates (fetched and valid) in (source, id) order: read a slice at a time; a table
+    held in memory is sorted when it is not in that order, a file must be."""
+    found, ok = [], 0
+    for start, frame in records.pick(["status", "valid"], np.arange(records.n), _PACK_ROWS):
+        fetched = (frame["status"] == "ok").to_numpy()
+        ok += int(fetched.sum())
+        found.append(start + np.flatnonzero(fetched & frame["valid"].fillna(False).astype(bool).to_numpy()))
+    rows = np.concatenate(found) if found else np.zeros(0, np.int64)
+    keys = _key_order(records, rows)
+    if keys is None:  # not in (source, id) order: a frame in memory is sorted (a file is refused)
+        if isinstance(records, tables.InFile):
+            raise ValueError(f"{records.path}: the table is not sorted by source and id")
         by = ["source", "id"]
-        ordered = candidates[by].reset_index(drop=True).sort_values(by, kind="stable").index.to_numpy()
-        if (ordered != np.arange(len(ordered))).any():
-            candidates, rows = candidates.iloc[ordered], rows[ordered]
-        hexes = _Hex(table, rows)
-        candidates["_sha"] = _codes(table["sha256"].iloc[rows])  # the payloads, numbered
-        hashes = hexes.packed("hash")
-        candidates["_group"] = _groups(candidates, hexes, hashes, p)
-        facts = None
-        if p.keep == "best" and evidence is not None:
-            asked = keep.needs_evidence(candidates, candidates["_group"].to_numpy())
-            if asked.any():
-                facts = evidence(table.loc[candidates.index[asked]])
-        _assign(table, candidates, hexes, hashes, keep.rank(candidates, p, sources, facts), p)
-    counts = {
-        "exact_duplicates": int((table["dup_reason"] == "exact").sum()),
-        "near_duplicates": int(table["dup_reason"].str.startswith("near").sum()),
-        "after_dedup": int(((table["status"] == "ok") & (table["dup_of"] == "")).sum()),
-    }
-    return DedupResult(table=table, counts=counts)
+        order = records.take(by, rows).reset_index(drop=True).sort_values(by, kind="stable").index.to_numpy()
+        rows = rows[order]
+        keys = _key_order(records, rows)
+        assert keys is not None
+    return _Candidates(rows=rows, source_rank=keys[0], key_run=keys[1], ok=ok)
+
+
+def _key_order(records: tables.Rows, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(source rank, key run) of the records at `rows` (`_Candidates`); None when they are not in
+    (source, id) order. Only sources become Python strings (a few), never ids."""
+    codes: dict[str, int] = {}
+    source_code = np.zeros(len(rows), np.int64)
+    key_run = np.arange(len(rows), dtype=np.int64)
+    last: tuple[pa.Array, pa.Array] | None = None
+    for start, frame in records.pick(["source", "id"], rows, _PACK_ROWS):
+        source = pa.array(frame["source"].astype(str), from_pandas=True)
+        ids = pa.array(frame["id"].astype(str), from_pandas=True)
+        if last is not None:
+            source, ids = pa.concat_arrays([last[0], source]), pa.concat_arrays([last[1], ids])
+        same_source = pc.equal(source[1:], source[:-1])
+        ascending = pc.or_(
+            pc.less(source[:-1], source[1:]), pc.and_(same_source, pc.less_equal(ids[:-1], ids[1:]))
+        )
+        if not pc.all(ascending).as_py() and len(ascending):
+            return None
+        same = pc.and_(same_source, pc.equal(ids[:-1], ids[1:])).to_numpy(zero_copy_only=False)
+        local, names = pd.factorize(frame["source"].astype(str))
+        numbers = np.array([codes.setdefault(str(name), len(codes)) for name in names], np.int64)
+        source_code[start : start + len(frame)] = numbers[local]
+        offset = 1 if last is not None else 0
+        runs = key_run[start - offset : start + len(frame)]
+        for k in np.flatnonzero(same):  # a key twice: rare (a record once per key), so by steps
+            runs[k + 1] = runs[k]
+        last = (source.slice(len(source) - 1), ids.slice(len(ids) - 1))
+    order = sorted(codes, key=lambda name: name + "/")
+    rank = np.zeros(len(codes), np.int64)
+    rank[[codes[name] for name in order]] = np.arange(len(order))
+    return rank[source_code] if len(codes) else source_code, key_run
+
+
+def _payloads(records: tables.Rows, rows: np.ndarray) -> np.ndarray:
+    """Each candidate's payload, numbered by its first candidate: equal sha256, equal number.
+
+    The sha256s are grouped by Arrow's hash kernel (``dictionary_encode``) one hash partition at
+    a time (the first two hex digits), as many partitions as keep the dictionary within the
+    memory budget of a table in a file (one for a table in memory)."""
+    n = len(rows)
+    payload = np.arange(n, dtype=np.int64)
+    memory_mb = getattr(records, "memory_mb", None)
+    parts = 1 if memory_mb is None else max(1, -(-n * _SHA_BYTES // ((memory_mb << 20) // 2)))
+    prefixes = pa.array([f"{i:02x}" for i in range(256)], pa.large_string())
+    for part in range(min(parts, 256)):
+        positions, values = [], []
+        for start, frame in records.pick(["sha256"], rows, _PACK_ROWS):
+            sha = pa.array(frame["sha256"].astype(str), from_pandas=True).cast(pa.large_string())
+            if parts > 1:
+                bucket = pc.index_in(pc.utf8_slice_codeunits(sha, 0, 2), value_set=prefixes)
+                mine = (bucket.fill_null(0).to_numpy() % min(parts, 256)) == part
+                sha = sha.filter(pa.array(mine))
+                positions.append(start + np.flatnonzero(mine))
+            else:
+                positions.append(start + np.arange(len(sha)))
+            values.append(sha)
+        if not positions:
+            continue
+        at = np.concatenate(positions)
+        if not len(at):
+            continue
+        codes = pa.chunked_array(values).dictionary_encode(null_encoding="encode").combine_chunks().indices
+        codes = codes.to_numpy().astype(np.int64)
+        first = np.full(int(codes.max()) + 1, n, np.int64)
+        np.minimum.at(first, codes, at)
+        payload[at] = first[codes]
+    return payload
+
+
+_SHA_BYTES = (
+    200  # bytes a sha256 takes while its partition is grouped (the text, the dictionary's hash table)
+)
+
+
+def _decide(
+    records: tables.Rows, p: DedupParams, sources: Sequence[str] | None, evidence: keep.Evidence | None
+) -> _Decided:
+    """Groups, the copy each keeps, and why, for the records of `records`."""
+    cands = _candidates(records)
+    rows = cands.rows
+    if not len(rows):
+        counts = {"exact_duplicates": 0, "near_duplicates": 0, "after_dedup": cands.ok}
+        nothing = np.zeros(0, np.int64)
+        text = np.zeros(0, object)
+        return _Decided(np.full(records.n, -1, np.int64), nothing, text, text, nothing, text, counts)
+    hexes = _Hex(records, rows)
+    payload = _payloads(records, rows)
+    hashes = hexes.packed("hash")
+    group = _groups(payload, hexes, hashes, p)
+    members = np.flatnonzero(np.bincount(group)[group] > 1)
+    frame = _ranked_frame(records, rows[members])
+    frame["_group"] = group[members]
+    frame["_sha"] = payload[members]
+    facts = None
+    if p.keep == "best" and evidence is not None and len(members):
+        asked = keep.needs_evidence(frame, frame["_group"].to_numpy())
+        if asked.any():
+            facts = evidence(records.take(records.columns, rows[members[asked]]))
+    ranking = keep.rank(frame, p, sources, facts)
+    return _assign(records, cands, (payload, group, members), hexes, hashes, ranking, p)
+
+
+def _ranked_frame(records: tables.Rows, rows: np.ndarray) -> pd.DataFrame:
+    """What ranking reads of the records at `rows` (defaults where the table lacks a column)."""
+    frame = records.take([c for c in _RANKED_COLUMNS if c in records.columns], rows)
+    for column, default in _DEFAULTS.items():
+        if column in _RANKED_COLUMNS:
+            frame[column] = frame[column].fillna(default) if column in frame else default
+    return frame
 
 
 def _assign(
-    table: pd.DataFrame,
-    candidates: pd.DataFrame,
+    records: tables.Rows,
+    cands: _Candidates,
+    found: tuple[np.ndarray, np.ndarray, np.ndarray],
     hexes: _Hex,
     hashes: np.ndarray,
     ranking: keep.Ranking,
     p: DedupParams,
-) -> None:
-    """Write group, dup_of, dup_reason, dup_distance and keep_reason of the candidates
-    (`hashes`: their packed hashes), from their ranking.
-
-    Worked out on positions and numeric arrays: strings are read only for group members.
-    """
-    order, criteria = ranking.order, ranking.values
-    n = len(order)
-    group = candidates["_group"].to_numpy()[order]
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    local = np.repeat(np.arange(len(starts)), sizes)  # each row's group, 0.. in order
-    first = starts[local]  # where each row's kept row stands in `order`
-    is_dup = np.arange(n) != first
-    rep = order[first]  # each row's kept row, as a candidate position
+) -> _Decided:
+    """Group numbers of every candidate, and dup_of, dup_reason, dup_distance and keep_reason of
+    the members of groups of two or more (`members`: their candidate positions; `ranking`:
+    theirs, on positions in `members`). Worked out on positions and numeric arrays: strings
+    are read only for members."""
+    payload, group, members = found
+    order = members[ranking.order]  # members best first within each group, as candidate positions
+    m = len(order)
+    mgroup = group[order]
+    starts = np.flatnonzero(np.r_[True, mgroup[1:] != mgroup[:-1]]) if m else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, m])
+    local = np.repeat(np.arange(len(starts)), sizes)  # each member's group, 0.. in order
+    first = starts[local]  # where each member's kept row stands in `order`
+    is_dup = np.arange(m) != first
+    rep = order[first]  # each member's kept row, as a candidate position
     # Exact: byte-identical to a row ranked before it in the group.
-    sha = candidates["_sha"].to_numpy()[order]
-    key = local.astype(np.int64) * (int(sha.max()) + 1) + sha
-    exact = np.ones(n, bool)
+    sha = payload[order]
+    key = local.astype(np.int64) * (int(sha.max(initial=0)) + 1) + sha
+    exact = np.ones(m, bool)
     exact[np.unique(key, return_index=True)[1]] = False
-    dist = _popcounts(hashes[order], hashes[rep])
+    dist = _popcounts(hashes[order], hashes[rep]) if m else np.zeros(0, np.int64)
     reason = np.where(exact, "exact", "near").astype(object)
-    members = np.flatnonzero(is_dup & ~exact)  # only a near member's reason can change
+    near_members = np.flatnonzero(is_dup & ~exact)  # only a near member's reason can change
     extra = [(f"near_{name}", "transform_hashes", j) for j, name in enumerate(p.transforms)]
     extra += [("near_crop", "crop_hashes", j) for j in range(len(p.crops))]
     for label, column, j in extra:
         # The member's hash against the kept row's transformed or cropped hash; for a crop also
         # the other way round (the kept row a cropped copy of the member).
-        mine, theirs = order[members], rep[members]
+        mine, theirs = order[near_members], rep[near_members]
         d = _extra_distances(hexes.take("hash", mine), hexes.take(column, theirs), j)
         if column == "crop_hashes":
             d = np.minimum(d, _extra_distances(hexes.take("hash", theirs), hexes.take(column, mine), j))
-        better = members[d < dist[members]]
+        better = near_members[d < dist[near_members]]
         reason[better] = label
-        dist[members] = np.minimum(dist[members], d)
+        dist[near_members] = np.minimum(dist[near_members], d)
     # The runner-up (the best other payload) decides why the kept row won; each member says
     # on what it lost to the kept row. Byte-identical copies of the kept row tie up to the key.
     other = np.flatnonzero(is_dup & (sha != sha[first]))
     runner = other[np.r_[True, local[other][1:] != local[other][:-1]]] if len(other) else other
-    won = np.where(sizes > 1, "key", "").astype(object)
+    won = np.full(len(starts), "key", dtype=object)
+    ranked = ranking.order  # positions in the ranking frame, in `order`'s order
     if len(runner):
-        won[local[runner]] = ranking.deciding(order[first[runner]], order[runner])
+        won[local[runner]] = ranking.deciding(ranked[first[runner]], ranked[runner])
     dups = np.flatnonzero(is_dup)
     keep_reason = won[local]
-    keep_reason[dups] = ranking.deciding(rep[dups], order[dups])
-    # Groups are numbered in the order of their kept rows' keys.
-    kept_keys = criteria["_key"].to_numpy()[order[starts]]
-    number = np.empty(len(starts), np.int64)
-    number[np.argsort(kept_keys, kind="stable")] = np.arange(len(starts))
-    where = candidates.index[order]
-    table.loc[where, "group"] = number[local]
-    table.loc[where, "dup_of"] = np.where(is_dup, criteria["_key"].to_numpy()[rep], "")
-    table.loc[where, "dup_reason"] = np.where(is_dup, reason, "")
-    table.loc[where, "dup_distance"] = np.where(is_dup, dist, -1)
-    table.loc[where, "keep_reason"] = keep_reason
+    keep_reason[dups] = ranking.deciding(ranked[first[dups]], ranked[dups])
+    # Groups are numbered in the order of their kept rows' keys (source/id): by the source's
+    # rank, then the key's place, then the group; a group of one keeps its only row.
+    kept = np.arange(len(cands.rows))
+    kept_of_group = np.full(int(group.max(initial=-1)) + 1, -1, np.int64)
+    kept_of_group[group] = kept
+    kept_of_group[mgroup[starts]] = order[starts]
+    by_key = np.lexsort(
+        (np.arange(len(kept_of_group)), cands.key_run[kept_of_group], cands.source_rank[kept_of_group])
+    )
+    number = np.empty(len(kept_of_group), np.int64)
+    number[by_key] = np.arange(len(kept_of_group))
+    table_group = np.full(records.n, -1, np.int64)
+    table_group[cands.rows] = number[group]
+    # What members say, in table row order.
+    keys = records.take(["source", "id"], cands.rows[rep[dups]])
+    dup_of = np.full(m, "", dtype=object)
+    dup_of[dups] = (keys["source"].astype(str) + "/" + keys["id"].astype(str)).to_numpy(dtype=object)
+    where = cands.rows[order]
+    by_row = np.argsort(where, kind="stable")
+    counts = {
+        "exact_duplicates": int((is_dup & exact).sum()),
+        "near_duplicates": int((is_dup & ~exact).sum()),
+        "after_dedup": cands.ok - len(dups),
+    }
+    return _Decided(
+        group=table_group,
+        members=where[by_row],
+        dup_of=dup_of[by_row],
+        reason=np.where(is_dup, reason, "")[by_row],
+        distance=np.where(is_dup, dist, -1)[by_row],
+        keep_reason=keep_reason[by_row],
+        counts=counts,
+    )
 
 
 def _extra_distances(hashes: list[str], extra: list[str], j: int) -> np.ndarray:
