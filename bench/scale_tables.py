@@ -55,79 +55,105 @@ class _Peak:
         self.peak = max(self.peak, _anon_mb())
 
 
-def synthetic_rows(n: int, seed: int = 0):
-    """A download table joined with probe rows, as the dedup stage has it before grouping."""
+def _mix(x, salt: int):
+    """splitmix64 of each number (uint64) with `salt`: a row's random draws from its own number,
+    so that any slice of rows is made alone and the same whatever the slices."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(salt * 0xBF58476D1CE4E5B9 % 2**64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _hex(words):
+    """Rows of uint64 words (N x k) as N hex texts of 16 k digits (an Arrow array)."""
+    import numpy as np
+    import pyarrow as pa
+
+    words = np.ascontiguousarray(words.reshape(len(words), -1).astype(">u8"))
+    text = np.frombuffer(words.tobytes().hex().encode("ascii"), dtype=f"S{16 * words.shape[1]}")
+    return pa.array(text).cast(pa.large_string())
+
+
+def _joined(*parts):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(*parts, pa.scalar(",", pa.large_string()))
+
+
+def synthetic_rows(n: int, seed: int = 0, start: int = 0):
+    """Rows start .. start + n - 1 of a download table joined with probe rows, as the dedup stage
+    has it before grouping; each row made from its own number (`_mix`), so any slice is the
+    same rows whatever the slices. 2 % near copies of an earlier row (its hashes with two bits
+    flipped), 1 % byte-identical copies (its sha256), 1 % broken."""
     import numpy as np
     import pandas as pd
+    import pyarrow as pa
 
-    rng = np.random.default_rng(seed)
-    h64 = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) * 2 + rng.integers(0, 2, n).astype(
-        np.uint64
-    )
-    fine = rng.integers(0, 2**63, (n, 4), dtype=np.int64).astype(np.uint64)
-    crops = rng.integers(0, 2**63, (n, 2), dtype=np.int64).astype(np.uint64)
-    crop_fine = rng.integers(0, 2**63, (n, 2, 4), dtype=np.int64).astype(np.uint64)
-    sha = np.arange(n)
-    draw = rng.random(n)
-    earlier = (rng.random(n) * np.arange(n)).astype(np.int64)
-    near = (draw < 0.02) & (np.arange(n) > 0)
-    flips = (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)) | (
-        np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64)
-    )
-    h64[near] = h64[earlier[near]] ^ flips[near]
-    fine[near] = fine[earlier[near]]
-    crops[near] = crops[earlier[near]]
-    crop_fine[near] = crop_fine[earlier[near]]
-    exact = (draw >= 0.02) & (draw < 0.03) & (np.arange(n) > 0)
-    sha[exact] = sha[earlier[exact]]
-    h64[exact], fine[exact] = h64[earlier[exact]], fine[earlier[exact]]
-    crops[exact], crop_fine[exact] = crops[earlier[exact]], crop_fine[earlier[exact]]
+    i = np.arange(start, start + n, dtype=np.uint64)
+    draw = (_mix(i, seed * 64 + 1) >> np.uint64(11)).astype(np.float64) / 2.0**53
+    earlier = ((_mix(i, seed * 64 + 2) >> np.uint64(11)).astype(np.float64) / 2.0**53 * i).astype(np.uint64)
+    near = (draw < 0.02) & (i > 0)
+    exact = (draw >= 0.02) & (draw < 0.03) & (i > 0)
     broken = (draw >= 0.03) & (draw < 0.04)
+    base = np.where(near | exact, earlier, i)  # whose pictures the row's hashes are
 
-    def hex64(a):
-        return np.char.zfill(np.char.mod("%x", a), 16)
+    def words(salt: int, k: int):
+        return np.stack([_mix(base, seed * 64 + salt + j) for j in range(k)], axis=1)
 
-    fine_hex = hex64(fine[:, 0]) + hex64(fine[:, 1]) + hex64(fine[:, 2]) + hex64(fine[:, 3])
-    crop_hex = np.char.add(np.char.add(hex64(crops[:, 0]), ","), hex64(crops[:, 1]))
-    cf = [
-        hex64(crop_fine[:, j, 0])
-        + hex64(crop_fine[:, j, 1])
-        + hex64(crop_fine[:, j, 2])
-        + hex64(crop_fine[:, j, 3])
-        for j in (0, 1)
-    ]
-    sizes = np.array([(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)])[
-        rng.integers(0, 6, n)
-    ]
-    ids = np.char.add("syn-", np.char.zfill(np.arange(n).astype(str), 9))
-    sha_hex = np.char.zfill(np.char.mod("%x", sha.astype(np.uint64) * np.uint64(2654435761)), 64)
+    h64 = words(3, 1)[:, 0]
+    bits = _mix(i, seed * 64 + 4)
+    flips = (np.uint64(1) << (bits & np.uint64(63))) | (
+        np.uint64(1) << ((bits >> np.uint64(6)) & np.uint64(63))
+    )
+    h64 = np.where(near, h64 ^ flips, h64)
+    crops = words(10, 2)
+    crop_fine = words(30, 8)
+    sha = np.where(exact, earlier, i) * np.uint64(2654435761)
+    sizes = np.array([(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)])
+    size = sizes[(_mix(i, seed * 64 + 5) % np.uint64(6)).astype(np.int64)]
+    number = i.astype(np.int64)
+    digits = (number[:, None] // 10 ** np.arange(8, -1, -1)) % 10 + ord("0")  # nine digits a row
+    text = np.concatenate(
+        [np.frombuffer(b"syn-", np.uint8)[None].repeat(n, 0), digits.astype(np.uint8)], axis=1
+    )
+    ids = pa.array(np.ascontiguousarray(text).view("S13")[:, 0]).cast(pa.large_string())
+    empty = pa.scalar("", pa.large_string())
     table = pd.DataFrame(
         {
             "source": "syn",
-            "id": ids.astype(object),
-            "url": np.char.add("cdn/", ids).astype(object),
-            "label": np.char.add("c", (np.arange(n) % 10).astype(str)).astype(object),
-            "first_line": np.arange(n) + 1,
+            "id": pd.array(ids, dtype="str"),
+            "url": pd.array(
+                pa.compute.binary_join_element_wise(pa.scalar("cdn/", pa.large_string()), ids, empty),
+                dtype="str",
+            ),
+            "label": pd.array(np.array([f"c{k}" for k in range(10)], dtype=object)[number % 10], dtype="str"),
+            "first_line": number + 1,
             "status": "ok",
-            "sha256": sha_hex.astype(object),
-            "size": rng.integers(20_000, 200_000, n),
+            "sha256": pd.array(_hex(np.stack([np.zeros_like(sha)] * 3 + [sha], axis=1)), dtype="str"),
+            "size": (_mix(i, seed * 64 + 6) % np.uint64(180_000)).astype(np.int64) + 20_000,
             "shard": "shard-0000000000000000.tar",
-            "offset": np.arange(n) * 512,
+            "offset": number * 512,
             "format": "JPEG",
-            "width": sizes[:, 0].astype(float),
-            "height": sizes[:, 1].astype(float),
+            "width": size[:, 0].astype(float),
+            "height": size[:, 1].astype(float),
             "mode": "RGB",
             "valid": ~broken,
-            "decode_reason": np.where(broken, "truncated", "").astype(object),
-            "hash": hex64(h64).astype(object),
+            "decode_reason": pd.array(np.where(broken, "truncated", "").astype(object), dtype="str"),
+            "hash": pd.array(_hex(h64), dtype="str"),
             "colour": True,
             "lossless": False,
             "quality": 90.0,
             "camera": False,
-            "fine_hash": fine_hex.astype(object),
+            "fine_hash": pd.array(_hex(words(20, 4)), dtype="str"),
             "transform_hashes": "",
-            "crop_hashes": crop_hex.astype(object),
-            "crop_fine_hashes": np.char.add(np.char.add(cf[0], ","), cf[1]).astype(object),
+            "crop_hashes": pd.array(_joined(_hex(crops[:, 0]), _hex(crops[:, 1])), dtype="str"),
+            "crop_fine_hashes": pd.array(
+                _joined(_hex(crop_fine[:, :4]), _hex(crop_fine[:, 4:])), dtype="str"
+            ),
         }
     )
     return table
@@ -185,6 +211,93 @@ def run_size(n: int, seed: int) -> dict:
     return out
 
 
+FILE_STEPS = ["rows", "dedup", "validate"]
+SLICE = 1_000_000  # synthetic rows made and written at a time
+
+
+def run_in_file(n: int, seed: int, memory_mb: list[int], work: Path) -> dict:
+    """The table steps that stream (dedup's grouping and keep rule, validate) over n rows that
+    live in a Parquet file, once per memory param: each step's wall seconds, the process's peak
+    heap (RssAnon) and the output's sha256, which must not depend on the param."""
+    import hashlib
+
+    from photoprep.core import memory, tables
+    from photoprep.core.params import DedupParams, ValidateParams
+    from photoprep.images import dedup, validate
+
+    work.mkdir(parents=True, exist_ok=True)
+    source, out = work / "probed.parquet", {"n": n, "memory_mb": {}}
+    base = _anon_mb()
+    with _Peak() as step, tables.TableWriter(source) as writer:
+        for start in range(0, n, SLICE):
+            writer.write(synthetic_rows(min(SLICE, n - start), seed, start))
+            memory.release()
+    out["rows"] = {
+        "wall_s": round(step.wall, 2),
+        "peak_mb": round(step.peak, 1),
+        "file_mb": round(source.stat().st_size / 2**20, 1),
+    }
+    for budget in memory_mb:
+        memory.release()
+        figures: dict = {"start_mb": round(_anon_mb(), 1)}
+        deduped = work / f"dedup-{budget}.parquet"
+        with _Peak() as step:
+            figures["groups"] = dedup.find_duplicates_in_file(
+                source, deduped, DedupParams(), budget, ["syn"], None
+            )
+        figures["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+        memory.release()
+        valid = work / f"valid-{budget}.parquet"
+        with _Peak() as step, tables.TableWriter(valid) as writer:
+            for frame in tables.slices(deduped, budget):
+                writer.write(validate.validate_images(frame, ValidateParams()))
+                del frame
+                memory.release()
+        figures["validate"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+        figures["sha256"] = {
+            name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            for name, path in (("dedup", deduped), ("valid", valid))
+        }
+        out["memory_mb"][str(budget)] = figures
+        valid.unlink()
+        deduped.unlink()
+    out["base_mb"] = round(base, 1)
+    out["same_bytes"] = len({json.dumps(f["sha256"]) for f in out["memory_mb"].values()}) == 1
+    return out
+
+
+def tables_in_file(n: int, seed: int, memory_mb: list[int], work: Path, env: dict[str, str]) -> dict:
+    """`run_in_file` in a fresh interpreter."""
+    print(f"tables in a file: {n:,} rows, memory_mb {memory_mb} ...", file=sys.stderr, flush=True)
+    args = [
+        sys.executable,
+        __file__,
+        "--child-file",
+        str(n),
+        str(seed),
+        ",".join(map(str, memory_mb)),
+        str(work),
+    ]
+    done = subprocess.run(args, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the table steps in a file at {n} rows failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_in_file(report: dict) -> None:
+    rows = report["rows"]
+    print(
+        f"\n{report['n']:,} synthetic probe rows in a Parquet file "
+        f"({rows['file_mb']} MB, made in {rows['wall_s']} s)"
+    )
+    print("table steps streamed: wall s / the process's peak heap MB (RssAnon), per memory param")
+    print(f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s}  output sha256 (dedup, valid)")
+    for budget, f in report["memory_mb"].items():
+        cells = " ".join(f"{f[s]['wall_s']:7.1f} {f[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
+        print(f"{budget:>10s} {cells}  {f['sha256']['dedup']} {f['sha256']['valid']}")
+    print(f"outputs byte-identical whatever the memory param: {report['same_bytes']}")
+
+
 def _child() -> None:
     n, seed = int(sys.argv[2]), int(sys.argv[3])
     print(json.dumps(run_size(n, seed)))
@@ -214,10 +327,14 @@ def print_tables(report: dict) -> None:
     print("the table once made (MB): " + ", ".join(f"{r['n']:,}: {r['table_mb']}" for r in report["runs"]))
 
 
-if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--child":
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("--child", "--child-file"):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     os.environ.setdefault("TQDM_DISABLE", "1")
     from photoprep.core import memory
 
     memory.arrow_from_malloc()  # as the stages do, before pyarrow loads
-    _child()
+    if sys.argv[1] == "--child-file":
+        budgets = [int(b) for b in sys.argv[4].split(",")]
+        print(json.dumps(run_in_file(int(sys.argv[2]), int(sys.argv[3]), budgets, Path(sys.argv[5]))))
+    else:
+        _child()

@@ -463,3 +463,96 @@ def test_crops_and_transforms_share_one_search():
     assert table.loc["c_mirror", "dup_reason"] == "near_hflip"
     assert table.loc[["b_cropped", "c_mirror"], "dup_of"].tolist() == ["s/a_original"] * 2
     assert table.loc["d_other", "group"] != table.loc["a_original", "group"]
+
+
+def _synthetic(n: int, seed: int = 0) -> pd.DataFrame:
+    """n records of two sources ("a" and "a-b": the keys "a-b/..." sort before "a/..."), sorted by
+    source and id, with planted exact copies, near copies, crops and mirrors, and failed and broken
+    records."""
+    rng = np.random.default_rng(seed)
+    words = rng.integers(0, 2**63, (n, 8), dtype=np.int64).astype(np.uint64)
+    earlier = (rng.random(n) * np.arange(n)).astype(np.int64)
+    kind = rng.choice(["own", "exact", "near", "crop", "mirror"], n, p=[0.8, 0.05, 0.07, 0.04, 0.04])
+    kind[0] = "own"
+    base = np.where(kind == "own", np.arange(n), earlier)
+    hashes = [f"{w:016x}" for w in words[base, 0]]
+    fine = ["".join(f"{w:016x}" for w in row) for row in words[base, 1:5]]
+    crops = [f"{a:016x},{b:016x}" for a, b in words[:, 5:7]]
+    crop_fine = [f"{f},{f}" for f in fine]
+    mirrors = [f"{w:016x}" for w in words[:, 7]]
+    sha = [f"{b:064x}" for b in np.where(kind == "exact", earlier, np.arange(n))]
+    for i in np.flatnonzero(kind == "near"):
+        hashes[i] = f"{int(hashes[i], 16) ^ (1 << int(rng.integers(64))):016x}"
+    for i in np.flatnonzero(kind == "crop"):  # this record's crop looks like the earlier one
+        hashes[i], crops[i] = f"{words[i, 0]:016x}", f"{hashes[earlier[i]]},{crops[i].split(',')[1]}"
+        crop_fine[i] = f"{fine[earlier[i]]},{fine[earlier[i]]}"
+        fine[i] = fine[earlier[i]]
+    for i in np.flatnonzero(kind == "mirror"):  # the earlier one's mirrored hash is this record's
+        hashes[i] = f"{words[i, 0]:016x}"
+        mirrors[earlier[i]] = hashes[i]
+    status = np.where(rng.random(n) < 0.02, "failed", "ok")
+    table = pd.DataFrame(
+        {
+            "source": np.where(np.arange(n) % 3 == 0, "a-b", "a"),
+            "id": [f"p{i:05d}" for i in range(n)],
+            "status": status,
+            "valid": (rng.random(n) > 0.02) & (status == "ok"),
+            "sha256": sha,
+            "hash": hashes,
+            "fine_hash": fine,
+            "crop_hashes": crops,
+            "crop_fine_hashes": crop_fine,
+            "transform_hashes": [f"{m},{m}" for m in mirrors],
+            "width": rng.choice([200.0, 320.0, 640.0], n),
+            "height": 240.0,
+            "quality": rng.choice([70.0, 90.0], n),
+            "colour": rng.random(n) > 0.1,
+            "first_line": np.arange(n) + 1,
+        }
+    )
+    return table.sort_values(["source", "id"], kind="stable").reset_index(drop=True)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"transforms": ["hflip", "rot90"]},
+        {"verify_threshold": 40},
+        {"keep": "first"},
+        {"keep": "largest"},
+    ],
+)
+def test_a_table_in_a_file_gives_what_the_table_in_memory_gives_whatever_the_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params: dict
+) -> None:
+    """Dedup of a Parquet table a slice at a time (the sha256s in hash partitions) writes the
+    table that dedup of the frame gives, and the same bytes for any memory param."""
+    table = _synthetic(3000)
+    p = DedupParams(near_threshold=4, **params)
+    want = dedup.find_duplicates(table, p, ["a", "a-b"])
+    assert want.counts["exact_duplicates"] and want.counts["near_duplicates"]
+    if params.get("transforms"):
+        assert (want.table["dup_reason"] == "near_hflip").any()
+    if not params:
+        assert (want.table["dup_reason"] == "near_crop").any()
+    table.to_parquet(tmp_path / "probed.parquet", index=False)
+    monkeypatch.setattr(dedup, "_PACK_ROWS", 256)  # many slices of candidates
+    files = set()
+    for memory_mb, sha_bytes in ((1, 100_000), (1, 200), (1000, 200)):  # 1,000 rows a slice at 1 MB
+        monkeypatch.setattr(dedup, "_SHA_BYTES", sha_bytes)  # 58, 2 and 1 partitions of the sha256s
+        out = tmp_path / f"dedup-{memory_mb}-{sha_bytes}.parquet"
+        counts = dedup.find_duplicates_in_file(tmp_path / "probed.parquet", out, p, memory_mb, ["a", "a-b"])
+        assert counts == want.counts
+        pd.testing.assert_frame_equal(pd.read_parquet(out), want.table)
+        files.add(out.read_bytes())
+    assert len(files) == 1
+
+
+def test_a_table_in_a_file_must_be_sorted_by_source_and_id(tmp_path: Path) -> None:
+    table = _synthetic(50)
+    table.iloc[::-1].to_parquet(tmp_path / "probed.parquet", index=False)
+    with pytest.raises(ValueError, match="not sorted by source and id"):
+        dedup.find_duplicates_in_file(
+            tmp_path / "probed.parquet", tmp_path / "out.parquet", DedupParams(), 64
+        )

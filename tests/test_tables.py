@@ -131,3 +131,32 @@ def test_the_data_stages_take_arrows_buffers_from_malloc(stage):
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "system"
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.arange(5000),
+        np.array([3, 3, 4000, 4999]),  # ascending with a repeat
+        np.array([4999, 0, 17, 17, 2500]),  # any order
+        np.zeros(0, np.int64),
+    ],
+)
+def test_rows_in_a_file_are_the_rows_in_memory_whatever_the_slices(tmp_path, monkeypatch, rows):
+    """`InFile` reads a budget's slice at a time and gives the frames `InMemory` gives."""
+    monkeypatch.setattr(tables, "COPIES", 10_000)  # the smallest slice, MIN_ROWS
+    frame = pd.DataFrame(
+        {"n": np.arange(5000), "text": [f"row {i}" for i in range(5000)], "x": np.linspace(0, 1, 5000)}
+    )
+    frame.to_parquet(tmp_path / "t.parquet", index=False, row_group_size=700)
+    in_memory, in_file = tables.InMemory(frame), tables.InFile(tmp_path / "t.parquet", 1)
+    assert tables.slice_rows(tmp_path / "t.parquet", 1) < 5000  # several slices
+    assert (in_file.n, in_file.columns) == (in_memory.n, in_memory.columns)
+    for per_slice in (257, 1024, 10_000):
+        want = list(in_memory.pick(["text", "x"], rows, per_slice))
+        got = list(in_file.pick(["text", "x"], rows, per_slice))
+        assert [start for start, _ in got] == [start for start, _ in want]
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(in_file.take(["n"], rows), in_memory.take(["n"], rows))
+    assert in_file.take(["n"], rows).index.tolist() == rows.tolist()

@@ -344,8 +344,7 @@ def _key_order(records: tables.Rows, rows: np.ndarray) -> tuple[np.ndarray, np.n
     key_run = np.arange(len(rows), dtype=np.int64)
     last: tuple[pa.Array, pa.Array] | None = None
     for start, frame in records.pick(["source", "id"], rows, _PACK_ROWS):
-        source = pa.array(frame["source"].astype(str), from_pandas=True)
-        ids = pa.array(frame["id"].astype(str), from_pandas=True)
+        source, ids = _text(frame["source"]), _text(frame["id"])
         if last is not None:
             source, ids = pa.concat_arrays([last[0], source]), pa.concat_arrays([last[1], ids])
         same_source = pc.equal(source[1:], source[:-1])
@@ -369,6 +368,14 @@ def _key_order(records: tables.Rows, rows: np.ndarray) -> tuple[np.ndarray, np.n
     return rank[source_code] if len(codes) else source_code, key_run
 
 
+def _text(values: pd.Series) -> pa.Array:
+    """A column as one Arrow array of large strings (a slice of a file's table may come in chunks)."""
+    array = pa.array(values.astype(str), from_pandas=True)
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    return array.cast(pa.large_string())
+
+
 def _payloads(records: tables.Rows, rows: np.ndarray) -> np.ndarray:
     """Each candidate's payload, numbered by its first candidate: equal sha256, equal number.
 
@@ -383,7 +390,7 @@ def _payloads(records: tables.Rows, rows: np.ndarray) -> np.ndarray:
     for part in range(min(parts, 256)):
         positions, values = [], []
         for start, frame in records.pick(["sha256"], rows, _PACK_ROWS):
-            sha = pa.array(frame["sha256"].astype(str), from_pandas=True).cast(pa.large_string())
+            sha = _text(frame["sha256"])
             if parts > 1:
                 bucket = pc.index_in(pc.utf8_slice_codeunits(sha, 0, 2), value_set=prefixes)
                 mine = (bucket.fill_null(0).to_numpy() % min(parts, 256)) == part
