@@ -539,8 +539,9 @@ def test_a_table_in_a_file_gives_what_the_table_in_memory_gives_whatever_the_mem
     table.to_parquet(tmp_path / "probed.parquet", index=False)
     monkeypatch.setattr(dedup, "_PACK_ROWS", 256)  # many slices of candidates
     files = set()
-    for memory_mb, sha_bytes in ((1, 100_000), (1, 200), (1000, 200)):  # 1,000 rows a slice at 1 MB
-        monkeypatch.setattr(dedup, "_SHA_BYTES", sha_bytes)  # 58, 2 and 1 partitions of the sha256s
+    # 256, 3 and 1 partitions of the sha256s; slices of 1,024 rows at the smaller budgets
+    for memory_mb, sha_bytes in ((1, 200), (8, 2000), (1000, 200)):
+        monkeypatch.setattr(dedup, "_SHA_BYTES", sha_bytes)
         out = tmp_path / f"dedup-{memory_mb}-{sha_bytes}.parquet"
         counts = dedup.find_duplicates_in_file(tmp_path / "probed.parquet", out, p, memory_mb, ["a", "a-b"])
         assert counts == want.counts

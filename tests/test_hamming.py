@@ -353,3 +353,20 @@ def test_others_give_every_cross_pair_and_no_pair_between_two_others(threshold, 
 def test_others_of_another_width_are_refused():
     with pytest.raises(ValueError, match="bytes a hash"):
         near_duplicate_pairs(np.zeros((3, 8), np.uint8), 4, np.zeros((2, 4), np.uint8))
+
+
+@pytest.mark.parametrize("threshold", [2, 6])
+def test_a_memory_budget_gives_the_same_pairs_in_partitions_and_one_pass_at_a_time(
+    planted_20k: tuple[np.ndarray, np.ndarray], threshold: int
+) -> None:
+    """Under a budget smaller than a key's pass, the keys run one at a time, each in hash
+    partitions of its key values: the pairs, and the pairs with others, are those found without."""
+    hashes, brute6 = planted_20k
+    others = hashes[::7] ^ np.uint8(1)
+    free = near_duplicate_search(hashes, threshold, others)[0]
+    passes = hamming._Passes.within(len(hashes) + len(others), 20, 1)
+    assert (passes.workers, passes.parts > 1) == (1, True)
+    tight = near_duplicate_search(hashes, threshold, others, memory_mb=1)[0]
+    np.testing.assert_array_equal(tight.pairs, free.pairs)
+    np.testing.assert_array_equal(tight.across, free.across)
+    np.testing.assert_array_equal(tight.expand(), brute6[brute6[:, 2] <= threshold])

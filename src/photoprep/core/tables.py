@@ -268,25 +268,33 @@ class InFile(Rows):
     ) -> Iterator[tuple[int, pd.DataFrame]]:
         if not len(rows):
             return
-        done, pending, held, first = 0, [], 0, 0
+        done, first = 0, 0
+        carry: pd.DataFrame | None = None  # fewer than per_slice rows, left from the slices before
         for frame in slices(self.path, self.memory_mb, columns):
             stop = first + len(frame)
             lo, hi = np.searchsorted(rows, [first, stop])
-            if hi > lo:
-                part = frame.iloc[rows[lo:hi] - first]
-                part.index = pd.Index(rows[lo:hi], dtype=np.int64)
-                pending.append(part)
-                held += len(part)
-            first = stop
+            wanted = rows[lo:hi]
+            every = len(wanted) == len(frame) and (len(wanted) < 2 or bool((wanted[1:] > wanted[:-1]).all()))
+            part = frame if every else frame.iloc[wanted - first]  # every row of the slice: no copy
+            part.index = pd.Index(wanted, dtype=np.int64)
             del frame
-            while held >= per_slice or (held and first >= self.n):
-                joined = pd.concat(pending) if len(pending) > 1 else pending[0]
-                yield done, joined.iloc[:per_slice]
-                rest = joined.iloc[per_slice:]
-                done += min(per_slice, held)
-                pending, held = ([rest] if len(rest) else []), len(rest)
-            if first > rows[-1] and not held:  # past the last row asked for
+            first, at = stop, 0
+            if carry is not None:  # fill the slice begun before (only its rows are copied)
+                at = min(len(part), per_slice - len(carry))
+                carry = pd.concat([carry, part.iloc[:at]])
+                if len(carry) < per_slice:
+                    continue
+                yield done, carry
+                done, carry = done + len(carry), None
+            while len(part) - at >= per_slice:
+                yield done, part.iloc[at : at + per_slice]
+                done, at = done + per_slice, at + per_slice
+            carry = part.iloc[at:] if at < len(part) else None
+            if first > rows[-1]:  # past the last row asked for
                 break
+        if carry is not None:
+            yield done, carry
+            done += len(carry)
         if done < len(rows):
             raise ValueError(f"{self.path}: asked for row {int(rows[done])} of {self.n}")
 

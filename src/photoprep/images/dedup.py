@@ -148,7 +148,9 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
     return first
 
 
-def _near_edges(hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+def _near_edges(
+    hexes: _Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs joined by near hashes (`hashes`: the rows' packed hashes), from one search:
 
     - each row to the first row of its hash, and the first rows of hashes within the
@@ -166,7 +168,7 @@ def _near_edges(hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> tuple[np.nda
     turn_rows, turned = _extra_hashes(hexes, "transform_hashes", len(p.transforms))
     sets = [s for s in (cropped, turned) if s is not None]
     others = np.concatenate(sets) if sets else None
-    near = hamming.near_duplicate_pairs(hashes, p.near_threshold, others)
+    near = hamming.near_duplicate_pairs(hashes, p.near_threshold, others, memory_mb)
     first = _first_rows(near.inverse, len(near.unique))
     a = np.concatenate([np.arange(len(hashes)), first[near.pairs[:, 0]]])
     b = np.concatenate([first[near.inverse], first[near.pairs[:, 1]]])
@@ -216,14 +218,16 @@ def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarra
     return rows, np.ascontiguousarray(others)
 
 
-def _groups(payload: np.ndarray, hexes: _Hex, hashes: np.ndarray, p: DedupParams) -> np.ndarray:
+def _groups(
+    payload: np.ndarray, hexes: _Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+) -> np.ndarray:
     """Each candidate's group: components of the exact and near pairs (`payload`: the first
-    candidate of each one's payload)."""
+    candidate of each one's payload; `memory_mb`: the near search's budget, None: none)."""
     n = len(payload)
     # Byte-identical payloads: each row joins the first row that has its sha256.
     src, dst = [np.arange(n)], [payload]
     if p.near_threshold >= 0 and n:
-        near_src, near_dst = _near_edges(hexes, hashes, p)
+        near_src, near_dst = _near_edges(hexes, hashes, p, memory_mb)
         src.append(near_src)
         dst.append(near_dst)
     return graph.components(n, np.concatenate(src), np.concatenate(dst))
@@ -248,7 +252,7 @@ def find_duplicates(
         if column not in table:
             table[column] = default
     records = tables.InMemory(table)
-    decided = _decide(records, p, sources, evidence)
+    decided = _decide(records, p, sources, evidence, None)
     for column, values in decided.columns(0, len(table)).items():
         table[column] = values if column not in _TEXT else pd.array(values, dtype="str")
     return DedupResult(table=table, counts=decided.counts)
@@ -263,14 +267,15 @@ def find_duplicates_in_file(
     evidence: keep.Evidence | None = None,
 ) -> dict[str, int]:
     """`find_duplicates` of the Parquet table at `path` (sorted by source and id), written to
-    `out` with the same columns; the counts. The table is never held whole: it is read a slice
-    of `memory_mb` at a time, and what is held for every record is a few numbers (`_decide`)."""
-    records = tables.InFile(path, memory_mb)
-    decided = _decide(records, p, sources, evidence)
+    `out` with the same columns; the counts. The table is never held whole: a slice of it holds
+    an eighth of `memory_mb` (`SLICE_SHARE`), the sha256s' partitions a quarter, the near
+    search's passes half, and what is held for every record is a few numbers (`_decide`)."""
+    slices = max(1, memory_mb // SLICE_SHARE)
+    records = tables.InFile(path, slices)
+    decided = _decide(records, p, sources, evidence, memory_mb)
     with tables.TableWriter(out) as writer:
-        for start, frame in records.pick(
-            records.columns, np.arange(records.n), tables.slice_rows(path, memory_mb)
-        ):
+        every = np.arange(records.n)
+        for start, frame in records.pick(records.columns, every, tables.slice_rows(path, slices)):
             for column, default in _DEFAULTS.items():
                 if column not in frame:
                     frame[column] = default
@@ -281,6 +286,7 @@ def find_duplicates_in_file(
 
 
 _TEXT = ("dup_of", "dup_reason", "keep_reason")
+SLICE_SHARE = 8  # a slice of a table in a file holds this share of `find_duplicates_in_file`'s budget
 
 
 @dataclass
@@ -376,16 +382,15 @@ def _text(values: pd.Series) -> pa.Array:
     return array.cast(pa.large_string())
 
 
-def _payloads(records: tables.Rows, rows: np.ndarray) -> np.ndarray:
+def _payloads(records: tables.Rows, rows: np.ndarray, memory_mb: int | None) -> np.ndarray:
     """Each candidate's payload, numbered by its first candidate: equal sha256, equal number.
 
     The sha256s are grouped by Arrow's hash kernel (``dictionary_encode``) one hash partition at
-    a time (the first two hex digits), as many partitions as keep the dictionary within the
-    memory budget of a table in a file (one for a table in memory)."""
+    a time (the first two hex digits), as many partitions as keep the dictionary within
+    `memory_mb` (None: one)."""
     n = len(rows)
     payload = np.arange(n, dtype=np.int64)
-    memory_mb = getattr(records, "memory_mb", None)
-    parts = 1 if memory_mb is None else max(1, -(-n * _SHA_BYTES // ((memory_mb << 20) // 2)))
+    parts = 1 if memory_mb is None else max(1, -(-n * _SHA_BYTES // max(1, memory_mb << 20)))
     prefixes = pa.array([f"{i:02x}" for i in range(256)], pa.large_string())
     for part in range(min(parts, 256)):
         positions, values = [], []
@@ -418,9 +423,14 @@ _SHA_BYTES = (
 
 
 def _decide(
-    records: tables.Rows, p: DedupParams, sources: Sequence[str] | None, evidence: keep.Evidence | None
+    records: tables.Rows,
+    p: DedupParams,
+    sources: Sequence[str] | None,
+    evidence: keep.Evidence | None,
+    memory_mb: int | None,
 ) -> _Decided:
-    """Groups, the copy each keeps, and why, for the records of `records`."""
+    """Groups, the copy each keeps, and why, for the records of `records` (`memory_mb`: the
+    budget of the sha256s' partitions and the near search, None: no partitions)."""
     cands = _candidates(records)
     rows = cands.rows
     if not len(rows):
@@ -429,9 +439,9 @@ def _decide(
         text = np.zeros(0, object)
         return _Decided(np.full(records.n, -1, np.int64), nothing, text, text, nothing, text, counts)
     hexes = _Hex(records, rows)
-    payload = _payloads(records, rows)
+    payload = _payloads(records, rows, None if memory_mb is None else memory_mb // 4)
     hashes = hexes.packed("hash")
-    group = _groups(payload, hexes, hashes, p)
+    group = _groups(payload, hexes, hashes, p, None if memory_mb is None else memory_mb // 2)
     members = np.flatnonzero(np.bincount(group)[group] > 1)
     frame = _ranked_frame(records, rows[members])
     frame["_group"] = group[members]

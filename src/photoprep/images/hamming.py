@@ -141,20 +141,24 @@ def pack_hashes(hex_hashes: Sequence[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8).reshape(len(hex_hashes), n_bytes).copy()
 
 
-def near_duplicate_pairs(hashes: np.ndarray, threshold: int, others: np.ndarray | None = None) -> NearPairs:
+def near_duplicate_pairs(
+    hashes: np.ndarray, threshold: int, others: np.ndarray | None = None, memory_mb: int | None = None
+) -> NearPairs:
     """All pairs within `threshold` bits, found with a multi-index (pigeonhole) search, never all pairs;
     with `others`, also every (hash, other) pair within it (`NearPairs.across`).
 
     (The one exception: when the threshold is so large for the hash size that every pigeonhole
     chunking would generate more candidates than there are pairs, all pairs are compared, in batches.)
     """
-    return near_duplicate_search(hashes, threshold, others)[0]
+    return near_duplicate_search(hashes, threshold, others, memory_mb)[0]
 
 
 def near_duplicate_search(
-    hashes: np.ndarray, threshold: int, others: np.ndarray | None = None
+    hashes: np.ndarray, threshold: int, others: np.ndarray | None = None, memory_mb: int | None = None
 ) -> tuple[NearPairs, SearchStats]:
-    """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count)."""
+    """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count). With
+    `memory_mb`, the keys' passes hold at most about that much at once (`_Passes`); the pairs
+    are the same."""
     hashes = _check_hashes(hashes, threshold)
     if others is None:
         others = np.zeros((0, hashes.shape[1]), dtype=np.uint8)
@@ -181,7 +185,7 @@ def near_duplicate_search(
     # search unless there are others, which may equal a hash.
     if (threshold > 0 and n_unique >= 2) or (n_unique and n_other):
         plan = _choose_plan(stacked, threshold, n_bits, n_unique)
-        pairs, candidates = _search(stacked, threshold, plan, n_unique)
+        pairs, candidates = _search(stacked, threshold, plan, n_unique, memory_mb)
         n_chunks, n_keys, estimated = len(plan.chunk_masks), len(plan.keys), plan.estimated_candidates
     is_across = pairs[:, 1] >= n_unique
     across = pairs[is_across]
@@ -420,10 +424,38 @@ def _cpus() -> int:
 # --- the search -----------------------------------------------------------------------------------
 
 
-def _search(columns: np.ndarray, threshold: int, plan: _Plan, n_first: int) -> tuple[np.ndarray, int]:
+@dataclass(frozen=True)
+class _Passes:
+    """How the keys' passes share a memory budget: `workers` keys at once, each in `parts` hash
+    partitions of its key values (a bucket lies in one partition: the partition is a function of
+    the bits that make the bucket, so the pairs are the same)."""
+
+    workers: int
+    parts: int
+
+    @classmethod
+    def within(cls, n: int, n_keys: int, memory_mb: int | None) -> _Passes:
+        workers = max(1, min(n_keys, _SEARCH_THREADS, _cpus()))
+        if memory_mb is None:
+            return cls(workers, 1)
+        budget = max(1, memory_mb) << 20
+        workers = max(1, min(workers, budget // max(1, n * _PASS_BYTES)))
+        # A pass keeps its key values (8 bytes a hash) whole, and the rest a partition at a time.
+        rest = max(1, budget // workers - n * 8)
+        return cls(workers, max(1, min(n // _PART_ROWS, -(-n * (_PASS_BYTES - 8) // rest))))
+
+
+_PASS_BYTES = 48  # a key's pass, per hash: key values, sorted (key, row), neighbours' XOR, positions
+_PART_ROWS = 4096  # hashes a partition holds at least (smaller ones save nothing and cost a scan each)
+
+
+def _search(
+    columns: np.ndarray, threshold: int, plan: _Plan, n_first: int, memory_mb: int | None = None
+) -> tuple[np.ndarray, int]:
     """(u, v, distance) rows, u < v, u < n_first, sorted, for hashes `columns` (distinct among the
     first n_first and among the rest); and the candidate count."""
     n = columns.shape[1]
+    passes = _Passes.within(n, len(plan.keys), memory_mb)
     index_bits = max(1, (n - 1).bit_length())
     rows = np.arange(n, dtype=_U64)
     # Found pairs are kept as one int64 code each, (u * n + v) * (t + 1) + d, when that fits: a third
@@ -434,22 +466,27 @@ def _search(columns: np.ndarray, threshold: int, plan: _Plan, n_first: int) -> t
 
     def one_key(key_number: int) -> tuple[list[np.ndarray], int]:
         values = _key_values(columns, _key_mask(plan.chunk_masks, plan.keys[key_number]))
-        packed, positions, counts = _buckets(values, rows, index_bits)
-        if n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
-            starts = _unpack_rows(packed[positions], index_bits) < n_first
-            positions, counts = positions[starts], counts[starts]
         found, candidates = [], 0
-        for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
-            candidates += len(a)
-            row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
-            u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
-            found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+        for part in range(passes.parts):
+            if passes.parts > 1:  # the top bits choose the partition: they are part of the bucket
+                mine = np.flatnonzero((values >> _U64(48)) % _U64(passes.parts) == part)
+                packed, positions, counts = _buckets(values[mine], mine.astype(_U64), index_bits)
+            else:
+                packed, positions, counts = _buckets(values, rows, index_bits)
+            if n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
+                starts = _unpack_rows(packed[positions], index_bits) < n_first
+                positions, counts = positions[starts], counts[starts]
+            for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
+                candidates += len(a)
+                row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
+                u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
+                found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+            del packed, positions, counts
         return found, candidates
 
     # Keys are independent passes, and numpy's sorts and array operations release the GIL: threads
     # share the columns, and the pairs are sorted at the end, so the result is the same for any count.
-    workers = max(1, min(len(plan.keys), _SEARCH_THREADS, _cpus()))
-    with ThreadPoolExecutor(workers) as pool:
+    with ThreadPoolExecutor(passes.workers) as pool:
         per_key = list(pool.map(one_key, range(len(plan.keys))))
     found = [block for blocks, _ in per_key for block in blocks]
     candidates = sum(count for _, count in per_key)
