@@ -50,6 +50,13 @@ wall and peak heap per step.
 
     python bench/scale.py --tables --table-sizes 100000,1000000
 
+With ``--tables-in-file`` the rows live in a Parquet file, made a million at a time, and the
+table steps that stream (dedup's grouping and keep rule in partitions, validate) read it a
+slice at a time, once per ``--memory-mb``: wall, the process's peak heap, and the outputs'
+sha256, which must not depend on the memory param.
+
+    python bench/scale.py --tables-in-file --table-sizes 10000000 --memory-mb 4096,2048
+
 With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
 process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
 
@@ -89,7 +96,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
 from scale_disk import disk_of_an_increment, print_disk  # noqa: E402  (bench/scale_disk.py)
-from scale_tables import print_tables, table_steps  # noqa: E402  (bench/scale_tables.py)
+from scale_tables import (  # noqa: E402  (bench/scale_tables.py)
+    print_in_file,
+    print_tables,
+    table_steps,
+    tables_in_file,
+)
 from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
@@ -677,6 +689,14 @@ def main() -> None:
         help="only the side-by-side download of --download-n photos (median of --repeats photoprep runs)",
     )
     parser.add_argument("--table-sizes", default="100000,1000000", help="rows of --tables (comma-separated)")
+    parser.add_argument(
+        "--tables-in-file",
+        action="store_true",
+        help="only the streamed table steps over rows in a Parquet file (the largest --table-sizes)",
+    )
+    parser.add_argument(
+        "--memory-mb", default="4096", help="memory params of --tables-in-file (comma-separated)"
+    )
     parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
     parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
     parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
@@ -700,6 +720,18 @@ def main() -> None:
             "tables",
             lambda work: table_steps([int(s) for s in args.table_sizes.split(",")], args.seed, _env()),
             print_tables,
+        ),
+        (
+            args.tables_in_file,
+            "tables_in_file",
+            lambda work: tables_in_file(
+                max(int(s) for s in args.table_sizes.split(",")),
+                args.seed,
+                [int(m) for m in args.memory_mb.split(",")],
+                work / "tables",
+                _env(),
+            ),
+            print_in_file,
         ),
         (
             args.disk,

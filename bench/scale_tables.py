@@ -295,7 +295,11 @@ def print_in_file(report: dict) -> None:
     for budget, f in report["memory_mb"].items():
         cells = " ".join(f"{f[s]['wall_s']:7.1f} {f[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
         print(f"{budget:>10s} {cells}  {f['sha256']['dedup']} {f['sha256']['valid']}")
+    under = all(
+        f[s]["peak_mb"] <= int(budget) for budget, f in report["memory_mb"].items() for s in FILE_STEPS[1:]
+    )
     print(f"outputs byte-identical whatever the memory param: {report['same_bytes']}")
+    print(f"every step's peak heap under its memory param: {under}")
 
 
 def _child() -> None:

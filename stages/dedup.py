@@ -27,23 +27,36 @@ def main() -> str:
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
         probed = probe.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
-        table = table.join(probed)
-        del probed
+        n_fetched = len(fetched)
+        del fetched
+        # The table steps read the probed table from a file, a compute.memory_mb slice at a time.
+        io.write_table(table.join(probed), PATHS.dedup_input)
+        del probed, table
         memory.release()
         evidence = provenance.provenance_reader(PATHS.raw_dir, ProvenanceSpec.from_params(p), p.compute)
-        result = dedup.find_duplicates(table, p.dedup, p.sources, evidence)
-        io.write_table(result.table.drop(columns=list(dedup.GROUPING_ONLY)), PATHS.dedup_table)
-        io.write_table(dedup.duplicate_groups(result.table), PATHS.duplicates_csv)
-        io.write_json(result.counts, PATHS.stage_counts("dedup"))
+        try:
+            c = dedup.find_duplicates_in_file(
+                PATHS.dedup_input,
+                PATHS.dedup_table,
+                p.dedup,
+                p.compute.memory_mb,
+                p.sources,
+                evidence,
+                leave_out=dedup.GROUPING_ONLY,
+            )
+        finally:
+            PATHS.dedup_input.unlink(missing_ok=True)
+        members = dedup.members_of_groups_with_duplicates(PATHS.dedup_table, p.compute.memory_mb)
+        io.write_table(dedup.duplicate_groups(members), PATHS.duplicates_csv)
+        io.write_json(c, PATHS.stage_counts("dedup"))
         memory.release()
-        groups = dedup.near_groups_for_sheet(result.table, p.dedup.contact_groups, sheets.MAX_PER_ROW)
+        groups = dedup.near_groups_for_sheet(members, p.dedup.contact_groups, sheets.MAX_PER_ROW)
         thumbs = stored.thumbnails(
             groups, PATHS.raw_dir, sheets.THUMB, DecodeLimits.after_probe(p), p.compute
         )
     sheets.draw_near_groups(groups, thumbs, PATHS.duplicates_png)
-    c = result.counts
     return (
-        f"{console.count(len(fetched))} fetched images: {console.count(c['exact_duplicates'])} exact and "
+        f"{console.count(n_fetched)} fetched images: {console.count(c['exact_duplicates'])} exact and "
         f"{console.count(c['near_duplicates'])} near duplicates, {console.count(c['after_dedup'])} left"
     )
 

@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance
 from skimage import data as samples
 
 from photoprep.core.params import DedupParams
-from photoprep.images import dedup, keep, sheets
+from photoprep.images import candidates, dedup, keep, sheets
 from photoprep.images.probe import ProbeSpec, probe
 from photoprep.images.provenance import provenance
 
@@ -537,11 +537,11 @@ def test_a_table_in_a_file_gives_what_the_table_in_memory_gives_whatever_the_mem
     if not params:
         assert (want.table["dup_reason"] == "near_crop").any()
     table.to_parquet(tmp_path / "probed.parquet", index=False)
-    monkeypatch.setattr(dedup, "_PACK_ROWS", 256)  # many slices of candidates
+    monkeypatch.setattr(candidates, "PACK_ROWS", 256)  # many slices of candidates
     files = set()
     # 256, 3 and 1 partitions of the sha256s; slices of 1,024 rows at the smaller budgets
     for memory_mb, sha_bytes in ((1, 200), (8, 2000), (1000, 200)):
-        monkeypatch.setattr(dedup, "_SHA_BYTES", sha_bytes)
+        monkeypatch.setattr(candidates, "_SHA_BYTES", sha_bytes)
         out = tmp_path / f"dedup-{memory_mb}-{sha_bytes}.parquet"
         counts = dedup.find_duplicates_in_file(tmp_path / "probed.parquet", out, p, memory_mb, ["a", "a-b"])
         assert counts == want.counts
@@ -557,3 +557,21 @@ def test_a_table_in_a_file_must_be_sorted_by_source_and_id(tmp_path: Path) -> No
         dedup.find_duplicates_in_file(
             tmp_path / "probed.parquet", tmp_path / "out.parquet", DedupParams(), 64
         )
+
+
+def test_payloads_are_the_same_whether_packed_or_grouped_as_texts(tmp_path: Path, monkeypatch) -> None:
+    """A slice of sha256s that are all digests is packed and sorted, one with another text is
+    grouped by Arrow's hash kernel: a table that mixes them gives the groups of either."""
+    table = _synthetic(3000, seed=2)
+    taking_part = table.index[((table["status"] == "ok") & table["valid"]).to_numpy()]
+    texts = taking_part[::97]  # a hand-made sha256 text, the same for every 97th candidate
+    table.loc[texts, "sha256"] = "not a digest"
+    want = dedup.find_duplicates(table, DedupParams(near_threshold=4))  # one slice: as texts
+    assert want.table.loc[texts, "group"].nunique() == 1  # one payload, one group
+    table.to_parquet(tmp_path / "probed.parquet", index=False)
+    monkeypatch.setattr(candidates, "PACK_ROWS", 64)  # slices without a text are packed
+    monkeypatch.setattr(candidates, "_SHA_BYTES", 2000)
+    dedup.find_duplicates_in_file(
+        tmp_path / "probed.parquet", tmp_path / "out.parquet", DedupParams(near_threshold=4), 8
+    )
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), want.table)

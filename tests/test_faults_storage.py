@@ -237,7 +237,9 @@ def test_a_read_only_interim_folder_stops_dedup_with_one_line_and_the_rerun_ends
         line = stops(stage(root, "dedup"))
         print(line)
         assert line == (
-            "photoprep: dedup: data/interim/dedup.parquet: Read-only file system (EROFS): make it writable "
+            # the table steps' input, written first: the stage's scratch beside its output
+            "photoprep: dedup: data/interim/.dedup-input.parquet: Read-only file system (EROFS): "
+            "make it writable "
             "(remount it read-write) or move data/ to a writable disk, then run it again"
         )
     assert list(interim.iterdir()) == []

@@ -73,6 +73,12 @@ class Layout:
         return self.root / "data" / "interim" / "dedup.parquet"
 
     @property
+    def dedup_input(self) -> Path:
+        """What dedup's table steps read (every record with its probe): the stage's scratch, gone
+        when it ends."""
+        return self.root / "data" / "interim" / ".dedup-input.parquet"
+
+    @property
     def duplicates_csv(self) -> Path:
         return self.root / "reports" / "duplicates.csv"
 

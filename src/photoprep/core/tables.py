@@ -35,6 +35,7 @@ from photoprep.core.errors import storage_path
 ROW_GROUP = io.ROW_GROUP
 COPIES = 4
 MIN_ROWS = 1024
+MAX_ROWS = 1 << 20  # Parquet's sizes undercount a column of repeated values (kept as a dictionary)
 
 
 def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None =
             if names is None or chunk.path_in_schema in names:
                 total += chunk.total_uncompressed_size
     per_row = COPIES * max(1, total // max(1, meta.num_rows))
-    return max(MIN_ROWS, (memory_mb << 20) // per_row)
+    return max(MIN_ROWS, min(MAX_ROWS, (memory_mb << 20) // per_row))
 
 
 def slices(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:

@@ -17,23 +17,30 @@ ranked before it is ``exact``; the first row of each distinct payload other than
 one is ``near`` (or ``near_crop`` when a cropped hash of it or of the kept copy is closest,
 ``near_hflip``, ``near_rot90``, ... when the kept copy's transformed hash is). So
 ``exact_duplicates`` counts the redundant byte copies whatever is kept.
+
+A table held in memory (`find_duplicates`) and one in a Parquet file (`find_duplicates_in_file`,
+within ``compute.memory_mb``) go through the same steps and give the same table: what every
+record keeps is numbers, and text is read only for the members of groups of two or more
+(`photoprep.images.candidates` reads the records, in slices and partitions).
+
+Why one module: the pairs, the groups, the keep rule's outcome and the reports share one
+record layout (`_DEFAULTS`, `GROUPING_ONLY`) and one set of reasons; apart, each would need the
+others' private rules to stay consistent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from photoprep.core import tables
+from photoprep.core import memory, tables
 from photoprep.core.errors import UserError
 from photoprep.core.params import DedupParams
-from photoprep.images import graph, hamming, keep
+from photoprep.images import candidates, graph, hamming, keep
 
 CROP_FINE_THRESHOLD = 56
 """A match through a cropped hash counts only when the fine hashes (256 bits) of the two views
@@ -41,7 +48,6 @@ are within this distance. On bench/dedup_quality.py's photographs the true crop 
 at most 46 apart; the one false crop match of the demo (two different handwritten 3s, 4 bits
 apart in the 64-bit hash) 70."""
 
-_PACK_ROWS = 1 << 16  # hex hashes made Python strings at once while packing them
 
 GROUPING_ONLY = ("fine_hash", "transform_hashes", "crop_hashes", "crop_fine_hashes")
 """Probe columns only grouping and ranking read: the dedup stage's table leaves them out."""
@@ -60,57 +66,12 @@ _DEFAULTS = {
 }
 
 _HEX = ("hash", *GROUPING_ONLY)
-"""The hex hash columns: grouping reads them where they are (`_Hex`), never copied whole."""
+"""The hex hash columns: grouping reads them where they are (`candidates.Hex`), never copied whole."""
 
 # What grouping (`_groups`), ranking (`keep.rank`) and `_assign` read of a record, besides `_HEX`
 # and the sha256 (read once, to number the payloads: `_sha`).
 _RANKED_COLUMNS: tuple[str, ...] = ("source", "id", "width", "height", "first_line")
 _RANKED_COLUMNS += ("colour", "lossless", "quality", "camera", "format")
-
-
-@dataclass(frozen=True)
-class _Hex:
-    """The candidates' hex hash columns, read where the table is (`records`): `rows` are the
-    table rows of the candidates, in candidate order. Only the values asked for become Python
-    strings, a slice at a time."""
-
-    records: tables.Rows
-    rows: np.ndarray
-
-    def _values(self, frame: pd.DataFrame, name: str) -> pd.Series:
-        default = _DEFAULTS.get(name, "")
-        if name not in frame:
-            return pd.Series(default, index=frame.index, dtype=str)
-        return frame[name].fillna(default)
-
-    def take(self, name: str, positions: np.ndarray) -> list[str]:
-        """The values of the candidates at `positions`."""
-        columns = [name] if name in self.records.columns else []
-        return self._values(self.records.take(columns, self.rows[positions]), name).tolist()
-
-    def slices(self, name: str) -> Iterator[tuple[int, pd.Series]]:
-        """(first candidate position, values) of `_PACK_ROWS` candidates at a time."""
-        columns = [name] if name in self.records.columns else []
-        for start, frame in self.records.pick(columns, self.rows, _PACK_ROWS):
-            yield start, self._values(frame, name)
-
-    def packed(self, name: str) -> np.ndarray:
-        """Every candidate's hash packed (N x B bytes)."""
-        parts = [hamming.pack_hashes(values.tolist()) for _, values in self.slices(name)]
-        return np.concatenate(parts) if parts else np.zeros((0, 0), np.uint8)
-
-
-@dataclass(frozen=True)
-class _Candidates:
-    """The records that take part (fetched and valid), in (source, id) order: `rows` their table
-    rows; `source_rank` the rank of each one's source among the sources' ``name/`` texts (the
-    order of the keys ``source/id``); `key_run` the first candidate with the same (source, id);
-    `ok` the records fetched, candidates or not."""
-
-    rows: np.ndarray
-    source_rank: np.ndarray
-    key_run: np.ndarray
-    ok: int
 
 
 @dataclass
@@ -149,7 +110,7 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
 
 
 def _near_edges(
-    hexes: _Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+    hexes: candidates.Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs joined by near hashes (`hashes`: the rows' packed hashes), from one search:
 
@@ -200,7 +161,7 @@ def _near_edges(
     return np.concatenate(src), np.concatenate(dst)
 
 
-def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _extra_hashes(hexes: candidates.Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The rows that have k comma-separated hashes in column `name` (cropped or transformed), and
     those hashes packed one kind after another (every row's first, then every row's second,
     ...); (empty, None) when k is 0 or no row has them."""
@@ -219,7 +180,7 @@ def _extra_hashes(hexes: _Hex, name: str, k: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _groups(
-    payload: np.ndarray, hexes: _Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+    payload: np.ndarray, hexes: candidates.Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
 ) -> np.ndarray:
     """Each candidate's group: components of the exact and near pairs (`payload`: the first
     candidate of each one's payload; `memory_mb`: the near search's budget, None: none)."""
@@ -230,7 +191,9 @@ def _groups(
         near_src, near_dst = _near_edges(hexes, hashes, p, memory_mb)
         src.append(near_src)
         dst.append(near_dst)
-    return graph.components(n, np.concatenate(src), np.concatenate(dst))
+    a, b = np.concatenate(src), np.concatenate(dst)
+    joins = a != b  # most rows are their payload's and their hash's first: no edge to give
+    return graph.components(n, a[joins], b[joins])
 
 
 def find_duplicates(
@@ -265,11 +228,13 @@ def find_duplicates_in_file(
     memory_mb: int,
     sources: Sequence[str] | None = None,
     evidence: keep.Evidence | None = None,
+    leave_out: Sequence[str] = (),
 ) -> dict[str, int]:
     """`find_duplicates` of the Parquet table at `path` (sorted by source and id), written to
-    `out` with the same columns; the counts. The table is never held whole: a slice of it holds
-    an eighth of `memory_mb` (`SLICE_SHARE`), the sha256s' partitions a quarter, the near
-    search's passes half, and what is held for every record is a few numbers (`_decide`)."""
+    `out` with the same columns but `leave_out`; the counts. The table is never held whole: a
+    slice of it holds an eighth of `memory_mb` (`SLICE_SHARE`), the sha256s' partitions a
+    quarter, the near search's passes half, and what is held for every record is a few numbers
+    (`_decide`)."""
     slices = max(1, memory_mb // SLICE_SHARE)
     records = tables.InFile(path, slices)
     decided = _decide(records, p, sources, evidence, memory_mb)
@@ -281,7 +246,7 @@ def find_duplicates_in_file(
                     frame[column] = default
             for column, values in decided.columns(start, start + len(frame)).items():
                 frame[column] = values if column not in _TEXT else pd.array(values, dtype="str")
-            writer.write(frame.reset_index(drop=True))
+            writer.write(frame.drop(columns=[c for c in leave_out if c in frame]).reset_index(drop=True))
     return decided.counts
 
 
@@ -321,107 +286,6 @@ class _Decided:
         return out
 
 
-def _candidates(records: tables.Rows) -> _Candidates:
-    """The candidates (fetched and valid) in (source, id) order: read a slice at a time; a table
-    held in memory is sorted when it is not in that order, a file must be."""
-    found, ok = [], 0
-    for start, frame in records.pick(["status", "valid"], np.arange(records.n), _PACK_ROWS):
-        fetched = (frame["status"] == "ok").to_numpy()
-        ok += int(fetched.sum())
-        found.append(start + np.flatnonzero(fetched & frame["valid"].fillna(False).astype(bool).to_numpy()))
-    rows = np.concatenate(found) if found else np.zeros(0, np.int64)
-    keys = _key_order(records, rows)
-    if keys is None:  # not in (source, id) order: a frame in memory is sorted (a file is refused)
-        if isinstance(records, tables.InFile):
-            raise ValueError(f"{records.path}: the table is not sorted by source and id")
-        by = ["source", "id"]
-        order = records.take(by, rows).reset_index(drop=True).sort_values(by, kind="stable").index.to_numpy()
-        rows = rows[order]
-        keys = _key_order(records, rows)
-        assert keys is not None
-    return _Candidates(rows=rows, source_rank=keys[0], key_run=keys[1], ok=ok)
-
-
-def _key_order(records: tables.Rows, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(source rank, key run) of the records at `rows` (`_Candidates`); None when they are not in
-    (source, id) order. Only sources become Python strings (a few), never ids."""
-    codes: dict[str, int] = {}
-    source_code = np.zeros(len(rows), np.int64)
-    key_run = np.arange(len(rows), dtype=np.int64)
-    last: tuple[pa.Array, pa.Array] | None = None
-    for start, frame in records.pick(["source", "id"], rows, _PACK_ROWS):
-        source, ids = _text(frame["source"]), _text(frame["id"])
-        if last is not None:
-            source, ids = pa.concat_arrays([last[0], source]), pa.concat_arrays([last[1], ids])
-        same_source = pc.equal(source[1:], source[:-1])
-        ascending = pc.or_(
-            pc.less(source[:-1], source[1:]), pc.and_(same_source, pc.less_equal(ids[:-1], ids[1:]))
-        )
-        if not pc.all(ascending).as_py() and len(ascending):
-            return None
-        same = pc.and_(same_source, pc.equal(ids[:-1], ids[1:])).to_numpy(zero_copy_only=False)
-        local, names = pd.factorize(frame["source"].astype(str))
-        numbers = np.array([codes.setdefault(str(name), len(codes)) for name in names], np.int64)
-        source_code[start : start + len(frame)] = numbers[local]
-        offset = 1 if last is not None else 0
-        runs = key_run[start - offset : start + len(frame)]
-        for k in np.flatnonzero(same):  # a key twice: rare (a record once per key), so by steps
-            runs[k + 1] = runs[k]
-        last = (source.slice(len(source) - 1), ids.slice(len(ids) - 1))
-    order = sorted(codes, key=lambda name: name + "/")
-    rank = np.zeros(len(codes), np.int64)
-    rank[[codes[name] for name in order]] = np.arange(len(order))
-    return rank[source_code] if len(codes) else source_code, key_run
-
-
-def _text(values: pd.Series) -> pa.Array:
-    """A column as one Arrow array of large strings (a slice of a file's table may come in chunks)."""
-    array = pa.array(values.astype(str), from_pandas=True)
-    if isinstance(array, pa.ChunkedArray):
-        array = array.combine_chunks()
-    return array.cast(pa.large_string())
-
-
-def _payloads(records: tables.Rows, rows: np.ndarray, memory_mb: int | None) -> np.ndarray:
-    """Each candidate's payload, numbered by its first candidate: equal sha256, equal number.
-
-    The sha256s are grouped by Arrow's hash kernel (``dictionary_encode``) one hash partition at
-    a time (the first two hex digits), as many partitions as keep the dictionary within
-    `memory_mb` (None: one)."""
-    n = len(rows)
-    payload = np.arange(n, dtype=np.int64)
-    parts = 1 if memory_mb is None else max(1, -(-n * _SHA_BYTES // max(1, memory_mb << 20)))
-    prefixes = pa.array([f"{i:02x}" for i in range(256)], pa.large_string())
-    for part in range(min(parts, 256)):
-        positions, values = [], []
-        for start, frame in records.pick(["sha256"], rows, _PACK_ROWS):
-            sha = _text(frame["sha256"])
-            if parts > 1:
-                bucket = pc.index_in(pc.utf8_slice_codeunits(sha, 0, 2), value_set=prefixes)
-                mine = (bucket.fill_null(0).to_numpy() % min(parts, 256)) == part
-                sha = sha.filter(pa.array(mine))
-                positions.append(start + np.flatnonzero(mine))
-            else:
-                positions.append(start + np.arange(len(sha)))
-            values.append(sha)
-        if not positions:
-            continue
-        at = np.concatenate(positions)
-        if not len(at):
-            continue
-        codes = pa.chunked_array(values).dictionary_encode(null_encoding="encode").combine_chunks().indices
-        codes = codes.to_numpy().astype(np.int64)
-        first = np.full(int(codes.max()) + 1, n, np.int64)
-        np.minimum.at(first, codes, at)
-        payload[at] = first[codes]
-    return payload
-
-
-_SHA_BYTES = (
-    200  # bytes a sha256 takes while its partition is grouped (the text, the dictionary's hash table)
-)
-
-
 def _decide(
     records: tables.Rows,
     p: DedupParams,
@@ -431,17 +295,19 @@ def _decide(
 ) -> _Decided:
     """Groups, the copy each keeps, and why, for the records of `records` (`memory_mb`: the
     budget of the sha256s' partitions and the near search, None: no partitions)."""
-    cands = _candidates(records)
+    cands = candidates.candidates_of(records)
     rows = cands.rows
     if not len(rows):
         counts = {"exact_duplicates": 0, "near_duplicates": 0, "after_dedup": cands.ok}
         nothing = np.zeros(0, np.int64)
         text = np.zeros(0, object)
         return _Decided(np.full(records.n, -1, np.int64), nothing, text, text, nothing, text, counts)
-    hexes = _Hex(records, rows)
-    payload = _payloads(records, rows, None if memory_mb is None else memory_mb // 4)
+    hexes = candidates.Hex(records, rows)
+    payload = candidates.payloads(records, rows, None if memory_mb is None else memory_mb // 4)
+    memory.release()  # each step's peak on its own, not on the pages of the steps before
     hashes = hexes.packed("hash")
     group = _groups(payload, hexes, hashes, p, None if memory_mb is None else memory_mb // 2)
+    memory.release()
     members = np.flatnonzero(np.bincount(group)[group] > 1)
     frame = _ranked_frame(records, rows[members])
     frame["_group"] = group[members]
@@ -466,9 +332,9 @@ def _ranked_frame(records: tables.Rows, rows: np.ndarray) -> pd.DataFrame:
 
 def _assign(
     records: tables.Rows,
-    cands: _Candidates,
+    cands: candidates.Candidates,
     found: tuple[np.ndarray, np.ndarray, np.ndarray],
-    hexes: _Hex,
+    hexes: candidates.Hex,
     hashes: np.ndarray,
     ranking: keep.Ranking,
     p: DedupParams,
@@ -518,19 +384,8 @@ def _assign(
     dups = np.flatnonzero(is_dup)
     keep_reason = won[local]
     keep_reason[dups] = ranking.deciding(ranked[first[dups]], ranked[dups])
-    # Groups are numbered in the order of their kept rows' keys (source/id): by the source's
-    # rank, then the key's place, then the group; a group of one keeps its only row.
-    kept = np.arange(len(cands.rows))
-    kept_of_group = np.full(int(group.max(initial=-1)) + 1, -1, np.int64)
-    kept_of_group[group] = kept
-    kept_of_group[mgroup[starts]] = order[starts]
-    by_key = np.lexsort(
-        (np.arange(len(kept_of_group)), cands.key_run[kept_of_group], cands.source_rank[kept_of_group])
-    )
-    number = np.empty(len(kept_of_group), np.int64)
-    number[by_key] = np.arange(len(kept_of_group))
     table_group = np.full(records.n, -1, np.int64)
-    table_group[cands.rows] = number[group]
+    table_group[cands.rows] = _numbers(cands, group, order[starts])[group]
     # What members say, in table row order.
     keys = records.take(["source", "id"], cands.rows[rep[dups]])
     dup_of = np.full(m, "", dtype=object)
@@ -551,6 +406,21 @@ def _assign(
         keep_reason=keep_reason[by_row],
         counts=counts,
     )
+
+
+def _numbers(cands: candidates.Candidates, group: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """Each group's number: groups in the order of their kept rows' keys (source/id), that is by
+    the source's rank, then the key's place, then the group (`kept`: the kept candidate of each
+    group of two or more; a group of one keeps its only row)."""
+    kept_of_group = np.full(int(group.max(initial=-1)) + 1, -1, np.int64)
+    kept_of_group[group] = np.arange(len(cands.rows))
+    kept_of_group[group[kept]] = kept
+    by_key = np.lexsort(
+        (np.arange(len(kept_of_group)), cands.key_run[kept_of_group], cands.source_rank[kept_of_group])
+    )
+    number = np.empty(len(kept_of_group), np.int64)
+    number[by_key] = np.arange(len(kept_of_group))
+    return number
 
 
 def _extra_distances(hashes: list[str], extra: list[str], j: int) -> np.ndarray:
@@ -583,6 +453,20 @@ REPORT_COLUMNS = [
     "sha256",
     "hash",
 ]
+
+
+def members_of_groups_with_duplicates(path: Path, memory_mb: int) -> pd.DataFrame:
+    """The records of the dedup table at `path` whose group holds duplicates (what
+    `duplicate_groups` and `near_groups_for_sheet` read), read a slice at a time."""
+    records = tables.InFile(path, memory_mb)
+    groups, rows = [], []
+    for _, frame in records.pick(["group", "dup_of"], np.arange(records.n), candidates.PACK_ROWS):
+        groups.append(frame["group"].to_numpy()[(frame["dup_of"] != "").to_numpy()])
+    wanted = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
+    for start, frame in records.pick(["group"], np.arange(records.n), candidates.PACK_ROWS):
+        rows.append(start + np.flatnonzero(np.isin(frame["group"].to_numpy(), wanted)))
+    found = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return records.take(records.columns, found).reset_index(drop=True)
 
 
 def duplicate_groups(table: pd.DataFrame) -> pd.DataFrame:

@@ -156,9 +156,8 @@ def near_duplicate_pairs(
 def near_duplicate_search(
     hashes: np.ndarray, threshold: int, others: np.ndarray | None = None, memory_mb: int | None = None
 ) -> tuple[NearPairs, SearchStats]:
-    """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count). With
-    `memory_mb`, the keys' passes hold at most about that much at once (`_Passes`); the pairs
-    are the same."""
+    """`near_duplicate_pairs`, plus figures about the search (chunking, candidate count); with
+    `memory_mb`, the passes hold about that much at once at most (`_passes`), the same pairs."""
     hashes = _check_hashes(hashes, threshold)
     if others is None:
         others = np.zeros((0, hashes.shape[1]), dtype=np.uint8)
@@ -424,25 +423,15 @@ def _cpus() -> int:
 # --- the search -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Passes:
-    """How the keys' passes share a memory budget: `workers` keys at once, each in `parts` hash
-    partitions of its key values (a bucket lies in one partition: the partition is a function of
-    the bits that make the bucket, so the pairs are the same)."""
-
-    workers: int
-    parts: int
-
-    @classmethod
-    def within(cls, n: int, n_keys: int, memory_mb: int | None) -> _Passes:
-        workers = max(1, min(n_keys, _SEARCH_THREADS, _cpus()))
-        if memory_mb is None:
-            return cls(workers, 1)
-        budget = max(1, memory_mb) << 20
-        workers = max(1, min(workers, budget // max(1, n * _PASS_BYTES)))
-        # A pass keeps its key values (8 bytes a hash) whole, and the rest a partition at a time.
-        rest = max(1, budget // workers - n * 8)
-        return cls(workers, max(1, min(n // _PART_ROWS, -(-n * (_PASS_BYTES - 8) // rest))))
+def _passes(n: int, n_keys: int, memory_mb: int | None) -> tuple[int, int]:
+    """(keys at once, hash partitions of a key's values) within `memory_mb`; a bucket is in one."""
+    workers = max(1, min(n_keys, _SEARCH_THREADS, _cpus()))
+    if memory_mb is None:
+        return workers, 1
+    budget = max(1, memory_mb) << 20
+    workers = max(1, min(workers, budget // max(1, n * _PASS_BYTES)))
+    rest = max(1, budget // workers - n * 8)  # a pass keeps its key values whole, the rest by part
+    return workers, max(1, min(n // _PART_ROWS, -(-n * (_PASS_BYTES - 8) // rest)))
 
 
 _PASS_BYTES = 48  # a key's pass, per hash: key values, sorted (key, row), neighbours' XOR, positions
@@ -455,7 +444,7 @@ def _search(
     """(u, v, distance) rows, u < v, u < n_first, sorted, for hashes `columns` (distinct among the
     first n_first and among the rest); and the candidate count."""
     n = columns.shape[1]
-    passes = _Passes.within(n, len(plan.keys), memory_mb)
+    workers, parts = _passes(n, len(plan.keys), memory_mb)
     index_bits = max(1, (n - 1).bit_length())
     rows = np.arange(n, dtype=_U64)
     # Found pairs are kept as one int64 code each, (u * n + v) * (t + 1) + d, when that fits: a third
@@ -467,12 +456,10 @@ def _search(
     def one_key(key_number: int) -> tuple[list[np.ndarray], int]:
         values = _key_values(columns, _key_mask(plan.chunk_masks, plan.keys[key_number]))
         found, candidates = [], 0
-        for part in range(passes.parts):
-            if passes.parts > 1:  # the top bits choose the partition: they are part of the bucket
-                mine = np.flatnonzero((values >> _U64(48)) % _U64(passes.parts) == part)
-                packed, positions, counts = _buckets(values[mine], mine.astype(_U64), index_bits)
-            else:
-                packed, positions, counts = _buckets(values, rows, index_bits)
+        for part in range(parts):  # the top bits choose the partition: they are part of the bucket
+            mine = rows if parts == 1 else np.flatnonzero((values >> _U64(48)) % _U64(parts) == part)
+            mine_values = values[mine] if parts > 1 else values
+            packed, positions, counts = _buckets(mine_values, mine.astype(_U64, copy=False), index_bits)
             if n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
                 starts = _unpack_rows(packed[positions], index_bits) < n_first
                 positions, counts = positions[starts], counts[starts]
@@ -481,12 +468,12 @@ def _search(
                 row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
                 u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
                 found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
-            del packed, positions, counts
+            del packed, positions, counts, mine_values
         return found, candidates
 
     # Keys are independent passes, and numpy's sorts and array operations release the GIL: threads
     # share the columns, and the pairs are sorted at the end, so the result is the same for any count.
-    with ThreadPoolExecutor(passes.workers) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         per_key = list(pool.map(one_key, range(len(plan.keys))))
     found = [block for blocks, _ in per_key for block in blocks]
     candidates = sum(count for _, count in per_key)
