@@ -215,10 +215,10 @@ FILE_STEPS = ["rows", "dedup", "validate"]
 SLICE = 1_000_000  # synthetic rows made and written at a time
 
 
-def run_in_file(n: int, seed: int, memory_mb: list[int], work: Path) -> dict:
+def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
     """The table steps that stream (dedup's grouping and keep rule, validate) over n rows that
-    live in a Parquet file, once per memory param: each step's wall seconds, the process's peak
-    heap (RssAnon) and the output's sha256, which must not depend on the param."""
+    live in a Parquet file (made first if `work` lacks it), within memory param `budget`: each
+    step's wall seconds, the process's peak heap (RssAnon) and the output's sha256."""
     import hashlib
 
     from photoprep.core import memory, tables
@@ -226,62 +226,51 @@ def run_in_file(n: int, seed: int, memory_mb: list[int], work: Path) -> dict:
     from photoprep.images import dedup, validate
 
     work.mkdir(parents=True, exist_ok=True)
-    source, out = work / "probed.parquet", {"n": n, "memory_mb": {}}
-    base = _anon_mb()
-    with _Peak() as step, tables.TableWriter(source) as writer:
-        for start in range(0, n, SLICE):
-            writer.write(synthetic_rows(min(SLICE, n - start), seed, start))
-            memory.release()
-    out["rows"] = {
-        "wall_s": round(step.wall, 2),
-        "peak_mb": round(step.peak, 1),
-        "file_mb": round(source.stat().st_size / 2**20, 1),
-    }
-    for budget in memory_mb:
-        memory.release()
-        figures: dict = {"start_mb": round(_anon_mb(), 1)}
-        deduped = work / f"dedup-{budget}.parquet"
-        with _Peak() as step:
-            figures["groups"] = dedup.find_duplicates_in_file(
-                source, deduped, DedupParams(), budget, ["syn"], None
-            )
-        figures["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
-        memory.release()
-        valid = work / f"valid-{budget}.parquet"
-        with _Peak() as step, tables.TableWriter(valid) as writer:
-            for frame in tables.slices(deduped, budget):
-                writer.write(validate.validate_images(frame, ValidateParams()))
-                del frame
+    source, out = work / "probed.parquet", {"n": n, "memory_mb": budget, "start_mb": round(_anon_mb(), 1)}
+    if not source.exists():
+        with _Peak() as step, tables.TableWriter(source) as writer:
+            for start in range(0, n, SLICE):
+                writer.write(synthetic_rows(min(SLICE, n - start), seed, start))
                 memory.release()
-        figures["validate"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
-        figures["sha256"] = {
-            name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            for name, path in (("dedup", deduped), ("valid", valid))
-        }
-        out["memory_mb"][str(budget)] = figures
-        valid.unlink()
-        deduped.unlink()
-    out["base_mb"] = round(base, 1)
-    out["same_bytes"] = len({json.dumps(f["sha256"]) for f in out["memory_mb"].values()}) == 1
+        out["rows"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+        return out
+    out["file_mb"] = round(source.stat().st_size / 2**20, 1)
+    deduped = work / f"dedup-{budget}.parquet"
+    with _Peak() as step:
+        out["groups"] = dedup.find_duplicates_in_file(source, deduped, DedupParams(), budget, ["syn"], None)
+    out["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    memory.release()
+    valid = work / f"valid-{budget}.parquet"
+    with _Peak() as step, tables.TableWriter(valid) as writer:
+        for frame in tables.slices(deduped, budget):
+            writer.write(validate.validate_images(frame, ValidateParams()))
+            del frame
+            memory.release()
+    out["validate"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    out["sha256"] = {
+        name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for name, path in (("dedup", deduped), ("valid", valid))
+    }
+    valid.unlink()
+    deduped.unlink()
     return out
 
 
 def tables_in_file(n: int, seed: int, memory_mb: list[int], work: Path, env: dict[str, str]) -> dict:
-    """`run_in_file` in a fresh interpreter."""
-    print(f"tables in a file: {n:,} rows, memory_mb {memory_mb} ...", file=sys.stderr, flush=True)
-    args = [
-        sys.executable,
-        __file__,
-        "--child-file",
-        str(n),
-        str(seed),
-        ",".join(map(str, memory_mb)),
-        str(work),
-    ]
-    done = subprocess.run(args, env=env, capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"the table steps in a file at {n} rows failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """The rows made in one fresh interpreter, then `run_in_file` in a fresh one per memory param
+    (each from the same heap)."""
+    runs = []
+    for budget in [0, *memory_mb]:  # 0: make the rows
+        what = "making the rows" if not budget else f"memory_mb {budget}"
+        print(f"tables in a file: {n:,} rows, {what} ...", file=sys.stderr, flush=True)
+        args = [sys.executable, __file__, "--child-file", str(n), str(seed), str(budget), str(work)]
+        done = subprocess.run(args, env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the table steps in a file at {n} rows failed:\n{done.stderr[-3000:]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    made, runs = runs[0], runs[1:]
+    same = len({json.dumps(r["sha256"]) for r in runs}) == 1
+    return {"n": n, "rows": {**made["rows"], "file_mb": runs[0]["file_mb"]}, "runs": runs, "same_bytes": same}
 
 
 def print_in_file(report: dict) -> None:
@@ -290,14 +279,12 @@ def print_in_file(report: dict) -> None:
         f"\n{report['n']:,} synthetic probe rows in a Parquet file "
         f"({rows['file_mb']} MB, made in {rows['wall_s']} s)"
     )
-    print("table steps streamed: wall s / the process's peak heap MB (RssAnon), per memory param")
+    print("table steps streamed, a fresh process per memory param: wall s / the process's peak heap MB")
     print(f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s}  output sha256 (dedup, valid)")
-    for budget, f in report["memory_mb"].items():
-        cells = " ".join(f"{f[s]['wall_s']:7.1f} {f[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
-        print(f"{budget:>10s} {cells}  {f['sha256']['dedup']} {f['sha256']['valid']}")
-    under = all(
-        f[s]["peak_mb"] <= int(budget) for budget, f in report["memory_mb"].items() for s in FILE_STEPS[1:]
-    )
+    for run in report["runs"]:
+        cells = " ".join(f"{run[s]['wall_s']:7.1f} {run[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
+        print(f"{run['memory_mb']:>10d} {cells}  {run['sha256']['dedup']} {run['sha256']['valid']}")
+    under = all(run[s]["peak_mb"] <= run["memory_mb"] for run in report["runs"] for s in FILE_STEPS[1:])
     print(f"outputs byte-identical whatever the memory param: {report['same_bytes']}")
     print(f"every step's peak heap under its memory param: {under}")
 
@@ -338,7 +325,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("--child", "
 
     memory.arrow_from_malloc()  # as the stages do, before pyarrow loads
     if sys.argv[1] == "--child-file":
-        budgets = [int(b) for b in sys.argv[4].split(",")]
-        print(json.dumps(run_in_file(int(sys.argv[2]), int(sys.argv[3]), budgets, Path(sys.argv[5]))))
+        print(
+            json.dumps(run_in_file(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])))
+        )
     else:
         _child()

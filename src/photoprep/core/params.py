@@ -68,7 +68,7 @@ class ComputeParams(Section):
     memory_mb: int = Field(
         256,
         ge=16,
-        description="heap of a slice of a table a stage streams (validate); outputs do not depend on it",
+        description="heap of the table steps that stream (dedup's, validate); outputs do not depend on it",
     )
 
     @model_validator(mode="before")

@@ -35,7 +35,7 @@ from photoprep.core.errors import storage_path
 ROW_GROUP = io.ROW_GROUP
 COPIES = 4
 MIN_ROWS = 1024
-MAX_ROWS = 1 << 20  # Parquet's sizes undercount a column of repeated values (kept as a dictionary)
+MAX_ROWS = 1 << 18  # Parquet's sizes undercount a column of repeated values (kept as a dictionary)
 
 
 def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> int:
