@@ -4,9 +4,11 @@ from _interpreter import ensure_project_python
 
 ensure_project_python()
 
+from photoprep import portable
 from photoprep.core import memory
 
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
+portable.blas_without_threads()  # before numpy loads: the download does no matrix maths
 
 
 import sys

@@ -87,3 +87,27 @@ def test_pinning_twice_differently_is_refused():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "already pinned" in done.stderr
+
+
+def test_the_download_stage_loads_openblas_without_a_thread_pool():
+    """The download does no matrix maths: importing its script, with all it imports, leaves
+    numpy's OpenBLAS at one thread (its pool cost the start 80 ms), unless the environment says
+    otherwise."""
+    code = (
+        "import importlib.util, sys\n"
+        "sys.path.insert(0, 'stages')\n"
+        "spec = importlib.util.spec_from_file_location('stage', 'stages/download.py')\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "import threadpoolctl\n"
+        "pools = threadpoolctl.threadpool_info()\n"
+        "print([p['num_threads'] for p in pools if p['internal_api'] == 'openblas'])\n"
+    )
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in portable.THREAD_ENV}
+    for given, expected in ((None, "[1]"), ("2", "[2]")):
+        run_env = env if given is None else env | {"OPENBLAS_NUM_THREADS": given}
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=repo, env=run_env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == expected
