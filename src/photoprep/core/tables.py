@@ -18,6 +18,7 @@ write it as another type).
 
 from __future__ import annotations
 
+import abc
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -194,7 +195,7 @@ class CsvWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-class Rows:
+class Rows(abc.ABC):
     """A table's rows, read some columns and a slice of rows at a time, wherever the table lives:
     in a frame (`InMemory`) or in a Parquet file (`InFile`, whose slices ``compute.memory_mb``
     sizes). A row is named by its position in the table, and every frame these give is indexed
@@ -203,12 +204,12 @@ class Rows:
     n: int
     columns: list[str]
 
+    @abc.abstractmethod
     def pick(
         self, columns: Sequence[str], rows: np.ndarray, per_slice: int
     ) -> Iterator[tuple[int, pd.DataFrame]]:
         """(first place in `rows`, frame) of `per_slice` of `rows` at a time, in the order of
         `rows`; `columns` only."""
-        raise NotImplementedError
 
     def take(self, columns: Sequence[str], rows: np.ndarray) -> pd.DataFrame:
         """The `rows` (any order, repeats allowed) as one frame, in that order."""
@@ -216,9 +217,9 @@ class Rows:
         parts = [frame for _, frame in self.pick(columns, rows, max(1, len(rows)))]
         return parts[0] if parts else _frame_rows(self.empty(columns), columns, rows)
 
+    @abc.abstractmethod
     def empty(self, columns: Sequence[str]) -> pd.DataFrame:
         """No row, with the `columns` and their types."""
-        raise NotImplementedError
 
 
 class InMemory(Rows):
