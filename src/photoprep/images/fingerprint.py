@@ -165,7 +165,6 @@ def names_a_camera(im: Image.Image) -> bool:
         return False
 
 
-@functools.cache
 def check_hash(name: str, hash_size: int) -> None:
     """ValueError when there is no hash `name` (one of `HASHES`) at `hash_size`."""
     if name not in HASHES:
@@ -176,6 +175,7 @@ def check_hash(name: str, hash_size: int) -> None:
         raise ValueError(f"whash needs a power-of-two hash_size (got {hash_size})")
 
 
+@functools.cache
 def hasher_of(name: str, hash_size: int) -> Callable[[Image.Image], imagehash.ImageHash]:
     """The hash function `name` (one of `HASHES`) at `hash_size`; ValueError when there is none."""
     check_hash(name, hash_size)
