@@ -44,8 +44,16 @@ class Hex:
 
     def take(self, name: str, positions: np.ndarray) -> list[str]:
         """The values of the candidates at `positions`."""
+        return self.take_each(name, positions)[0]
+
+    def take_each(self, name: str, *positions: np.ndarray) -> list[list[str]]:
+        """The values of the candidates at each of `positions`, read in one pass (a pass over a
+        file's column for each would read it as many times)."""
         columns = [name] if name in self.records.columns else []
-        return self._values(self.records.take(columns, self.rows[positions]), name).tolist()
+        wanted = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        values = self._values(self.records.take(columns, self.rows[wanted]), name).tolist()
+        cuts = np.cumsum([len(at) for at in positions])[:-1]
+        return [values[a:b] for a, b in zip([0, *cuts], [*cuts, len(values)], strict=True)]
 
     def slices(self, name: str) -> Iterator[tuple[int, pd.Series]]:
         """(first candidate position, values) of `PACK_ROWS` candidates at a time."""

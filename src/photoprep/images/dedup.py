@@ -136,7 +136,7 @@ def _near_edges(
     if p.verify_threshold is not None and len(a):
         joined = a != b  # a row and the first row of its own hash share it: only other pairs
         keep = np.ones(len(a), bool)
-        fine = hexes.take("fine_hash", a[joined]), hexes.take("fine_hash", b[joined])
+        fine = hexes.take_each("fine_hash", a[joined], b[joined])
         keep[joined] = _distances(*fine) <= p.verify_threshold
         a, b = a[keep], b[keep]
     src, dst = [a], [b]
@@ -304,10 +304,12 @@ def _decide(
         return _Decided(np.full(records.n, -1, np.int64), nothing, text, text, nothing, text, counts)
     hexes = candidates.Hex(records, rows)
     payload = candidates.payloads(records, rows, None if memory_mb is None else memory_mb // 4)
-    memory.release()  # each step's peak on its own, not on the pages of the steps before
+    if memory_mb is not None:  # a budget: each step's peak on its own, not on the steps before
+        memory.release()
     hashes = hexes.packed("hash")
     group = _groups(payload, hexes, hashes, p, None if memory_mb is None else memory_mb // 2)
-    memory.release()
+    if memory_mb is not None:
+        memory.release()
     members = np.flatnonzero(np.bincount(group)[group] > 1)
     frame = _ranked_frame(records, rows[members])
     frame["_group"] = group[members]
@@ -367,9 +369,11 @@ def _assign(
         # The member's hash against the kept row's transformed or cropped hash; for a crop also
         # the other way round (the kept row a cropped copy of the member).
         mine, theirs = order[near_members], rep[near_members]
-        d = _extra_distances(hexes.take("hash", mine), hexes.take(column, theirs), j)
+        hash_mine, hash_theirs = hexes.take_each("hash", mine, theirs)
+        extra_theirs, extra_mine = hexes.take_each(column, theirs, mine)
+        d = _extra_distances(hash_mine, extra_theirs, j)
         if column == "crop_hashes":
-            d = np.minimum(d, _extra_distances(hexes.take("hash", theirs), hexes.take(column, mine), j))
+            d = np.minimum(d, _extra_distances(hash_theirs, extra_mine, j))
         better = near_members[d < dist[near_members]]
         reason[better] = label
         dist[near_members] = np.minimum(dist[near_members], d)
