@@ -51,9 +51,10 @@ wall and peak heap per step.
     python bench/scale.py --tables --table-sizes 100000,1000000
 
 With ``--tables-in-file`` the rows live in a Parquet file, made a million at a time, and the
-table steps that stream (dedup's grouping and keep rule in partitions, validate) read it a
-slice at a time, once per ``--memory-mb``: wall, the process's peak heap, and the outputs'
-sha256, which must not depend on the memory param.
+table steps that stream (dedup's grouping and keep rule in partitions, validate, bucket's two
+passes: sizes counted, then kept rows written) read it a slice at a time, once per
+``--memory-mb``: wall, the process's peak heap, and the outputs' sha256, which must not depend
+on the memory param.
 
     python bench/scale.py --tables-in-file --table-sizes 10000000 --memory-mb 4096,2048
 

@@ -211,19 +211,19 @@ def run_size(n: int, seed: int) -> dict:
     return out
 
 
-FILE_STEPS = ["rows", "dedup", "validate"]
+FILE_STEPS = ["rows", "dedup", "validate", "bucket"]
 SLICE = 1_000_000  # synthetic rows made and written at a time
 
 
 def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
-    """The table steps that stream (dedup's grouping and keep rule, validate) over n rows that
-    live in a Parquet file (made first if `work` lacks it), within memory param `budget`: each
-    step's wall seconds, the process's peak heap (RssAnon) and the output's sha256."""
+    """The table steps that stream (dedup's grouping and keep rule, validate, bucket's two passes)
+    over n rows that live in a Parquet file (made first if `work` lacks it), within memory param
+    `budget`: each step's wall seconds, the process's peak heap (RssAnon) and the output's sha256."""
     import hashlib
 
     from photoprep.core import memory, tables
-    from photoprep.core.params import DedupParams, ValidateParams
-    from photoprep.images import dedup, validate
+    from photoprep.core.params import BucketParams, DedupParams, ValidateParams
+    from photoprep.images import bucket, dedup, validate
 
     work.mkdir(parents=True, exist_ok=True)
     source, out = work / "probed.parquet", {"n": n, "memory_mb": budget, "start_mb": round(_anon_mb(), 1)}
@@ -247,10 +247,18 @@ def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
             del frame
             memory.release()
     out["validate"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    memory.release()
+    images = work / f"images-{budget}.parquet"
+    with _Peak() as step:
+        found = bucket.count_buckets(valid, BucketParams(), budget)
+        bucket.write_kept(valid, images, found, BucketParams().samples_per_bucket, budget)
+    out["bucket"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    out["kept"] = bucket.bucket_counts(found)["kept"]
     out["sha256"] = {
         name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        for name, path in (("dedup", deduped), ("valid", valid))
+        for name, path in (("dedup", deduped), ("valid", valid), ("images", images))
     }
+    images.unlink()
     valid.unlink()
     deduped.unlink()
     return out
@@ -280,10 +288,13 @@ def print_in_file(report: dict) -> None:
         f"({rows['file_mb']} MB, made in {rows['wall_s']} s)"
     )
     print("table steps streamed, a fresh process per memory param: wall s / the process's peak heap MB")
-    print(f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s}  output sha256 (dedup, valid)")
+    print(
+        f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s} {'bucket':>16s}  "
+        "output sha256 (dedup, valid, images)"
+    )
     for run in report["runs"]:
         cells = " ".join(f"{run[s]['wall_s']:7.1f} {run[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
-        print(f"{run['memory_mb']:>10d} {cells}  {run['sha256']['dedup']} {run['sha256']['valid']}")
+        print(f"{run['memory_mb']:>10d} {cells}  " + " ".join(run["sha256"].values()))
     under = all(run[s]["peak_mb"] <= run["memory_mb"] for run in report["runs"] for s in FILE_STEPS[1:])
     print(f"outputs byte-identical whatever the memory param: {report['same_bytes']}")
     print(f"every step's peak heap under its memory param: {under}")

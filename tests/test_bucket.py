@@ -1,8 +1,10 @@
 """Resolution buckets: tolerance grouping, keep rules, counts and plots."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from photoprep.core import io
 from photoprep.core.params import BucketKeep, BucketParams, BucketRange
 from photoprep.images import bucket
 
@@ -74,3 +76,51 @@ def test_plot_and_samples(tmp_path):
     samples = bucket.sample_rows(result.table, 3)
     assert set(samples) == {"200x120..200x165", "64x64"}
     assert all(len(v) == 3 for v in samples.values())
+
+
+def _many(n: int, seed: int = 0) -> pd.DataFrame:
+    """n rows in (source, id) order, a few hundred sizes, some invalid, some sha256s repeated."""
+    rng = np.random.default_rng(seed)
+    table = pd.DataFrame(
+        {
+            "source": np.where(np.arange(n) < n // 3, "a", "b"),
+            "id": [f"{i:06d}" for i in range(n)],
+            "sha256": [f"{v:064x}" for v in rng.integers(0, n // 2, n)],
+            "width": rng.choice([64, 66, 96, 200, 205, 640, 1024], n) + rng.integers(0, 3, n),
+            "height": rng.choice([64, 96, 120, 480], n),
+            "valid": rng.random(n) > 0.1,
+            "reason": "",
+        }
+    )
+    return table
+
+
+@pytest.mark.parametrize("params", [BucketParams(), BucketParams(keep=BucketKeep(top_k=3), min_count=50)])
+def test_a_table_in_a_file_is_bucketed_as_in_memory_whatever_the_slices(tmp_path, params):
+    table = _many(12000)
+    io.write_table(table, tmp_path / "valid.parquet")
+    whole = bucket.assign_buckets(table, params)
+    kept = whole.table[whole.table["kept"]].reset_index(drop=True)
+    kept["row"] = range(len(kept))
+    io.write_table(kept, tmp_path / "expected.parquet")
+    for memory_mb in (1, 256):  # slices of 1,024 rows, and one slice
+        found = bucket.count_buckets(tmp_path / "valid.parquet", params, memory_mb)
+        pd.testing.assert_frame_equal(found.resolutions, whole.resolutions)
+        pd.testing.assert_frame_equal(found.buckets, whole.buckets)
+        assert bucket.bucket_counts(found) == bucket.bucket_counts(whole)
+        columns = bucket.kept_columns(tmp_path / "valid.parquet", found, ["sha256", "source"], memory_mb)
+        pd.testing.assert_frame_equal(columns, kept[["sha256", "source"]])
+        out = tmp_path / f"images-{memory_mb}.parquet"
+        samples = bucket.write_kept(tmp_path / "valid.parquet", out, found, 4, memory_mb)
+        assert out.read_bytes() == (tmp_path / "expected.parquet").read_bytes()
+        assert samples == bucket.sample_rows(whole.table, 4)
+        assert all(len(rows) == 4 for rows in samples.values())
+
+
+def test_a_table_in_a_file_must_be_sorted_by_source_and_id(tmp_path):
+    table = _many(3000)
+    io.write_table(table.iloc[::-1], tmp_path / "valid.parquet")
+    found = bucket.count_buckets(tmp_path / "valid.parquet", BucketParams(), 1)
+    with pytest.raises(ValueError, match="not sorted by source and id"):
+        bucket.write_kept(tmp_path / "valid.parquet", tmp_path / "out.parquet", found, 2, 1)
+    assert not (tmp_path / "out.parquet").exists()

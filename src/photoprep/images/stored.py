@@ -30,6 +30,7 @@ from photoprep.ingest.blobs import BlobReader, RemoteBlobReader, open_reader
 
 # (source, shard, offset, size) locates a blob in data/raw/<source>/<shard>.
 BlobLocation = tuple[str, str, int, int]
+LOCATES = ["source", "sha256", "shard", "offset", "size"]  # the columns a pass reads of a table
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def decode_missing(
     todo = cache.missing(keys)
     if todo:
         # Only the columns that say where the bytes lie: the table may be wide.
-        where = table[["sha256", "source", "shard", "offset", "size"]].drop_duplicates("sha256")
+        where = table[LOCATES].drop_duplicates("sha256")
         located = locations(where.set_index("sha256").loc[todo])
         del where
         root = blob_root(raw_dir, compute)
