@@ -23,7 +23,11 @@ def main() -> str:
     table = tables.read_columns(PATHS.images_table, split.READS)
     console.require_input(len(table), "split", "bucket kept no image", PATHS.stage_counts("bucket"))
     labels = pd.concat([sources.load_labels(sources.load_source(name)) for name in p.sources])
-    members = pd.read_parquet(PATHS.dedup_table, columns=["source", "id", "label", "group"])
+    # Only the members of groups of two or more can give a kept image another label (in dedup's
+    # table, those with `dup_of` set name the kept copy), read a slice at a time.
+    members = tables.rows_in_groups(
+        PATHS.dedup_table, p.compute.memory_mb, "group", "dup_of", ["source", "id", "label", "group"]
+    )
     table = split.attach_labels(table, labels, members, priority=p.sources)
     del labels, members  # held to the end, they were the stage's largest tables after the images'
     images = len(table)

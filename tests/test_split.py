@@ -386,6 +386,31 @@ def test_a_later_source_relabels_the_duplicate_that_dedup_kept():
     assert list(out["label"]) == ["dog", "cat"]
 
 
+def test_the_members_of_groups_of_two_or_more_give_the_labels_that_every_member_gives():
+    """The split stage reads only the groups with duplicates: a group of one adds nothing."""
+    from photoprep.dataset.split import attach_labels
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    members = pd.DataFrame(
+        {
+            "source": np.where(rng.random(n) < 0.7, "coll", "review"),
+            "id": [f"{i:05d}" for i in range(n)],
+            "label": rng.choice(np.array(["cat", "dog", "", None], dtype=object), n),
+            "group": rng.integers(-1, 2000, n),
+        }
+    )
+    kept = members[members["group"] >= 0].drop_duplicates("group").reset_index(drop=True)
+    labels = members.sample(200, random_state=1).assign(label="bird")[["source", "id", "label"]]
+    sizes = members["group"].map(members["group"].value_counts())
+    some = members[(members["group"] >= 0) & (sizes >= 2)]
+    assert 0 < len(some) < len(members)
+    for priority in (["coll", "review"], ["review", "coll"]):
+        pd.testing.assert_frame_equal(
+            attach_labels(kept, labels, some, priority), attach_labels(kept, labels, members, priority)
+        )
+
+
 def test_a_label_reaches_only_the_image_with_both_parts_of_its_key():
     from photoprep.dataset.split import attach_labels
 

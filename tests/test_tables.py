@@ -160,3 +160,27 @@ def test_rows_in_a_file_are_the_rows_in_memory_whatever_the_slices(tmp_path, mon
             pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(in_file.take(["n"], rows), in_memory.take(["n"], rows))
     assert in_file.take(["n"], rows).index.tolist() == rows.tolist()
+
+
+def test_rows_in_groups_are_the_rows_of_the_groups_that_hold_a_marked_row(tmp_path, monkeypatch):
+    """Two passes of slices give what one filter over the whole table gives."""
+    monkeypatch.setattr(tables, "COPIES", 10_000)  # the smallest slice, MIN_ROWS
+    rng = np.random.default_rng(3)
+    n = 6000
+    frame = pd.DataFrame(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "group": rng.integers(-1, 2500, n),
+            "mark": np.where(rng.random(n) < 0.2, "x", ""),
+        }
+    )
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    assert tables.slice_rows(tmp_path / "t.parquet", 1) < n  # several slices
+    marked = set(frame.loc[frame["mark"] != "", "group"])
+    want = frame[frame["group"].isin(marked)].reset_index(drop=True)
+    got = tables.rows_in_groups(tmp_path / "t.parquet", 1, "group", "mark")
+    pd.testing.assert_frame_equal(got, want)
+    got = tables.rows_in_groups(tmp_path / "t.parquet", 1, "group", "mark", ["id"])
+    pd.testing.assert_frame_equal(got, want[["id"]])
+    frame.assign(mark="").to_parquet(tmp_path / "none.parquet", index=False)
+    assert tables.rows_in_groups(tmp_path / "none.parquet", 1, "group", "mark").empty

@@ -305,6 +305,27 @@ class InFile(Rows):
             return pq.read_schema(self.path).empty_table().select(list(columns)).to_pandas()
 
 
+def rows_in_groups(
+    path: str | Path, memory_mb: int, group: str, marked: str, columns: Sequence[str] | None = None
+) -> pd.DataFrame:
+    """The rows (their `columns`, or all) of the Parquet file `path` whose `group` holds a row
+    whose text `marked` is not empty, in order; two passes of slices within `memory_mb` (the
+    groups, then their rows), holding only those groups' numbers and rows in between."""
+    records = InFile(path, memory_mb)
+    every, per_slice = np.arange(records.n), slice_rows(path, memory_mb, [group, marked])
+    found = [
+        f[group].to_numpy()[(f[marked] != "").to_numpy()]
+        for _, f in records.pick([group, marked], every, per_slice)
+    ]
+    wanted = np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    rows = [
+        start + np.flatnonzero(np.isin(f[group].to_numpy(), wanted))
+        for start, f in records.pick([group], every, per_slice)
+    ]
+    at = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return records.take(list(columns) if columns is not None else records.columns, at).reset_index(drop=True)
+
+
 def _frame_rows(frame: pd.DataFrame, columns: Sequence[str], rows: np.ndarray) -> pd.DataFrame:
     """`columns` of the rows at positions `rows` of `frame`, indexed by those positions."""
     out = pd.DataFrame({c: frame[c].iloc[rows].reset_index(drop=True) for c in columns})

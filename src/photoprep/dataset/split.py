@@ -445,8 +445,9 @@ def attach_labels(
     """Labels from the sources' labels.csv (columns source, id, label) fill `label`.
 
     A label file wins over a label the manifest carried (a folder's class, a csv column),
-    because it is the more deliberate statement. With `members` (every record with its
-    duplicate `group`) a kept image also takes the label of its duplicates: the member from
+    because it is the more deliberate statement. With `members` (the records of dedup's groups
+    with their `group`: every record, or only the groups of two or more, since a group of one
+    adds nothing) a kept image also takes the label of its duplicates: the member from
     the source latest in `priority` wins, so a reviewed folder source listed after the
     collection relabels the images it holds, even though dedup kept the original.
     """

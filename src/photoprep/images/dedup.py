@@ -461,16 +461,9 @@ REPORT_COLUMNS = [
 
 def members_of_groups_with_duplicates(path: Path, memory_mb: int) -> pd.DataFrame:
     """The records of the dedup table at `path` whose group holds duplicates (what
-    `duplicate_groups` and `near_groups_for_sheet` read), read a slice at a time."""
-    records = tables.InFile(path, memory_mb)
-    groups, rows = [], []
-    for _, frame in records.pick(["group", "dup_of"], np.arange(records.n), candidates.PACK_ROWS):
-        groups.append(frame["group"].to_numpy()[(frame["dup_of"] != "").to_numpy()])
-    wanted = np.unique(np.concatenate(groups)) if groups else np.zeros(0, np.int64)
-    for start, frame in records.pick(["group"], np.arange(records.n), candidates.PACK_ROWS):
-        rows.append(start + np.flatnonzero(np.isin(frame["group"].to_numpy(), wanted)))
-    found = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    return records.take(records.columns, found).reset_index(drop=True)
+    `duplicate_groups` and `near_groups_for_sheet` read), read a slice at a time: every group of
+    two or more holds members whose `dup_of` names the kept copy."""
+    return tables.rows_in_groups(path, memory_mb, "group", "dup_of")
 
 
 def duplicate_groups(table: pd.DataFrame) -> pd.DataFrame:
