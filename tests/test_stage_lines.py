@@ -153,7 +153,7 @@ def test_split_with_no_labelled_image_stops(tmp_path):
     root = project(tmp_path)
     images = pd.DataFrame({"source": ["x"], "id": ["a"], "sha256": ["0" * 64], "label": [None], "row": [0]})
     put(root, "data/processed/images.parquet", images)
-    members = pd.DataFrame({"source": ["x"], "id": ["a"], "label": [None], "group": [-1]})
+    members = pd.DataFrame({"source": ["x"], "id": ["a"], "label": [None], "group": [-1], "dup_of": [""]})
     put(root, "data/interim/dedup.parquet", members)
     line = stops_with(stage(root, "split"))
     assert "split: no image to work on: none of the 1 images has a label" in line
