@@ -187,7 +187,9 @@ def run_size(n: int, seed: int) -> dict:
     with _Peak() as step:
         valid = validate.validate_images(deduped, ValidateParams())
     out["steps"]["validate"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak - held, 1)}
-    members = deduped[["source", "id", "label", "group"]]
+    # What the split stage reads of dedup's table: the groups of two or more (dup_of marks them).
+    marked = deduped.loc[deduped["dup_of"] != "", "group"]
+    members = deduped.loc[deduped["group"].isin(marked), ["source", "id", "label", "group"]]
     del deduped
     memory.release()
     held = _anon_mb()

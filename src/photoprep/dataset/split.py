@@ -44,6 +44,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -121,7 +122,7 @@ def clean_label(value: Any) -> str | None:
     return text or None
 
 
-def _clean_labels(labels: pd.Series) -> pd.Series:
+def clean_labels(labels: pd.Series) -> pd.Series:
     """`clean_label` of every value, as an object Series; text columns (the pipeline's) are
     cleaned by column operations, other kinds value by value."""
     values = labels.to_numpy(dtype=object)
@@ -146,14 +147,14 @@ def hash_units(
     return first.astype(np.float64) / 2.0**64
 
 
-def _splits_of(u: np.ndarray, edges: list[tuple[str, float]]) -> np.ndarray:
+def splits_of(u: np.ndarray, edges: list[tuple[str, float]]) -> np.ndarray:
     """The split of each hash: the first edge above it, else the last split."""
     names = np.array([name for name, _ in edges], dtype=object)
     uppers = np.array([upper for _, upper in edges], dtype=np.float64)
     return names[np.minimum(np.searchsorted(uppers, u, side="right"), len(names) - 1)]
 
 
-def _edges(ratios: dict[str, float]) -> list[tuple[str, float]]:
+def split_edges(ratios: dict[str, float]) -> list[tuple[str, float]]:
     """Cumulative upper bounds of the splits with a positive ratio, in train, val, test order."""
     edges: list[tuple[str, float]] = []
     total = 0.0
@@ -186,7 +187,7 @@ def select_classes(labels: pd.Series, p: SplitParams) -> pd.Series:
 
     The result has the index of ``labels``, dtype object, and NaN where an image has no class.
     """
-    clean = _clean_labels(labels)
+    clean = clean_labels(labels)
     present = set(clean.dropna())
     sel = p.classes
 
@@ -243,16 +244,16 @@ def _preview(names: list[str], n: int = 10) -> str:
     return shown + (f", … ({len(names)} in all)" if len(names) > n else "") if names else "none"
 
 
-def _text_or_none(values: pd.Series) -> np.ndarray:
+def text_or_none(values: pd.Series) -> np.ndarray:
     """Selected class names (text) as objects, None where there is none (None, NaN)."""
     objects = values.to_numpy(dtype=object, copy=True)
     objects[~np.asarray(pd.notna(objects), dtype=bool)] = None
     return objects
 
 
-def _clean_sha(values: pd.Series) -> np.ndarray:
+def clean_sha(values: pd.Series) -> np.ndarray:
     """sha256 values as text, None where a value is missing or blank."""
-    cleaned = _clean_labels(values)
+    cleaned = clean_labels(values)
     return cleaned.where(cleaned.isna(), values.astype(str).to_numpy(dtype=object)).to_numpy(dtype=object)
 
 
@@ -289,7 +290,7 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
     else:
         rows = pd.RangeIndex(len(images)).to_numpy(dtype="int64")
 
-    raw = _clean_labels(images["label"].reset_index(drop=True))
+    raw = clean_labels(images["label"].reset_index(drop=True))
     selected = select_classes(raw, p).reset_index(drop=True)
     unlabeled = raw.isna().to_numpy()
     not_selected = (~unlabeled) & selected.isna().to_numpy()
@@ -298,8 +299,8 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
         {
             "source": source,
             "id": ids,
-            "sha256": _clean_sha(images["sha256"]),
-            "label": _text_or_none(selected),
+            "sha256": clean_sha(images["sha256"]),
+            "label": text_or_none(selected),
             "row": rows,
         }
     )
@@ -317,10 +318,10 @@ def assign_splits(images: pd.DataFrame, p: SplitParams) -> SplitResult:
         dropped["max_per_class"] = len(over)
         table = table.drop(index=over).drop(columns="_keep_u").reset_index(drop=True)
 
-    edges = _edges(p.ratios)
+    edges = split_edges(p.ratios)
     labeled = table["label"].notna().to_numpy()
     split = np.full(len(table), UNLABELED, dtype=object)
-    split[labeled] = _splits_of(hash_units(p.seed, table["source"][labeled], table["id"][labeled]), edges)
+    split[labeled] = splits_of(hash_units(p.seed, table["source"][labeled], table["id"][labeled]), edges)
     table["split"] = split
     table = table.sort_values(["source", "id"], kind="mergesort").reset_index(drop=True)
     table = table[COLUMNS]
@@ -351,33 +352,57 @@ def read_labels(splits_dir: str | Path) -> pd.DataFrame:
 
 def fingerprint(table: pd.DataFrame) -> str:
     """sha256 hex of the sorted (source, id, sha256, label) rows: order-independent, content-sensitive."""
-    sha = _clean_labels(table["sha256"])
-    label = _clean_labels(table["label"])
-    rows = pd.DataFrame(
-        {
-            "source": table["source"].astype(str).to_numpy(dtype=object),
-            "id": table["id"].astype(str).to_numpy(dtype=object),
-            "sha256": sha.to_numpy(dtype=object),
-            "label": label.to_numpy(dtype=object),
-            "_sha_none": sha.isna().to_numpy(),
-            "_sha": sha.fillna("").to_numpy(dtype=object),
-            "_label_none": label.isna().to_numpy(),
-            "_label": label.fillna("").to_numpy(dtype=object),
-        }
+    rows = fingerprint_rows(table)
+    sha, label = rows["sha256"], rows["label"]
+    rows = rows.assign(
+        _sha_none=sha.isna().to_numpy(),
+        _sha=sha.fillna("").to_numpy(dtype=object),
+        _label_none=label.isna().to_numpy(),
+        _label=label.fillna("").to_numpy(dtype=object),
     )
     # Python's order of (source, id, sha256 is None, sha256 or "", label is None, label or "").
     order = rows.sort_values(["source", "id", "_sha_none", "_sha", "_label_none", "_label"], kind="mergesort")
-    values = order[["source", "id", "sha256", "label"]].to_numpy(dtype=object)
-    # The JSON text of the whole list, hashed a slice of rows at a time (the text of every row at
-    # once was the step's peak): "[" + the rows' texts joined by "," + "]".
-    digest = hashlib.sha256(b"[")
-    for start in range(0, len(values), FINGERPRINT_ROWS):
-        rows_text = json.dumps(
-            values[start : start + FINGERPRINT_ROWS].tolist(), ensure_ascii=False, separators=(",", ":")
-        )
-        digest.update((("," if start else "") + rows_text[1:-1]).encode("utf-8"))
-    digest.update(b"]")
+    digest = Fingerprint()
+    digest.update(order[["source", "id", "sha256", "label"]])
     return digest.hexdigest()
+
+
+def fingerprint_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """What `fingerprint` hashes of each row: source, id, sha256 and label as text, None where a
+    sha256 or label is missing or blank."""
+    return pd.DataFrame(
+        {
+            "source": table["source"].astype(str).to_numpy(dtype=object),
+            "id": table["id"].astype(str).to_numpy(dtype=object),
+            "sha256": clean_labels(table["sha256"]).to_numpy(dtype=object),
+            "label": clean_labels(table["label"]).to_numpy(dtype=object),
+        }
+    )
+
+
+class Fingerprint:
+    """`fingerprint` of rows that come in its order, a frame at a time: the JSON text of the whole
+    list, "[" + the rows' texts joined by "," + "]", hashed `FINGERPRINT_ROWS` rows at a time (the
+    text of every row at once was the step's peak)."""
+
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256(b"[")
+        self.started = False
+
+    def update(self, rows: pd.DataFrame) -> None:
+        """Rows of (source, id, sha256, label): text, or None where a sha256 or label is missing."""
+        values = rows.to_numpy(dtype=object)
+        for start in range(0, len(values), FINGERPRINT_ROWS):
+            rows_text = json.dumps(
+                values[start : start + FINGERPRINT_ROWS].tolist(), ensure_ascii=False, separators=(",", ":")
+            )
+            self.digest.update((("," if self.started else "") + rows_text[1:-1]).encode("utf-8"))
+            self.started = True
+
+    def hexdigest(self) -> str:
+        done = self.digest.copy()
+        done.update(b"]")
+        return done.hexdigest()
 
 
 def split_report(result: SplitResult) -> dict:
@@ -388,31 +413,45 @@ def split_report(result: SplitResult) -> dict:
     labelled images in each split, to compare with ``ratios``.
     """
     parts = split_tables(result)
+    per_class = {name: parts[name]["label"].value_counts().to_dict() for name in SPLITS}
+    totals = {name: len(parts[name]) for name in (*SPLITS, UNLABELED)}
+    fingerprints = {name: fingerprint(parts[name]) for name in (*SPLITS, UNLABELED)}
+    return report_of(result, per_class, totals, fingerprints)
+
+
+def report_of(
+    result: SplitResult,
+    per_class: Mapping[str, Mapping[str, int]],
+    totals: dict[str, int],
+    fingerprints: dict[str, str],
+) -> dict:
+    """`split_report` of a result whose table was counted elsewhere (`result.table` is not read):
+    `per_class` the images of each class in train, val and test, `totals` of each split and
+    unlabeled, and the `fingerprints` of their tables."""
     counts: dict[str, dict[str, int]] = {}
     for name in SPLITS:
-        per_class = parts[name]["label"].value_counts()
-        counts[name] = {c: int(per_class.get(c, 0)) for c in result.classes}
+        counts[name] = {c: int(per_class[name].get(c, 0)) for c in result.classes}
     realised: dict[str, dict[str, float]] = {}
     for c in result.classes:
         n = sum(counts[name][c] for name in SPLITS)
         realised[c] = {name: round(counts[name][c] / n, 6) if n else 0.0 for name in SPLITS}
-    overall_n = sum(len(parts[name]) for name in SPLITS)
+    overall_n = sum(totals[name] for name in SPLITS)
     return {
         "classes": list(result.classes),
         "counts": counts,
-        "totals": {name: len(parts[name]) for name in (*SPLITS, UNLABELED)},
+        "totals": dict(totals),
         "realised": realised,
         "realised_overall": {
-            name: round(len(parts[name]) / overall_n, 6) if overall_n else 0.0 for name in SPLITS
+            name: round(totals[name] / overall_n, 6) if overall_n else 0.0 for name in SPLITS
         },
-        "fingerprints": {name: fingerprint(parts[name]) for name in (*SPLITS, UNLABELED)},
+        "fingerprints": dict(fingerprints),
         "dropped": {k: int(v) for k, v in result.dropped.items()},
         "seed": result.seed,
         "ratios": dict(result.ratios),
     }
 
 
-def _keys(frame: pd.DataFrame) -> pa.Array:
+def key_texts(frame: pd.DataFrame) -> pa.Array:
     """Each row's (source, id) as one text, the two joined by NUL: a source is a folder's name,
     which never holds NUL, so the first NUL ends it and two keys are equal only if both parts are."""
     text = pa.large_string()
@@ -420,16 +459,16 @@ def _keys(frame: pd.DataFrame) -> pa.Array:
     return pc.binary_join_element_wise(*parts, pa.scalar("\0", text))
 
 
-def _key_positions(frame: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
+def key_positions(frame: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
     """The first row of `reference` that has the (source, id) of each row of `frame`, -1 where none
     has: Arrow's hash kernel (`index_in`); a pandas MultiIndex made a Python tuple per row."""
-    found = pc.index_in(_keys(frame), value_set=_keys(reference))
+    found = pc.index_in(key_texts(frame), value_set=key_texts(reference))
     return found.fill_null(-1).to_numpy().astype(np.int64)
 
 
 def _member_labels(members: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
     """Each member's label: its labels.csv entry, else what its manifest carried."""
-    at = _key_positions(members, labels)  # a key that labels repeat: its first row, as before
+    at = key_positions(members, labels)  # a key that labels repeat: its first row, as before
     from_file = np.full(len(members), None, dtype=object)
     from_file[at >= 0] = labels["label"].to_numpy(dtype=object)[at[at >= 0]]
     own = members["label"].to_numpy(dtype=object) if "label" in members else np.full(len(members), None)
@@ -441,6 +480,7 @@ def attach_labels(
     labels: pd.DataFrame,
     members: pd.DataFrame | None = None,
     priority: list[str] | None = None,
+    in_table: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Labels from the sources' labels.csv (columns source, id, label) fill `label`.
 
@@ -449,7 +489,8 @@ def attach_labels(
     with their `group`: every record, or only the groups of two or more, since a group of one
     adds nothing) a kept image also takes the label of its duplicates: the member from
     the source latest in `priority` wins, so a reviewed folder source listed after the
-    collection relabels the images it holds, even though dedup kept the original.
+    collection relabels the images it holds, even though dedup kept the original. `in_table`
+    says which members the images table holds, when `images` is a slice of it.
     """
     table = images.copy()
     if "label" not in table.columns:
@@ -457,12 +498,13 @@ def attach_labels(
     table["label"] = _member_labels(table, labels).to_numpy()
     if members is None or "group" not in table.columns:
         return table
+    held = key_positions(members, table) >= 0 if in_table is None else np.asarray(in_table, dtype=bool)
+    members = members.assign(_kept=held)
     members = members[members["group"] >= 0].copy()
     members["label"] = _member_labels(members, labels).to_numpy()
     members = members[members["label"].notna() & (members["label"].astype(str) != "")]
     rank = {name: i for i, name in enumerate(priority or [])}
     members["_rank"] = members["source"].map(rank).fillna(-1)
-    members["_kept"] = _key_positions(members, table) >= 0
     best = (
         members.sort_values(
             ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
