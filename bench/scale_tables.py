@@ -213,18 +213,23 @@ def run_size(n: int, seed: int) -> dict:
     return out
 
 
-FILE_STEPS = ["rows", "dedup", "validate", "bucket"]
+FILE_STEPS = ["rows", "dedup", "validate", "bucket", "split"]
 SLICE = 1_000_000  # synthetic rows made and written at a time
 
 
 def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
-    """The table steps that stream (dedup's grouping and keep rule, validate, bucket's two passes)
-    over n rows that live in a Parquet file (made first if `work` lacks it), within memory param
-    `budget`: each step's wall seconds, the process's peak heap (RssAnon) and the output's sha256."""
+    """The table steps that stream (dedup's grouping and keep rule, validate, bucket's two passes,
+    split's passes) over n rows that live in a Parquet file (made first if `work` lacks it),
+    within memory param `budget`: each step's wall seconds, the process's peak heap (RssAnon) and
+    the outputs' sha256."""
     import hashlib
 
+    import pandas as pd
+
     from photoprep.core import memory, tables
-    from photoprep.core.params import BucketParams, DedupParams, ValidateParams
+    from photoprep.core.layout import SPLITS
+    from photoprep.core.params import BucketParams, DedupParams, SplitParams, ValidateParams
+    from photoprep.dataset import split_file
     from photoprep.images import bucket, dedup, validate
 
     work.mkdir(parents=True, exist_ok=True)
@@ -256,10 +261,25 @@ def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
         bucket.write_kept(valid, images, found, BucketParams().samples_per_bucket, budget)
     out["bucket"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
     out["kept"] = bucket.bucket_counts(found)["kept"]
+    memory.release()
+    splits = {name: work / f"{name}-{budget}.parquet" for name in SPLITS}
+    with _Peak() as step:
+        members = tables.rows_in_groups(
+            deduped, budget, "group", "dup_of", ["source", "id", "label", "group"]
+        )
+        given = split_file.LabelSources(pd.DataFrame({"source": [], "id": [], "label": []}), members, ["syn"])
+        table = split_file.ImagesTable(images, given, budget)
+        table.count_labelled()
+        out["totals"] = table.write_splits(SplitParams(), splits)["totals"]
+    out["split"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in splits.values()))
     out["sha256"] = {
         name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         for name, path in (("dedup", deduped), ("valid", valid), ("images", images))
     }
+    out["sha256"]["splits"] = digest.hexdigest()[:16]
+    for path in splits.values():
+        path.unlink()
     images.unlink()
     valid.unlink()
     deduped.unlink()
@@ -291,8 +311,8 @@ def print_in_file(report: dict) -> None:
     )
     print("table steps streamed, a fresh process per memory param: wall s / the process's peak heap MB")
     print(
-        f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s} {'bucket':>16s}  "
-        "output sha256 (dedup, valid, images)"
+        f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s} {'bucket':>16s} {'split':>16s}  "
+        "output sha256 (dedup, valid, images, splits)"
     )
     for run in report["runs"]:
         cells = " ".join(f"{run[s]['wall_s']:7.1f} {run[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
