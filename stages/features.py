@@ -9,8 +9,6 @@ from photoprep.core import memory
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
 
 
-import pandas as pd
-
 from photoprep.core import console, errors, io, params, tables
 from photoprep.core.layout import PATHS
 from photoprep.images import features
@@ -21,8 +19,10 @@ def main() -> str:
     images = tables.row_count(PATHS.images_table)
     console.require_input(images, "features", "bucket kept no image", PATHS.stage_counts("bucket"))
     info = features.write_features(PATHS.images_array, PATHS.features_array, p.features, p.compute)
-    # The ids are read once the features are written: they are not held while those are computed.
-    io.write_table(pd.read_parquet(PATHS.images_table, columns=["source", "id", "row"]), PATHS.features_table)
+    # The ids are read once the features are written, a slice at a time (compute.memory_mb).
+    with tables.TableWriter(PATHS.features_table) as out:
+        for ids in tables.slices(PATHS.images_table, p.compute.memory_mb, ["source", "id", "row"]):
+            out.write(ids)
     io.write_json(info, PATHS.features_info)
     return f"{console.count(images)} images: {info['dim']} features each"
 
