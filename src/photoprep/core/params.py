@@ -67,8 +67,11 @@ class ComputeParams(Section):
     )
     memory_mb: int = Field(
         256,
-        ge=16,
-        description="heap of the table steps that stream (dedup's, validate); outputs do not depend on it",
+        ge=1,
+        description=(
+            "heap of the table steps, which read their tables a slice at a time (dedup's, validate, "
+            "bucket, split, features' ids); outputs do not depend on it"
+        ),
     )
 
     @model_validator(mode="before")
