@@ -58,6 +58,8 @@ on the memory param.
 
     python bench/scale.py --tables-in-file --table-sizes 10000000 --memory-mb 4096,2048
 
+``--set compute.memory_mb=16`` sets a param of every project the bench makes (repeatable).
+
 With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
 process with ``--train-threads`` threads against ``--train-nproc`` DDP ranks (gloo) sharing them.
 
@@ -182,6 +184,9 @@ def write_photos(source: Path, start: int, count: int, seed: int) -> dict[str, i
     return kinds
 
 
+PARAMS_SET: dict[str, object] = {}  # --set: params of every project made (e.g. compute.memory_mb)
+
+
 def make_project(root: Path, url: str, n_jobs: int) -> Path:
     """A project: the stage scripts, default params with one source, an empty source folder."""
     root.mkdir(parents=True)
@@ -189,6 +194,9 @@ def make_project(root: Path, url: str, n_jobs: int) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["sources"] = [SOURCE]
     params["compute"]["n_jobs"] = n_jobs
+    for key, value in PARAMS_SET.items():  # --set section.key=value
+        section, name = key.split(".", 1)
+        params[section][name] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     source = root / "pipeline" / "sources" / SOURCE
     source.mkdir(parents=True)
@@ -664,6 +672,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-jobs", type=int, default=2, help="compute.n_jobs of the stages")
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a param of the projects (repeatable)",
+    )
+    parser.add_argument(
         "--download-n", type=int, default=2000, help="photos of the side-by-side download; 0: skip"
     )
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="img2dataset's executable")
@@ -708,6 +723,9 @@ def main() -> None:
         "--repeats", type=int, default=None, help="runs of each, median shown (--backends: 1, --train: 3)"
     )
     args = parser.parse_args()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        PARAMS_SET[key] = yaml.safe_load(value)
     if args.repeats is None:
         args.repeats = 3 if args.train else 1
     if args.train:
@@ -814,6 +832,8 @@ def run_and_print(
     try:
         figures = measure(work)
         figures["machine"] = machine()
+        if PARAMS_SET:
+            figures["params_set"] = dict(PARAMS_SET)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
