@@ -326,6 +326,35 @@ def rows_in_groups(
     return records.take(list(columns) if columns is not None else records.columns, at).reset_index(drop=True)
 
 
+class KeyOrder:
+    """Checks that the slices of the table at `path` come in (source, id) order, slice after
+    slice: raises ValueError when they do not; `check` gives the first repeated key."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+        self.last: tuple[str, str] | None = None
+
+    def check(self, frame: pd.DataFrame) -> tuple[str, str, int] | None:
+        """The first key of `frame` that repeats the one before it (source, id, times in the
+        slice), or None."""
+        if frame.empty:
+            return None
+        source = frame["source"].astype(str).to_numpy(dtype=object)
+        ids = frame["id"].astype(str).to_numpy(dtype=object)
+        if self.last is not None:
+            source = np.concatenate([np.array([self.last[0]], dtype=object), source])
+            ids = np.concatenate([np.array([self.last[1]], dtype=object), ids])
+        same_source = source[:-1] == source[1:]
+        if not ((source[:-1] < source[1:]) | (same_source & (ids[:-1] <= ids[1:]))).all():
+            raise ValueError(f"{self.path}: the table is not sorted by source and id")
+        self.last = (str(source[-1]), str(ids[-1]))
+        repeats = np.flatnonzero(same_source & (ids[:-1] == ids[1:]))
+        if not len(repeats):
+            return None
+        at = int(repeats[0])
+        return str(source[at]), str(ids[at]), int(((source == source[at]) & (ids == ids[at])).sum())
+
+
 def _frame_rows(frame: pd.DataFrame, columns: Sequence[str], rows: np.ndarray) -> pd.DataFrame:
     """`columns` of the rows at positions `rows` of `frame`, indexed by those positions."""
     out = pd.DataFrame({c: frame[c].iloc[rows].reset_index(drop=True) for c in columns})

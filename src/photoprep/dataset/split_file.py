@@ -79,10 +79,15 @@ class ImagesTable:
         (source, id) order; note which members the table holds."""
         members = split.key_texts(self.sources.members)
         held = np.zeros(len(self.sources.members), dtype=bool)
-        last: tuple[str, str] | None = None
+        order = tables.KeyOrder(self.path)
         for frame in tables.slices(self.path, self.memory_mb, ["source", "id"]):
+            repeated = order.check(frame)
+            if repeated is not None:
+                source, id_, times = repeated
+                raise UserError(
+                    f"split: key (source={source!r}, id={id_!r}) appears {times} times in the images table"
+                )
             if len(frame):
-                last = _in_order(frame, last, self.path)
                 held |= pc.is_in(members, value_set=split.key_texts(frame)).to_numpy(zero_copy_only=False)
         self.in_table = held
 
@@ -144,25 +149,6 @@ class ImagesTable:
         last = best.groupby("label", sort=False).tail(1).set_index("label")
         last["capped"] = best.groupby("label", sort=False).size().reindex(last.index) >= p.max_per_class
         return last
-
-
-def _in_order(frame: pd.DataFrame, last: tuple[str, str] | None, path: Path) -> tuple[str, str]:
-    source = frame["source"].astype(str).to_numpy(dtype=object)
-    ids = frame["id"].astype(str).to_numpy(dtype=object)
-    if last is not None:
-        source = np.concatenate([np.array([last[0]], dtype=object), source])
-        ids = np.concatenate([np.array([last[1]], dtype=object), ids])
-    same_source = source[:-1] == source[1:]
-    same = same_source & (ids[:-1] == ids[1:])
-    if same.any():
-        at = int(np.flatnonzero(same)[0])
-        times = int(((source == source[at]) & (ids == ids[at])).sum())
-        raise UserError(
-            f"split: key (source={source[at]!r}, id={ids[at]!r}) appears {times} times in the images table"
-        )
-    if not ((source[:-1] < source[1:]) | (same_source & (ids[:-1] < ids[1:]))).all():
-        raise ValueError(f"{path}: the images table is not sorted by source and id")
-    return str(source[-1]), str(ids[-1])
 
 
 def _keyed(frame: pd.DataFrame, mapping: dict[str, str | None]) -> pd.DataFrame:

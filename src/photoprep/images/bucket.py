@@ -170,7 +170,7 @@ def write_kept(path: str | Path, out: str | Path, found: Buckets, per_bucket: in
     that `found` keeps to `out`, numbered by `row`, a slice at a time; the samples of each kept
     bucket (`sample_rows`). The same bytes as `assign_buckets` of the whole table."""
     samples = Samples(per_bucket)
-    order = _Order(path)
+    order = tables.KeyOrder(path)  # repeated keys pass, as in memory
     with tables.TableWriter(out) as writer:
         for frame in tables.slices(path, memory_mb):
             images = frame[frame["valid"]].reset_index(drop=True)
@@ -186,45 +186,26 @@ def write_kept(path: str | Path, out: str | Path, found: Buckets, per_bucket: in
     return samples.chosen()
 
 
-class _Order:
-    """Refuses a table whose rows are not in (source, id) order, slice after slice."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = path
-        self.last: tuple[object, object] | None = None
-
-    def check(self, images: pd.DataFrame) -> None:
-        if images.empty:
-            return
-        source = images["source"].to_numpy(dtype=object)
-        ids = images["id"].to_numpy(dtype=object)
-        if self.last is not None:
-            source = np.concatenate([np.array([self.last[0]], dtype=object), source])
-            ids = np.concatenate([np.array([self.last[1]], dtype=object), ids])
-        same = source[:-1] == source[1:]
-        ordered = (source[:-1] < source[1:]) | (same & (ids[:-1] <= ids[1:]))
-        if not ordered.all():
-            raise ValueError(f"{self.path}: the table is not sorted by source and id")
-        self.last = (source[-1], ids[-1])
-
-
 class Samples:
     """The `per_bucket` kept rows of smallest sha256 (then row) in each bucket, over slices."""
 
     def __init__(self, per_bucket: int) -> None:
         self.per_bucket = per_bucket
-        self.best = pd.DataFrame({"bucket": [], "sha256": [], "row": pd.Series(dtype=np.int64)})
+        self.best: pd.DataFrame | None = None
         self.rows = 0
 
     def add(self, kept: pd.DataFrame) -> None:
         """Rows of a slice (kept ones, with `row`), in table order."""
-        both = pd.concat([self.best, kept[["bucket", "sha256", "row"]]], ignore_index=True)
+        rows = kept[["bucket", "sha256", "row"]]
+        both = rows if self.best is None else pd.concat([self.best, rows], ignore_index=True)
         both = both.sort_values(["bucket", "sha256", "row"], kind="stable")
         self.best = both.groupby("bucket", sort=False).head(self.per_bucket).reset_index(drop=True)
         self.rows += len(kept)
 
     def chosen(self) -> dict[str, list[int]]:
         """Each kept bucket's sample (bucket names in order), as rows of the kept table."""
+        if self.best is None:
+            return {}
         return {
             str(name): [int(r) for r in part["row"]] for name, part in self.best.groupby("bucket", sort=True)
         }
