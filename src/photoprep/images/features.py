@@ -282,7 +282,9 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             return parallel.imap_groups(
                 _features_of_pixels, PixelGroups(images, positions), compute, p, desc="features", total=total
             )
-        return parallel.imap_groups(_features_of, positions, compute, str(images_path), p, desc="features")
+        return parallel.imap_groups(
+            _features_of, positions, compute, str(images_path), p, desc="features", local_first=True
+        )
 
     computed = cache.fill_chunks(chunks, compute_rows, compute.batch_size)
     memo.log_decodes("features", decoded=computed, cached=len(set(keys)) - computed)

@@ -105,7 +105,9 @@ def decode_missing(
         located = locations(where.set_index("sha256").loc[todo])
         del where
         root = blob_root(raw_dir, compute)
-        batches = parallel.imap_batches(job.task, located, compute, root, *job.args, desc=job.desc)
+        batches = parallel.imap_batches(
+            job.task, located, compute, root, *job.args, desc=job.desc, local_first=True
+        )
         with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
             cache.fill(todo, batches, job.part)
     memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
@@ -177,7 +179,9 @@ def write_pixels(
 
     def decode(groups: list[list[str]]) -> Any:
         located = [locations(firsts.loc[group].reset_index()) for group in groups]
-        return parallel.imap_groups(job.task, located, compute, root, *job.args, desc=job.desc)
+        return parallel.imap_groups(
+            job.task, located, compute, root, *job.args, desc=job.desc, local_first=True
+        )
 
     decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
     memo.log_decodes(job.namespace, decoded=decoded, cached=len(set(keys)) - decoded)
