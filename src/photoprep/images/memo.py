@@ -50,6 +50,7 @@ from photoprep.core.io import write_table, write_with
 from photoprep.core.layout import CACHE_ENV as CACHE_ENV
 from photoprep.core.layout import DEFAULT_CACHE as DEFAULT_CACHE
 from photoprep.core.layout import cache_root as cache_root
+from photoprep.images import catalog
 
 KEY = "sha256"
 # A row-only memo with more parts than this is merged into one part at the end of a run, so
@@ -130,6 +131,21 @@ class KeyIndex:
         if len(self._recent) >= max(self.MERGE, len(self._keys) // 8):
             self._merge()
 
+    def add_parts(self, names: Sequence[str], counts: np.ndarray, keys: np.ndarray) -> None:
+        """Many parts at once into an empty index (a memo's catalogue): `keys` (bytes) are their
+        keys one part after another, `counts` how many each part has."""
+        assert not len(self), "add_parts fills an empty index"
+        numbers = np.repeat(np.arange(len(names), dtype=np.int64), counts)
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        where = numbers << 32 | (np.arange(len(keys), dtype=np.int64) - starts)
+        self.names = list(names)
+        self._numbers = {name: number for number, name in enumerate(names)}
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        first = np.ones(len(ordered), dtype=bool)  # a key that two parts hold: the first part's place
+        first[1:] = ordered[1:] != ordered[:-1]
+        self._keys, self._where = ordered[first], where[order][first]
+
     def _merge(self) -> None:
         keys = np.concatenate([self._keys, _encoded(list(self._recent))])
         where = np.concatenate([self._where, np.fromiter(self._recent.values(), np.int64, len(self._recent))])
@@ -185,18 +201,36 @@ class Memo:
         self.directory = (root or cache_root()) / namespace / fingerprint
         self.with_arrays = arrays
         self.discarded = 0  # damaged parts set aside while loading
+        self.parts_read = 0  # parts read file by file while loading (not taken from the catalogue)
         self._index = KeyIndex()
-        self._parts: dict[str, pd.DataFrame] = {}
+        # A part's rows; None: a part taken from the catalogue, read only if its rows are asked for.
+        self._parts: dict[str, pd.DataFrame | None] = {}
         self._mapped: dict[str, np.ndarray] = {}
+        self._fresh: dict[str, list[str]] = {}  # parts the catalogue does not name yet: their keys
+        self._stale = False  # the catalogue names parts that are gone
         if self.directory.exists():
             self._remove_stale_temporaries()
-            for part in sorted(self.directory.glob("part-*.parquet")):
-                try:
-                    rows = self._verified(part.stem)
-                except DamagedPart as exc:
-                    self._discard(part.stem, str(exc))
-                    continue
-                self._add_part(part.stem, rows)
+            self._load()
+
+    def _load(self) -> None:
+        """The catalogue's parts (memos with arrays: `photoprep.images.catalog`), then every other
+        part of the folder, verified."""
+        sizes = catalog.file_sizes(self.directory)
+        if self.with_arrays:
+            known = catalog.read(self.directory, sizes)
+            self._index.add_parts(known.names, known.counts, known.keys)
+            self._parts = dict.fromkeys(known.names)
+            self._stale = known.dropped > 0
+        for name in sorted(f[: -len(".parquet")] for f in sizes if f.endswith(".parquet")):
+            if name in self._parts:
+                continue
+            try:
+                rows = self._verified(name)
+            except DamagedPart as exc:
+                self._discard(name, str(exc))
+                continue
+            self.parts_read += 1
+            self._add_part(name, rows)
 
     # ------------------------------------------------------------------ loading
 
@@ -249,7 +283,18 @@ class Memo:
     def _add_part(self, name: str, rows: pd.DataFrame) -> None:
         rows = rows.reset_index(drop=True)
         self._parts[name] = rows
-        self._index.add(name, rows[KEY].tolist())
+        keys = rows[KEY].tolist()
+        self._index.add(name, keys)
+        if self.with_arrays:
+            self._fresh[name] = keys
+
+    def write_catalog(self) -> None:
+        """Name every part of a memo with arrays in its catalogue, so that the next load reads
+        one table, not a table per part (a no-op when the catalogue names them already)."""
+        if self.with_arrays and (self._fresh or self._stale) and self.directory.exists():
+            known = catalog.read(self.directory, catalog.file_sizes(self.directory))
+            catalog.write(self.directory, known, self._fresh)
+            self._fresh, self._stale = {}, False
 
     # ------------------------------------------------------------------ reading
 
@@ -272,14 +317,20 @@ class Memo:
     def rows(self, keys: Sequence[str]) -> pd.DataFrame:
         """Memoized rows for `keys`, in that order (every key must be present)."""
         if not len(keys):
-            frames = list(self._parts.values())
-            return frames[0].iloc[:0].copy() if frames else pd.DataFrame({KEY: []})
+            names = list(self._parts)
+            return self._rows_of(names[0]).iloc[:0].copy() if names else pd.DataFrame({KEY: []})
         pieces = []
         for name, slots, positions in self._index.locate(keys):
-            piece = self._parts[name].iloc[positions].copy()
+            piece = self._rows_of(name).iloc[positions].copy()
             piece.index = slots.tolist()
             pieces.append(piece)
         return pd.concat(pieces).sort_index().reset_index(drop=True)
+
+    def _rows_of(self, name: str) -> pd.DataFrame:
+        rows = self._parts[name]
+        if rows is None:  # taken from the catalogue: read now
+            rows = self._parts[name] = self._verified(name).reset_index(drop=True)
+        return rows
 
     def _array(self, name: str) -> np.ndarray:
         if name not in self._mapped:
@@ -342,6 +393,7 @@ class Memo:
             done += len(batch)
             self.put(*part(keys, result))
             memory.release()  # the batch is on disk: its copies need not stay in the heap
+        self.write_catalog()
 
     # ------------------------------------------------------------------ chunks
 
@@ -427,6 +479,7 @@ class Memo:
             close = getattr(pending, "close", None)
             if close is not None:
                 close()
+        self.write_catalog()
         return sum(len(group) for group in fresh)
 
     def compact(self) -> None:
@@ -434,7 +487,7 @@ class Memo:
         if len(self._parts) <= 1 or self._mapped or self.with_arrays:
             return
         old = list(self._parts)
-        merged = pd.concat(self._parts.values(), ignore_index=True).drop_duplicates(KEY)
+        merged = pd.concat([self._rows_of(n) for n in old], ignore_index=True).drop_duplicates(KEY)
         merged = merged.reset_index(drop=True)
         name = part_name([str(k) for k in merged[KEY]])
         write_table(merged, self.directory / f"{name}.parquet", durable=True)
