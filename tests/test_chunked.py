@@ -203,3 +203,65 @@ def test_a_folder_is_updated_in_place_and_keeps_the_chunks_whose_bytes_stay(tmp_
     other = write(keys[:280] + keys[300:])
     assert set(other) == set(grown) and all(other[n] != grown[n] for n in other)
     assert int(np.asarray(chunked.ChunkedArray(tmp_path / "out"))[0, 0]) == 1000
+
+
+def _memo_folder(
+    tmp_path, fingerprint: str, shift: int, keys: list[str]
+) -> tuple[memo.Memo, list[chunked.Chunk]]:
+    """Chunks of `keys` from the memo of `fingerprint`, whose rows are ``shift + i``."""
+    cache = memo.Memo("test", fingerprint, root=tmp_path / "cache", arrays=True)
+    position = {k: i for i, k in enumerate(keys)}
+
+    def compute(groups):
+        for group in groups:
+            yield group, np.array([[shift + position[k]] for k in group], np.int32)
+
+    chunks = [keys[a:b] for a, b in chunked.boundaries(keys, None, 16)]
+    cache.fill_chunks(chunks, compute)
+    return cache, [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
+
+
+def test_under_the_same_origin_a_copy_of_a_chunk_is_kept_without_reading_it(tmp_path, monkeypatch):
+    keys = _keys(range(200))
+    cache, parts = _memo_folder(tmp_path, "A", 0, keys)
+    out = tmp_path / "out"
+    chunked.write_folder(out, parts, np.int32, (1,), origin=cache.origin)
+    assert json.loads((out / chunked.INDEX).read_text())["origin"] == "test/A"
+    # A copy instead of the memo's link, as DVC checks out an output under its default cache type.
+    copy = out / f"{parts[0].name}.npy"
+    data = copy.read_bytes()
+    copy.unlink()
+    copy.write_bytes(data)
+    inode = copy.stat().st_ino
+    compared = []
+    real_cmp = chunked.filecmp.cmp
+    monkeypatch.setattr(chunked.filecmp, "cmp", lambda *a, **k: compared.append(a) or real_cmp(*a, **k))
+    chunked.write_folder(out, parts, np.int32, (1,), origin=cache.origin)
+    assert compared == [] and copy.stat().st_ino == inode
+    chunked.write_folder(out, parts, np.int32, (1,))  # no origin: compared byte for byte, kept
+    assert len(compared) == 1 and copy.stat().st_ino == inode
+    assert np.asarray(chunked.ChunkedArray(out)).ravel().tolist() == list(range(200))
+
+
+def test_a_run_of_another_origin_that_died_halfway_leaves_no_name_to_trust(tmp_path, monkeypatch):
+    keys = _keys(range(200))
+    a, parts_a = _memo_folder(tmp_path, "A", 0, keys)
+    b, parts_b = _memo_folder(tmp_path, "B", 1000, keys)  # other settings: the same names, other bytes
+    out = tmp_path / "out"
+    chunked.write_folder(out, parts_a, np.int32, (1,), origin=a.origin)
+    replaced = []
+    real_replace = chunked.os.replace
+
+    def dies_after_one_chunk(src, dst):
+        if str(dst).endswith(".npy") and replaced:
+            raise OSError(28, "No space left on device")
+        replaced.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(chunked.os, "replace", dies_after_one_chunk)
+    with pytest.raises(OSError):
+        chunked.write_folder(out, parts_b, np.int32, (1,), origin=b.origin)
+    monkeypatch.setattr(chunked.os, "replace", real_replace)
+    assert "origin" not in json.loads((out / chunked.INDEX).read_text())
+    chunked.write_folder(out, parts_a, np.int32, (1,), origin=a.origin)
+    assert np.asarray(chunked.ChunkedArray(out)).ravel().tolist() == list(range(200))

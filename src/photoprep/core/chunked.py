@@ -129,18 +129,24 @@ def write_folder(
     dtype: Any,
     row_shape: tuple[int, ...],
     needed: int | None = None,
+    origin: str | None = None,
 ) -> None:
     """Make `folder` the chunked array of `chunks`, in that order.
 
     A folder of the same dtype and row shape, whose new chunks are all files, is updated in
-    place: a chunk whose file is there with the same bytes (the same file, or compared byte for
-    byte: a name alone proves nothing, since other settings give the same keys other pixels) is
-    not touched, new ones are placed, the index replaced, the others removed. So an increment
-    writes only its own chunks, and DVC (the folder is a persisted output) hashes and caches
-    only those. Otherwise the folder is built beside it under a temporary name and put in place
-    when complete. A chunk that is a file is hard-linked (copied where linking fails),
-    so it costs no disk. A write the user can fix (a full disk, a read-only folder) is a
-    StorageError naming `folder` and the bytes `needed`.
+    place: a chunk whose file is there with the same bytes is not touched, new ones are placed,
+    the index replaced, the others removed. So an increment writes only its own chunks, and DVC
+    (the folder is a persisted output) hashes and caches only those. Otherwise the folder is
+    built beside it under a temporary name and put in place when complete. A chunk that is a
+    file is hard-linked (copied where linking fails), so it costs no disk. A write the user can
+    fix (a full disk, a read-only folder) is a StorageError naming `folder` and the bytes `needed`.
+
+    Whether a chunk's file holds its bytes: the same file; or, when the index's `origin` (the
+    memo the chunks' files come from: `memo.Memo.origin`, its settings' and code's fingerprint)
+    is this write's, a file of the same name and size, since a memo's part of that name has
+    those bytes; else they are compared byte for byte (a name alone proves nothing: other
+    settings give the same keys other pixels). DVC, under its default cache type, leaves a copy
+    of each chunk, not the memo's link; with the origin a re-run reads none of them.
     """
     folder = Path(folder)
     total = sum(c.rows for c in chunks)
@@ -150,9 +156,12 @@ def write_folder(
         "shape": [total, *row_shape],
         "chunks": [[c.name + ".npy", c.rows] for c in chunks],
     }
-    if _updatable(folder, index) and all(isinstance(c.source, Path) for c in chunks):
+    if origin is not None:
+        index["origin"] = origin
+    present = _updatable(folder, index)
+    if present is not None and all(isinstance(c.source, Path) for c in chunks):
         with _about(folder, needed):
-            _update(folder, chunks, index)
+            _update(folder, chunks, index, present)
         return
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -175,35 +184,51 @@ def write_folder(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _updatable(folder: Path, index: dict[str, Any]) -> bool:
-    """Whether `folder` holds a chunked array of the same dtype and row shape."""
+def _updatable(folder: Path, index: dict[str, Any]) -> dict[str, Any] | None:
+    """The index of `folder` when it holds a chunked array of the same dtype and row shape."""
     try:
         old = json.loads((folder / INDEX).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
     same = ("format", "dtype")
-    return (
+    if (
         isinstance(old, dict)
         and all(old.get(k) == index[k] for k in same)
         and (list(old.get("shape", []))[1:] == index["shape"][1:])
-    )
+    ):
+        return old
+    return None
 
 
-def _same_bytes(a: Path, b: Path) -> bool:
-    """Whether two files hold the same bytes (one file twice: without reading it)."""
+def _same_bytes(a: Path, b: Path, named: bool) -> bool:
+    """Whether two files hold the same bytes: one file twice, or (`named`: the index's origin is
+    the source's) the same size, without reading them; else compared byte for byte."""
     if os.path.samefile(a, b):
         return True
+    if named:
+        return os.path.getsize(a) == os.path.getsize(b)
     return filecmp.cmp(a, b, shallow=False)
 
 
-def _update(folder: Path, chunks: Sequence[Chunk], index: dict[str, Any]) -> None:
+def _write_index(folder: Path, index: dict[str, Any]) -> None:
+    tmp_index = folder / f".{INDEX}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp_index.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp_index, folder / INDEX)
+
+
+def _update(folder: Path, chunks: Sequence[Chunk], index: dict[str, Any], old: dict[str, Any]) -> None:
     """`write_folder` in place: keep what stays, place what is new, then the index, then remove."""
+    named = index.get("origin") is not None and old.get("origin") == index["origin"]
+    if not named and old.get("origin") is not None:
+        # Files of another origin are placed next: until the new index is in, no run may take a
+        # file of the old origin's name for the old origin's bytes.
+        _write_index(folder, {k: v for k, v in old.items() if k != "origin"})
     wanted = set()
     for chunk in chunks:
         target = folder / f"{chunk.name}.npy"
         wanted.add(target.name)
         assert isinstance(chunk.source, Path)
-        if target.is_file() and not target.is_symlink() and _same_bytes(target, chunk.source):
+        if target.is_file() and not target.is_symlink() and _same_bytes(target, chunk.source, named):
             continue
         tmp = folder / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
         try:
@@ -211,9 +236,7 @@ def _update(folder: Path, chunks: Sequence[Chunk], index: dict[str, Any]) -> Non
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-    tmp_index = folder / f".{INDEX}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    tmp_index.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp_index, folder / INDEX)
+    _write_index(folder, index)
     fsync_directory(folder)
     for path in folder.iterdir():
         if path.name != INDEX and path.name not in wanted:

@@ -290,7 +290,8 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
     memo.log_decodes("features", decoded=computed, cached=len(set(keys)) - computed)
     if not standard:
         parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
-        chunked.write_folder(path, parts, np.float32, (info["dim"],), needed=out_bytes or None)
+        needed = out_bytes or None
+        chunked.write_folder(path, parts, np.float32, (info["dim"],), needed=needed, origin=cache.origin)
         return info
     # 'standard': the column moments of the whole matrix, from a memory map of it beside the output.
     tmp = path.with_name(f".{path.name}.unscaled-{os.getpid()}.npy")

@@ -305,6 +305,11 @@ class Memo:
         return len(self._index)
 
     @property
+    def origin(self) -> str:
+        """The memo's namespace and fingerprint: a part's name under it says the part's bytes."""
+        return f"{self.directory.parent.name}/{self.directory.name}"
+
+    @property
     def parts(self) -> int:
         """How many parts the memo holds."""
         return len(self._parts)

@@ -186,7 +186,8 @@ def write_pixels(
     decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
     memo.log_decodes(job.namespace, decoded=decoded, cached=len(set(keys)) - decoded)
     parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
-    chunked.write_folder(path, parts, np.uint8, (height, width, 3), needed=out_bytes or None)
+    needed = out_bytes or None
+    chunked.write_folder(path, parts, np.uint8, (height, width, 3), needed=needed, origin=cache.origin)
 
 
 def thumbnails(
