@@ -72,7 +72,7 @@ def test_a_part_whose_files_are_gone_is_not_taken_from_the_catalogue(tmp_path):
     assert again.arrays(KEYS[4:]).ravel().tolist() == list(range(4, 12))
 
 
-def test_a_damaged_catalogue_is_set_aside_with_a_line_and_the_parts_read_one_by_one(tmp_path, capsys):
+def test_a_damaged_catalogue_is_discarded_with_a_line_and_the_parts_read_one_by_one(tmp_path, capsys):
     cache = _filled(tmp_path)
     path = cache.directory / catalog.CATALOG
     path.write_bytes(path.read_bytes()[:-20])  # its footer cut short
