@@ -2,7 +2,7 @@
 
 A memo with arrays (pixels, features) has a part per chunk of an output: some 255 parts at
 40,000 photos, 6,000 at a million. Loading it part by part read every part's table (1.2 CPU s
-at 40,000 photos on this 2-core AMD, the largest share of a features re-run), a cost that
+under cProfile at 40,000 photos on this 2-core AMD, the largest share of a features re-run), a cost that
 follows the collection, not the increment. With the catalogue a load reads one table, lists
 the folder, and reads file by file only the parts the catalogue does not name (a run that died
 before writing it, another process's parts).

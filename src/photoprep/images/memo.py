@@ -8,7 +8,10 @@ table) and never changed.
 
 Every part is verified before it is trusted: its table must read, its name must be the hash of
 its keys, and its array (if it has one) must hold one row per key. A part that fails is
-discarded with one line on stderr and its images are computed again. The cache is not a
+discarded with one line on stderr and its images are computed again. A memo with arrays keeps a
+catalogue of its verified parts (`photoprep.images.catalog`): a part it names is trusted
+without reading its table while both its files keep the sizes recorded then and its name is
+the hash of the keys the catalogue gives it; any other part is verified as above. The cache is not a
 pipeline output: deleting it costs time, never correctness, because the fingerprint names
 everything the values depend on.
 
