@@ -94,20 +94,26 @@ def read(directory: Path, sizes: dict[str, int]) -> Catalogued:
     keys = np.asarray(table.column("key").to_numpy(zero_copy_only=False), dtype=np.bytes_)
     pieces = np.split(keys, np.cumsum(counts)[:-1])
     # Each part's name must be the hash of its keys, as a part's own table must (memo.Memo).
-    good &= np.array(
-        [chunk_name([k.decode() for k in piece]) == name for name, piece in zip(names, pieces, strict=True)]
+    # (Only the parts whose files are as recorded are hashed: the others are read anyway.)
+    good = np.array(
+        [
+            bool(ok) and chunk_name([k.decode() for k in piece]) == name
+            for ok, name, piece in zip(good, names, pieces, strict=True)
+        ],
+        dtype=bool,
     )
     keys = keys[np.repeat(good, counts)]
     kept = [name for name, ok in zip(names, good, strict=True) if ok]
     return Catalogued(kept, counts[good], keys, dropped=int((~good).sum()))
 
 
-def write(directory: Path, old: Catalogued, fresh: Mapping[str, Sequence[str]]) -> None:
-    """Write the catalogue of the `old` catalogue's parts and the `fresh` ones (name: keys in
-    row order), each with its files' present sizes, atomically; parts whose files are gone are
-    left out. A write the storage refuses is given up (the catalogue is a shortcut): the next
-    load reads those parts one by one."""
+def write(directory: Path, fresh: Mapping[str, Sequence[str]]) -> None:
+    """Write the catalogue of the parts the present one names and the `fresh` ones (name: keys
+    in row order), each with its files' present sizes, atomically; parts whose files are gone
+    or changed are left out. A write the storage refuses is given up (the catalogue is a
+    shortcut): the next load reads those parts one by one."""
     sizes = file_sizes(directory)
+    old = read(directory, sizes)
     pieces = np.split(old.keys, np.cumsum(old.counts)[:-1]) if old.names else []
     segments = [(name, keys) for name, keys in zip(old.names, pieces, strict=True) if name not in fresh]
     segments += [

@@ -295,8 +295,7 @@ class Memo:
         """Name every part of a memo with arrays in its catalogue, so that the next load reads
         one table, not a table per part (a no-op when the catalogue names them already)."""
         if self.with_arrays and (self._fresh or self._stale) and self.directory.exists():
-            known = catalog.read(self.directory, catalog.file_sizes(self.directory))
-            catalog.write(self.directory, known, self._fresh)
+            catalog.write(self.directory, self._fresh)
             self._fresh, self._stale = {}, False
 
     # ------------------------------------------------------------------ reading
