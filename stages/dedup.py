@@ -26,7 +26,8 @@ def main() -> str:
     console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
-        probed = probe.probe_images(fetched, PATHS.raw_dir, ProbeSpec.from_params(p), p.compute)
+        spec = ProbeSpec.from_params(p)
+        probed = probe.probe_images(fetched, PATHS.raw_dir, spec, p.compute)
         n_fetched = len(fetched)
         del fetched
         # The table steps read the probed table from a file, a compute.memory_mb slice at a time.
@@ -43,6 +44,7 @@ def main() -> str:
                 p.sources,
                 evidence,
                 leave_out=dedup.GROUPING_ONLY,
+                fine=probe.fine_reader(PATHS.raw_dir, spec, p.compute),
             )
         finally:
             PATHS.dedup_input.unlink(missing_ok=True)

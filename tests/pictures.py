@@ -148,7 +148,7 @@ def peak_reset_works() -> bool:
 
 def verdict(record: dict) -> dict:
     """The header and verdict fields of a probe record (a rejected record has no hashes)."""
-    assert record["hash"] == record["fine_hash"] == record["transform_hashes"] == ""
+    assert record["hash"] == record["crop_hashes"] == record["transform_hashes"] == ""
     return {key: record[key] for key in ("format", "width", "height", "mode", "valid", "reason", "hash")}
 
 

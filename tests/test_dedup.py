@@ -12,7 +12,7 @@ from skimage import data as samples
 
 from photoprep.core.params import DedupParams
 from photoprep.images import candidates, dedup, keep, sheets
-from photoprep.images.probe import ProbeSpec, probe
+from photoprep.images.probe import ProbeSpec, fine_hashes, probe
 from photoprep.images.provenance import provenance
 
 A = "f0f0f0f0f0f0f0f0"
@@ -289,9 +289,8 @@ def _real(
     for name, picture in pictures.items():
         out = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(picture)).save(out, "PNG")
-        record = probe(
-            out.getvalue(), ProbeSpec.from_dedup(p.model_copy(update={"transforms": list(transforms)}))
-        )
+        spec = ProbeSpec.from_dedup(p.model_copy(update={"transforms": list(transforms)}))
+        record = probe(out.getvalue(), spec) | fine_hashes(out.getvalue(), spec)
         rows.append({"source": "s", "id": name, "sha256": name, "status": "ok"} | record)
     return pd.DataFrame(rows)
 
@@ -435,9 +434,11 @@ def test_a_crop_match_counts_only_when_the_fine_hashes_agree(monkeypatch):
     through the fine one. The fine check is what keeps them apart."""
     cdn = Path(__file__).resolve().parents[1] / "pipeline" / "sources" / "demo" / "cdn"
     p = DedupParams()
+    spec = ProbeSpec.from_dedup(p)
     rows = [
         {"source": "demo", "id": rid, "sha256": rid, "status": "ok"}
-        | probe((cdn / rid).read_bytes(), ProbeSpec.from_dedup(p))
+        | probe((cdn / rid).read_bytes(), spec)
+        | fine_hashes((cdn / rid).read_bytes(), spec)
         for rid in ("2ec30a31-43f7-522d-b292-c34efdb62e60", "3578ba50-f885-59d3-a609-35cad0ae8083")
     ]
     table = pd.DataFrame(rows)
@@ -575,3 +576,35 @@ def test_payloads_are_the_same_whether_packed_or_grouped_as_texts(tmp_path: Path
         tmp_path / "probed.parquet", tmp_path / "out.parquet", DedupParams(near_threshold=4), 8
     )
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "out.parquet"), want.table)
+
+
+@pytest.mark.parametrize("params", [{}, {"verify_threshold": 40}])
+def test_fine_hashes_are_asked_once_and_only_for_the_candidates_they_decide(
+    tmp_path: Path, params: dict
+) -> None:
+    """Without fine hash columns, dedup asks its `fine` reader for the rows a crop match or a
+    verification reads, each row once, and decides what it decides with the columns, in a file
+    too."""
+    table = _synthetic(3000)
+    p = DedupParams(near_threshold=4, **params)
+    want = dedup.find_duplicates(table, p, ["a", "a-b"])
+    fine_columns = ["fine_hash", "crop_fine_hashes"]
+    by_id = table.set_index("id")[fine_columns]
+    asked: list[int] = []
+
+    def fine(rows: pd.DataFrame) -> pd.DataFrame:
+        asked.append(len(rows))
+        assert not rows.index.duplicated().any()
+        return by_id.loc[rows["id"]].set_index(rows.index)
+
+    lean = table.drop(columns=fine_columns)
+    got = dedup.find_duplicates(lean, p, ["a", "a-b"], fine=fine)
+    assert got.counts == want.counts
+    pd.testing.assert_frame_equal(got.table.drop(columns=fine_columns), want.table.drop(columns=fine_columns))
+    assert 0 < sum(asked) < len(table) // 3 and len(asked) == (2 if params else 1)
+    lean.to_parquet(tmp_path / "probed.parquet", index=False)
+    out = tmp_path / "dedup.parquet"
+    counts = dedup.find_duplicates_in_file(tmp_path / "probed.parquet", out, p, 8, ["a", "a-b"], fine=fine)
+    assert counts == want.counts and sum(asked) == 2 * sum(asked[: len(asked) // 2])
+    pd.testing.assert_frame_equal(pd.read_parquet(out), got.table)
+    assert (got.table["dup_reason"] == "near_crop").any()

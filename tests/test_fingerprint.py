@@ -21,7 +21,7 @@ from pictures import (
 from PIL import Image
 
 from photoprep.images.fingerprint import hex_of_bits, mean_chroma, view_hashes
-from photoprep.images.probe import ProbeSpec, probe
+from photoprep.images.probe import ProbeSpec, fine_hashes, probe
 
 
 def test_margin_leaves_out_a_caption_band_and_crop_hashes_see_a_cropped_copy():
@@ -43,7 +43,9 @@ def test_margin_leaves_out_a_caption_band_and_crop_hashes_see_a_cropped_copy():
     assert d(whole[0]["hash"], whole[1]["hash"]) > 4  # the band moves the whole-picture hash
     assert d(inner[0]["hash"], inner[1]["hash"]) <= 2  # the margin leaves it out
     assert d(inner[0]["hash"], inner[2]["hash"]) > 4  # a crop moves the hash ...
-    crop_hash, crop_fine = inner[0]["crop_hashes"], inner[0]["crop_fine_hashes"]
+    crop_hash = inner[0]["crop_hashes"]
+    inner_spec = ProbeSpec(margin=0.1, crops=(0.04,))
+    crop_fine = fine_hashes(encode(np.asarray(picture), "PNG"), inner_spec)["crop_fine_hashes"]
     assert d(crop_hash, inner[2]["hash"]) <= 2  # ... but not the original's cropped hash
     assert len(crop_hash) == 16 and len(crop_fine) == 64
     assert "," not in crop_hash and whole[0]["crop_hashes"] == ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import imagehash
 import numpy as np
 import pytest
 from pictures import (
@@ -18,7 +19,7 @@ from pictures import (
 )
 from PIL import Image, ImageFile
 
-from photoprep.images.probe import PROBE_FIELDS, ProbeSpec, probe, probe_many
+from photoprep.images.probe import FINE_FIELDS, PROBE_FIELDS, ProbeSpec, fine_hashes, probe, probe_many
 
 
 def test_a_good_jpeg_gives_the_full_record():
@@ -36,13 +37,26 @@ def test_a_good_jpeg_gives_the_full_record():
         "lossless": False,
         "quality": 90,
         "camera": False,
-        "fine_hash": record["fine_hash"],
         "transform_hashes": "",
         "crop_hashes": "",
-        "crop_fine_hashes": "",
     }
     assert len(record["hash"]) == 16 and int(record["hash"], 16) >= 0
-    assert len(record["fine_hash"]) == 64
+
+
+def test_the_fine_hashes_are_of_the_views_the_probe_hashes():
+    spec = ProbeSpec(margin=0.1, crops=(0.04, 0.08))
+    fine = fine_hashes(astronaut_jpeg(), spec)
+    assert tuple(fine) == FINE_FIELDS
+    assert len(fine["fine_hash"]) == 64
+    assert [len(h) for h in fine["crop_fine_hashes"].split(",")] == [64, 64]
+    # The same decode and views as the probe: the picture's fine hash is the FINE_HASH of the
+    # grey the probe hashes, without the margin.
+    whole = fine_hashes(astronaut_jpeg())
+    assert whole["crop_fine_hashes"] == "" and whole["fine_hash"] != fine["fine_hash"]
+    # imagehash's 256-bit phash of the grey the probe hashes: a 400 x 600 PNG reduced by 2.
+    grey = Image.fromarray(coffee()).convert("L").reduce(2)
+    assert fine_hashes(encode(coffee(), "PNG"))["fine_hash"] == str(imagehash.phash(grey, hash_size=16))
+    assert fine_hashes(astronaut_jpeg()[:5000]) == dict.fromkeys(FINE_FIELDS, "")
 
 
 def test_probe_is_deterministic_and_batches_agree():

@@ -8,6 +8,10 @@ cropped hash (what a copy of it cropped by that share of each side hashes to); a
 hash. Every hash leaves out `margin` of each side of the picture (the probe's). Broken
 payloads take no part: the validate stage reports each of them.
 
+The fine hashes (256 bits) that a verification or a crop match reads are asked of a
+`FineHashes` reader for the candidates it joins (the dedup stage's computes them then,
+`photoprep.images.probe.fine_reader`); without one, they are the table's columns.
+
 Which copy a group keeps (`dedup.keep`) is the keep rule's (`photoprep.images.keep`).
 `keep_reason` says for the kept row which criterion made it win over the runner-up, and for
 every other member which criterion it lost on (`keep.KEEP_REASONS`).
@@ -30,7 +34,7 @@ others' private rules to stay consistent.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +78,34 @@ _RANKED_COLUMNS: tuple[str, ...] = ("source", "id", "width", "height", "first_li
 _RANKED_COLUMNS += ("colour", "lossless", "quality", "camera", "format")
 
 
+FineHashes = Callable[[pd.DataFrame], pd.DataFrame]
+"""The `fine_hash` and `crop_fine_hashes` of the records given (all their columns), indexed
+like them."""
+
+
+@dataclass(frozen=True)
+class _Fine:
+    """The candidates' fine hashes: asked of `reader` for the candidates read, each once, or,
+    without a reader, the records' own columns."""
+
+    hexes: candidates.Hex
+    reader: FineHashes | None
+    known: dict[int, dict[str, str]] = field(default_factory=dict)  # candidate position: values
+
+    def take(self, *asked: tuple[str, np.ndarray]) -> list[list[str]]:
+        """The values of column `name` at candidate `positions`, for each (name, positions)
+        asked; the reader is asked once, for the candidates not read before."""
+        if self.reader is None:
+            return [self.hexes.take(name, positions) for name, positions in asked]
+        wanted = np.concatenate([positions for _, positions in asked]) if asked else np.zeros(0, np.int64)
+        new = [int(at) for at in np.unique(wanted) if int(at) not in self.known]
+        if new:
+            records = self.hexes.records
+            found = self.reader(records.take(records.columns, self.hexes.rows[new]))
+            self.known.update(zip(new, found.to_dict("records"), strict=True))
+        return [[self.known[int(at)][name] for at in positions] for name, positions in asked]
+
+
 @dataclass
 class DedupResult:
     table: pd.DataFrame  # every record, with group, dup_of, dup_reason, dup_distance, keep_reason
@@ -110,7 +142,7 @@ def _first_rows(inverse: np.ndarray, n_unique: int) -> np.ndarray:
 
 
 def _near_edges(
-    hexes: candidates.Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+    fine: _Fine, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row pairs joined by near hashes (`hashes`: the rows' packed hashes), from one search:
 
@@ -125,6 +157,7 @@ def _near_edges(
     The cropped and transformed hashes are the search's second set (`others`): only their
     pairs with a row's own hash are found, never a pair of two of them.
     """
+    hexes = fine.hexes
     crop_rows, cropped = _extra_hashes(hexes, "crop_hashes", len(p.crops))
     turn_rows, turned = _extra_hashes(hexes, "transform_hashes", len(p.transforms))
     sets = [s for s in (cropped, turned) if s is not None]
@@ -136,8 +169,9 @@ def _near_edges(
     if p.verify_threshold is not None and len(a):
         joined = a != b  # a row and the first row of its own hash share it: only other pairs
         keep = np.ones(len(a), bool)
-        fine = hexes.take_each("fine_hash", a[joined], b[joined])
-        keep[joined] = _distances(*fine) <= p.verify_threshold
+        keep[joined] = _distances(*fine.take(("fine_hash", a[joined]), ("fine_hash", b[joined]))) <= (
+            p.verify_threshold
+        )
         a, b = a[keep], b[keep]
     src, dst = [a], [b]
     if len(near.across):
@@ -150,11 +184,8 @@ def _near_edges(
         # A crop match counts once the fine hashes of the two views agree (split only here).
         crop, position = np.divmod(entry[is_crop], max(1, len(crop_rows)))
         b = crop_rows[position]
-        crop_fine = hexes.take("crop_fine_hashes", b)
-        seen = _distances(
-            hexes.take("fine_hash", a[is_crop]),
-            [views.split(",")[j] for views, j in zip(crop_fine, crop, strict=True)],
-        )
+        fine_a, crop_fine = fine.take(("fine_hash", a[is_crop]), ("crop_fine_hashes", b))
+        seen = _distances(fine_a, [views.split(",")[j] for views, j in zip(crop_fine, crop, strict=True)])
         limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
         src += [a[is_crop][seen <= limit], a[~is_crop]]
         dst += [b[seen <= limit], turn_rows[(entry[~is_crop] - n_cropped) % max(1, len(turn_rows))]]
@@ -180,7 +211,7 @@ def _extra_hashes(hexes: candidates.Hex, name: str, k: int) -> tuple[np.ndarray,
 
 
 def _groups(
-    payload: np.ndarray, hexes: candidates.Hex, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
+    payload: np.ndarray, fine: _Fine, hashes: np.ndarray, p: DedupParams, memory_mb: int | None
 ) -> np.ndarray:
     """Each candidate's group: components of the exact and near pairs (`payload`: the first
     candidate of each one's payload; `memory_mb`: the near search's budget, None: none)."""
@@ -188,7 +219,7 @@ def _groups(
     # Byte-identical payloads: each row joins the first row that has its sha256.
     src, dst = [np.arange(n)], [payload]
     if p.near_threshold >= 0 and n:
-        near_src, near_dst = _near_edges(hexes, hashes, p, memory_mb)
+        near_src, near_dst = _near_edges(fine, hashes, p, memory_mb)
         src.append(near_src)
         dst.append(near_dst)
     a, b = np.concatenate(src), np.concatenate(dst)
@@ -201,6 +232,7 @@ def find_duplicates(
     p: DedupParams,
     sources: Sequence[str] | None = None,
     evidence: keep.Evidence | None = None,
+    fine: FineHashes | None = None,
 ) -> DedupResult:
     """Group byte-identical and perceptually near-identical images; keep one per group.
 
@@ -209,13 +241,15 @@ def find_duplicates(
     `transform_hashes` (defaults when absent). `sources` orders sources for ``keep: first``.
     `evidence` gives the pixel facts of the keep rule (`photoprep.images.keep`) for the rows of
     `images` it is asked about: one per distinct payload of each group with two or more.
+    `fine` gives the fine hashes of the rows a verification or a crop match reads (without it,
+    the table's `fine_hash` and `crop_fine_hashes`).
     """
     table = images.copy(deep=False)  # copy-on-write: the caller's frame is never changed
     for column, default in _DEFAULTS.items():
         if column not in table:
             table[column] = default
     records = tables.InMemory(table)
-    decided = _decide(records, p, sources, evidence, None)
+    decided = _decide(records, p, sources, (evidence, fine), None)
     for column, values in decided.columns(0, len(table)).items():
         table[column] = values if column not in _TEXT else pd.array(values, dtype="str")
     return DedupResult(table=table, counts=decided.counts)
@@ -229,15 +263,16 @@ def find_duplicates_in_file(
     sources: Sequence[str] | None = None,
     evidence: keep.Evidence | None = None,
     leave_out: Sequence[str] = (),
+    fine: FineHashes | None = None,
 ) -> dict[str, int]:
     """`find_duplicates` of the Parquet table at `path` (sorted by source and id), written to
     `out` with the same columns but `leave_out`; the counts. The table is never held whole: a
     slice of it holds an eighth of `memory_mb` (`SLICE_SHARE`), the sha256s' partitions a
     quarter, the near search's passes half, and what is held for every record is a few numbers
-    (`_decide`)."""
+    (`_decide`). `evidence` and `fine` are `find_duplicates`'s."""
     slices = max(1, memory_mb // SLICE_SHARE)
     records = tables.InFile(path, slices)
-    decided = _decide(records, p, sources, evidence, memory_mb)
+    decided = _decide(records, p, sources, (evidence, fine), memory_mb)
     with tables.TableWriter(out) as writer:
         every = np.arange(records.n)
         for start, frame in records.pick(records.columns, every, tables.slice_rows(path, slices)):
@@ -290,11 +325,13 @@ def _decide(
     records: tables.Rows,
     p: DedupParams,
     sources: Sequence[str] | None,
-    evidence: keep.Evidence | None,
+    readers: tuple[keep.Evidence | None, FineHashes | None],
     memory_mb: int | None,
 ) -> _Decided:
     """Groups, the copy each keeps, and why, for the records of `records` (`memory_mb`: the
-    budget of the sha256s' partitions and the near search, None: no partitions)."""
+    budget of the sha256s' partitions and the near search, None: no partitions; `readers`: the
+    keep rule's evidence and the fine hashes, `find_duplicates`'s)."""
+    evidence, fine = readers
     cands = candidates.candidates_of(records)
     rows = cands.rows
     if not len(rows):
@@ -307,7 +344,7 @@ def _decide(
     if memory_mb is not None:  # a budget: each step's peak on its own, not on the steps before
         memory.release()
     hashes = hexes.packed("hash")
-    group = _groups(payload, hexes, hashes, p, None if memory_mb is None else memory_mb // 2)
+    group = _groups(payload, _Fine(hexes, fine), hashes, p, None if memory_mb is None else memory_mb // 2)
     if memory_mb is not None:
         memory.release()
     members = np.flatnonzero(np.bincount(group)[group] > 1)

@@ -13,15 +13,20 @@ validate stage (`photoprep.images.validate`) turns it into the dataset's verdict
 
 The probe also reads what the dedup stage needs to keep the best copy: whether the picture has
 colour (chroma at the hash scale), whether the format is lossless, the JPEG quality estimated
-from the quantisation tables, whether EXIF names a camera, a finer hash (`FINE_HASH`) and, when
-asked, the hashes of transformed versions (mirror, rotations) and of crops. Its settings travel
-as one `ProbeSpec`.
+from the quantisation tables, whether EXIF names a camera and, when asked, the hashes of
+transformed versions (mirror, rotations) and of crops. Its settings travel as one `ProbeSpec`.
+
+The finer hashes (`FINE_HASH`, of the picture and of each crop) are not in the probe: only a
+verification (`dedup.verify_threshold`) or a crop match reads them, for the few candidates it
+joins, and they cost two thirds as much again as the probe's own hashes (64 x 64 Lanczos
+resizes: 1.14 of 2.93 CPU ms a photo on bench/scale.py's JPEGs). `fine_reader` computes them
+for the rows asked, from the same decode steps, memoized like the probe.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +82,12 @@ PROBE_FIELDS = (
     "lossless",
     "quality",
     "camera",
-    "fine_hash",
     "transform_hashes",
     "crop_hashes",
-    "crop_fine_hashes",
 )
+
+FINE_FIELDS = ("fine_hash", "crop_fine_hashes")
+"""What `fine_hashes` gives: the `FINE_HASH` of the picture and of each crop (comma-separated)."""
 
 
 @dataclass(frozen=True)
@@ -148,10 +154,9 @@ def probe(data: bytes, spec: ProbeSpec = WHOLE_PICTURE) -> dict:
     `DECODE_REASONS`), hash (hex of the spec's hash, "" when invalid), colour (the picture has
     chroma), lossless (the format stores pixels exactly), quality (JPEG quality estimated from
     the quantisation tables, 0 when unknown or not a JPEG), camera (EXIF names a camera or a
-    capture time), fine_hash (`FINE_HASH`), transform_hashes (the hash of each of the spec's
-    transforms, comma-separated, "" when none asked) and crop_hashes (the hash of the picture
-    as a copy cropped by each of the spec's crops of every side would hash, comma-separated;
-    crop_fine_hashes likewise with `FINE_HASH`).
+    capture time), transform_hashes (the hash of each of the spec's transforms,
+    comma-separated, "" when none asked) and crop_hashes (the hash of the picture as a copy
+    cropped by each of the spec's crops of every side would hash, comma-separated).
     Every hash is of the picture without the spec's margin of each side (`trimmed`): a caption
     band, a frame or a watermark strip there changes nothing.
     The result depends only on the bytes, the spec and the codec versions (`codec_versions`).
@@ -213,21 +218,35 @@ def _upright_gray(data: bytes, spec: ProbeSpec, record: dict) -> tuple[Image.Ima
 
 
 def _hashes(gray: Image.Image, spec: ProbeSpec) -> dict[str, str]:
-    """The hash fields of a record, from the upright grey picture at the hash scale: each
-    hash of all views at once (`view_hashes`)."""
+    """The hash fields of a record, from the upright grey picture at the hash scale: the hash
+    of all views at once (`view_hashes`)."""
     picture = trimmed(gray, spec.margin)
-    crops_seen = [trimmed(gray, trim) for trim in spec.trims[1:]]
     turned = [transformed(picture, t) for t in spec.transforms]
-    coarse = view_hashes([picture, *turned, *crops_seen], spec.hash_name, spec.hash_size)
-    fine = view_hashes([picture, *crops_seen], *FINE_HASH)
+    coarse = view_hashes([picture, *turned, *_crops_seen(gray, spec)], spec.hash_name, spec.hash_size)
     n_turned = len(turned)
     return {
         "hash": coarse[0],
-        "fine_hash": fine[0],
         "transform_hashes": ",".join(coarse[1 : 1 + n_turned]),
         "crop_hashes": ",".join(coarse[1 + n_turned :]),
-        "crop_fine_hashes": ",".join(fine[1:]),
     }
+
+
+def _crops_seen(gray: Image.Image, spec: ProbeSpec) -> list[Image.Image]:
+    return [trimmed(gray, trim) for trim in spec.trims[1:]]
+
+
+def fine_hashes(data: bytes, spec: ProbeSpec = WHOLE_PICTURE) -> dict[str, str]:
+    """The `FINE_FIELDS` of `data`: the `FINE_HASH` of the picture without the spec's margin
+    (fine_hash) and of each of its crops (crop_fine_hashes, comma-separated), from the decode
+    the probe makes, so they are the views the probe's hashes are of. Empty strings when the
+    bytes do not decode (the probe said so: such a payload is no candidate)."""
+    with pillow_quiet():
+        try:
+            gray, _ = _upright_gray(data, spec, {})
+        except ImageRejected:
+            return dict.fromkeys(FINE_FIELDS, "")
+        fine = view_hashes([trimmed(gray, spec.margin), *_crops_seen(gray, spec)], *FINE_HASH)
+    return {"fine_hash": fine[0], "crop_fine_hashes": ",".join(fine[1:])}
 
 
 def _decode_gray(im: ImageFile.ImageFile, data: bytes, jpeg: bool, side: int) -> tuple[Image.Image, float]:
@@ -266,6 +285,21 @@ def _probe_part(keys: list[str], results: list[dict[str, Any]]) -> tuple[pd.Data
     return rows[["sha256", *PROBE_COLUMNS]], None
 
 
+def _fine_batch(located: Sequence[stored.BlobLocation], root: str | Path, spec: ProbeSpec) -> list[dict]:
+    return [fine_hashes(blob, spec) for blob in stored.read_blobs(root, located)]
+
+
+def _fine_part(keys: list[str], results: list[dict[str, str]]) -> tuple[pd.DataFrame, None]:
+    rows = pd.DataFrame(results, columns=list(FINE_FIELDS))
+    rows.insert(0, "sha256", keys)
+    return rows, None
+
+
+def _passes_code() -> tuple[Any, ...]:
+    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
+    return (sys.modules[__name__], decode, fingerprint, formats, containers, sniff)
+
+
 def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: ComputeParams) -> pd.DataFrame:
     """Format, size after orientation, mode, validity, perceptual hashes and the facts the
     keep rule reads (`probe`) of each row's bytes, as `PROBE_COLUMNS`.
@@ -274,12 +308,26 @@ def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: C
     most once per spec and decoder code; later calls read the memo, which takes one part per
     batch as the batch comes back (a killed run keeps the finished batches).
     """
-    # The sniff names the reason of payloads no opener identifies, so it is part of the value too.
-    code = (sys.modules[__name__], decode, fingerprint, formats, containers, sniff)
-    job = stored.Pass(
-        "probe", memo.fingerprint(spec.settings(), *code), _probe_batch, (spec,), _probe_part, "decode+hash"
-    )
+    key = memo.fingerprint(spec.settings(), *_passes_code())
+    job = stored.Pass("probe", key, _probe_batch, (spec,), _probe_part, "decode+hash")
     cache = stored.decode_missing(table, raw_dir, compute, job)
     if cache.parts > memo.COMPACT_PARTS:
         cache.compact()
     return cache.rows(table["sha256"].tolist())[PROBE_COLUMNS].set_index(table.index)
+
+
+def fine_reader(
+    raw_dir: Path, spec: ProbeSpec, compute: ComputeParams
+) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    """The dedup stage's reader of fine hashes (`photoprep.images.dedup.FineHashes`): the
+    `FINE_FIELDS` (`fine_hashes`) of rows of its table, indexed like them. Rows need the
+    columns `probe_images` reads; each distinct sha256 is decoded at most once per spec and
+    code (memoized like the probe), and only when asked."""
+    key = memo.fingerprint(spec.settings(), *_passes_code())
+    job = stored.Pass("fine", key, _fine_batch, (spec,), _fine_part, "fine hashes")
+
+    def fine(rows: pd.DataFrame) -> pd.DataFrame:
+        cache = stored.decode_missing(rows, raw_dir, compute, job)
+        return cache.rows(rows["sha256"].tolist())[list(FINE_FIELDS)].set_index(rows.index)
+
+    return fine
