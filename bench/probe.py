@@ -9,7 +9,9 @@ CPU seconds (`time.process_time`, what other load on a shared machine disturbs l
 medians over the repeats, the paths interleaved:
 
 (a) probe: `photoprep.images.probe.probe_many` with the default params' spec (phash 8, margin
-    0.1, crops 0.03 and 0.06: six views hashed a photo, three at 64 bits, three at 256);
+    0.1, crops 0.03 and 0.06: three views hashed a photo at 64 bits; the three 256-bit fine
+    hashes left the probe for `probe.fine_reader`, which dedup asks only for the few rows a
+    crop match reads);
 (b) hashes: the six hash strings of each photo's views, imagehash's ``str(phash(view))`` one
     view at a time (the probe's way before `view_hashes`) against `view_hashes`, and whether
     every string is the same;
@@ -233,7 +235,7 @@ def main() -> None:
         print(json.dumps(figures))
         return
     n, views = figures["photos"], figures["views_a_photo"]
-    print(f"{n} photos, {views} hashed views a photo, median of {args.repeats}")
+    print(f"{n} photos, {views} hashed views a photo in (b) and (d), median of {args.repeats}")
     for name, value in figures["cpu_ms_a_photo"].items():
         print(f"  {name:22s} {value:7.3f} CPU ms a photo")
     if not args.probe_only:

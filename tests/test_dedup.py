@@ -608,3 +608,33 @@ def test_fine_hashes_are_asked_once_and_only_for_the_candidates_they_decide(
     assert counts == want.counts and sum(asked) == 2 * sum(asked[: len(asked) // 2])
     pd.testing.assert_frame_equal(pd.read_parquet(out), got.table)
     assert (got.table["dup_reason"] == "near_crop").any()
+
+
+def test_a_picture_near_its_own_cropped_hash_asks_for_no_fine_hash() -> None:
+    """Most pictures are within the threshold of their own cropped hashes (a crop of a few %
+    moves a hash little): such a pair joins nothing, and no fine hash is read for it."""
+    table = _synthetic(2000)
+    p = DedupParams(near_threshold=4)
+    groups = dedup.find_duplicates(table, p).table["group"]
+    alone = groups.map(groups.value_counts()).eq(1) & groups.ge(0)  # groups of one
+    assert alone.sum() > 1000
+    selfish = table.copy()
+    selfish.loc[alone, "crop_hashes"] = [
+        f"{h},{c.split(',')[1]}"
+        for h, c in zip(table.loc[alone, "hash"], table.loc[alone, "crop_hashes"], strict=True)
+    ]
+    by_id = table.set_index("id")[["fine_hash", "crop_fine_hashes"]]
+    asked: dict[str, int] = {}
+
+    def reader(name: str) -> dedup.FineHashes:
+        def fine(rows: pd.DataFrame) -> pd.DataFrame:
+            asked[name] = asked.get(name, 0) + len(rows)
+            return by_id.loc[rows["id"]].set_index(rows.index)
+
+        return fine
+
+    lean = ["fine_hash", "crop_fine_hashes"]
+    want = dedup.find_duplicates(table.drop(columns=lean), p, fine=reader("plain"))
+    got = dedup.find_duplicates(selfish.drop(columns=lean), p, fine=reader("selfish"))
+    pd.testing.assert_series_equal(got.table["group"], want.table["group"])
+    assert got.counts == want.counts and asked["selfish"] == asked["plain"] > 0

@@ -183,11 +183,15 @@ def _near_edges(
         is_crop = entry < n_cropped
         # A crop match counts once the fine hashes of the two views agree (split only here).
         crop, position = np.divmod(entry[is_crop], max(1, len(crop_rows)))
-        b = crop_rows[position]
-        fine_a, crop_fine = fine.take(("fine_hash", a[is_crop]), ("crop_fine_hashes", b))
+        crop_a, b = a[is_crop], crop_rows[position]
+        # A picture near its own cropped hash (most are, a crop of a few % moves a hash little)
+        # joins nothing: its fine hashes are not asked for.
+        other = crop_a != b
+        crop_a, b, crop = crop_a[other], b[other], crop[other]
+        fine_a, crop_fine = fine.take(("fine_hash", crop_a), ("crop_fine_hashes", b))
         seen = _distances(fine_a, [views.split(",")[j] for views, j in zip(crop_fine, crop, strict=True)])
         limit = min(CROP_FINE_THRESHOLD, 256 if p.verify_threshold is None else p.verify_threshold)
-        src += [a[is_crop][seen <= limit], a[~is_crop]]
+        src += [crop_a[seen <= limit], a[~is_crop]]
         dst += [b[seen <= limit], turn_rows[(entry[~is_crop] - n_cropped) % max(1, len(turn_rows))]]
     return np.concatenate(src), np.concatenate(dst)
 
