@@ -124,12 +124,19 @@ def clean_label(value: Any) -> str | None:
 
 def clean_labels(labels: pd.Series) -> pd.Series:
     """`clean_label` of every value, as an object Series; text columns (the pipeline's) are
-    cleaned by column operations, other kinds value by value."""
-    values = labels.to_numpy(dtype=object)
-    if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
-        return pd.Series([clean_label(v) for v in values], index=labels.index, dtype=object)
-    text = pd.Series(values, index=labels.index, dtype=object).str.strip()
-    return text.where(text.notna() & (text != ""), None).astype(object)
+    cleaned one distinct value at a time (a few labels over many rows), other kinds value by
+    value."""
+    if isinstance(labels.dtype, pd.StringDtype):
+        codes, uniques = labels.factorize()
+        distinct = np.asarray(uniques, dtype=object)
+    else:
+        values = labels.to_numpy(dtype=object)
+        if pd.api.types.infer_dtype(values, skipna=True) not in ("string", "empty"):
+            return pd.Series([clean_label(v) for v in values], index=labels.index, dtype=object)
+        codes, distinct = pd.factorize(values)
+    # Missing values have code -1: the last entry, None.
+    cleaned = np.array([text.strip() or None for text in distinct] + [None], dtype=object)
+    return pd.Series(cleaned[codes], index=labels.index, dtype=object)
 
 
 def hash_units(

@@ -171,10 +171,16 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
     header: list[str] | None = None
     labels: dict[str, tuple[str, int]] = {}
     line_no = previous_end = 0
+    id_at = label_at = width = -1  # until the header: no line has -1 fields
     try:
         for row in reader:
             # a quoted field may span lines: report the line where the record starts
             line_no, previous_end = previous_end + 1, reader.line_num
+            if len(row) == width:  # the common line (a new id and its label), checked first
+                id_, label = row[id_at].strip(), row[label_at].strip()
+                if id_ and label and id_ not in labels:
+                    labels[id_] = (label, line_no)
+                    continue
             if not any(cell.strip() for cell in row):
                 continue
             if header is None:
@@ -182,10 +188,10 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
                 missing = [c for c in ("id", "label") if c not in header]
                 if missing:
                     raise UserError(f"{where}: needs columns id and label (has: {', '.join(header)})")
-                id_at, label_at = header.index("id"), header.index("label")
+                id_at, label_at, width = header.index("id"), header.index("label"), len(header)
                 continue
-            if len(row) != len(header):
-                raise UserError(f"{where}: line {line_no}: expected {len(header)} fields, got {len(row)}")
+            if len(row) != width:
+                raise UserError(f"{where}: line {line_no}: expected {width} fields, got {len(row)}")
             id_, label = row[id_at].strip(), row[label_at].strip()
             if not id_ or not label:
                 raise UserError(f"{where}: line {line_no}: empty {'id' if not id_ else 'label'}")
