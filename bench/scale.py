@@ -31,6 +31,7 @@ with --img2dataset (default: `img2dataset` on PATH); without it that row is skip
     python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
     python bench/scale.py --backends --sizes 2000 --json        # joblib against Dask, images/s per stage
     python bench/scale.py --download-only --download-n 20000 --repeats 3   # the download alone
+    python bench/scale.py --download-only --download-n 20000 --server nginx  # served by nginx
 
 With --backends it runs only dedup, bucket and features at the largest size, with joblib, with
 ``compute.backend: dask`` on a LocalCluster each stage starts (--n-jobs processes, 1 thread each),
@@ -97,7 +98,14 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download import LATENCY_S, check_server, start_python_server  # noqa: E402  (bench/download.py)
+from download import (  # noqa: E402  (bench/download.py)
+    ECHO_MODULE,
+    LATENCY_S,
+    Server,
+    check_server,
+    start_nginx,
+    start_python_server,
+)
 from scale_disk import disk_of_an_increment, print_disk  # noqa: E402  (bench/scale_disk.py)
 from scale_tables import (  # noqa: E402  (bench/scale_tables.py)
     print_in_file,
@@ -185,6 +193,7 @@ def write_photos(source: Path, start: int, count: int, seed: int) -> dict[str, i
 
 
 PARAMS_SET: dict[str, object] = {}  # --set: params of every project made (e.g. compute.memory_mb)
+SERVER = ["python"]  # --server: who serves the side-by-side download
 
 
 def make_project(root: Path, url: str, n_jobs: int) -> Path:
@@ -539,6 +548,18 @@ def print_backends(report: dict) -> None:
 # -- the download, side by side ------------------------------------------------------------------
 
 
+def _start_server(served: Path, work: Path) -> Server:
+    """The loopback CDN of the download (--server): bench/download.py's asyncio server in its own
+    process (the default, the server of every earlier run), or nginx with its echo module, which
+    takes less of the two cores from the client."""
+    if SERVER[0] == "python":
+        return start_python_server(served)
+    if not (shutil.which("nginx") and ECHO_MODULE.exists()):
+        raise SystemExit("--server nginx: install nginx and libnginx-mod-http-echo (apt-get) first")
+    (work / "nginx").mkdir()
+    return start_nginx(served, work / "nginx")
+
+
 def download_side_by_side(
     work: Path, source: Path, n: int, img2dataset: str | None, procs: int, threads: int, repeats: int = 1
 ) -> dict:
@@ -549,7 +570,7 @@ def download_side_by_side(
         os.link(source / "cdn" / id_, served / "photo" / id_)
     for id_ in ids:  # warm the page cache, so that neither tool pays for the disk
         (served / "photo" / id_).read_bytes()
-    server = start_python_server(served)
+    server = _start_server(served, work)
     try:
         check_server(server, served, ids[0])
         out: dict = {"n": n, "server": server.name, "latency_ms": LATENCY_S * 1000}
@@ -681,6 +702,12 @@ def main() -> None:
     parser.add_argument(
         "--download-n", type=int, default=2000, help="photos of the side-by-side download; 0: skip"
     )
+    parser.add_argument(
+        "--server",
+        choices=["python", "nginx"],
+        default="python",
+        help="the download's loopback CDN: bench/download.py's asyncio server or nginx + echo_sleep",
+    )
     parser.add_argument("--img2dataset", default=shutil.which("img2dataset"), help="img2dataset's executable")
     parser.add_argument("--img2dataset-processes", type=int, default=2)
     parser.add_argument("--img2dataset-threads", type=int, default=32)
@@ -723,6 +750,7 @@ def main() -> None:
         "--repeats", type=int, default=None, help="runs of each, median shown (--backends: 1, --train: 3)"
     )
     args = parser.parse_args()
+    SERVER[0] = args.server
     for item in args.set:
         key, _, value = item.partition("=")
         PARAMS_SET[key] = yaml.safe_load(value)
