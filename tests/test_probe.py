@@ -4,10 +4,13 @@ validity with a reason, and the hashes; its settings travel as one `ProbeSpec`.
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import imagehash
 import numpy as np
+import pandas as pd
 import pytest
 from pictures import (
     astronaut_jpeg,
@@ -19,7 +22,18 @@ from pictures import (
 )
 from PIL import Image, ImageFile
 
-from photoprep.images.probe import FINE_FIELDS, PROBE_FIELDS, ProbeSpec, fine_hashes, probe, probe_many
+from photoprep.core.params import ComputeParams
+from photoprep.images import memo
+from photoprep.images.probe import (
+    FINE_FIELDS,
+    PROBE_FIELDS,
+    ProbeSpec,
+    fine_hashes,
+    fine_reader,
+    probe,
+    probe_many,
+)
+from photoprep.ingest.store import ShardWriter
 
 
 def test_a_good_jpeg_gives_the_full_record():
@@ -57,6 +71,27 @@ def test_the_fine_hashes_are_of_the_views_the_probe_hashes():
     grey = Image.fromarray(coffee()).convert("L").reduce(2)
     assert fine_hashes(encode(coffee(), "PNG"))["fine_hash"] == str(imagehash.phash(grey, hash_size=16))
     assert fine_hashes(astronaut_jpeg()[:5000]) == dict.fromkeys(FINE_FIELDS, "")
+
+
+def test_the_fine_reader_decodes_each_payload_once_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache"))
+    spec = ProbeSpec(margin=0.1, crops=(0.03,))
+    blobs = [astronaut_jpeg(), encode(coffee(), "PNG"), encode(chelsea(), "PNG")]
+    with ShardWriter(tmp_path / "raw" / "src", 1 << 22) as writer:
+        shas = [writer.add(blob) for blob in blobs]
+        refs = writer.flush()
+    rows = [("src", f"i{i}", refs[s].shard, refs[s].offset, refs[s].size, s) for i, s in enumerate(shas)]
+    table = pd.DataFrame(rows, columns=["source", "id", "shard", "offset", "size", "sha256"])
+    fine = fine_reader(tmp_path / "raw", spec, ComputeParams(n_jobs=1))
+    first = fine(table.iloc[[2, 0]])
+    assert list(first.columns) == list(FINE_FIELDS) and list(first.index) == [2, 0]
+    assert first.to_dict("records") == [fine_hashes(blobs[2], spec), fine_hashes(blobs[0], spec)]
+    again = fine(table)
+    pd.testing.assert_frame_equal(again.loc[[2, 0]], first)
+    log = [json.loads(line) for line in (memo.cache_root() / "decodes.jsonl").read_text().splitlines()]
+    assert [(e["decoded"], e["cached"]) for e in log if e["stage"] == "fine"] == [(2, 0), (1, 2)]
 
 
 def test_probe_is_deterministic_and_batches_agree():
