@@ -97,8 +97,8 @@ class _Fine:
         asked; the reader is asked once, for the candidates not read before."""
         if self.reader is None:
             return [self.hexes.take(name, positions) for name, positions in asked]
-        wanted = np.concatenate([positions for _, positions in asked]) if asked else np.zeros(0, np.int64)
-        new = [int(at) for at in np.unique(wanted) if int(at) not in self.known]
+        wanted = np.unique(np.concatenate([positions for _, positions in asked]))
+        new = [int(at) for at in wanted if int(at) not in self.known]
         if new:
             records = self.hexes.records
             found = self.reader(records.take(records.columns, self.hexes.rows[new]))

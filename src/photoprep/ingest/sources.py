@@ -171,29 +171,24 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
     header: list[str] | None = None
     labels: dict[str, tuple[str, int]] = {}
     line_no = previous_end = 0
-    id_at = label_at = width = -1  # until the header: no line has -1 fields
     try:
         for row in reader:
             # a quoted field may span lines: report the line where the record starts
             line_no, previous_end = previous_end + 1, reader.line_num
-            if len(row) == width:  # the common line (a new id and its label), checked first
-                id_, label = row[id_at].strip(), row[label_at].strip()
-                if id_ and label and id_ not in labels:
-                    labels[id_] = (label, line_no)
-                    continue
-            if not any(cell.strip() for cell in row):
-                continue
             if header is None:
-                header = [cell.strip() for cell in row]
-                missing = [c for c in ("id", "label") if c not in header]
-                if missing:
-                    raise UserError(f"{where}: needs columns id and label (has: {', '.join(header)})")
-                id_at, label_at, width = header.index("id"), header.index("label"), len(header)
+                if any(cell.strip() for cell in row):
+                    header = [cell.strip() for cell in row]
+                    missing = [c for c in ("id", "label") if c not in header]
+                    if missing:
+                        raise UserError(f"{where}: needs columns id and label (has: {', '.join(header)})")
+                    id_at, label_at, width = header.index("id"), header.index("label"), len(header)
                 continue
-            if len(row) != width:
-                raise UserError(f"{where}: line {line_no}: expected {width} fields, got {len(row)}")
-            id_, label = row[id_at].strip(), row[label_at].strip()
-            if not id_ or not label:
+            id_, label = (row[id_at].strip(), row[label_at].strip()) if len(row) == width else ("", "")
+            if not id_ or not label:  # a blank line, or a line in error: looked at only then
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != width:
+                    raise UserError(f"{where}: line {line_no}: expected {width} fields, got {len(row)}")
                 raise UserError(f"{where}: line {line_no}: empty {'id' if not id_ else 'label'}")
             if id_ in labels:
                 first_label, first_line = labels[id_]
