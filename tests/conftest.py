@@ -21,29 +21,6 @@ from urllib.parse import quote, unquote
 
 import pytest
 
-# -- order -------------------------------------------------------------------------------
-
-# The modules that take minutes (seconds of their tests in one `make test` on 2 workers, this
-# 2-core AMD): collected first, so that pytest-xdist's workers (`make test`, one module per
-# worker) start them at once and the short modules fill the time beside them, not after them.
-LONG_MODULES = (
-    "test_readme.py",  # 549: `make run` of the demo
-    "test_pipeline.py",  # 437: dvc repro, dvc exp run, a DVC remote
-    "test_emulated_cpus.py",  # 361: the learn math under two emulated CPUs
-    "test_faults_download.py",  # 128
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The `LONG_MODULES` first, in that order; every other test where it was."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: a module's tests keep their order
-
-
 # -- loopback CDN ------------------------------------------------------------------------
 
 
