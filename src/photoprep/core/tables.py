@@ -7,8 +7,10 @@ Arrow's batch and a transform's copies). `TableWriter` writes frames as they com
 of `ROW_GROUP` rows under the schema of the first, to a temporary name that replaces the file when
 closed, so the file's bytes depend on its rows only, never on the budget (each row group is
 written from one array per column: the writer would cut pages where slices met): a table of up to
-`ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes. `CsvWriter` does the
-same for a CSV report (the header once).
+`ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes (`io.write_table`).
+The rows waiting for their row group wait in a scratch Arrow file beside the table, read back
+memory-mapped (`photoprep.core.spill`): the writer's heap holds a slice and one column of a row group, not
+the row group. `CsvWriter` does the same for a CSV report (the header once).
 
 Why by hand: pyarrow reads (``ParquetFile.iter_batches``) and writes (``ParquetWriter``); this
 module only ties the slice to a memory budget and fixes the row groups and the schema, which a
@@ -30,7 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from photoprep.core import io
+from photoprep.core import io, spill
 from photoprep.core.errors import storage_path
 
 ROW_GROUP = io.ROW_GROUP
@@ -58,7 +60,8 @@ def slices(path: str | Path, memory_mb: int, columns: Sequence[str] | None = Non
     """The rows of the Parquet file `path` (its `columns`, or all), in order, a slice at a time."""
     rows = slice_rows(path, memory_mb, columns)
     with storage_path(path):
-        handle = pq.ParquetFile(path, buffer_size=1 << 20)
+        # Page by page: pyarrow's default (pre_buffer) reads each row group's columns whole first.
+        handle = pq.ParquetFile(path, buffer_size=io.PAGE_BYTES, pre_buffer=False)
     try:
         cols = list(columns) if columns is not None else None
         empty = True
@@ -96,38 +99,35 @@ class TableWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         self.schema: pa.Schema | None = None
         self.writer: pq.ParquetWriter | None = None
-        self.pending: list[pa.Table] = []
-        self.rows = 0
+        self.pending: spill.PendingRows | None = None
 
     def __enter__(self) -> TableWriter:
         return self
 
     def write(self, frame: pd.DataFrame) -> None:
-        if self.schema is None:
-            self.schema = _steady_schema(frame)
-        table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
-        self.pending.append(table)
-        self.rows += table.num_rows
-        if self.rows >= ROW_GROUP:
-            self._flush(final=False)
+        with storage_path(self.path, aliases=(str(self.tmp),)):
+            if self.schema is None:
+                self.schema = _steady_schema(frame)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.pending = spill.PendingRows(self.tmp, self.schema)
+            assert self.pending is not None
+            self.pending.add(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
+            if self.pending.rows >= ROW_GROUP:
+                self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        if not self.pending:
+        assert self.schema is not None and self.pending is not None
+        if not self.pending.rows:
             return
-        assert self.schema is not None
-        # One array per column: the writer cuts pages where the slices met otherwise, and the
-        # bytes would depend on the slices.
-        table = pa.concat_tables(self.pending).combine_chunks()
-        cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP
         with storage_path(self.path, aliases=(str(self.tmp),)):
+            # One array per column: the writer cuts pages where the slices met otherwise, and the
+            # bytes would depend on the slices.
+            table = self.pending.combined()
+            cut = table.num_rows if final else table.num_rows - table.num_rows % ROW_GROUP
             if self.writer is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="snappy")
-            if cut:
-                self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP)
-        rest = table.slice(cut)
-        self.pending = [rest] if rest.num_rows else []
-        self.rows = rest.num_rows
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, **io.PARQUET_OPTIONS)
+            self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP)
+            self.pending.restart(table.slice(cut))
 
     def close(self) -> None:
         """Write what is left and put the file in place (an empty table if nothing came)."""
@@ -136,10 +136,15 @@ class TableWriter:
         self._flush(final=True)
         with storage_path(self.path, aliases=(str(self.tmp),)):
             if self.writer is None:  # only empty frames: the file still has its columns
-                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="snappy")
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, **io.PARQUET_OPTIONS)
                 self.writer.write_table(self.schema.empty_table())
             self.writer.close()
             os.replace(self.tmp, self.path)
+        self._discard()
+
+    def _discard(self) -> None:
+        if self.pending is not None:
+            self.pending.remove()
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -147,6 +152,7 @@ class TableWriter:
         if kind is None:
             self.close()
             return
+        self._discard()
         if self.writer is not None:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
