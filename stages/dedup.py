@@ -21,7 +21,8 @@ from photoprep.ingest import reports
 def main() -> str:
     p = params.load()
     table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
-    fetched = table[table["status"] == "ok"]
+    # The columns the probe reads, not a copy of every column.
+    fetched = table.loc[table["status"] == "ok", stored.LOCATES]
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
     console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before

@@ -124,3 +124,29 @@ def test_a_table_in_a_file_must_be_sorted_by_source_and_id(tmp_path):
     with pytest.raises(ValueError, match="not sorted by source and id"):
         bucket.write_kept(tmp_path / "valid.parquet", tmp_path / "out.parquet", found, 2, 1)
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_the_pixels_locations_are_each_sha256s_first_row_made_a_group_at_a_time():
+    """`stored.Located` (codes and numbers, not a tuple a row) gives what the table's first row of
+    each sha256 says, for a group or a slice of groups, repeats and all."""
+    from photoprep.images import stored
+
+    table = pd.DataFrame(
+        {
+            "source": ["a", "a", "b", "b", "a"],
+            "sha256": ["x", "y", "x", "z", "w"],  # x twice: its first row (source a) locates it
+            "shard": ["s0", "s1", "s9", "s0", "s1"],
+            "offset": [0, 10, 99, 20, 30],
+            "size": [10, 5, 7, 3, 4],
+        }
+    )
+    keys = table["sha256"].tolist()
+    firsts = table.drop_duplicates("sha256").set_index("sha256")
+    groups = [["x", "y"], ["z", "x", "w"], ["w"]]
+    located = stored.Located(table, keys).of(groups)
+    assert len(located) == 3
+    for group, got in zip(groups, located, strict=True):
+        assert got == stored.locations(firsts.loc[group].reset_index())
+        assert all(type(offset) is int and type(size) is int for _, _, offset, size in got)
+    assert list(located[1:]) == [located[1], located[2]]
+    assert located[1] == [("b", "s0", 20, 3), ("a", "s0", 0, 10), ("a", "s1", 30, 4)]

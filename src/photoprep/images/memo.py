@@ -326,12 +326,20 @@ class Memo:
         if not len(keys):
             names = list(self._parts)
             return self._rows_of(names[0]).iloc[:0].copy() if names else pd.DataFrame({KEY: []})
-        pieces = []
-        for name, slots, positions in self._index.locate(keys):
-            piece = self._rows_of(name).iloc[positions].copy()
-            piece.index = slots.tolist()
-            pieces.append(piece)
-        return pd.concat(pieces).sort_index().reset_index(drop=True)
+        pieces, slots = [], []
+        for name, at, positions in self._index.locate(keys):
+            pieces.append(self._rows_of(name).iloc[positions])
+            slots.append(at)
+        # Row i of `found` holds keys[order[i]]: one more take puts them in the order of `keys`
+        # (no index of Python ints, no sort of the whole frame).
+        found = pieces[0] if len(pieces) == 1 else pd.concat(pieces, ignore_index=True)
+        del pieces
+        order = np.concatenate(slots)
+        if bool((order == np.arange(len(order))).all()):
+            return found.reset_index(drop=True)
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return found.iloc[back].reset_index(drop=True)
 
     def _rows_of(self, name: str) -> pd.DataFrame:
         rows = self._parts[name]

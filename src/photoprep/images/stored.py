@@ -65,6 +65,46 @@ def locations(table: pd.DataFrame) -> list[BlobLocation]:
     )
 
 
+class Located:
+    """Where the bytes of each sha256 of `table` lie (its first row's), as codes and numbers: about
+    40 bytes a row, where a `BlobLocation` a row is some 250 of Python's objects. `keys` is the
+    table's sha256 column as a list (the caller's: its strings are shared, not copied)."""
+
+    def __init__(self, table: pd.DataFrame, keys: Sequence[str]) -> None:
+        self.first: dict[str, int] = {}
+        for position, key in enumerate(keys):
+            self.first.setdefault(key, position)
+        self.source, sources = pd.factorize(table["source"].astype(str))
+        self.shard, shards = pd.factorize(table["shard"].astype(str))
+        self.sources, self.shards = np.asarray(sources, dtype=object), np.asarray(shards, dtype=object)
+        self.offset = table["offset"].to_numpy(np.int64)
+        self.size = table["size"].to_numpy(np.int64)
+
+    def of(self, groups: Sequence[Sequence[str]]) -> Sequence[list[BlobLocation]]:
+        """The locations of each group of sha256s, made when the group is asked for."""
+        return _LocatedGroups(self, groups)
+
+    def locations(self, group: Sequence[str]) -> list[BlobLocation]:
+        at = np.fromiter((self.first[key] for key in group), np.int64, len(group))
+        sources = self.sources[self.source[at]].tolist()
+        shards = self.shards[self.shard[at]].tolist()
+        return list(zip(sources, shards, self.offset[at].tolist(), self.size[at].tolist(), strict=True))
+
+
+class _LocatedGroups(Sequence[list[BlobLocation]]):
+    def __init__(self, located: Located, groups: Sequence[Sequence[str]]) -> None:
+        self.located = located
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return _LocatedGroups(self.located, self.groups[index])
+        return self.located.locations(self.groups[index])
+
+
 def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
     """Where the workers read shards: ``compute.storage`` (an fsspec URL or a path) or `raw_dir`.
 
@@ -100,13 +140,13 @@ def decode_missing(
     keys = table["sha256"].tolist()
     todo = cache.missing(keys)
     if todo:
-        # Only the columns that say where the bytes lie: the table may be wide.
-        where = table[LOCATES].drop_duplicates("sha256")
-        located = locations(where.set_index("sha256").loc[todo])
-        del where
+        # Only the columns that say where the bytes lie (the table may be wide), as numbers: each
+        # batch's locations are made when the batch is sent.
+        where = Located(table, keys)
         root = blob_root(raw_dir, compute)
-        batches = parallel.imap_batches(
-            job.task, located, compute, root, *job.args, desc=job.desc, local_first=True
+        groups = where.of(parallel.batches(todo, compute.batch_size))
+        batches = parallel.imap_groups(
+            job.task, groups, compute, root, *job.args, desc=job.desc, total=len(todo), local_first=True
         )
         with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
             cache.fill(todo, batches, job.part)
@@ -174,13 +214,13 @@ def write_pixels(
     new_rows = sum(len(c) for c in chunks if not cache.holds_part(c))
     out_bytes = chunked.copy_bytes(cache.directory, path, len(keys) * row_bytes)
     require_space([(cache.directory, new_rows * row_bytes), (path, out_bytes)])
-    firsts = table.drop_duplicates("sha256").set_index("sha256")
+    where = Located(table, keys)
     root = blob_root(raw_dir, compute)
 
     def decode(groups: list[list[str]]) -> Any:
-        located = [locations(firsts.loc[group].reset_index()) for group in groups]
+        total = sum(len(group) for group in groups)
         return parallel.imap_groups(
-            job.task, located, compute, root, *job.args, desc=job.desc, local_first=True
+            job.task, where.of(groups), compute, root, *job.args, desc=job.desc, total=total, local_first=True
         )
 
     decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
