@@ -35,7 +35,7 @@ from mounts import fill, read_only, resize, tmpfs
 from test_faults_download import asked, make_project, one_line, outputs, run_stage, stage_env
 from test_incremental import make_project as photo_project
 
-from photoprep.core import errors, io
+from photoprep.core import errors, io, tables
 from photoprep.core.errors import StorageError
 from photoprep.images import memo
 from photoprep.ingest import journal, store
@@ -379,6 +379,24 @@ def test_a_table_written_into_a_read_only_folder_is_one_error_naming_it_and_leav
     # The cleanup of the temporary name adds no second error: only the cause, from Arrow.
     assert error.__cause__ is not None and error.__cause__.__context__ is None
     assert list((tmp_path / "ro").iterdir()) == []
+
+
+def test_a_disk_that_fills_under_a_tables_waiting_rows_is_one_error_naming_the_table_and_leaves_nothing(
+    tmp_path,
+):
+    """The rows waiting for their row group wait in a scratch file beside the table
+    (photoprep.core.spill): a full disk there is the table's StorageError, the scratch file goes,
+    and the table written before stays as it was."""
+    frame = pd.DataFrame({"a": [f"{i:064d}" for i in range(20_000)]})
+    with tmpfs(tmp_path / "small", 1 * MIB) as folder:
+        io.write_table(frame.iloc[:10], folder / "t.parquet")
+        before = (folder / "t.parquet").read_bytes()
+        with pytest.raises(StorageError) as caught, tables.TableWriter(folder / "t.parquet") as out:
+            for start in range(0, len(frame), 1_000):  # 1.4 MB of Arrow in all: more than the disk
+                out.write(frame.iloc[start : start + 1_000])
+        assert (caught.value.errno, caught.value.filename) == (errno.ENOSPC, str(folder / "t.parquet"))
+        assert [p.name for p in folder.iterdir()] == ["t.parquet"]
+        assert (folder / "t.parquet").read_bytes() == before
 
 
 def test_an_array_too_large_for_its_disk_is_an_error_before_any_page_is_written(tmp_path):

@@ -16,6 +16,7 @@ group from each call.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -80,8 +81,10 @@ class PendingRows:
         _drop(old_maps, old_files)
 
     def remove(self) -> None:
+        """Remove the scratch files (after a fault too: the fault is the one to report)."""
         if self.sink is not None:
-            self.sink.close()
+            with contextlib.suppress(OSError):
+                self.sink.close()
             self.sink = None
         _drop(self.maps, self.files)
         self.maps, self.files = [], []

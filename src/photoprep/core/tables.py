@@ -7,10 +7,12 @@ Arrow's batch and a transform's copies). `TableWriter` writes frames as they com
 of `ROW_GROUP` rows under the schema of the first, to a temporary name that replaces the file when
 closed, so the file's bytes depend on its rows only, never on the budget (each row group is
 written from one array per column: the writer would cut pages where slices met): a table of up to
-`ROW_GROUP` rows is the one row group that ``DataFrame.to_parquet`` writes (`io.write_table`).
-The rows waiting for their row group wait in a scratch Arrow file beside the table, read back
-memory-mapped (`photoprep.core.spill`): the writer's heap holds a slice and one column of a row group, not
-the row group. `CsvWriter` does the same for a CSV report (the header once).
+`ROW_GROUP` rows is the one row group that `io.write_table` writes. `CsvWriter` does the same for
+a CSV report (the header once).
+
+Neither side holds a row group in the heap: `slices` reads page by page (the pages and
+dictionaries are at most `io.PAGE_BYTES`), and the rows waiting for their row group wait in a
+scratch Arrow file beside the table, read back memory-mapped (`photoprep.core.spill`).
 
 Why by hand: pyarrow reads (``ParquetFile.iter_batches``) and writes (``ParquetWriter``); this
 module only ties the slice to a memory budget and fixes the row groups and the schema, which a
