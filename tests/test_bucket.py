@@ -126,6 +126,13 @@ def test_a_table_in_a_file_must_be_sorted_by_source_and_id(tmp_path):
     assert not (tmp_path / "out.parquet").exists()
 
 
+def _locations(table: pd.DataFrame) -> list[tuple[str, str, int, int]]:
+    """The rows of `table` as (source, shard, offset, size), as the passes found them before
+    `stored.Located`: a pandas lookup by sha256, then a tuple a row."""
+    offsets, sizes = table["offset"].astype(int), table["size"].astype(int)
+    return list(zip(table["source"], table["shard"], offsets, sizes, strict=True))
+
+
 def test_the_pixels_locations_are_each_sha256s_first_row_made_a_group_at_a_time():
     """`stored.Located` (codes and numbers, not a tuple a row) gives what the table's first row of
     each sha256 says, for a group or a slice of groups, repeats and all."""
@@ -146,7 +153,7 @@ def test_the_pixels_locations_are_each_sha256s_first_row_made_a_group_at_a_time(
     located = stored.Located(table, keys).of(groups)
     assert len(located) == 3
     for group, got in zip(groups, located, strict=True):
-        assert got == stored.locations(firsts.loc[group].reset_index())
+        assert got == _locations(firsts.loc[group].reset_index())
         assert all(type(offset) is int and type(size) is int for _, _, offset, size in got)
     assert list(located[1:]) == [located[1], located[2]]
     assert located[1] == [("b", "s0", 20, 3), ("a", "s0", 0, 10), ("a", "s1", 30, 4)]

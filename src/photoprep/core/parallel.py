@@ -223,6 +223,23 @@ def imap_batches(
     yield from imap_groups(work, groups, compute, *args, desc=desc, unit=unit, local_first=local_first)
 
 
+class LazyGroups(Sequence[Any]):
+    """`make(group)` of each of `groups`, made only when that group is asked for (a slice is
+    another `LazyGroups`): what a task is sent is built a batch at a time, not all at once."""
+
+    def __init__(self, make: Callable[[Any], Any], groups: Sequence[Any]) -> None:
+        self.make = make
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return LazyGroups(self.make, self.groups[index])
+        return self.make(self.groups[index])
+
+
 def imap_groups(
     work: Callable[..., R],
     chunks: Sequence[Sequence[T]],
@@ -238,7 +255,8 @@ def imap_groups(
     its `total` items for the progress bar. `local_first`: see `_here_while_short`."""
     if not len(chunks):
         return
-    bar = Progress(total if total is not None else sum(len(c) for c in chunks), desc or "work", unit=unit)
+    total = total if total is not None else sum(len(c) for c in chunks)
+    bar = Progress(total, desc or "work", unit=unit)
     results: Iterator[R] = iter(())
     try:
         if compute.backend == "dask":
@@ -246,7 +264,7 @@ def imap_groups(
         elif compute.n_jobs == 1 or len(chunks) == 1:
             results = (work(chunk, *args) for chunk in chunks)
         elif local_first:
-            results = _here_while_short(work, chunks, compute, args)
+            results = _here_while_short(work, chunks, compute, args, total)
         else:
             results = _on_joblib(work, chunks, compute, args)
         for chunk, result in zip(chunks, results, strict=True):
@@ -277,7 +295,11 @@ def _on_joblib(
 
 
 def _here_while_short(
-    work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
+    work: Callable[..., R],
+    chunks: Sequence[Sequence[T]],
+    compute: ComputeParams,
+    args: tuple[Any, ...],
+    total: int,
 ) -> Iterator[R]:
     """The first chunk in this process, timed; the rest here too when, at that pace, they take
     less wall than the workers would spend starting (`WORKER_START_S` each), else in joblib's
@@ -286,10 +308,12 @@ def _here_while_short(
     are the same either way (the same function on the same rows, as with ``n_jobs: 1``).
     """
     started = time.perf_counter()
-    yield work(chunks[0], *args)
+    first = chunks[0]
+    yield work(first, *args)
     rest = chunks[1:]
-    per_item = (time.perf_counter() - started) / max(1, len(chunks[0]))
-    if per_item * sum(len(c) for c in rest) <= WORKER_START_S * _local_workers(compute):
+    per_item = (time.perf_counter() - started) / max(1, len(first))
+    # The rest's items from the total (`total`), not by building every lazy chunk to count it.
+    if per_item * (total - len(first)) <= WORKER_START_S * _local_workers(compute):
         for chunk in rest:
             yield work(chunk, *args)
         return

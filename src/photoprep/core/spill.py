@@ -61,7 +61,7 @@ class PendingRows:
             if column.num_chunks == 1:
                 columns.append(column)
                 continue
-            one = pa.table([pa.concat_arrays(column.chunks)], names=[rows.schema.names[i]])
+            one = pa.table([column.combine_chunks()], names=[rows.schema.names[i]])
             path = self.path.with_name(f"{self.path.name}-{self.generation}.col{i}")
             self.files.append(path)
             with pa.ipc.new_stream(path, one.schema) as out:

@@ -225,20 +225,6 @@ def _features_of_pixels(pixels: np.ndarray, p: FeatureParams) -> np.ndarray:
     return batch_features(pixels, p)
 
 
-class PixelGroups(Sequence[Any]):
-    """The pixels of each group of positions of `images`, read only when a group is asked for."""
-
-    def __init__(self, images: chunked.ChunkedArray, groups: Sequence[Sequence[int]]):
-        self.images = images
-        self.groups = groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.images.take(np.asarray(self.groups[index]))
-
-
 def feature_memo(images: Any, p: FeatureParams) -> memo.Memo:
     """The memo of feature rows for images of this size under these params and this code."""
     settings = {"features": p.model_dump(mode="json"), "image_size": list(images.shape[1:3])}
@@ -280,7 +266,12 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
             # Workers elsewhere cannot open the images' folder: each group's pixels (12 KB an
             # image at 64x64) go with the task, straight to a worker (photoprep.core.parallel).
             return parallel.imap_groups(
-                _features_of_pixels, PixelGroups(images, positions), compute, p, desc="features", total=total
+                _features_of_pixels,
+                parallel.LazyGroups(lambda group: images.take(np.asarray(group)), positions),
+                compute,
+                p,
+                desc="features",
+                total=total,
             )
         return parallel.imap_groups(
             _features_of, positions, compute, str(images_path), p, desc="features", local_first=True

@@ -52,19 +52,6 @@ class Pass:
         return memo.Memo(self.namespace, self.key, arrays=self.arrays)
 
 
-def locations(table: pd.DataFrame) -> list[BlobLocation]:
-    """Where each row's bytes lie."""
-    return list(
-        zip(
-            table["source"],
-            table["shard"],
-            table["offset"].astype(int),
-            table["size"].astype(int),
-            strict=True,
-        )
-    )
-
-
 class Located:
     """Where the bytes of each sha256 of `table` lie (its first row's), as codes and numbers: about
     40 bytes a row, where a `BlobLocation` a row is some 250 of Python's objects. `keys` is the
@@ -82,27 +69,13 @@ class Located:
 
     def of(self, groups: Sequence[Sequence[str]]) -> Sequence[list[BlobLocation]]:
         """The locations of each group of sha256s, made when the group is asked for."""
-        return _LocatedGroups(self, groups)
+        return parallel.LazyGroups(self.locations, groups)
 
     def locations(self, group: Sequence[str]) -> list[BlobLocation]:
         at = np.fromiter((self.first[key] for key in group), np.int64, len(group))
         sources = self.sources[self.source[at]].tolist()
         shards = self.shards[self.shard[at]].tolist()
         return list(zip(sources, shards, self.offset[at].tolist(), self.size[at].tolist(), strict=True))
-
-
-class _LocatedGroups(Sequence[list[BlobLocation]]):
-    def __init__(self, located: Located, groups: Sequence[Sequence[str]]) -> None:
-        self.located = located
-        self.groups = groups
-
-    def __len__(self) -> int:
-        return len(self.groups)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return _LocatedGroups(self.located, self.groups[index])
-        return self.located.locations(self.groups[index])
 
 
 def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
