@@ -8,6 +8,7 @@ from photoprep import portable
 from photoprep.core import memory
 
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
+memory.map_large_blocks()  # each photo's body mapped and unmapped: photoprep.core.memory says why
 portable.blas_without_threads()  # before numpy loads: the download does no matrix maths
 
 

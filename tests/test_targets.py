@@ -3,6 +3,8 @@ its source."""
 
 from __future__ import annotations
 
+import tracemalloc
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -20,7 +22,7 @@ from downloads import (
 from yarl import URL
 
 from photoprep.ingest.store import SHARD_NAME
-from photoprep.ingest.targets import same_host
+from photoprep.ingest.targets import read_local, same_host
 
 
 @pytest.mark.parametrize("url", ["ftp://example.org/x", "http://", "http://h:99999/x", "", "gopher://x/y"])
@@ -60,6 +62,26 @@ def test_local_file_over_the_limit_is_too_large(tmp_path):
         records(lambda i: f"cdn/{i}", "big.jpg"), tmp_path, FAST.model_copy(update={"max_bytes": 100})
     )
     assert_failed(table, "big.jpg", "too_large")
+
+
+def test_a_local_read_allocates_what_the_file_holds_not_the_size_limit(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(photo("a"))
+    tracemalloc.start()
+    try:
+        body, reason = read_local(str(tmp_path / "a.jpg"), str(tmp_path), 50_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (body, reason) == (photo("a"), "")
+    assert peak < 1_000_000, f"read_local of a {len(body)}-byte file allocated {peak:,} bytes at once"
+
+
+def test_a_file_that_holds_more_than_its_size_says_is_read_whole_and_still_limited():
+    # /proc's files say size 0 and hold more: a file that grew since its size was read reads alike
+    status = Path("/proc/self/status")
+    body, reason = read_local(str(status), "/proc", 50_000)
+    assert reason == "" and body is not None and b"VmRSS" in body
+    assert read_local(str(status), "/proc", 10) == (None, "too_large")
 
 
 def test_a_directory_is_not_a_file(tmp_path):

@@ -15,6 +15,13 @@ the bytes Arrow held resident and gave little back (reading the 20,200 rows of a
 Arrow reads the choice (``ARROW_DEFAULT_MEMORY_POOL``) once, when it loads, so it is an
 environment variable set first thing; the workers a stage starts inherit it. The bytes written
 do not depend on the allocator.
+
+`map_large_blocks`, called by the download stage, has glibc map every block of a page or more
+on its own (``mallopt(M_MMAP_THRESHOLD)``) instead of carving it from its heaps. The download
+allocates a body of 10 to 100 KB for every photo on one thread and frees it on another; in the
+heaps their holes stayed resident between longer-lived blocks and grew with the run (from
+2,000 to 20,000 photos read from files: 13 MB more than when each body had a mapping of its
+own). A mapped block goes back to the system when it is freed.
 """
 
 from __future__ import annotations
@@ -41,6 +48,20 @@ def arrow_from_malloc() -> None:
     """Arrow's buffers from malloc in this process and the ones it starts, unless the environment
     chose a pool already. Call before pyarrow loads: afterwards it changes nothing here."""
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+def map_large_blocks(threshold: int = 4096) -> None:
+    """Blocks of `threshold` bytes or more get a mapping of their own in this process (glibc;
+    elsewhere nothing changes). See the module's notes."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc
+        return
 
 
 def release() -> None:
