@@ -8,7 +8,6 @@ from photoprep import portable
 from photoprep.core import memory
 
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
-memory.map_large_blocks()  # each photo's body mapped and unmapped: photoprep.core.memory says why
 portable.blas_without_threads()  # before numpy loads: the download does no matrix maths
 
 
@@ -18,7 +17,7 @@ import pandas as pd
 
 from photoprep.core import errors, params
 from photoprep.core.layout import PATHS
-from photoprep.ingest import fetch, manifest, partitions, reports, sources
+from photoprep.ingest import fetch, manifest, partitions, reports, sources, targets
 
 
 def main() -> str:
@@ -27,6 +26,8 @@ def main() -> str:
     p = params.load()
     source = sources.load_source(name)
     listed = manifest.read_manifest(source)
+    if targets.reads_files(listed.records["url"]):
+        memory.map_large_blocks()  # each body from a file mapped on its own: photoprep.core.memory says why
     labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None

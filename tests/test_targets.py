@@ -22,7 +22,7 @@ from downloads import (
 from yarl import URL
 
 from photoprep.ingest.store import SHARD_NAME
-from photoprep.ingest.targets import read_local, same_host
+from photoprep.ingest.targets import read_local, reads_files, same_host
 
 
 @pytest.mark.parametrize("url", ["ftp://example.org/x", "http://", "http://h:99999/x", "", "gopher://x/y"])
@@ -135,3 +135,10 @@ def test_absolute_local_path_outside_the_source_is_refused(tmp_path):
     (tmp_path / "secret").write_bytes(b"top secret")
     table = run(records(lambda i: str(tmp_path / "secret"), "x"), tmp_path)
     assert_failed(table, "x", "path_outside_source")
+
+
+def test_a_source_reads_files_when_any_url_is_a_path_or_a_file_url():
+    assert not reads_files(["https://cdn.example.org/photo/1", "HTTP://cdn.example.org/photo/2"])
+    assert reads_files(["https://cdn.example.org/photo/1", "cdn/2.jpg"])
+    assert reads_files(["file:///data/photos/3.jpg"])
+    assert not reads_files([])

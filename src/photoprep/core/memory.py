@@ -16,12 +16,13 @@ Arrow reads the choice (``ARROW_DEFAULT_MEMORY_POOL``) once, when it loads, so i
 environment variable set first thing; the workers a stage starts inherit it. The bytes written
 do not depend on the allocator.
 
-`map_large_blocks`, called by the download stage, has glibc map every block of a page or more
-on its own (``mallopt(M_MMAP_THRESHOLD)``) instead of carving it from its heaps. The download
-allocates a body of 10 to 100 KB for every photo on one thread and frees it on another; in the
-heaps their holes stayed resident between longer-lived blocks and grew with the run (from
-2,000 to 20,000 photos read from files: 13 MB more than when each body had a mapping of its
-own). A mapped block goes back to the system when it is freed.
+`map_large_blocks`, called by the download stage when its source reads files, has glibc map
+every block of a page or more on its own (``mallopt(M_MMAP_THRESHOLD)``) instead of carving it
+from its heaps. Such a download reads a body of 10 to 100 KB for every photo on a reader thread
+and frees it on the sink's; in the heaps their holes stayed resident and grew with the run (from
+2,000 to 20,000 photos: 13 MB more than with a mapping each). A mapped block goes back to the
+system when it is freed. Not over HTTP: there every read of the socket is a block too, and
+mapping each cost 29 % more CPU (20,000 photos at 50 ms: 12.5 CPU s against 9.7) for 10 MB.
 """
 
 from __future__ import annotations

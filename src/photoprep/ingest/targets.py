@@ -15,6 +15,7 @@ import errno
 import io
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,11 @@ def _relative_target(url: str, base_dir: Path) -> Target:
     if "\0" in path:
         return Target(reason="bad_url")
     return _local_target(os.path.join(os.path.abspath(base_dir), path), base_dir)
+
+
+def reads_files(urls: Iterable[Any]) -> bool:
+    """Whether any of `urls` names a local file (a path or a file:// URL), not an http(s) URL."""
+    return any(isinstance(url, str) and not url.lower().startswith(("http://", "https://")) for url in urls)
 
 
 def same_host(origin: URL, to: URL) -> bool:
