@@ -30,19 +30,20 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from collections.abc import Callable
 from functools import cache
 
 
 @cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has `malloc_trim` and `mallopt`), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        trim: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
-    return trim
+    glibc = hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")  # musl has no malloc_trim
+    return libc if glibc else None
 
 
 def arrow_from_malloc() -> None:
@@ -57,12 +58,9 @@ _M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 def map_large_blocks(threshold: int = 4096) -> None:
     """Blocks of `threshold` bytes or more get a mapping of their own in this process (glibc;
     elsewhere nothing changes). See the module's notes."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc
-        return
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def release() -> None:
@@ -70,6 +68,6 @@ def release() -> None:
     arrow = sys.modules.get("pyarrow")
     if arrow is not None:
         arrow.default_memory_pool().release_unused()
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
