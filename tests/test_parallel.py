@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -20,21 +19,15 @@ def pid_and_sum(batch: list[int]) -> tuple[int, int]:
     return os.getpid(), sum(batch)
 
 
-def thread_and_sum(batch: list[int]) -> tuple[int, int]:
-    """The thread that ran the batch, and a result that says which batch it was."""
-    time.sleep(0.001 * len(batch))
-    return threading.get_ident(), sum(batch)
-
-
-def _run(placement: parallel.Placement, work=pid_and_sum) -> tuple[list[int], list[int]]:
+def _run(local_first: bool) -> tuple[list[int], list[int]]:
     compute = ComputeParams(n_jobs=2, batch_size=2)
-    out = list(parallel.imap_batches(work, ITEMS, compute, placement=placement))
+    out = list(parallel.imap_batches(pid_and_sum, ITEMS, compute, local_first=local_first))
     assert [list(batch) for batch, _ in out] == [ITEMS[i : i + 2] for i in range(0, len(ITEMS), 2)]
     return [pid for _, (pid, _) in out], [total for _, (_, total) in out]
 
 
 def test_a_short_run_stays_in_this_process_and_starts_no_worker():
-    pids, sums = _run("here_first")
+    pids, sums = _run(local_first=True)
     assert sums == [1, 5, 9, 13]
     assert set(pids) == {os.getpid()}
 
@@ -42,22 +35,13 @@ def test_a_short_run_stays_in_this_process_and_starts_no_worker():
 def test_a_long_run_goes_to_the_workers_after_its_first_batch(monkeypatch: pytest.MonkeyPatch):
     # Workers that cost nothing to start: any rest is longer than their start.
     monkeypatch.setattr(parallel, "WORKER_START_S", 0.0)
-    pids, sums = _run("here_first")
+    pids, sums = _run(local_first=True)
     assert sums == [1, 5, 9, 13]
     assert pids[0] == os.getpid()
     assert os.getpid() not in pids[1:]
 
 
-def test_by_default_every_batch_goes_to_the_workers():
-    pids, sums = _run("workers")
+def test_without_local_first_every_batch_goes_to_the_workers():
+    pids, sums = _run(local_first=False)
     assert sums == [1, 5, 9, 13]
     assert os.getpid() not in pids
-
-
-def test_threads_run_every_batch_in_this_process_but_not_in_this_thread():
-    pids, sums = _run("threads")
-    assert sums == [1, 5, 9, 13]
-    assert set(pids) == {os.getpid()}
-    threads, sums = _run("threads", thread_and_sum)
-    assert sums == [1, 5, 9, 13]
-    assert threading.get_ident() not in threads

@@ -33,7 +33,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -57,21 +57,6 @@ _EARLY_EXIT = r"\d+ tasks (have been successfully executed|which were still bein
 # few new photos took 1.1 to 1.3 CPU s more with 2 workers than in the stage's own process (features
 # of 470 photos at 40,000, this 2-core AMD).
 WORKER_START_S = 0.5
-
-Placement = Literal["workers", "here_first", "threads"]
-"""Where joblib's batches run (the Dask backend always sends them to the cluster):
-
-- ``workers``: every batch in joblib's worker processes (a fetch over the network, whose batches
-  wait rather than compute).
-- ``here_first``: the first batch in this process and, when the rest is short at its pace, the
-  rest too, starting no worker (`_here_while_short`); Python-bound work on this CPU (decoding,
-  resizing, hashing), which holds the interpreter's lock.
-- ``threads``: every batch in threads of this process (joblib's threading backend): numpy work on
-  whole batches, which releases the lock. No interpreter to start and nothing copied: the
-  features of 20,000 photos took the same wall as in two worker processes (4.6 s) at 200 MB of
-  peak heap against 353 (this 2-core AMD). Decoding did not gain: bucket in threads took 12 %
-  more wall (11.5 s against 10.2) for its 190 MB less.
-"""
 
 
 def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
@@ -219,7 +204,7 @@ def imap_batches(
     *args: Any,
     desc: str = "",
     unit: str = "img",
-    placement: Placement = "workers",
+    local_first: bool = False,
 ) -> Generator[tuple[Sequence[T], R], None, None]:
     """Yield ``(batch, work(batch, *args))`` for consecutive batches of `items`, in input order.
 
@@ -228,12 +213,14 @@ def imap_batches(
     every result at once, and a killed run loses only the batches in flight. `work` must be a
     module-level function (Dask and joblib send it to other processes by name).
 
-    `placement` says where joblib runs the batches (`Placement`).
+    ``local_first=True`` (work on this machine's CPU: decoding, resizing, features) runs the first
+    batch in this process and, when the rest is short at its pace, the rest too, starting no
+    worker; a fetch over the network, whose batches wait rather than compute, leaves it off.
     """
     if not len(items):
         return
     groups = batches(items, compute.batch_size)
-    yield from imap_groups(work, groups, compute, *args, desc=desc, unit=unit, placement=placement)
+    yield from imap_groups(work, groups, compute, *args, desc=desc, unit=unit, local_first=local_first)
 
 
 class LazyGroups(Sequence[Any]):
@@ -261,11 +248,11 @@ def imap_groups(
     desc: str = "",
     unit: str = "img",
     total: int | None = None,
-    placement: Placement = "workers",
+    local_first: bool = False,
 ) -> Generator[tuple[Sequence[T], R], None, None]:
     """`imap_batches` over batches the caller cut (`chunks`: the rows missing from each chunk of
     an output, say), each one task, in order. A lazy sequence is read a batch at a time; give
-    its `total` items for the progress bar. `placement`: see `Placement`."""
+    its `total` items for the progress bar. `local_first`: see `_here_while_short`."""
     if not len(chunks):
         return
     total = total if total is not None else sum(len(c) for c in chunks)
@@ -276,10 +263,10 @@ def imap_groups(
             results = _on_dask(work, chunks, compute, args)
         elif compute.n_jobs == 1 or len(chunks) == 1:
             results = (work(chunk, *args) for chunk in chunks)
-        elif placement == "here_first":
+        elif local_first:
             results = _here_while_short(work, chunks, compute, args, total)
         else:
-            results = _on_joblib(work, chunks, compute, args, threads=placement == "threads")
+            results = _on_joblib(work, chunks, compute, args)
         for chunk, result in zip(chunks, results, strict=True):
             bar.update(len(chunk))
             yield chunk, result
@@ -296,21 +283,14 @@ def imap_groups(
 
 
 def _on_joblib(
-    work: Callable[..., R],
-    chunks: Sequence[Sequence[T]],
-    compute: ComputeParams,
-    args: tuple[Any, ...],
-    threads: bool = False,
+    work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
 ) -> Iterator[R]:
-    """`work(chunk, *args)` of each chunk in joblib's worker processes (or threads of this
-    process), results in input order."""
+    """`work(chunk, *args)` of each chunk in joblib's worker processes, results in input order."""
     # Imported here: a re-run whose batches all come from the memo never starts workers, and
     # joblib (with loky) is a tenth of a second of every stage's start.
     from joblib import Parallel, delayed
 
-    runner = Parallel(
-        n_jobs=compute.n_jobs, return_as="generator", batch_size=1, prefer="threads" if threads else None
-    )
+    runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1)
     yield from runner(delayed(work)(c, *args) for c in chunks)
 
 

@@ -44,7 +44,7 @@ SCHEDULER_SCHEMES = ("tcp", "tls", "inproc", "ws", "wss")
 
 
 class ComputeParams(Section):
-    n_jobs: int = Field(2, description="workers for per-image work (processes; threads for features); -1 uses every core")
+    n_jobs: int = Field(2, description="worker processes for per-image work; -1 uses every core")
     batch_size: int = Field(256, ge=1, description="images per task (a joblib task or a Dask task)")
     backend: Literal["joblib", "dask"] = "joblib"
     scheduler: str | None = Field(

@@ -168,9 +168,8 @@ def compute_features(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Features of uint8 ``N x H x W x 3`` images (an ndarray or np.memmap) as float32 ``N x D``, plus info.
 
-    Batches of ``batch_size`` images run in ``n_jobs`` threads (-1: every core; 1: this thread):
-    numpy on whole batches, which releases the interpreter's lock (`photoprep.core.parallel.Placement`).
-    The batches do not depend on ``n_jobs``, so neither does a single output byte.
+    Batches of ``batch_size`` images run in ``n_jobs`` joblib workers (-1: every core; 1: in this
+    process). The batches do not depend on ``n_jobs``, so neither does a single output byte.
     """
     check_images(images)
     hog.check_impl(p.hog)
@@ -180,7 +179,7 @@ def compute_features(
         parts = [batch_features(images[s : s + batch_size], p) for s in starts]
     else:
         work = (joblib.delayed(batch_features)(images[s : s + batch_size], p) for s in starts)
-        parts = joblib.Parallel(n_jobs=n_jobs, prefer="threads")(work)
+        parts = joblib.Parallel(n_jobs=n_jobs)(work)
     features = np.empty((len(images), info["dim"]), dtype=np.float32)
     for s, part in zip(starts, parts, strict=True):
         features[s : s + len(part)] = part
@@ -275,7 +274,7 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
                 total=total,
             )
         return parallel.imap_groups(
-            _features_of, positions, compute, str(images_path), p, desc="features", placement="threads"
+            _features_of, positions, compute, str(images_path), p, desc="features", local_first=True
         )
 
     computed = cache.fill_chunks(chunks, compute_rows, compute.batch_size)

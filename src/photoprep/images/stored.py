@@ -119,7 +119,7 @@ def decode_missing(
         root = blob_root(raw_dir, compute)
         groups = where.of(parallel.batches(todo, compute.batch_size))
         batches = parallel.imap_groups(
-            job.task, groups, compute, root, *job.args, desc=job.desc, total=len(todo), placement="here_first"
+            job.task, groups, compute, root, *job.args, desc=job.desc, total=len(todo), local_first=True
         )
         with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
             cache.fill(todo, batches, job.part)
@@ -193,14 +193,7 @@ def write_pixels(
     def decode(groups: list[list[str]]) -> Any:
         total = sum(len(group) for group in groups)
         return parallel.imap_groups(
-            job.task,
-            where.of(groups),
-            compute,
-            root,
-            *job.args,
-            desc=job.desc,
-            total=total,
-            placement="here_first",
+            job.task, where.of(groups), compute, root, *job.args, desc=job.desc, total=total, local_first=True
         )
 
     decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
