@@ -22,10 +22,11 @@ def main() -> str:
     with tables.TableWriter(PATHS.valid_table) as out, tables.CsvWriter(PATHS.broken_csv) as report:
         for deduped in tables.slices(PATHS.dedup_table, p.compute.memory_mb):
             checked = validate.validate_images(deduped, p.validate)
+            del deduped  # before `write`, which may write a row group
             out.write(checked)
             report.write(validate.broken_report(checked))
             counts = validate.add_counts(counts, validate.validate_counts(checked))
-            del deduped, checked
+            del checked
             memory.release()  # the slice's pages back to the OS: the next slice takes their place
         assert counts is not None  # slices yields one frame at least
         images = counts["broken"] + counts["valid"]

@@ -51,11 +51,10 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from photoprep.core.errors import UserError
 from photoprep.core.params import SplitParams
+from photoprep.dataset import keys
 
 SPLITS = ("train", "val", "test")
 UNLABELED = "unlabeled"
@@ -458,28 +457,64 @@ def report_of(
     }
 
 
-def key_texts(frame: pd.DataFrame) -> pa.Array:
-    """Each row's (source, id) as one text, the two joined by NUL: a source is a folder's name,
-    which never holds NUL, so the first NUL ends it and two keys are equal only if both parts are."""
-    text = pa.large_string()
-    parts = [pa.array(frame[c].astype(str), from_pandas=True).cast(text) for c in ("source", "id")]
-    return pc.binary_join_element_wise(*parts, pa.scalar("\0", text))
+class Labeller:
+    """The labels of a table's rows, slice after slice: `attach_labels` with what every slice
+    shares made once (the labels' keys sorted, `photoprep.dataset.keys`; with `in_table`, the label
+    each group of `members` gives)."""
 
+    def __init__(
+        self,
+        labels: pd.DataFrame,
+        members: pd.DataFrame | None = None,
+        priority: list[str] | None = None,
+        in_table: np.ndarray | None = None,
+    ) -> None:
+        self.keys = keys.SortedKeys(labels)
+        self.labels = labels["label"].reset_index(drop=True)
+        self.members, self.priority = members, priority
+        self.groups = None if members is None or in_table is None else self._group_labels(in_table)
 
-def key_positions(frame: pd.DataFrame, reference: pd.DataFrame) -> np.ndarray:
-    """The first row of `reference` that has the (source, id) of each row of `frame`, -1 where none
-    has: Arrow's hash kernel (`index_in`); a pandas MultiIndex made a Python tuple per row."""
-    found = pc.index_in(key_texts(frame), value_set=key_texts(reference))
-    return found.fill_null(-1).to_numpy().astype(np.int64)
+    def _labels_of(self, frame: pd.DataFrame) -> pd.Series:
+        """Each row's label: its labels.csv entry (a key that labels repeat: its first row), else
+        what its manifest carried."""
+        at = self.keys.first_rows(frame)
+        from_file = np.full(len(frame), None, dtype=object)
+        from_file[at >= 0] = self.labels.iloc[at[at >= 0]].to_numpy(dtype=object)
+        own = frame["label"].to_numpy(dtype=object) if "label" in frame else np.full(len(frame), None)
+        return pd.Series(np.where(pd.isna(from_file), own, from_file), index=frame.index)
 
+    def _group_labels(self, held: np.ndarray) -> pd.Series:
+        """The label of each group of the members, by group: the member from the source latest in
+        `priority` wins, then one the table holds (`held`), then the smallest key."""
+        assert self.members is not None
+        members = self.members.assign(_kept=np.asarray(held, dtype=bool))
+        members = members[members["group"] >= 0].copy()
+        members["label"] = self._labels_of(members).to_numpy()
+        members = members[members["label"].notna() & (members["label"].astype(str) != "")]
+        rank = {name: i for i, name in enumerate(self.priority or [])}
+        members["_rank"] = members["source"].map(rank).fillna(-1)
+        return (
+            members.sort_values(
+                ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
+            )
+            .drop_duplicates("group")
+            .set_index("group")["label"]
+        )
 
-def _member_labels(members: pd.DataFrame, labels: pd.DataFrame) -> pd.Series:
-    """Each member's label: its labels.csv entry, else what its manifest carried."""
-    at = key_positions(members, labels)  # a key that labels repeat: its first row, as before
-    from_file = np.full(len(members), None, dtype=object)
-    from_file[at >= 0] = labels["label"].to_numpy(dtype=object)[at[at >= 0]]
-    own = members["label"].to_numpy(dtype=object) if "label" in members else np.full(len(members), None)
-    return pd.Series(np.where(pd.isna(from_file), own, from_file), index=members.index)
+    def attach(self, images: pd.DataFrame) -> pd.DataFrame:
+        """`images` with their labels (`attach_labels`)."""
+        table = images.copy()
+        if "label" not in table.columns:
+            table["label"] = None
+        table["label"] = self._labels_of(table).to_numpy()
+        if self.members is None or "group" not in table.columns:
+            return table
+        groups = self.groups
+        if groups is None:  # the whole table: which members it holds, from its own keys
+            groups = self._group_labels(keys.SortedKeys(table).first_rows(self.members) >= 0)
+        from_group = groups.reindex(table["group"]).to_numpy()
+        table["label"] = np.where(pd.isna(from_group), table["label"].to_numpy(dtype=object), from_group)
+        return table
 
 
 def attach_labels(
@@ -497,28 +532,7 @@ def attach_labels(
     adds nothing) a kept image also takes the label of its duplicates: the member from
     the source latest in `priority` wins, so a reviewed folder source listed after the
     collection relabels the images it holds, even though dedup kept the original. `in_table`
-    says which members the images table holds, when `images` is a slice of it.
+    says which members the images table holds, when `images` is a slice of it (a table read in
+    slices: one `Labeller` for them all).
     """
-    table = images.copy()
-    if "label" not in table.columns:
-        table["label"] = None
-    table["label"] = _member_labels(table, labels).to_numpy()
-    if members is None or "group" not in table.columns:
-        return table
-    held = key_positions(members, table) >= 0 if in_table is None else np.asarray(in_table, dtype=bool)
-    members = members.assign(_kept=held)
-    members = members[members["group"] >= 0].copy()
-    members["label"] = _member_labels(members, labels).to_numpy()
-    members = members[members["label"].notna() & (members["label"].astype(str) != "")]
-    rank = {name: i for i, name in enumerate(priority or [])}
-    members["_rank"] = members["source"].map(rank).fillna(-1)
-    best = (
-        members.sort_values(
-            ["group", "_rank", "_kept", "source", "id"], ascending=[True, False, False, True, True]
-        )
-        .drop_duplicates("group")
-        .set_index("group")["label"]
-    )
-    from_group = best.reindex(table["group"]).to_numpy()
-    table["label"] = np.where(pd.isna(from_group), table["label"].to_numpy(dtype=object), from_group)
-    return table
+    return Labeller(labels, members, priority, in_table).attach(images)

@@ -32,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 
 from photoprep.core import io, memory, tables
 from photoprep.core.errors import UserError
 from photoprep.core.params import SplitParams
-from photoprep.dataset import split
+from photoprep.dataset import keys, split
 from photoprep.dataset.split import COLUMNS, SPLITS, UNLABELED
 
 
@@ -60,25 +59,27 @@ class ImagesTable:
         names = tables.InFile(self.path, memory_mb).columns
         self.columns = [c for c in split.READS if c in names]
         self.n = tables.row_count(self.path)
-        self.in_table: np.ndarray | None = None  # which members the table holds (`check_keys`)
+        self.labeller: split.Labeller | None = None  # once `check_keys` knows the members it holds
         self.classes: list[str] = []  # every label the images have, cleaned (`count_labelled`)
 
     def _labelled(self) -> Iterator[tuple[int, pd.DataFrame]]:
         """(first row, frame) of each slice, its labels attached."""
-        if self.in_table is None:
+        if self.labeller is None:
             self.check_keys()
-        s, start = self.sources, 0
+        assert self.labeller is not None
+        start = 0
         for frame in tables.slices(self.path, self.memory_mb, self.columns):
-            yield start, split.attach_labels(frame, s.labels, s.members, s.priority, self.in_table)
+            yield start, self.labeller.attach(frame)
             start += len(frame)
             del frame
             memory.release()  # the slice's pages back to the OS: the next slice takes their place
 
     def check_keys(self) -> None:
         """Refuse a key that repeats (`split.assign_splits` says the same) or a table out of
-        (source, id) order; note which members the table holds."""
-        members = split.key_texts(self.sources.members)
-        held = np.zeros(len(self.sources.members), dtype=bool)
+        (source, id) order; note which members the table holds, for the labels of their groups."""
+        s = self.sources
+        members = keys.SortedKeys(s.members)
+        held = np.zeros(len(s.members), dtype=bool)
         order = tables.KeyOrder(self.path)
         for frame in tables.slices(self.path, self.memory_mb, ["source", "id"]):
             repeated = order.check(frame)
@@ -87,9 +88,8 @@ class ImagesTable:
                 raise UserError(
                     f"split: key (source={source!r}, id={id_!r}) appears {times} times in the images table"
                 )
-            if len(frame):
-                held |= pc.is_in(members, value_set=split.key_texts(frame)).to_numpy(zero_copy_only=False)
-        self.in_table = held
+            members.mark_held(frame, held)
+        self.labeller = split.Labeller(s.labels, s.members, s.priority, held)
 
     def count_labelled(self) -> int:
         """How many images have a label (after their groups'), noting the classes there are."""
