@@ -210,6 +210,30 @@ def test_repeated_id_with_the_same_label_is_kept_once(tmp_path: Path) -> None:
     assert labels["id"].tolist() == ["a1"]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_plain_labels_file_reads_as_the_line_reader_reads_it(tmp_path: Path, monkeypatch, seed) -> None:
+    """Arrow's CSV reader takes a plain file (no quote, carriage return or NUL, nothing to
+    report); one quote sends the same labels to the csv module's reader: the same table."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.csv
+
+    rng = np.random.default_rng(seed)
+    ids = [f"{int(v):05d}" for v in rng.integers(0, 300, 400)] + ["ä", "日本", "Z", "a-b", "10", "9"]
+    rows = [f"{i},c{i[-1]},n{k}" for k, i in enumerate(ids)]  # an id repeated with its one label
+    plain = "id,label,note\n" + "\n".join(rows) + "\n"
+    quoted = plain.replace(",n0\n", ',"n0"\n', 1)
+    calls: list[int] = []
+    read_csv = pyarrow.csv.read_csv
+    monkeypatch.setattr(pyarrow.csv, "read_csv", lambda *a, **k: calls.append(1) or read_csv(*a, **k))
+    fast = load_labels(labelled(tmp_path / "plain", plain))
+    assert calls == [1]  # Arrow read it
+    slow = load_labels(labelled(tmp_path / "quoted", quoted))
+    assert calls == [1]  # the line reader did
+    pd.testing.assert_frame_equal(fast, slow)
+    assert fast["id"].tolist() == sorted(set(ids))
+
+
 def test_conflicting_labels_name_the_id_and_both_lines(tmp_path: Path) -> None:
     cfg = labelled(tmp_path, "id,label\na1,cat\nb2,dog\n\na1,dog\n")
     with pytest.raises(UserError) as err:

@@ -103,15 +103,18 @@ def test_writing_and_reading_a_table_holds_about_a_column_of_a_row_group_not_the
     assert _arrow_peak("read", path) < 6 << 20
 
 
-def test_a_slice_holds_what_the_budget_allows_and_never_more_than_slice_rows(tmp_path):
+def test_a_slice_holds_what_the_budget_allows_and_never_more_than_slice_bytes(tmp_path):
     wide = _frame(20_000)
-    wide["text"] = [f"{i:0500d}" for i in range(len(wide))]  # about 500 bytes a row
+    wide["text"] = [f"{i:0200d}" for i in range(len(wide))]  # about 200 bytes a row
     wide.to_parquet(tmp_path / "in.parquet", index=False)
-    small, large = (tables.slice_rows(tmp_path / "in.parquet", mb) for mb in (1, 4))
-    assert tables.MIN_ROWS <= small < large <= tables.SLICE_ROWS
-    assert tables.slice_rows(tmp_path / "in.parquet", 1, columns=["valid"]) > small  # narrower rows
-    assert tables.slice_rows(tmp_path / "in.parquet", 256) == tables.SLICE_ROWS
-    assert max(len(frame) for frame in tables.slices(tmp_path / "in.parquet", 256)) == tables.SLICE_ROWS
+    path = tmp_path / "in.parquet"
+    small, large = (tables.slice_rows(path, mb) for mb in (1, 2))
+    assert tables.MIN_ROWS <= small < large
+    assert tables.slice_rows(path, 1, columns=["valid"]) > small  # narrower rows
+    # A larger budget does not make larger slices than SLICE_BYTES allows.
+    assert tables.slice_rows(path, 256) == tables.slice_rows(path, tables.SLICE_BYTES >> 20) == large
+    sizes = [len(frame) for frame in tables.slices(path, 256)]
+    assert max(sizes) == large < len(wide) and sum(sizes) == len(wide)
 
 
 def test_an_empty_table_streams_to_an_empty_table_with_its_columns(tmp_path):

@@ -3,14 +3,14 @@ collection.
 
 `slices` yields a Parquet file's rows as pandas frames of as many consecutive rows as fit the
 budget, estimated from the file's own uncompressed bytes per row (times `COPIES`: the frame,
-Arrow's batch and a transform's copies), and never more than `SLICE_ROWS`: past a couple of
-thousand rows a larger slice saves little CPU and adds heap that follows the table (docs/scale.md,
-run 35), so the budget lowers a slice, it does not raise it. `TableWriter` writes frames as they
-come into row groups of `ROW_GROUP` rows under the schema of the first, to a temporary name that
-replaces the file when closed, so the file's bytes depend on its rows only, never on the budget
-(each row group is written from one array per column: the writer would cut pages where slices met):
-a table of up to `ROW_GROUP` rows is the one row group that `io.write_table` writes. `CsvWriter`
-does the same for a CSV report (the header once).
+Arrow's batch and a transform's copies), and never more than `SLICE_BYTES` by that estimate: past a
+few thousand rows a larger slice saves little CPU and adds heap that follows the table
+(docs/scale.md, run 35), so the budget lowers a slice, it does not raise it. `TableWriter` writes
+frames as they come into row groups of `ROW_GROUP` rows under the schema of the first, to a
+temporary name that replaces the file when closed, so the file's bytes depend on its rows only,
+never on the budget (each row group is written from one array per column: the writer would cut
+pages where slices met): a table of up to `ROW_GROUP` rows is the one row group that
+`io.write_table` writes. `CsvWriter` does the same for a CSV report (the header once).
 
 Neither side holds a row group in the heap: `slices` reads page by page (the pages and
 dictionaries are at most `io.PAGE_BYTES`), and the rows waiting for their row group wait in a
@@ -42,10 +42,12 @@ from photoprep.core.errors import storage_path
 ROW_GROUP = io.ROW_GROUP
 COPIES = 4
 MIN_ROWS = 1024
-# The most rows of a slice, whatever the budget (DuckDB's vectors are 2,048 rows too). The stages'
-# work a slice is pandas calls of some milliseconds each; at 20,000 photos slices of 2,048 rows
-# took 0.16 CPU s more in split than one slice, and held 14 MB less (docs/scale.md, run 35).
-SLICE_ROWS = 2048
+# The most bytes of a slice (by the same estimate), whatever the budget: past a few thousand
+# rows a larger slice saves little CPU and holds heap that follows the table. At 20,000 photos,
+# validate's slices are then about 2,800 rows of the dedup table and split's 5,200 of the images
+# table's six columns it reads (docs/scale.md, run 35).
+SLICE_BYTES = 2 << 20
+MAX_ROWS = 1 << 18  # Parquet's sizes undercount a column of repeated values (kept as a dictionary)
 
 
 def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> int:
@@ -60,7 +62,7 @@ def slice_rows(path: str | Path, memory_mb: int, columns: Sequence[str] | None =
             if names is None or chunk.path_in_schema in names:
                 total += chunk.total_uncompressed_size
     per_row = COPIES * max(1, total // max(1, meta.num_rows))
-    return max(MIN_ROWS, min(SLICE_ROWS, (memory_mb << 20) // per_row))
+    return max(MIN_ROWS, min(MAX_ROWS, min(memory_mb << 20, SLICE_BYTES) // per_row))
 
 
 def slices(path: str | Path, memory_mb: int, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:

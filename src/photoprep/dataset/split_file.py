@@ -62,17 +62,22 @@ class ImagesTable:
         self.labeller: split.Labeller | None = None  # once `check_keys` knows the members it holds
         self.classes: list[str] = []  # every label the images have, cleaned (`count_labelled`)
 
-    def _labelled(self) -> Iterator[tuple[int, pd.DataFrame]]:
-        """(first row, frame) of each slice, its labels attached."""
+    def _labelled(self, columns: list[str] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+        """(first row, frame) of each slice (of `columns`, or every column split reads), its
+        labels attached."""
         if self.labeller is None:
             self.check_keys()
         assert self.labeller is not None
         start = 0
-        for frame in tables.slices(self.path, self.memory_mb, self.columns):
+        for frame in tables.slices(self.path, self.memory_mb, columns or self.columns):
             yield start, self.labeller.attach(frame)
             start += len(frame)
             del frame
             memory.release()  # the slice's pages back to the OS: the next slice takes their place
+
+    def _labels_only(self) -> list[str]:
+        """The columns a pass that needs only the labels reads (narrower rows: larger slices)."""
+        return [c for c in self.columns if c in ("source", "id", "label", "group")]
 
     def check_keys(self) -> None:
         """Refuse a key that repeats (`split.assign_splits` says the same) or a table out of
@@ -94,7 +99,7 @@ class ImagesTable:
     def count_labelled(self) -> int:
         """How many images have a label (after their groups'), noting the classes there are."""
         labelled, classes = 0, set()
-        for _, frame in self._labelled():
+        for _, frame in self._labelled(self._labels_only()):
             labels = frame["label"]
             labelled += int((labels.notna() & (labels.astype(str) != "")).sum())
             classes.update(split.clean_labels(labels).dropna().unique())
@@ -138,7 +143,7 @@ class ImagesTable:
         `max_per_class` smallest of each class, kept as the slices come."""
         assert p.max_per_class is not None
         best: pd.DataFrame | None = None
-        for _, frame in self._labelled():
+        for _, frame in self._labelled(self._labels_only()):
             keys = _keyed(frame, mapping)
             keys = keys.loc[keys["label"].notna(), ["label", "source", "id"]]
             keys["_keep_u"] = split.hash_units(p.seed, keys["source"], keys["id"], salt="keep")
@@ -233,12 +238,16 @@ class _Tally:
     def add(self, table: pd.DataFrame) -> dict[str, pd.DataFrame]:
         """Count a slice's rows; its parts of train, val, test and unlabeled that have rows."""
         self.classes.update(table["label"].dropna().unique())
+        names = table["split"].to_numpy(dtype=object)
         parts = {}
         for name in (*SPLITS, UNLABELED):
-            part = table[table["split"] == name].reset_index(drop=True)
-            self.totals[name] += len(part)
-            self.prints[name].update(split.fingerprint_rows(part))
-            if len(part):
+            at = np.flatnonzero(names == name)
+            self.totals[name] += len(at)
+            if len(at):
+                part = table.iloc[at].reset_index(drop=True)
+                # Per part, as `fingerprint` of the split's table: `clean_labels` reads a column's
+                # kind from the rows it is given.
+                self.prints[name].update(split.fingerprint_rows(part))
                 if name in SPLITS:
                     self.per_class[name].update(part["label"].value_counts().to_dict())
                 parts[name] = part

@@ -23,6 +23,9 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
@@ -167,6 +170,68 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{where}: not valid UTF-8 (byte {exc.start})") from None
+    quick = _labels_by_arrow(text)
+    if quick is not None:
+        ids, names = (pd.Series(column.to_pandas(), dtype=str) for column in quick)
+    else:
+        labels = _labels_by_lines(text, where)
+        order = sorted(labels)
+        ids, names = pd.Series(order, dtype=str), pd.Series([labels[i][0] for i in order], dtype=str)
+    return pd.DataFrame({"source": pd.Series([cfg.name] * len(ids), dtype=str), "id": ids, "label": names})
+
+
+# Python's str.strip() removes these (str.isspace); a cell that starts or ends with one is read
+# line by line, where the strip is Python's own.
+_EDGE_SPACE = r"^[\t\n\x0b\x0c\r\x1c-\x1f\x85\p{Z}]|[\t\n\x0b\x0c\r\x1c-\x1f\x85\p{Z}]$"
+
+
+def _labels_by_arrow(text: str) -> tuple[pa.Array, pa.Array] | None:
+    """The ids, sorted, and their labels, by Arrow's CSV reader, for a labels file that the
+    csv module reads the same way and that holds nothing to report or to clean: no quote,
+    carriage return or NUL, a header of plain names with id and label, every row as wide as
+    the header, no blank id or label, no cell with spaces around it, no id with two labels.
+    None otherwise: `_labels_by_lines` reads it and names the line of each problem.
+
+    Why: at 144,564 labels the line-by-line reader took 0.3 CPU s of the split stage's 2, and
+    the split stage runs again in full on every increment."""
+    if any(c in text for c in '"\r\0'):
+        return None
+    first = next((line for line in text.split("\n", 64) if line), None)
+    header = first.split(",") if first is not None else []
+    if "id" not in header or "label" not in header or len(set(header)) != len(header):
+        return None
+    if any(name != name.strip() or not name for name in header):
+        return None
+    try:
+        table = pacsv.read_csv(
+            pa.py_buffer(text.encode("utf-8")),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(header, pa.string()),
+                strings_can_be_null=False,
+                include_columns=["id", "label"],
+            ),
+        )
+    except pa.ArrowInvalid:  # a row of another width: the line reader says which
+        return None
+    ids, labels = table.column("id"), table.column("label")
+    for column in (ids, labels):
+        empty = pc.equal(pc.utf8_length(column), 0)
+        if pc.any(empty).as_py() or pc.any(pc.match_substring_regex(column, _EDGE_SPACE)).as_py():
+            return None
+    if not len(ids):
+        return ids.combine_chunks(), labels.combine_chunks()
+    order = pc.sort_indices(ids)  # in code points, as Python sorts texts
+    ids, labels = ids.take(order).combine_chunks(), labels.take(order).combine_chunks()
+    same_id = pc.equal(ids[1:], ids[:-1])
+    if pc.any(pc.and_(same_id, pc.not_equal(labels[1:], labels[:-1]))).as_py():
+        return None  # an id with two labels: an error, with both lines
+    keep = pa.concat_arrays([pa.array([True]), pc.invert(same_id)])  # a repeated id once
+    return ids.filter(keep), labels.filter(keep)
+
+
+def _labels_by_lines(text: str, where: str) -> dict[str, tuple[str, int]]:
+    """Each id's label and the line it was first given on, read line by line with the csv
+    module; a problem stops the run with its line (UserError)."""
     reader = csv.reader(line + "\n" for line in text.split("\n"))
     header: list[str] | None = None
     labels: dict[str, tuple[str, int]] = {}
@@ -203,11 +268,4 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
         raise UserError(f"{where}: line {previous_end + 1}: {exc}") from None
     if header is None:
         raise UserError(f"{where}: empty (needs a header line id,label)")
-    ids = sorted(labels)
-    return pd.DataFrame(
-        {
-            "source": pd.Series([cfg.name] * len(ids), dtype=str),
-            "id": pd.Series(ids, dtype=str),
-            "label": pd.Series([labels[i][0] for i in ids], dtype=str),
-        }
-    )
+    return labels
