@@ -335,6 +335,30 @@ def test_fingerprint_hashes_the_whole_json_text_though_it_is_written_a_slice_at_
     assert fingerprint(t.iloc[:0]) == hashlib.sha256(b"[]").hexdigest()
 
 
+def test_fingerprint_of_texts_by_arrow_is_json_dumps_of_every_kind_of_value():
+    """Plain texts and None go through Arrow's string kernels; a quote, a backslash, a control
+    character, a NaN or a number through json.dumps: the same digest, however the rows come."""
+    from photoprep.dataset.split import Fingerprint
+
+    rng = np.random.default_rng(0)
+    plain = ["a", "b\u00e9", "日本", "", None, "z" * 70, "\u2028", "\x7f"]
+    other = ['q"x', "b\\s", "t\tab", "n\nl", float("nan"), 5]
+    for _ in range(400):
+        pool = plain if rng.random() < 0.5 else plain + other
+        n = int(rng.integers(0, 12))
+        rows = pd.DataFrame(
+            [[pool[int(rng.integers(0, len(pool)))] for _ in range(4)] for _ in range(n)],
+            columns=["source", "id", "sha256", "label"],
+            dtype=object,
+        )
+        text = json.dumps(rows.to_numpy(dtype=object).tolist(), ensure_ascii=False, separators=(",", ":"))
+        digest = Fingerprint()
+        cut = int(rng.integers(0, n + 1))
+        digest.update(rows.iloc[:cut])
+        digest.update(rows.iloc[cut:])
+        assert digest.hexdigest() == hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def test_split_report_is_json_and_consistent():
     t = images_table(1000, unlabeled_every=20)
     r = assign_splits(t, SplitParams(classes=["c1", "c2", "c3"], max_per_class=80, seed=5))

@@ -51,6 +51,8 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from photoprep.core.errors import UserError
 from photoprep.core.params import SplitParams
@@ -398,6 +400,13 @@ class Fingerprint:
     def update(self, rows: pd.DataFrame) -> None:
         """Rows of (source, id, sha256, label): text, or None where a sha256 or label is missing."""
         values = rows.to_numpy(dtype=object)
+        if not len(values):
+            return
+        plain = _plain_json_rows(values)
+        if plain is not None:
+            self.digest.update(b"," + plain if self.started else plain)
+            self.started = True
+            return
         for start in range(0, len(values), FINGERPRINT_ROWS):
             rows_text = json.dumps(
                 values[start : start + FINGERPRINT_ROWS].tolist(), ensure_ascii=False, separators=(",", ":")
@@ -409,6 +418,33 @@ class Fingerprint:
         done = self.digest.copy()
         done.update(b"]")
         return done.hexdigest()
+
+
+def _plain_json_rows(values: np.ndarray) -> bytes | None:
+    """The rows' JSON texts joined by "," (what `json.dumps` writes between "[" and "]", UTF-8)
+    made by Arrow's string kernels, where every value is a text that JSON writes as it is (no
+    quote, backslash or control character) or None; None for other rows, which `json.dumps` writes.
+
+    Why: the split stage writes every row again on each increment, and `json.dumps` of its rows
+    was a sixth of its CPU at 144,564 photos."""
+    columns = []
+    for c in range(values.shape[1]):
+        try:
+            column = pa.array(values[:, c], type=pa.large_string())  # a NaN or a number: TypeError
+        except (pa.ArrowException, TypeError):
+            return None
+        if pc.any(pc.match_substring_regex(column, r'["\\\x00-\x1f]')).as_py():
+            return None
+        quoted = pc.binary_join_element_wise(_text('"'), column, _text('"'), _text("")).fill_null("null")
+        columns.append(quoted)
+    joined = pc.binary_join_element_wise(*columns, _text(","))
+    rows = pc.binary_join_element_wise(_text("["), joined, _text("]"), _text(""))
+    one = pa.LargeListArray.from_arrays(pa.array([0, len(rows)], pa.int64()), rows)
+    return pc.binary_join(one, _text(","))[0].as_buffer().to_pybytes()
+
+
+def _text(value: str) -> pa.Scalar:
+    return pa.scalar(value, pa.large_string())
 
 
 def split_report(result: SplitResult) -> dict:
