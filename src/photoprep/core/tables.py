@@ -5,7 +5,7 @@ collection.
 budget, estimated from the file's own uncompressed bytes per row (times `COPIES`: the frame,
 Arrow's batch and a transform's copies), and never more than `SLICE_BYTES` by that estimate: past a
 few thousand rows a larger slice saves little CPU and adds heap that follows the table
-(docs/scale.md, runs 35 to 38), so the budget lowers a slice, it does not raise it. `TableWriter`
+(docs/scale.md, runs 35 to 40), so the budget lowers a slice, it does not raise it. `TableWriter`
 writes frames as they come into row groups of `ROW_GROUP` rows under the schema of the first, to a
 temporary name that replaces the file when closed, so the file's bytes depend on its rows only,
 never on the budget (each row group is written from one array per column: the writer would cut
@@ -45,7 +45,7 @@ MIN_ROWS = 1024
 # The most bytes of a slice (by the same estimate), whatever the budget: past a few thousand
 # rows a larger slice saves little CPU and holds heap that follows the table. At 20,000 photos,
 # validate's slices are then about 2,800 rows of the dedup table and split's 5,200 of the images
-# table's six columns it reads (docs/scale.md, runs 35 to 38).
+# table's six columns it reads (docs/scale.md, runs 35 to 40).
 SLICE_BYTES = 2 << 20
 MAX_ROWS = 1 << 18  # Parquet's sizes undercount a column of repeated values (kept as a dictionary)
 

@@ -180,9 +180,10 @@ def load_labels(cfg: SourceConfig) -> pd.DataFrame:
     return pd.DataFrame({"source": pd.Series([cfg.name] * len(ids), dtype=str), "id": ids, "label": names})
 
 
-# Python's str.strip() removes these (str.isspace); a cell that starts or ends with one is read
-# line by line, where the strip is Python's own.
-_EDGE_SPACE = r"^[\t\n\x0b\x0c\r\x1c-\x1f\x85\p{Z}]|[\t\n\x0b\x0c\r\x1c-\x1f\x85\p{Z}]$"
+# What Python's str.strip() removes (str.isspace). A cell that is empty, or that starts or ends
+# with one of these, is read line by line, where the strip and the report are Python's own.
+_SPACE = r"[\t\n\x0b\x0c\r\x1c-\x1f\x85\p{Z}]"
+_NOT_PLAIN = rf"^$|^{_SPACE}|{_SPACE}$"
 
 
 def _labels_by_arrow(text: str) -> tuple[pa.Array, pa.Array] | None:
@@ -214,10 +215,8 @@ def _labels_by_arrow(text: str) -> tuple[pa.Array, pa.Array] | None:
     except pa.ArrowInvalid:  # a row of another width: the line reader says which
         return None
     ids, labels = table.column("id"), table.column("label")
-    for column in (ids, labels):
-        empty = pc.equal(pc.utf8_length(column), 0)
-        if pc.any(empty).as_py() or pc.any(pc.match_substring_regex(column, _EDGE_SPACE)).as_py():
-            return None
+    if any(pc.any(pc.match_substring_regex(column, _NOT_PLAIN)).as_py() for column in (ids, labels)):
+        return None
     if not len(ids):
         return ids.combine_chunks(), labels.combine_chunks()
     order = pc.sort_indices(ids)  # in code points, as Python sorts texts
