@@ -1,8 +1,13 @@
 """The decode-once memo: rows and arrays keyed by sha256 under a fingerprint."""
 
+import io
+
 import numpy as np
 import pandas as pd
+import pytest
+from mounts import tmpfs
 
+from photoprep.core.errors import StorageError
 from photoprep.images import memo
 from photoprep.ingest import sniff
 
@@ -129,3 +134,46 @@ def test_temporaries_of_dead_runs_are_removed_and_row_parts_compact(tmp_path):
     again = memo.Memo("probe", "fp", root=tmp_path)
     assert not dead.exists()
     assert list(again.rows(["e", "a"])["width"]) == [ord("e"), ord("a")]
+
+
+def _batches(values: dict[str, np.ndarray]):
+    def compute(groups):
+        for group in groups:
+            yield group, np.stack([values[k] for k in group])
+
+    return compute
+
+
+def test_a_chunk_of_new_rows_streams_to_the_same_bytes_that_np_save_writes(tmp_path):
+    keys = [f"{i:064x}" for i in range(23)]
+    values = {k: np.full((3, 2), i, np.float32) for i, k in enumerate(keys)}
+    cache = memo.Memo("features", "fp", root=tmp_path, arrays=True)
+    chunks = [keys[:10], keys[10:]]
+    assert cache.fill_chunks(chunks, _batches(values), batch=4) == 23  # batches straddle the chunks
+    for chunk in chunks:
+        buffer = io.BytesIO()
+        np.save(buffer, np.stack([values[k] for k in chunk]))
+        assert cache.part_path(chunk).read_bytes() == buffer.getvalue()
+    again = memo.Memo("features", "fp", root=tmp_path, arrays=True)  # the parts verify on a load
+    assert all(again.holds_part(chunk) for chunk in chunks)
+    np.testing.assert_array_equal(again.arrays(keys[8:12]), np.stack([values[k] for k in keys[8:12]]))
+    assert not [p.name for p in cache.directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_while_a_chunk_streams_keeps_the_chunks_before_and_leaves_no_half_part(tmp_path):
+    keys = [f"{i:064x}" for i in range(40)]
+    values = {k: np.full(8192, i, np.uint8) for i, k in enumerate(keys)}  # 8 KB a row
+    chunks = [keys[i : i + 10] for i in range(0, 40, 10)]
+    with tmpfs(tmp_path / "small", 256 << 10) as small:
+        cache = memo.Memo("pixels", "fp", root=small, arrays=True)
+        with pytest.raises(StorageError) as caught:
+            cache.fill_chunks(chunks, _batches(values), batch=4)
+        assert str(cache.directory) in str(caught.value)
+        names = sorted(p.name for p in cache.directory.iterdir())
+        assert not [name for name in names if name.endswith(".tmp")]
+        arrays = {name[: -len(".npy")] for name in names if name.endswith(".npy")}
+        tables = {name[: -len(".parquet")] for name in names if name.endswith(".parquet")}
+        assert arrays == tables and arrays  # no array without its table; some chunks kept
+        again = memo.Memo("pixels", "fp", root=small, arrays=True)
+        held = [chunk for chunk in chunks if again.holds_part(chunk)]
+        assert held == chunks[: len(held)] and 0 < len(held) < len(chunks)

@@ -47,7 +47,7 @@ import photoprep
 from photoprep.core import memory
 from photoprep.core.chunked import chunk_name
 from photoprep.core.errors import ACTIONABLE, StorageError, storage_path
-from photoprep.core.io import write_table, write_with
+from photoprep.core.io import atomic_path, write_table, write_with
 
 # Where memos live is a path like any other (photoprep.core.layout); named here too for callers of the memo.
 from photoprep.core.layout import CACHE_ENV as CACHE_ENV
@@ -283,10 +283,14 @@ class Memo:
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / f"{name}{suffix}").unlink()
 
-    def _add_part(self, name: str, rows: pd.DataFrame) -> None:
-        rows = rows.reset_index(drop=True)
-        self._parts[name] = rows
-        keys = rows[KEY].tolist()
+    def _add_part(self, name: str, rows: pd.DataFrame | list[str]) -> None:
+        """Part `name` is written: its rows, or only its keys when its rows are nothing but the keys
+        (a chunk's part: its table is read again only if asked for, see `_rows_of`)."""
+        if isinstance(rows, list):
+            self._parts[name], keys = None, rows
+        else:
+            self._parts[name] = rows = rows.reset_index(drop=True)
+            keys = rows[KEY].tolist()
         self._index.add(name, keys)
         if self.with_arrays:
             self._fresh[name] = keys
@@ -376,20 +380,56 @@ class Memo:
         name = part_name([str(k) for k in rows[KEY]])
         if arrays is not None and len(arrays) != len(rows):
             raise ValueError(f"{len(arrays)} arrays for {len(rows)} rows")
-        try:
-            with storage_path(self.directory):
-                self.directory.mkdir(parents=True, exist_ok=True)
+        with self._writing(name):
             if arrays is not None:
                 npy = self.directory / f"{name}.npy"
                 write_with(npy, lambda tmp: _save_npy(tmp, arrays), durable=True, needed=arrays.nbytes)
             write_table(rows, self.directory / f"{name}.parquet", durable=True)
+        self._add_part(name, rows.reset_index(drop=True))
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Write part `name`'s files in the block; a storage error removes its array (an array
+        without its table would only take room) and says that the memo keeps its other parts."""
+        try:
+            with storage_path(self.directory):
+                self.directory.mkdir(parents=True, exist_ok=True)
+            yield
         except StorageError as exc:
-            # The part is not written: an array without its table would only take room.
             with contextlib.suppress(OSError):
                 (self.directory / f"{name}.npy").unlink()
             kept = f"the memo keeps the {len(self._parts):,} parts it holds (not decoded again)"
             raise exc.keeping(kept, self.directory) from exc
-        self._add_part(name, rows.reset_index(drop=True))
+
+    @contextlib.contextmanager
+    def _streamed_part(self, keys: Sequence[str]) -> Iterator[Callable[[np.ndarray], None]]:
+        """Yield ``add(rows)``, which appends the next rows of the part of exactly `keys` (every
+        one computed, in order) to its array file; the part is put when the block ends.
+
+        The rows go to the file as they come back, a batch at a time, so a chunk's arrays never
+        sit in the heap together (a chunk's size is the data's, not a param: the largest grows
+        with the collection). The file is the bytes `np.save` writes, written with plain writes
+        (a full disk is an error on a write, not a fault in a mapped page).
+        """
+        name = part_name(keys)
+        written = 0
+        with self._writing(name):
+            with atomic_path(self.directory / f"{name}.npy", durable=True) as tmp, open(tmp, "wb") as handle:
+
+                def add(rows: np.ndarray) -> None:
+                    nonlocal written
+                    if not written:
+                        shape = (len(keys), *rows.shape[1:])
+                        header = {"descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False}
+                        np.lib.format.write_array_header_1_0(handle, {**header, "shape": shape})
+                    handle.write(np.ascontiguousarray(rows).data)
+                    written += len(rows)
+
+                yield add
+                if written != len(keys):
+                    raise ValueError(f"{written} arrays for {len(keys)} keys")
+            write_table(pd.DataFrame({KEY: list(keys)}), self.directory / f"{name}.parquet", durable=True)
+        self._add_part(name, list(keys))
 
     def fill(
         self,
@@ -474,21 +514,17 @@ class Memo:
         flat = [key for group in fresh for key in group]
         step = max(1, batch)
         pending = iter(compute([flat[start : start + step] for start in range(0, len(flat), step)]))
-        waiting: list[np.ndarray] = []  # computed rows not yet put, in key order
-        held = 0
+        carried: list[np.ndarray] = []  # rows computed past the chunk being filled (at most a batch)
         try:
             for keys, group in zip(missing, fresh, strict=True):
-                while held < len(group):
-                    rows = np.asarray(next(pending)[1])
-                    waiting.append(rows)
-                    held += len(rows)
-                arrays = None
-                if group:
-                    joined = waiting[0] if len(waiting) == 1 else np.concatenate(waiting)
-                    arrays, rest = joined[: len(group)], joined[len(group) :]
-                    waiting, held = ([rest] if len(rest) else []), len(rest)
-                self.put_chunk(keys, group, arrays)
-                del arrays
+                if group and list(group) == list(keys):  # every row new, in order: to the part's file
+                    with self._streamed_part(keys) as add:
+                        self._take_rows(len(group), pending, carried, add)
+                else:  # some rows from other parts (a few, on a re-run): put_chunk mixes them
+                    taken: list[np.ndarray] = []
+                    self._take_rows(len(group), pending, carried, taken.append)
+                    self.put_chunk(keys, group, np.concatenate(taken) if taken else None)
+                    del taken
                 memory.release()
         finally:  # a failed put (a full disk) stops the workers now
             close = getattr(pending, "close", None)
@@ -496,6 +532,19 @@ class Memo:
                 close()
         self.write_catalog()
         return sum(len(group) for group in fresh)
+
+    @staticmethod
+    def _take_rows(
+        count: int, pending: Iterator[Any], carried: list[np.ndarray], take: Callable[[np.ndarray], None]
+    ) -> None:
+        """Pass the next `count` computed rows to `take`, batch by batch: first the rows `carried`
+        over from the last chunk, then ``(batch, rows)`` from `pending`; leave the rest in `carried`."""
+        while count:
+            rows = carried.pop() if carried else np.asarray(next(pending)[1])
+            take(rows[:count])
+            if len(rows) > count:
+                carried.append(rows[count:])
+            count -= min(count, len(rows))
 
     def compact(self) -> None:
         """Merge the parts of a row-only memo into one (no-op for memos with arrays)."""
