@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -45,3 +46,19 @@ def test_without_local_first_every_batch_goes_to_the_workers():
     pids, sums = _run(local_first=False)
     assert sums == [1, 5, 9, 13]
     assert os.getpid() not in pids
+
+
+@parallel.in_threads
+def thread_and_sum(batch: list[int]) -> tuple[int, int, int]:
+    """The process and thread that ran the batch, and which batch it was."""
+    time.sleep(0.01)  # long enough that both threads take a batch
+    return os.getpid(), threading.get_ident(), sum(batch)
+
+
+def test_work_marked_in_threads_runs_in_threads_of_this_process_in_order():
+    compute = ComputeParams(n_jobs=2, batch_size=2)
+    out = list(parallel.imap_batches(thread_and_sum, ITEMS, compute, local_first=True))
+    assert [list(batch) for batch, _ in out] == [ITEMS[i : i + 2] for i in range(0, len(ITEMS), 2)]
+    assert [total for _, (_, _, total) in out] == [1, 5, 9, 13]
+    assert {pid for _, (pid, _, _) in out} == {os.getpid()}
+    assert threading.get_ident() not in {thread for _, (_, thread, _) in out}

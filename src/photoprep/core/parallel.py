@@ -18,6 +18,13 @@ cluster (even one batch: the data may be reachable only there):
 - Workers must run this photoprep's code, or outputs could differ: `code_fingerprint` of every
   worker is compared with ours before any batch goes out.
 - Dask's own logging is held at ERROR; the stage prints one line, where its work ran.
+
+Under joblib, work marked `in_threads` (the features: numpy and OpenCV on a few images at a
+time, which release the GIL for most of their time) runs in ``compute.n_jobs`` threads of the
+stage's process rather than in worker processes. A worker process imports numpy, OpenCV and
+photoprep again and holds its own copy of them (about 110 MB each); a thread holds only its
+batch. At 20,000 photos (this 2-core AMD) the features took 4.0 s of wall in two threads
+against 4.5 s in two processes, and the stage's process tree peaked at 109 MB against 290.
 """
 
 from __future__ import annotations
@@ -45,7 +52,10 @@ from photoprep.core.params import ComputeParams
 
 T = TypeVar("T")
 R = TypeVar("R")
+W = TypeVar("W", bound=Callable[..., Any])
 
+# The attribute `in_threads` sets on a work function.
+_IN_THREADS = "_photoprep_in_threads"
 SCATTER_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10
 WORKERS_TIMEOUT_S = 60
@@ -263,7 +273,7 @@ def imap_groups(
             results = _on_dask(work, chunks, compute, args)
         elif compute.n_jobs == 1 or len(chunks) == 1:
             results = (work(chunk, *args) for chunk in chunks)
-        elif local_first:
+        elif local_first and not _threaded(work):  # a thread starts in no time
             results = _here_while_short(work, chunks, compute, args, total)
         else:
             results = _on_joblib(work, chunks, compute, args)
@@ -282,15 +292,29 @@ def imap_groups(
         bar.close()
 
 
+def in_threads(work: W) -> W:
+    """Mark `work` to run in ``compute.n_jobs`` threads of this process, not in worker processes,
+    under the joblib backend: work that spends its time in numpy or OpenCV calls that release
+    the GIL (see the module's notes)."""
+    setattr(work, _IN_THREADS, True)
+    return work
+
+
+def _threaded(work: Callable[..., Any]) -> bool:
+    return bool(getattr(work, _IN_THREADS, False))
+
+
 def _on_joblib(
     work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
 ) -> Iterator[R]:
-    """`work(chunk, *args)` of each chunk in joblib's worker processes, results in input order."""
+    """`work(chunk, *args)` of each chunk in joblib's workers (threads for `in_threads` work,
+    else processes), results in input order."""
     # Imported here: a re-run whose batches all come from the memo never starts workers, and
     # joblib (with loky) is a tenth of a second of every stage's start.
     from joblib import Parallel, delayed
 
-    runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1)
+    prefer = "threads" if _threaded(work) else None
+    runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1, prefer=prefer)
     yield from runner(delayed(work)(c, *args) for c in chunks)
 
 
