@@ -162,7 +162,12 @@ def kept_columns(path: str | Path, found: Buckets, columns: list[str], memory_mb
     for frame in tables.slices(path, memory_mb, reads):
         images = frame[frame["valid"]].reset_index(drop=True)
         parts.append(with_buckets(images, found.resolutions).loc[lambda t: t["kept"], columns])
-    return pd.concat(parts, ignore_index=True)
+        del frame, images
+        memory.release()  # each slice's copies: freed, but the heap keeps their pages until told
+    kept = pd.concat(parts, ignore_index=True)
+    del parts
+    memory.release()
+    return kept
 
 
 def write_kept(path: str | Path, out: str | Path, found: Buckets, per_bucket: int, memory_mb: int) -> dict:

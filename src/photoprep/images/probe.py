@@ -27,7 +27,7 @@ those few rows), memoized like the probe.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,7 @@ def probe(data: bytes, spec: ProbeSpec = WHOLE_PICTURE) -> dict:
     return record
 
 
-def probe_many(blobs: Sequence[bytes], spec: ProbeSpec = WHOLE_PICTURE) -> list[dict]:
+def probe_many(blobs: Iterable[bytes], spec: ProbeSpec = WHOLE_PICTURE) -> list[dict]:
     """`probe` over a batch (one joblib task)."""
     return [probe(blob, spec) for blob in blobs]
 

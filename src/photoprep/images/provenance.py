@@ -31,7 +31,7 @@ included), the 16-bit samples OpenCV's.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +131,7 @@ def provenance(data: bytes, spec: ProvenanceSpec = ProvenanceSpec()) -> tuple[di
     return record, np.asarray(thumb, np.uint8)
 
 
-def provenance_many(blobs: list[bytes], spec: ProvenanceSpec) -> list[tuple[dict, np.ndarray]]:
+def provenance_many(blobs: Iterable[bytes], spec: ProvenanceSpec) -> list[tuple[dict, np.ndarray]]:
     """`provenance` over a batch (one joblib task)."""
     return [provenance(blob, spec) for blob in blobs]
 

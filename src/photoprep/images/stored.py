@@ -12,7 +12,7 @@ sent locations (source, shard, offset, size), never bytes; they read the shards 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,16 +88,15 @@ def blob_root(raw_dir: Path, compute: ComputeParams) -> str | Path:
     return raw_dir.resolve() if compute.backend == "dask" else raw_dir
 
 
-def read_blobs(root: str | Path, located: Sequence[BlobLocation]) -> list[bytes]:
-    """The bytes at each location, read in a worker."""
+def read_blobs(root: str | Path, located: Sequence[BlobLocation]) -> Iterator[bytes]:
+    """The bytes at each location, read in a worker one at a time, as the caller asks for them:
+    a batch's blobs (6 MB for 256 photos of 23 KB) are never all held at once."""
     readers: dict[str, BlobReader | RemoteBlobReader] = {}
     try:
-        out = []
         for source, shard, offset, size in located:
             if source not in readers:
                 readers[source] = open_reader(root, source)
-            out.append(readers[source].read(shard, offset, size))
-        return out
+            yield readers[source].read(shard, offset, size)
     finally:
         for reader in readers.values():
             reader.close()
@@ -127,12 +126,18 @@ def decode_missing(
     return cache
 
 
-def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> list[np.ndarray]:
-    return [resize.resized_rgb(data, spec.size, spec.fit, spec.limits) for data in read_blobs(root, located)]
+def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> np.ndarray:
+    """The batch's pixels as one array, made in the worker: the stage's process receives one
+    buffer a batch, not a small array an image, whose holes in its heap outlived them (from
+    2,000 to 20,000 photos, MB more of resident heap at the same live bytes)."""
+    out = np.empty((len(located), *spec.size, 3), dtype=np.uint8)
+    for row, data in enumerate(read_blobs(root, located)):
+        out[row] = resize.resized_rgb(data, spec.size, spec.fit, spec.limits)
+    return out
 
 
-def _pixels_part(keys: list[str], arrays: list[np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
-    return pd.DataFrame({"sha256": keys}), np.stack(arrays)
+def _pixels_part(keys: list[str], pixels: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    return pd.DataFrame({"sha256": keys}), pixels
 
 
 def pixels_pass(spec: PixelSpec, namespace: str = "pixels") -> Pass:
