@@ -128,8 +128,9 @@ def decode_missing(
 
 def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> np.ndarray:
     """The batch's pixels as one array, made in the worker: the stage's process receives one
-    buffer a batch, not a small array an image, whose holes in its heap outlived them (from
-    2,000 to 20,000 photos, MB more of resident heap at the same live bytes)."""
+    buffer a batch, not a small array an image, whose holes in its heap outlived them (with
+    the array the bucket stage's process tree peaked at 294 MB at 2,000 photos and 314 at
+    20,000, against 303 and 327; this 2-core AMD)."""
     out = np.empty((len(located), *spec.size, 3), dtype=np.uint8)
     for row, data in enumerate(read_blobs(root, located)):
         out[row] = resize.resized_rgb(data, spec.size, spec.fit, spec.limits)
