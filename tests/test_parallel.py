@@ -6,7 +6,6 @@ import os
 import threading
 import time
 
-import psutil
 import pytest
 
 from photoprep.core import parallel
@@ -63,10 +62,3 @@ def test_work_marked_in_threads_runs_in_threads_of_this_process_in_order():
     assert [total for _, (_, _, total) in out] == [1, 5, 9, 13]
     assert {pid for _, (pid, _, _) in out} == {os.getpid()}
     assert threading.get_ident() not in {thread for _, (_, thread, _) in out}
-
-
-def test_the_worker_processes_end_with_the_pass():
-    pids, _ = _run(local_first=False)
-    workers = set(pids) - {os.getpid()}
-    assert workers
-    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]

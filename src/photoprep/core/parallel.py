@@ -25,9 +25,6 @@ stage's process rather than in worker processes. A worker process imports numpy,
 photoprep again and holds its own copy of them (about 110 MB each); a thread holds only its
 batch. At 20,000 photos (this 2-core AMD) the features took 4.0 s of wall in two threads
 against 4.5 s in two processes, and the stage's process tree peaked at 109 MB against 290.
-Worker processes end with their pass (joblib would keep them idle for its next call, 300 s),
-so the stage's own steps after it (dedup's near search, its groups) run beside no idle heap:
-dedup's tree at 20,000 photos peaked at 303 MB against 309; a later pass starts its own.
 """
 
 from __future__ import annotations
@@ -316,19 +313,9 @@ def _on_joblib(
     # joblib (with loky) is a tenth of a second of every stage's start.
     from joblib import Parallel, delayed
 
-    if _threaded(work):
-        runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1, prefer="threads")
-        yield from runner(delayed(work)(c, *args) for c in chunks)
-        return
-    from joblib.externals.loky import get_reusable_executor
-
-    runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1)
-    try:
-        yield from runner(delayed(work)(c, *args) for c in chunks)
-    finally:
-        # The pass is over: its workers end now rather than idle for joblib's next call (300 s),
-        # holding their heap (about 85 MB each) while the stage's own steps run.
-        get_reusable_executor(reuse=True).shutdown(wait=True)
+    prefer = "threads" if _threaded(work) else None
+    runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1, prefer=prefer)
+    yield from runner(delayed(work)(c, *args) for c in chunks)
 
 
 def _here_while_short(
