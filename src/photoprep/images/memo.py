@@ -467,11 +467,6 @@ class Memo:
         new = np.asarray(arrays) if len(fresh) else None
         if new is not None and len(new) != len(fresh):
             raise ValueError(f"{len(new)} arrays for {len(fresh)} keys")
-        if new is not None and list(fresh) == list(keys):
-            # Every row is new, in order (a chunk of new photos): its arrays are the part as they
-            # are, not copied twice more into a new array.
-            self.put(pd.DataFrame({KEY: list(keys)}), new)
-            return
         old_slots = [slot for slot, key in enumerate(keys) if key not in computed]
         old = self.arrays([keys[slot] for slot in old_slots]) if old_slots else None
         like = new if new is not None else old
@@ -517,7 +512,7 @@ class Memo:
         carried: list[np.ndarray] = []  # rows computed past the chunk being filled (at most a batch)
         try:
             for keys, group in zip(missing, fresh, strict=True):
-                if group and list(group) == list(keys):  # every row new, in order: to the part's file
+                if group and group == keys:  # every row new, in order: to the part's file
                     with self._streamed_part(keys) as add:
                         self._take_rows(len(group), pending, carried, add)
                 else:  # some rows from other parts (a few, on a re-run): put_chunk mixes them
