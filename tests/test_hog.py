@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pictures import shrunk_photos
+from pictures import shrunk_crops, shrunk_photos
 from skimage.color import rgb2gray
 from skimage.feature import hog
 from sklearn.datasets import load_digits
 
 from photoprep.core.params import HogParams
-from photoprep.images.hog import angle_bins, gray_batch, hog_batch, orientation_bins
+from photoprep.images import hog as hog_module
+from photoprep.images.hog import angle_bins, gray_batch, hog_batch, hog_of_rgb, orientation_bins
 
 TOL = 1e-5
 
@@ -97,6 +98,21 @@ def test_hog_batch_is_not_trivially_equal():
     assert np.abs(l1[0] - l1[1]).max() > 0.05
     assert np.abs(l1 - hys).max() > 0.05
     assert hys.max() <= 1.0 and hys.min() >= 0.0
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_hog_of_rgb_sums_many_images_at_a_time_to_the_same_bytes_as_one_at_a_time(norm):
+    # The cell sums run SUM_IMAGES images at a time, the rest 16 at a time: counts that end
+    # inside a step or a sum, against each image alone (where both are one image).
+    n = hog_module.SUM_IMAGES + 19
+    rgb = shrunk_crops(n, (45, 70))
+    p = HogParams(block_norm=norm, pixels_per_cell=(7, 5), cells_per_block=(2, 3), orientations=7)
+    alone = np.concatenate([hog_batch(gray_batch(rgb[i : i + 1]), p) for i in range(n)])
+    for count in (1, 17, hog_module.SUM_IMAGES, n):
+        got = hog_of_rgb(rgb[:count], p)
+        assert got.tobytes() == alone[:count].tobytes(), count
+        assert got.tobytes() == hog_batch(gray_batch(rgb[:count]), p).tobytes(), count
+    assert np.abs(alone[0] - alone[1]).max() > 0.05  # not a parity of zeros
 
 
 def test_hog_impl_skimage_is_the_loop():

@@ -42,13 +42,13 @@ from photoprep.core.errors import UserError, storage_path
 from photoprep.core.io import open_array, require_space
 from photoprep.core.params import ComputeParams, FeatureParams
 from photoprep.images import hog, memo
-from photoprep.images.hog import gray_batch, hog_batch, hog_shape, skimage_hog
+from photoprep.images.hog import hog_shape, skimage_hog
 
 # The 'original' scaling of the DEC features.
 _HOG_SHIFT, _HOG_GAIN = 0.2, 10.0
 _CHROMA_SHIFT, _CHROMA_DIV = 128.0, 10.0
-# Images per step of `batch_features`.
-STEP = 16
+# Images per step of `batch_features` (`hog.hog_of_rgb` sums the cells of this many at a time).
+STEP = hog.SUM_IMAGES
 
 
 # --------------------------------------------------------------------------- colour map
@@ -167,7 +167,7 @@ def _features_by_step(read: Callable[[int, int], np.ndarray], count: int, p: Fea
     out: np.ndarray | None = None
     for start in range(0, max(1, count), STEP):
         part = np.asarray(read(start, start + STEP))  # a memmap's rows are read here, in the worker
-        rows = _scale(hog_batch(gray_batch(part), p.hog), color_map_batch(part, p.color_size), p.scaling)
+        rows = _scale(hog.hog_of_rgb(part, p.hog), color_map_batch(part, p.color_size), p.scaling)
         if out is None:
             out = np.empty((count, rows.shape[1]), dtype=np.float32)
         out[start : start + len(rows)] = rows
