@@ -145,9 +145,9 @@ def _hog_numpy(
     p: HogParams,
 ) -> np.ndarray:
     """Vectorised skimage.feature.hog of `count` images, ``gray_of(start, stop)`` giving the grey
-    images ``start:stop``, computed in `dtype`: the cell sums `SUM_IMAGES` images at a time, every other
-    step `_HOG_CHUNK` images at a time (small chunks keep the float64 temporaries in cache: about
-    2x faster than whole batches)."""
+    images ``start:stop``, computed in `dtype`: the cells' sums `SUM_IMAGES` images at a time, the
+    other steps `_HOG_CHUNK` images at a time (small chunks keep the float64 temporaries in cache:
+    about 2x faster than whole batches)."""
     shape = hog_shape(image_hw, p)
     out: np.ndarray = np.empty((count, int(np.prod(shape))), dtype=dtype)
     for s in range(0, count, SUM_IMAGES):
