@@ -74,7 +74,8 @@ def hog_batch(gray: np.ndarray, p: HogParams) -> np.ndarray:
         return _hog_skimage(gray, p)
     if p.impl == "opencv":
         _opencv_unavailable()
-    return _hog_numpy(lambda a, b: gray[a:b], len(gray), gray.shape[1:], _float_dtype(gray.dtype), p)
+    dtype = _float_dtype(gray.dtype)
+    return _hog_numpy(lambda a, b: gray[a:b].astype(dtype, copy=False), len(gray), gray.shape[1:], dtype, p)
 
 
 def hog_of_rgb(rgb: np.ndarray, p: HogParams) -> np.ndarray:
@@ -145,19 +146,15 @@ def _hog_numpy(
     p: HogParams,
 ) -> np.ndarray:
     """Vectorised skimage.feature.hog of `count` images, ``gray_of(start, stop)`` giving the grey
-    images ``start:stop``, computed in `dtype`: the cells' sums `SUM_IMAGES` images at a time, the
-    other steps `_HOG_CHUNK` images at a time (small chunks keep the float64 temporaries in cache:
+    images ``start:stop`` in `dtype`: the cells' sums `SUM_IMAGES` images at a time, the other
+    steps `_HOG_CHUNK` images at a time (small chunks keep the float64 temporaries in cache:
     about 2x faster than whole batches)."""
     shape = hog_shape(image_hw, p)
+    cells = (image_hw[0] // p.pixels_per_cell[0], image_hw[1] // p.pixels_per_cell[1])
     out: np.ndarray = np.empty((count, int(np.prod(shape))), dtype=dtype)
     for s in range(0, count, SUM_IMAGES):
-        n = min(SUM_IMAGES, count - s)
-
-        def block(a: int, b: int, s: int = s) -> np.ndarray:
-            return gray_of(s + a, s + b).astype(dtype, copy=False)
-
-        hist = _cell_histograms(block, n, p)
-        for t in range(0, n, _HOG_CHUNK):
+        hist = _cell_histograms(gray_of, range(s, min(count, s + SUM_IMAGES)), cells, p)
+        for t in range(0, len(hist), _HOG_CHUNK):
             blocks = _normalised_blocks(hist[t : t + _HOG_CHUNK], p)
             out[s + t : s + t + len(blocks)] = blocks.reshape(len(blocks), -1)
     return out
@@ -209,31 +206,31 @@ def angle_bins(angle: np.ndarray, n: int) -> np.ndarray:
     return bins.astype(np.intp)
 
 
-def _cell_histograms(gray_of: Callable[[int, int], np.ndarray], count: int, p: HogParams) -> np.ndarray:
+def _cell_histograms(
+    gray_of: Callable[[int, int], np.ndarray], images: range, cells: tuple[int, int], p: HogParams
+) -> np.ndarray:
     """Per-cell orientation histograms ``N x n_cells_row x n_cells_col x orientations`` (float64)
-    of `count` images, ``gray_of(start, stop)`` giving grey images ``start:stop``.
+    of the grey `images` that ``gray_of(start, stop)`` gives, ``cells`` (rows, columns) of them.
 
     skimage's ``_hoghistogram.hog_histograms`` puts each pixel's whole magnitude in one bin (no
     interpolation between bins), sums a cell's pixels row by row into a C ``float`` and divides
     that float32 total by the cell area. The same is done here, for every cell at once: the
     magnitudes and bins `_HOG_CHUNK` images at a time, then one loop over the pixels of a cell
-    for all `count` images. That loop's numpy steps are small (one pixel of every cell) and hold
+    for all the images. That loop's numpy steps are small (one pixel of every cell) and hold
     the interpreter's lock between them; summing 128 images at a time rather than 16 makes 8x
     fewer of them, which is what lets two threads run it side by side.
     """
     n, (c_row, c_col) = p.orientations, p.pixels_per_cell
-    magnitude = slots = np.empty((0, 0))
-    cells = (0, 0)
-    for t in range(0, count, _HOG_CHUNK):
-        g_row, g_col = _gradients(gray_of(t, min(count, t + _HOG_CHUNK)))
-        cells = (g_row.shape[1] // c_row, g_row.shape[2] // c_col)
-        if not magnitude.size:  # (pixel of a cell, cell of every image)
-            magnitude = np.empty((c_row * c_col, count * cells[0] * cells[1]), dtype=np.float64)
-            slots = np.empty(magnitude.shape, dtype=np.intp)
+    per_image = cells[0] * cells[1]
+    # (pixel of a cell, cell of every image)
+    magnitude = np.empty((c_row * c_col, len(images) * per_image), dtype=np.float64)
+    slots = np.empty(magnitude.shape, dtype=np.intp)
+    for t in range(images.start, images.stop, _HOG_CHUNK):
+        g_row, g_col = _gradients(gray_of(t, min(images.stop, t + _HOG_CHUNK)))
         # Only pixels inside whole cells are binned: skip the trigonometry of the others.
         g_row = _by_cell_pixel(g_row, p.pixels_per_cell, cells)
         g_col = _by_cell_pixel(g_col, p.pixels_per_cell, cells)
-        first = t * cells[0] * cells[1]
+        first = (t - images.start) * per_image
         at = slice(first, first + g_row.shape[1])
         # skimage uses np.hypot, 10x slower here; this differs from it in the last bit for about 1
         # pixel in 6, which moves a float32 total below only if it sits on a rounding tie: at most
