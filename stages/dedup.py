@@ -20,17 +20,19 @@ from photoprep.ingest import reports
 
 def main() -> str:
     p = params.load()
-    table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
-    # The columns the probe reads, not a copy of every column.
-    fetched = table.loc[table["status"] == "ok", stored.LOCATES]
+    # The probe reads a few columns of the download tables; the wide tables are read after it.
+    narrow = dedup.read_raw_tables(PATHS.raw_dir, p.sources, ["status", "reason", *stored.LOCATES])
+    fetched = narrow.loc[narrow["status"] == "ok", stored.LOCATES]
     see = f"{PATHS.download_reports_dir.as_posix()}/<source>/failed.csv"
-    console.require_input(len(fetched), "dedup", reports.fetched_cause(table), see)
+    console.require_input(len(fetched), "dedup", reports.fetched_cause(narrow), see)
+    del narrow
     memory.release()  # each step's peak stands on its own, not on the garbage of the steps before
     with parallel.session(p.compute):  # one Dask cluster for the probe and the thumbnails
         spec = ProbeSpec.from_params(p)
         probed = probe.probe_images(fetched, PATHS.raw_dir, spec, p.compute)
         n_fetched = len(fetched)
         del fetched
+        table = dedup.read_raw_tables(PATHS.raw_dir, p.sources).rename(columns={"reason": "fetch_reason"})
         # The table steps read the probed table from a file, a compute.memory_mb slice at a time.
         io.write_table(table.join(probed), PATHS.dedup_input)
         del probed, table

@@ -638,3 +638,26 @@ def test_a_picture_near_its_own_cropped_hash_asks_for_no_fine_hash() -> None:
     got = dedup.find_duplicates(selfish.drop(columns=lean), p, fine=reader("selfish"))
     pd.testing.assert_series_equal(got.table["group"], want.table["group"])
     assert got.counts == want.counts and asked["selfish"] == asked["plain"] > 0
+
+
+def test_raw_tables_read_narrow_hold_the_same_rows_at_the_same_positions(tmp_path: Path) -> None:
+    # The dedup stage probes from a narrow read and joins the probe to a wide read after it by position.
+    rng = np.random.default_rng(0)
+    for name in ("b", "a"):
+        ids = [f"{name}{i:03d}" for i in rng.permutation(40)]
+        table = pd.DataFrame(
+            {
+                "source": name,
+                "id": ids,
+                "url": [f"u/{i}" for i in ids],
+                "status": rng.choice(["ok", "failed"], 40),
+                "sha256": [f"{i:064x}" for i in rng.integers(0, 10, 40)],
+                "size": rng.integers(1, 9, 40),
+            }
+        )
+        table.to_parquet(tmp_path / f"{name}.parquet")
+    wide = dedup.read_raw_tables(tmp_path, ["b", "a"])
+    narrow = dedup.read_raw_tables(tmp_path, ["b", "a"], ["status", "sha256", "source"])
+    assert list(narrow.columns) == ["source", "id", "status", "sha256"]
+    assert list(wide["source"] + wide["id"]) == sorted(wide["source"] + wide["id"])
+    pd.testing.assert_frame_equal(narrow, wide[narrow.columns.tolist()])

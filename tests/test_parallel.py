@@ -62,3 +62,36 @@ def test_work_marked_in_threads_runs_in_threads_of_this_process_in_order():
     assert [total for _, (_, _, total) in out] == [1, 5, 9, 13]
     assert {pid for _, (pid, _, _) in out} == {os.getpid()}
     assert threading.get_ident() not in {thread for _, (_, thread, _) in out}
+
+
+def test_release_workers_ends_the_workers_that_ran_and_a_later_run_starts_new_ones():
+    first, _ = _run(local_first=False)
+    assert set(first) & _alive(first)  # loky keeps its workers for the next batches
+    parallel.release_workers()
+    assert not _alive(first)
+    again, sums = _run(local_first=False)
+    assert sums == [1, 5, 9, 13]
+    assert not set(again) & set(first)
+    parallel.release_workers()
+    parallel.release_workers()  # none left to end: nothing happens
+    assert not _alive(again)
+
+
+def test_release_workers_starts_nothing_when_no_worker_ran():
+    parallel.release_workers()  # loky may be loaded (joblib is): no executor is made to be ended
+    psutil = pytest.importorskip("psutil")
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    parallel.release_workers()
+    assert {child.pid for child in psutil.Process().children(recursive=True)} == before
+
+
+def _alive(pids: list[int]) -> set[int]:
+    """Which of `pids` are still running."""
+    alive = set()
+    for pid in set(pids):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        alive.add(pid)
+    return alive

@@ -95,6 +95,8 @@ def _local_workers(compute: ComputeParams) -> int:
 
 # The client of the `session` open in this process, by (scheduler, n_jobs): batches reuse it.
 _OPEN: dict[tuple[str, int], Any] = {}
+# Holds True once joblib ran a batch in worker processes that `release_workers` has not ended.
+_PROCESS_WORKERS: list[bool] = []
 
 
 @contextlib.contextmanager
@@ -300,6 +302,19 @@ def in_threads(work: W) -> W:
     return work
 
 
+def release_workers() -> None:
+    """End joblib's idle worker processes now. loky keeps them (about 100 MB each) for the next
+    batch; a stage whose next steps are tables, in its own process, ends them first, so its peak
+    is not the tables plus workers that wait. A later batch starts new ones. Nothing to do when
+    no batch ran in worker processes (none to end) or under Dask (a `session` closes its cluster)."""
+    if not _PROCESS_WORKERS:
+        return
+    _PROCESS_WORKERS.clear()
+    from joblib.externals.loky import get_reusable_executor
+
+    get_reusable_executor(reuse=True).shutdown(wait=True)  # the executor joblib ran, not a new one
+
+
 def _threaded(work: Callable[..., Any]) -> bool:
     return bool(getattr(work, _IN_THREADS, False))
 
@@ -314,6 +329,8 @@ def _on_joblib(
     from joblib import Parallel, delayed
 
     prefer = "threads" if _threaded(work) else None
+    if prefer is None:
+        _PROCESS_WORKERS[:] = [True]
     runner = Parallel(n_jobs=compute.n_jobs, return_as="generator", batch_size=1, prefer=prefer)
     yield from runner(delayed(work)(c, *args) for c in chunks)
 

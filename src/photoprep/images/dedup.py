@@ -112,14 +112,16 @@ class DedupResult:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def read_raw_tables(raw_dir: Path, sources: list[str]) -> pd.DataFrame:
-    """The download tables of the enabled sources, one after another."""
+def read_raw_tables(raw_dir: Path, sources: list[str], columns: list[str] | None = None) -> pd.DataFrame:
+    """The download tables of the enabled sources (only `columns`, when given, with `source` and
+    `id`), sorted by (source, id): the same rows at the same positions whatever the columns."""
     frames = []
+    wanted = None if columns is None else list(dict.fromkeys(["source", "id", *columns]))
     for name in sources:
         path = Path(raw_dir) / f"{name}.parquet"
         if not path.exists():
             raise UserError(f"source '{name}': {path} not found (run the download@{name} stage)")
-        frames.append(pd.read_parquet(path))
+        frames.append(pd.read_parquet(path, columns=wanted))
     table = pd.concat(frames, ignore_index=True)
     return table.sort_values(["source", "id"], kind="stable").reset_index(drop=True)
 

@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image, ImageFile
 
+from photoprep.core import parallel
 from photoprep.core.params import ComputeParams, DedupParams, Params
 from photoprep.images import containers, decode, fingerprint, formats, memo, stored
 from photoprep.images.decode import (
@@ -312,6 +313,9 @@ def probe_images(table: pd.DataFrame, raw_dir: Path, spec: ProbeSpec, compute: C
     key = memo.fingerprint(spec.settings(), *_passes_code())
     job = stored.Pass("probe", key, _probe_batch, (spec,), _probe_part, "decode+hash")
     cache = stored.decode_missing(table, raw_dir, compute, job)
+    # The workers end here: the memo's compaction, the rows and the dedup's table steps after
+    # them run in this process, and would otherwise stand on top of idle workers' heap.
+    parallel.release_workers()
     if cache.parts > memo.COMPACT_PARTS:
         cache.compact()
     return cache.rows(table["sha256"].tolist())[PROBE_COLUMNS].set_index(table.index)
