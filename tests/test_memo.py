@@ -90,6 +90,23 @@ def _truncate(path, keep=0.5):
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def test_filled_parts_keep_only_their_keys_in_memory_and_read_their_rows_when_asked(tmp_path):
+    cache = memo.Memo("probe", "fp", root=tmp_path)
+    todo = ["b", "a", "c"]
+    batches = [(["b", "a"], [2, 1]), (["c"], [3])]
+    cache.fill(todo, batches, lambda keys, widths: (pd.DataFrame({"sha256": keys, "width": widths}), None))
+    assert cache.missing(["a", "c", "d"]) == ["d"]
+    # The rows come from the parts' files, not from the heap: a file changed since is read as it is.
+    for path in tmp_path.rglob("*.parquet"):
+        rows = pd.read_parquet(path)
+        rows.assign(width=rows["width"] * 10).to_parquet(path, index=False)
+    assert list(cache.rows(["c", "a", "b"])["width"]) == [30, 10, 20]
+    cache.put(pd.DataFrame({"sha256": ["e"], "width": [5]}))  # put: held, as before
+    for path in tmp_path.rglob("*.parquet"):
+        path.unlink()
+    assert list(cache.rows(["e"])["width"]) == [5]
+
+
 def test_a_truncated_table_part_is_discarded_with_a_line_and_recomputed(tmp_path, capsys):
     directory, name = _two_parts(tmp_path)
     _truncate(directory / f"{name}.parquet")

@@ -370,10 +370,11 @@ class Memo:
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, rows: pd.DataFrame, arrays: np.ndarray | None = None) -> None:
+    def put(self, rows: pd.DataFrame, arrays: np.ndarray | None = None, *, held: bool = True) -> None:
         """Memoize rows (with a `sha256` column) and, if given, their arrays (first axis aligned).
 
-        The part is durable when this returns: a kill after it keeps it.
+        The part is durable when this returns: a kill after it keeps it. ``held=False`` keeps
+        only its keys in memory; its rows are read again from its file when asked for.
         """
         if rows.empty:
             return
@@ -385,7 +386,7 @@ class Memo:
                 npy = self.directory / f"{name}.npy"
                 write_with(npy, lambda tmp: _save_npy(tmp, arrays), durable=True, needed=arrays.nbytes)
             write_table(rows, self.directory / f"{name}.parquet", durable=True)
-        self._add_part(name, rows.reset_index(drop=True))
+        self._add_part(name, rows.reset_index(drop=True) if held else [str(k) for k in rows[KEY]])
 
     @contextlib.contextmanager
     def _writing(self, name: str) -> Iterator[None]:
@@ -441,12 +442,14 @@ class Memo:
 
         A batch's keys are the next ``len(batch)`` keys of ``todo``; ``part(keys, result)`` turns
         them into the rows (with a ``sha256`` column) and the arrays (or None) to memoize.
+        Each part's rows are on disk, not in the heap, until they are asked for: a pass over
+        the whole collection holds a batch's rows, not every batch's.
         """
         done = 0
         for batch, result in results:
             keys = [str(k) for k in todo[done : done + len(batch)]]
             done += len(batch)
-            self.put(*part(keys, result))
+            self.put(*part(keys, result), held=False)
             memory.release()  # the batch is on disk: its copies need not stay in the heap
         self.write_catalog()
 
