@@ -157,3 +157,6 @@ def test_the_pixels_locations_are_each_sha256s_first_row_made_a_group_at_a_time(
         assert all(type(offset) is int and type(size) is int for _, _, offset, size in got)
     assert list(located[1:]) == [located[1], located[2]]
     assert located[1] == [("b", "s0", 20, 3), ("a", "s0", 0, 10), ("a", "s1", 30, 4)]
+    # By row position (a pass's missing rows): the same locations, without the keys.
+    by_row = stored.Located(table).of_rows([np.array([1, 3]), np.array([2, 0, 4])])
+    assert list(by_row) == [_locations(table.iloc[[1, 3]]), _locations(table.iloc[[2, 0, 4]])]

@@ -18,6 +18,8 @@ def test_rows_and_arrays_come_back_in_the_order_asked(tmp_path):
     cache.put(pd.DataFrame({"sha256": ["c"], "width": [3]}), np.array([[3]], np.uint8))
     again = memo.Memo("probe", "fp", root=tmp_path)
     assert again.missing(["c", "d", "a", "d"]) == ["d"]
+    rows, distinct = again.missing_rows(["c", "d", "a", "e", "d", "e"])
+    assert rows.tolist() == [1, 3] and distinct == 4  # the first row of each missing key
     assert list(again.rows(["c", "a", "c"])["width"]) == [3, 1, 3]
     assert again.arrays(["b", "c", "a"]).ravel().tolist() == [2, 3, 1]
 

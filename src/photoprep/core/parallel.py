@@ -40,7 +40,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -53,6 +53,7 @@ from photoprep.core.params import ComputeParams
 T = TypeVar("T")
 R = TypeVar("R")
 W = TypeVar("W", bound=Callable[..., Any])
+S = TypeVar("S", bound=Sequence[Any] | np.ndarray)
 
 # The attribute `in_threads` sets on a work function.
 _IN_THREADS = "_photoprep_in_threads"
@@ -69,9 +70,9 @@ _EARLY_EXIT = r"\d+ tasks (have been successfully executed|which were still bein
 WORKER_START_S = 0.5
 
 
-def batches(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    """Consecutive slices of at most `size` items."""
-    return [items[start : start + size] for start in range(0, len(items), size)]
+def batches(items: S, size: int) -> list[S]:
+    """Consecutive slices of at most `size` items (of a sequence, or views of an array)."""
+    return [cast(S, items[start : start + size]) for start in range(0, len(items), size)]
 
 
 def code_fingerprint() -> str:

@@ -322,8 +322,18 @@ class Memo:
 
     def missing(self, keys: Sequence[str]) -> list[str]:
         """The distinct keys not memoized yet, in first-seen order."""
-        distinct = list(dict.fromkeys(keys))
-        return [k for k, where in zip(distinct, self._index.where(distinct), strict=True) if where < 0]
+        rows, _ = self.missing_rows(keys)
+        return [keys[row] for row in rows.tolist()]
+
+    def missing_rows(self, keys: Iterable[str]) -> tuple[np.ndarray, int]:
+        """The position in `keys` of the first of each distinct key not memoized yet, in order,
+        and how many distinct keys there are."""
+        first: dict[str, int] = {}
+        for position, key in enumerate(keys):
+            first.setdefault(key, position)
+        held = self._index.where(list(first))
+        rows = np.fromiter(first.values(), np.int64, len(first))[held < 0]
+        return rows, len(first)
 
     def rows(self, keys: Sequence[str]) -> pd.DataFrame:
         """Memoized rows for `keys`, in that order (every key must be present)."""

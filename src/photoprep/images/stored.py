@@ -53,11 +53,12 @@ class Pass:
 
 
 class Located:
-    """Where the bytes of each sha256 of `table` lie (its first row's), as codes and numbers: about
-    40 bytes a row, where a `BlobLocation` a row is some 250 of Python's objects. `keys` is the
-    table's sha256 column as a list (the caller's: its strings are shared, not copied)."""
+    """Where the bytes of each row of `table` lie, as codes and numbers: about 32 bytes a row,
+    where a `BlobLocation` a row is some 250 of Python's objects. `rows` locates rows by position;
+    `of` locates groups of sha256s, each by its first row in `keys` (the table's sha256 column as
+    a list: its strings are shared, not copied), and only when `keys` are given."""
 
-    def __init__(self, table: pd.DataFrame, keys: Sequence[str]) -> None:
+    def __init__(self, table: pd.DataFrame, keys: Sequence[str] = ()) -> None:
         self.first: dict[str, int] = {}
         for position, key in enumerate(keys):
             self.first.setdefault(key, position)
@@ -71,8 +72,15 @@ class Located:
         """The locations of each group of sha256s, made when the group is asked for."""
         return parallel.LazyGroups(self.locations, groups)
 
+    def of_rows(self, groups: Sequence[np.ndarray]) -> Sequence[list[BlobLocation]]:
+        """The locations of each group of row positions, made when the group is asked for."""
+        return parallel.LazyGroups(self.rows, groups)
+
     def locations(self, group: Sequence[str]) -> list[BlobLocation]:
-        at = np.fromiter((self.first[key] for key in group), np.int64, len(group))
+        return self.rows(np.fromiter((self.first[key] for key in group), np.int64, len(group)))
+
+    def rows(self, positions: np.ndarray | Sequence[int]) -> list[BlobLocation]:
+        at = np.asarray(positions, dtype=np.int64)
         sources = self.sources[self.source[at]].tolist()
         shards = self.shards[self.shard[at]].tolist()
         return list(zip(sources, shards, self.offset[at].tolist(), self.size[at].tolist(), strict=True))
@@ -109,20 +117,20 @@ def decode_missing(
     only the sha256s missing from it are decoded, one memo part per batch as the batches come back
     from the workers, so a killed run keeps every finished batch."""
     cache = job.memo() if cache is None else cache
-    keys = table["sha256"].tolist()
-    todo = cache.missing(keys)
-    if todo:
-        # Only the columns that say where the bytes lie (the table may be wide), as numbers: each
-        # batch's locations are made when the batch is sent.
-        where = Located(table, keys)
+    rows, distinct = cache.missing_rows(table["sha256"])
+    if len(rows):
+        # While the workers decode, this process holds per photo a row number, the missing
+        # sha256s as one Arrow column and where the bytes lie as numbers (`Located`), not a Python
+        # string a photo; each batch's locations are made when the batch is sent.
+        todo = table["sha256"].array.take(rows)
         root = blob_root(raw_dir, compute)
-        groups = where.of(parallel.batches(todo, compute.batch_size))
+        groups = Located(table).of_rows(parallel.batches(rows, compute.batch_size))
         batches = parallel.imap_groups(
-            job.task, groups, compute, root, *job.args, desc=job.desc, total=len(todo), local_first=True
+            job.task, groups, compute, root, *job.args, desc=job.desc, total=len(rows), local_first=True
         )
         with contextlib.closing(batches):  # a failed put (a full disk) stops the workers now
             cache.fill(todo, batches, job.part)
-    memo.log_decodes(job.namespace, decoded=len(todo), cached=len(set(keys)) - len(todo))
+    memo.log_decodes(job.namespace, decoded=len(rows), cached=distinct - len(rows))
     return cache
 
 
