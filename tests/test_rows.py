@@ -47,9 +47,10 @@ def test_a_committed_row_reads_back_from_the_journal_as_the_same_row(tmp_path):
 
 
 def test_a_finished_tables_ok_rows_are_earlier_rows_and_its_failed_rows_are_not():
-    records = pd.DataFrame({"source": ["s", "s"], "id": ["b", "a"], "url": ["u/b", "u/a"]})
-    table = table_of(records, [FetchRow.failed("timeout"), FetchRow.stored(b"data", 200, 1)])
-    assert list(table["id"]) == ["a", "b"]  # sorted by key
+    records = pd.DataFrame({"source": ["s", "s"], "id": ["a", "b"], "url": ["u/a", "u/b"]}, index=[7, 3])
+    table = table_of(records, [FetchRow.stored(b"data", 200, 1), FetchRow.failed("timeout")])
+    assert list(table["id"]) == ["a", "b"] and list(table.index) == [0, 1]  # the records' order
+    assert list(records.columns) == ["source", "id", "url"]  # the records as they were
     assert list(table.columns) == ["source", "id", "url", *RESULT_COLUMNS]
     earlier = earlier_rows(table, {})
     assert list(earlier) == [("s", "a")]

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from photoprep.core.console import Progress, count
@@ -50,7 +51,7 @@ from photoprep.ingest.rows import (
     journal_values,
     table_of,
 )
-from photoprep.ingest.sink import Sink, SinkThread
+from photoprep.ingest.sink import Sink, SinkThread, Targets
 from photoprep.ingest.store import ShardWriter
 
 _MIB = 2**20
@@ -115,8 +116,8 @@ class _Resume:
 
     records: pd.DataFrame
     reused: dict[int, FetchRow]
-    positions: list[int]
-    keys: list[tuple[str, str, str]]  # (source, id, url) of each position fetched, in order
+    positions: np.ndarray
+    keys: Targets  # (source, id, url) of each position fetched, in order
     writer: ShardWriter
     journal: Journal
 
@@ -145,38 +146,35 @@ def _resume(
     committed = read_journal(store_dir)
     writer = ShardWriter(store_dir, p.shard_mb * _MIB, resume=committed.open_shard)
     earlier = earlier_rows(previous, committed.rows)
-    all_keys = list(
-        zip(records["source"].tolist(), records["id"].tolist(), records["url"].tolist(), strict=True)
-    )
     reused: dict[int, FetchRow] = {}
-    for position, (source, id_, url) in enumerate(all_keys):
-        row = earlier.get((source, id_))
-        if (
-            row is not None
-            and row["status"] == "ok"
-            and row["url"] == url
-            and writer.holds(str(row["sha256"]))
-        ):
-            reused[position] = FetchRow.from_mapping(row)
-    positions = [position for position in range(len(records)) if position not in reused]
     # Rows an interrupted run committed and this run keeps open the new journal, so a kill now
     # loses none of them.
-    carried = [
-        journal_values(all_keys[i], row)
-        for i, row in sorted(reused.items())
-        if all_keys[i][:2] in committed.rows
-    ]
+    carried = []
+    if earlier:
+        columns = (records[name].tolist() for name in ("source", "id", "url"))
+        for position, key in enumerate(zip(*columns, strict=True)):
+            row = earlier.get(key[:2])
+            if row is None or row["status"] != "ok" or row["url"] != key[2]:
+                continue
+            if writer.holds(str(row["sha256"])):
+                reused[position] = FetchRow.from_mapping(row)
+                if key[:2] in committed.rows:
+                    carried.append(journal_values(key, reused[position]))
     journal = Journal(store_dir, carried, writer.commit())
-    keys = [all_keys[position] for position in positions]
+    fetched = np.ones(len(records), dtype=bool)
+    fetched[list(reused)] = False
+    positions = np.flatnonzero(fetched)
+    # The records' columns at the positions fetched, kept as they are (Arrow), not as a tuple a record.
+    keys = Targets(*(records[name].array.take(positions) for name in ("source", "id", "url")))
     return _Resume(records, reused, positions, keys, writer, journal)
 
 
 async def _fetch_rows(
-    client_of: Callable[[], Client], urls: list[str], sink: Sink, bar: Progress
+    client_of: Callable[[], Client], urls: Sequence[str], sink: Sink, bar: Progress
 ) -> tuple[list[HostDown], str]:
     """Fetch every target into the sink; the hosts cut off, and the signal that stopped the run
     ('' if none)."""
-    if not urls:
+    if not len(urls):
         return [], ""
     storing = SinkThread(sink)
     try:
@@ -291,7 +289,7 @@ def download(
     start = _resume(records, store_dir, p, previous)
     notes = list(start.writer.notes)
     sink = Sink(start.writer, start.journal, start.keys, p, p.shard_mb * _MIB)
-    urls = [url for _, _, url in start.keys]
+    urls = start.keys.urls
     sources = records["source"].unique()
     desc = f"fetch {sources[0]}" if len(sources) == 1 else "fetch"
     cross_host = p.allow_cross_host_redirects

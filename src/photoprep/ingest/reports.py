@@ -38,8 +38,9 @@ def unmatched_labels(labels: pd.DataFrame, records: pd.DataFrame) -> pd.DataFram
     """Rows of a labels table whose id is no id of the manifest, sorted by id."""
     if labels.empty:
         return labels.reset_index(drop=True)
-    known = set(records["id"])
-    return labels[~labels["id"].isin(known)].sort_values("id", kind="mergesort").reset_index(drop=True)
+    # isin of the column itself: a set of the ids would be a Python string an id
+    unmatched = ~labels["id"].isin(records["id"])
+    return labels[unmatched].sort_values("id", kind="mergesort").reset_index(drop=True)
 
 
 def fetched_cause(table: pd.DataFrame) -> str:

@@ -92,10 +92,12 @@ def check_records(records: pd.DataFrame) -> None:
 
 
 def table_of(records: pd.DataFrame, rows: list[FetchRow]) -> pd.DataFrame:
-    """Records with their result columns: key first, carried columns, results; sorted by key."""
+    """Records with their result columns: key first, carried columns, results; in the records'
+    order, which is the key's (`photoprep.ingest.fetch.download` sorts them before anything else).
+    The records' columns are not copied (pandas copies on write)."""
     carried = [c for c in records.columns if c not in KEY]
-    table = records[[*KEY, *carried]].reset_index(drop=True).copy()
+    table = records[[*KEY, *carried]].reset_index(drop=True)
     for column in RESULT_COLUMNS:
         values = [getattr(row, column) for row in rows]
         table[column] = pd.Series(values, dtype="int64" if column in INT_COLUMNS else None)
-    return table.sort_values(list(KEY), kind="mergesort").reset_index(drop=True)
+    return table

@@ -27,11 +27,30 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 
 from photoprep.core.params import DownloadParams
 from photoprep.ingest.journal import Journal
 from photoprep.ingest.rows import FetchRow, journal_values
 from photoprep.ingest.store import ShardWriter
+
+
+class Targets:
+    """(source, id, url) of each target, in target order, made when one is asked for. The three
+    columns stay as they came (Arrow arrays: the bytes of the texts and an offset each), where a
+    tuple of three Python strings a target held about 300 bytes for the whole run."""
+
+    def __init__(self, sources: Sequence[str], ids: Sequence[str], urls: Sequence[str]) -> None:
+        self.columns = (sources, ids, urls)
+        self.urls = urls
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def between(self, start: int, stop: int) -> list[tuple[str, str, str]]:
+        """Targets `start` to `stop` (a commit's), each column's slice turned into texts at once."""
+        sources, ids, urls = (list(column[start:stop]) for column in self.columns)
+        return list(zip(sources, ids, urls, strict=True))
 
 
 class Sink:
@@ -41,7 +60,7 @@ class Sink:
         self,
         writer: ShardWriter,
         journal: Journal,
-        keys: list[tuple[str, str, str]],
+        keys: Targets,
         p: DownloadParams,
         memory_bytes: int,
     ):
@@ -124,8 +143,8 @@ class Sink:
         state = self.writer.commit()
         # A failed row is fetched again anyway: only stored bodies need committing.
         values = [
-            journal_values(self.keys[index], self.rows[index])
-            for index in range(self.committed, upto)
+            journal_values(key, self.rows[index])
+            for index, key in enumerate(self.keys.between(self.committed, upto), self.committed)
             if self.rows[index].status == "ok"
         ]
         self.journal.commit(values, state)
