@@ -26,6 +26,7 @@ def main() -> str:
     p = params.load()
     source = sources.load_source(name)
     listed = manifest.read_manifest(source)
+    memory.release()  # the parse's temporaries: the fetch's peak stands on the records alone
     if targets.reads_files(listed.records["url"]):
         memory.map_large_blocks()  # each body from a file mapped on its own: photoprep.core.memory says why
     labels = sources.load_labels(source)

@@ -131,12 +131,16 @@ class _Resume:
     def finished(self, rows: dict[int, FetchRow]) -> pd.DataFrame:
         """The table of a finished run: every record's row, placed in the shards just flushed."""
         refs = self.writer.flush()
-        out = [*self.reused.items(), *((self.positions[i], row) for i, row in rows.items())]
-        for _, row in out:
+        ordered: list[Any] = [None] * len(self.records)  # every record's row, by position
+        for position, row in self.reused.items():
+            ordered[position] = row
+        for index, row in rows.items():
+            ordered[self.positions[index]] = row
+        for row in ordered:
             if row.sha256:
                 ref = refs[row.sha256]
                 row.shard, row.offset = ref.shard, ref.offset
-        return table_of(self.records, [row for _, row in sorted(out, key=lambda item: item[0])])
+        return table_of(self.records, ordered)
 
 
 def _resume(

@@ -39,9 +39,10 @@ import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 
 from photoprep.core.io import fsync_directory
 
@@ -448,11 +449,12 @@ class ShardWriter:
         """Make every blob added so far durable; the shard in progress to resume from (None if none)."""
         return None if self._open is None else self._open.sync()
 
-    def flush(self) -> dict[str, BlobRef]:
-        """Close the shard being written; the refs of every blob the store holds."""
+    def flush(self) -> Mapping[str, BlobRef]:
+        """Close the shard being written; the refs of every blob the store holds (a read-only view,
+        not a copy: a copy was a second dict of every blob)."""
         if self._open is not None:
             self._close_shard()
-        return dict(self._refs)
+        return MappingProxyType(self._refs)
 
     def abandon(self) -> None:
         """Stop writing, leaving the shard in progress on disk as its last commit made it (a stop)."""
