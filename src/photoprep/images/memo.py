@@ -510,11 +510,7 @@ class Memo:
         scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
         fresh = []
         for keys in missing:
-            distinct = list(dict.fromkeys(keys))
-            known = self._index.where(distinct) >= 0
-            fresh.append(
-                [key for key, h in zip(distinct, known, strict=True) if not h and key not in scheduled]
-            )
+            fresh.append([key for key in self.missing(keys) if key not in scheduled])
             scheduled.update(fresh[-1])
         # The missing keys of every chunk, one after another, cut into batches: a few new photos
         # spread over several chunks are one batch (no worker started for them), a large chunk

@@ -117,12 +117,13 @@ def decode_missing(
     only the sha256s missing from it are decoded, one memo part per batch as the batches come back
     from the workers, so a killed run keeps every finished batch."""
     cache = job.memo() if cache is None else cache
-    rows, distinct = cache.missing_rows(table["sha256"])
+    sha256 = table["sha256"]
+    rows, distinct = cache.missing_rows(sha256)
     if len(rows):
         # While the workers decode, this process holds per photo a row number, the missing
         # sha256s as one Arrow column and where the bytes lie as numbers (`Located`), not a Python
         # string a photo; each batch's locations are made when the batch is sent.
-        todo = table["sha256"].array.take(rows)
+        todo = sha256.array.take(rows)
         root = blob_root(raw_dir, compute)
         groups = Located(table).of_rows(parallel.batches(rows, compute.batch_size))
         batches = parallel.imap_groups(

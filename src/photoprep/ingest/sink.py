@@ -42,7 +42,10 @@ class Targets:
 
     def __init__(self, sources: Sequence[str], ids: Sequence[str], urls: Sequence[str]) -> None:
         self.columns = (sources, ids, urls)
-        self.urls = urls
+
+    @property
+    def urls(self) -> Sequence[str]:
+        return self.columns[2]
 
     def __len__(self) -> int:
         return len(self.urls)
