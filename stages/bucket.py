@@ -7,6 +7,7 @@ ensure_project_python()
 from photoprep.core import memory
 
 memory.arrow_from_malloc()  # before pyarrow loads: photoprep.core.memory says why
+memory.map_large_blocks(128 << 10)  # the decoded frames and pixel batches: photoprep.core.memory
 
 
 from photoprep.core import console, errors, io, params, tables

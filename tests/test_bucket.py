@@ -133,30 +133,25 @@ def _locations(table: pd.DataFrame) -> list[tuple[str, str, int, int]]:
     return list(zip(table["source"], table["shard"], offsets, sizes, strict=True))
 
 
-def test_the_pixels_locations_are_each_sha256s_first_row_made_a_group_at_a_time():
-    """`stored.Located` (codes and numbers, not a tuple a row) gives what the table's first row of
-    each sha256 says, for a group or a slice of groups, repeats and all."""
+def test_the_pixels_locations_are_each_rows_made_a_group_at_a_time():
+    """`stored.Located` (codes and numbers, not a tuple a row) gives what the table's rows say,
+    for a group of row positions or a slice of groups, repeats and all."""
     from photoprep.images import stored
 
     table = pd.DataFrame(
         {
             "source": ["a", "a", "b", "b", "a"],
-            "sha256": ["x", "y", "x", "z", "w"],  # x twice: its first row (source a) locates it
+            "sha256": ["x", "y", "x", "z", "w"],
             "shard": ["s0", "s1", "s9", "s0", "s1"],
             "offset": [0, 10, 99, 20, 30],
             "size": [10, 5, 7, 3, 4],
         }
     )
-    keys = table["sha256"].tolist()
-    firsts = table.drop_duplicates("sha256").set_index("sha256")
-    groups = [["x", "y"], ["z", "x", "w"], ["w"]]
-    located = stored.Located(table, keys).of(groups)
+    groups = [np.array([0, 1]), np.array([3, 2, 4]), np.array([4, 4])]
+    located = stored.Located(table).of_rows(groups)
     assert len(located) == 3
     for group, got in zip(groups, located, strict=True):
-        assert got == _locations(firsts.loc[group].reset_index())
+        assert got == _locations(table.iloc[group])
         assert all(type(offset) is int and type(size) is int for _, _, offset, size in got)
     assert list(located[1:]) == [located[1], located[2]]
-    assert located[1] == [("b", "s0", 20, 3), ("a", "s0", 0, 10), ("a", "s1", 30, 4)]
-    # By row position (a pass's missing rows): the same locations, without the keys.
-    by_row = stored.Located(table).of_rows([np.array([1, 3]), np.array([2, 0, 4])])
-    assert list(by_row) == [_locations(table.iloc[[1, 3]]), _locations(table.iloc[[2, 0, 4]])]
+    assert located[1] == [("b", "s0", 20, 3), ("b", "s9", 99, 7), ("a", "s1", 30, 4)]

@@ -111,6 +111,16 @@ def test_a_missing_index_or_a_chunk_that_disagrees_with_it_is_one_clear_error(fo
         chunked.ChunkedArray(path)[0]
 
 
+def _by_rows(rows: list[str], compute):
+    """`compute` (which takes batches of keys) as `Memo.fill_chunks` calls it: with batches of
+    positions, here in `rows`, since the chunks are its slices."""
+
+    def by_rows(groups):
+        return compute([[rows[position] for position in group.tolist()] for group in groups])
+
+    return by_rows
+
+
 def test_memo_parts_are_the_output_chunks_one_file_and_only_missing_keys_are_computed(tmp_path):
     keys = _keys(range(300))
     values = {k: np.full((2, 2), i, np.int32) for i, k in enumerate(keys)}
@@ -125,7 +135,9 @@ def test_memo_parts_are_the_output_chunks_one_file_and_only_missing_keys_are_com
         cache = memo.Memo("test", "fp", root=tmp_path / "cache", arrays=True)
         cuts = chunked.boundaries(rows, None, 16)
         chunks = [rows[a:b] for a, b in cuts]
-        cache.fill_chunks(chunks, compute, batch=5)  # chunks of ~16 rows: several batches each
+        cache.fill_chunks(
+            chunks, _by_rows(rows, compute), batch=5
+        )  # chunks of ~16 rows: several batches each
         parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
         chunked.write_folder(tmp_path / "out", parts, np.int32, (2, 2))
         return chunked.ChunkedArray(tmp_path / "out")
@@ -176,7 +188,7 @@ def test_a_folder_is_updated_in_place_and_keeps_the_chunks_whose_bytes_stay(tmp_
 
     def write(rows: list[str]) -> dict[str, int]:
         chunks = [rows[a:b] for a, b in chunked.boundaries(rows, None, 16)]
-        cache.fill_chunks(chunks, compute)
+        cache.fill_chunks(chunks, _by_rows(rows, compute))
         parts = [chunked.Chunk(memo.part_name(c), len(c), cache.part_path(c)) for c in chunks]
         chunked.write_folder(tmp_path / "out", parts, np.int32, (3,))
         return {p.name: p.stat().st_ino for p in (tmp_path / "out").iterdir() if p.name != chunked.INDEX}
@@ -210,11 +222,10 @@ def _memo_folder(
 ) -> tuple[memo.Memo, list[chunked.Chunk]]:
     """Chunks of `keys` from the memo of `fingerprint`, whose rows are ``shift + i``."""
     cache = memo.Memo("test", fingerprint, root=tmp_path / "cache", arrays=True)
-    position = {k: i for i, k in enumerate(keys)}
 
-    def compute(groups):
+    def compute(groups):  # positions in `keys`: the chunks are its slices
         for group in groups:
-            yield group, np.array([[shift + position[k]] for k in group], np.int32)
+            yield group, np.array([[shift + position] for position in group.tolist()], np.int32)
 
     chunks = [keys[a:b] for a, b in chunked.boundaries(keys, None, 16)]
     cache.fill_chunks(chunks, compute)

@@ -13,6 +13,8 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import warnings
 from functools import cache
 
@@ -428,3 +430,28 @@ def test_refusals_allocate_nothing_and_the_budget_bounds_a_decode(tmp_path):
     assert figures["png16_refused"][2] == "over_budget" and figures["png16_refused"][0] < 5, figures
     growth, _seconds, reason = figures["png16_decoded"]
     assert reason == "" and growth < decode_cost_mb("I;16B", (7000, 7000), gray=True) * 1.1, figures
+
+
+def test_threads_decoding_at_once_share_one_quiet_scope_and_leave_the_filters_as_they_were():
+    """The bucket stage resizes in threads: each must decode with Pillow's warnings silenced, and
+    the filters after must be the ones before (a scope a thread would put back another's)."""
+    from photoprep.images.decode import pillow_quiet
+
+    before = list(warnings.filters)
+    start, loud = threading.Barrier(4), []
+
+    def decode_many() -> None:
+        start.wait()
+        for _ in range(100):
+            with pillow_quiet():
+                time.sleep(0.0005)  # another thread enters and leaves meanwhile
+                if warnings.filters[0][0] != "ignore":
+                    loud.append(1)
+
+    threads = [threading.Thread(target=decode_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not loud
+    assert warnings.filters == before

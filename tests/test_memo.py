@@ -155,10 +155,12 @@ def test_temporaries_of_dead_runs_are_removed_and_row_parts_compact(tmp_path):
     assert list(again.rows(["e", "a"])["width"]) == [ord("e"), ord("a")]
 
 
-def _batches(values: dict[str, np.ndarray]):
+def _batches(values: dict[str, np.ndarray], keys: list[str]):
+    """A `fill_chunks` compute for chunks that are slices of `keys`: a batch is their positions."""
+
     def compute(groups):
         for group in groups:
-            yield group, np.stack([values[k] for k in group])
+            yield group, np.stack([values[keys[position]] for position in group.tolist()])
 
     return compute
 
@@ -168,7 +170,7 @@ def test_a_chunk_of_new_rows_streams_to_the_same_bytes_that_np_save_writes(tmp_p
     values = {k: np.full((3, 2), i, np.float32) for i, k in enumerate(keys)}
     cache = memo.Memo("features", "fp", root=tmp_path, arrays=True)
     chunks = [keys[:10], keys[10:]]
-    assert cache.fill_chunks(chunks, _batches(values), batch=4) == 23  # batches straddle the chunks
+    assert cache.fill_chunks(chunks, _batches(values, keys), batch=4) == 23  # batches straddle the chunks
     for chunk in chunks:
         buffer = io.BytesIO()
         np.save(buffer, np.stack([values[k] for k in chunk]))
@@ -186,7 +188,7 @@ def test_a_full_disk_while_a_chunk_streams_keeps_the_chunks_before_and_leaves_no
     with tmpfs(tmp_path / "small", 256 << 10) as small:
         cache = memo.Memo("pixels", "fp", root=small, arrays=True)
         with pytest.raises(StorageError) as caught:
-            cache.fill_chunks(chunks, _batches(values), batch=4)
+            cache.fill_chunks(chunks, _batches(values, keys), batch=4)
         assert str(cache.directory) in str(caught.value)
         names = sorted(p.name for p in cache.directory.iterdir())
         assert not [name for name in names if name.endswith(".tmp")]
@@ -196,3 +198,33 @@ def test_a_full_disk_while_a_chunk_streams_keeps_the_chunks_before_and_leaves_no
         again = memo.Memo("pixels", "fp", root=small, arrays=True)
         held = [chunk for chunk in chunks if again.holds_part(chunk)]
         assert held == chunks[: len(held)] and 0 < len(held) < len(chunks)
+
+
+def test_a_key_in_two_chunks_is_computed_once_for_its_first_row_and_a_rerun_computes_only_new_rows(tmp_path):
+    keys = [f"{i:064x}" for i in range(13)]
+    values = {k: np.full(4, i, np.int16) for i, k in enumerate(keys)}
+    asked: list[int] = []
+
+    def compute_for(rows: list[str]):
+        def compute(groups):
+            for group in groups:
+                asked.extend(group.tolist())
+                yield group, np.stack([values[rows[position]] for position in group.tolist()])
+
+        return compute
+
+    rows = [*keys[:8], keys[2], *keys[8:12]]  # row 8 repeats row 2, in the second chunk
+    chunks = [rows[:5], rows[5:]]
+    cache = memo.Memo("features", "fp", root=tmp_path, arrays=True)
+    assert cache.fill_chunks(chunks, compute_for(rows), batch=3) == 12
+    assert asked == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12]
+    for chunk in chunks:
+        np.testing.assert_array_equal(np.load(cache.part_path(chunk)), np.stack([values[k] for k in chunk]))
+    asked.clear()
+    grown = [*rows, keys[12]]  # the last chunk gains a row: its old rows are read, not computed
+    chunks = [grown[:5], grown[5:]]
+    assert cache.fill_chunks(chunks, compute_for(grown), batch=3) == 1
+    assert asked == [13]
+    np.testing.assert_array_equal(
+        np.load(cache.part_path(chunks[1])), np.stack([values[k] for k in chunks[1]])
+    )

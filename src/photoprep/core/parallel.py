@@ -181,7 +181,7 @@ def _check_code(client: Any) -> None:
 
 
 def _on_dask(
-    work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
+    work: Callable[..., R], chunks: Sequence[S], compute: ComputeParams, args: tuple[Any, ...]
 ) -> Iterator[R]:
     """`work(chunk, *args)` of each chunk as a Dask task; results in input order, bounded in flight."""
     with dask_client(compute) as client:
@@ -190,7 +190,7 @@ def _on_dask(
         pending: deque[Any] = deque()
         todo = iter(enumerate(chunks))
 
-        def submit(index: int, chunk: Sequence[T]) -> None:
+        def submit(index: int, chunk: S) -> None:
             payload: Any = chunk
             if isinstance(chunk, np.ndarray) and chunk.nbytes > SCATTER_BYTES:
                 payload = client.scatter(chunk, direct=True, hash=False)
@@ -255,14 +255,14 @@ class LazyGroups(Sequence[Any]):
 
 def imap_groups(
     work: Callable[..., R],
-    chunks: Sequence[Sequence[T]],
+    chunks: Sequence[S],
     compute: ComputeParams,
     *args: Any,
     desc: str = "",
     unit: str = "img",
     total: int | None = None,
     local_first: bool = False,
-) -> Generator[tuple[Sequence[T], R], None, None]:
+) -> Generator[tuple[S, R], None, None]:
     """`imap_batches` over batches the caller cut (`chunks`: the rows missing from each chunk of
     an output, say), each one task, in order. A lazy sequence is read a batch at a time; give
     its `total` items for the progress bar. `local_first`: see `_here_while_short`."""
@@ -321,7 +321,7 @@ def _threaded(work: Callable[..., Any]) -> bool:
 
 
 def _on_joblib(
-    work: Callable[..., R], chunks: Sequence[Sequence[T]], compute: ComputeParams, args: tuple[Any, ...]
+    work: Callable[..., R], chunks: Sequence[S], compute: ComputeParams, args: tuple[Any, ...]
 ) -> Iterator[R]:
     """`work(chunk, *args)` of each chunk in joblib's workers (threads for `in_threads` work,
     else processes), results in input order."""
@@ -338,7 +338,7 @@ def _on_joblib(
 
 def _here_while_short(
     work: Callable[..., R],
-    chunks: Sequence[Sequence[T]],
+    chunks: Sequence[S],
     compute: ComputeParams,
     args: tuple[Any, ...],
     total: int,

@@ -35,6 +35,7 @@ to libjpeg and give ``corrupt``.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -145,18 +146,51 @@ def decode_cost_mb(mode: str, size: tuple[int, int], gray: bool, alpha: bool = F
     return (pixels * (core + extra) + strips) / 1e6
 
 
+class _Quiet:
+    """One `warnings.catch_warnings` scope shared by the threads that decode at once (the bucket
+    stage's resize runs in threads): the first to enter opens it, the last to leave closes it.
+    A scope of its own a thread is not safe, since warnings' filters are the process's: a thread
+    leaving would put back the filters it found, which may be another thread's "ignore", left
+    on for the rest of the stage."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.inside = 0
+        self.scope: warnings.catch_warnings[None] | None = None
+
+    def enter(self) -> None:
+        with self.lock:
+            if not self.inside:
+                self.scope = warnings.catch_warnings()
+                self.scope.__enter__()
+                warnings.simplefilter("ignore")
+            self.inside += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.inside -= 1
+            if not self.inside and self.scope is not None:
+                self.scope.__exit__(None, None, None)
+                self.scope = None
+
+
+_QUIET = _Quiet()
+
+
 @contextmanager
 def pillow_quiet() -> Iterator[None]:
     """Silence Pillow's per-image warnings (bomb size, odd EXIF, palette transparency): the
-    outcome is in the record. Scoped, so no global setting is left changed."""
+    outcome is in the record. Scoped, so no global setting is left changed (`_Quiet`)."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: photoprep.images.decode needs it False "
             "to detect truncated images; whoever set it should set it back"
         )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    _QUIET.enter()
+    try:
         yield
+    finally:
+        _QUIET.leave()
 
 
 def upright_rgb(

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,7 @@ def pixel_keys(images: Any) -> list[str]:
 
 
 @parallel.in_threads
-def _features_of(positions: Sequence[int], images_path: str, p: FeatureParams) -> np.ndarray:
+def _features_of(positions: np.ndarray, images_path: str, p: FeatureParams) -> np.ndarray:
     """Feature rows of the images at `positions` of the chunked array (read in the worker, a
     step at a time)."""
     images, at = chunked.ChunkedArray(images_path), np.asarray(positions)
@@ -276,13 +276,9 @@ def write_features(images_path: Path, path: Path, p: FeatureParams, compute: Com
     whole_bytes = len(keys) * row_bytes
     out_bytes = whole_bytes if standard else chunked.copy_bytes(cache.directory, path, whole_bytes)
     require_space([(cache.directory, new_rows * row_bytes), (path, out_bytes)])
-    first: dict[str, int] = {}
-    for position, key in enumerate(keys):
-        first.setdefault(key, position)
 
-    def compute_rows(groups: list[list[str]]) -> Any:
-        positions = [[first[key] for key in group] for group in groups]
-        total = sum(len(group) for group in groups)
+    def compute_rows(positions: list[np.ndarray]) -> Any:  # the images' rows: the chunks are slices of `keys`
+        total = sum(len(group) for group in positions)
         if compute.backend == "dask":
             # Workers elsewhere cannot open the images' folder: each group's pixels (12 KB an
             # image at 64x64) go with the task, straight to a worker (photoprep.core.parallel).

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import re
@@ -495,38 +496,39 @@ class Memo:
     def fill_chunks(
         self,
         chunks: Sequence[Sequence[str]],
-        compute: Callable[[list[list[str]]], Iterable[tuple[Any, Any]]],
+        compute: Callable[[list[np.ndarray]], Iterable[tuple[Any, Any]]],
         batch: int = 256,
     ) -> int:
         """Make each chunk (the keys of consecutive output rows) a part of its own, in order;
         return how many keys were computed.
 
-        Only the keys no part holds are computed, in batches of at most `batch` keys taken in
-        chunk order (a worker's memory is a batch's, whatever the chunk's size):
-        ``compute(batches)`` yields one ``(batch, arrays)`` per batch, in order, and each chunk is
-        put as soon as its rows are back, so a killed run keeps every finished chunk.
+        Only the keys no part holds are computed, each once (for the first row that has it), in
+        batches of at most `batch` taken in chunk order (a worker's memory is a batch's, whatever
+        the chunk's size), each batch the int64 positions of its keys in the chunks laid end to
+        end (the output's rows, when the chunks are its consecutive slices: no dict from key to
+        row). ``compute(batches)`` yields one ``(batch, arrays)`` per batch, in order; each chunk
+        is put as soon as its rows are back, so a killed run keeps every finished chunk.
         """
-        missing = [list(keys) for keys in chunks if not self.holds_part(keys)]
-        scheduled: set[str] = set()  # a key in two chunks is computed for the first, read for the second
-        fresh = []
-        for keys in missing:
-            fresh.append([key for key in self.missing(keys) if key not in scheduled])
-            scheduled.update(fresh[-1])
-        # The missing keys of every chunk, one after another, cut into batches: a few new photos
-        # spread over several chunks are one batch (no worker started for them), a large chunk
-        # is several.
-        flat = [key for group in fresh for key in group]
+        starts = np.cumsum([0, *map(len, chunks)], dtype=np.int64)
+        todo = [index for index, keys in enumerate(chunks) if not self.holds_part(keys)]
+        found, _ = self.missing_rows(itertools.chain.from_iterable(chunks[index] for index in todo))
+        fresh = self._end_to_end(found, todo, starts)
+        # The new rows of every chunk end to end, in batches: a few new photos over several
+        # chunks are one batch (no worker started for them), a large chunk several.
         step = max(1, batch)
-        pending = iter(compute([flat[start : start + step] for start in range(0, len(flat), step)]))
+        pending = iter(compute([fresh[start : start + step] for start in range(0, len(fresh), step)]))
         carried: list[np.ndarray] = []  # rows computed past the chunk being filled (at most a batch)
         try:
-            for keys, group in zip(missing, fresh, strict=True):
-                if group and group == keys:  # every row new, in order: to the part's file
+            for index in todo:
+                keys = chunks[index]
+                low, high = np.searchsorted(fresh, starts[index : index + 2]).tolist()
+                if high - low == len(keys):  # every row new, in order: to the part's file
                     with self._streamed_part(keys) as add:
-                        self._take_rows(len(group), pending, carried, add)
+                        self._take_rows(len(keys), pending, carried, add)
                 else:  # some rows from other parts (a few, on a re-run): put_chunk mixes them
                     taken: list[np.ndarray] = []
-                    self._take_rows(len(group), pending, carried, taken.append)
+                    self._take_rows(high - low, pending, carried, taken.append)
+                    group = [keys[row] for row in (fresh[low:high] - starts[index]).tolist()]
                     self.put_chunk(keys, group, np.concatenate(taken) if taken else None)
                     del taken
                 memory.release()
@@ -535,7 +537,17 @@ class Memo:
             if close is not None:
                 close()
         self.write_catalog()
-        return sum(len(group) for group in fresh)
+        return len(fresh)
+
+    @staticmethod
+    def _end_to_end(found: np.ndarray, todo: list[int], starts: np.ndarray) -> np.ndarray:
+        """Positions `found` in the chunks `todo` end to end, as positions in all the chunks end
+        to end; `starts`: each chunk's first position."""
+        chosen = np.asarray(todo, dtype=np.int64)
+        lengths = (starts[1:] - starts[:-1])[chosen]
+        ends = np.cumsum(lengths)  # of each chosen chunk, among the chosen ones laid end to end
+        which = np.searchsorted(ends, found, side="right")
+        return starts[chosen[which]] + found - (ends - lengths)[which]
 
     @staticmethod
     def _take_rows(

@@ -54,30 +54,19 @@ class Pass:
 
 class Located:
     """Where the bytes of each row of `table` lie, as codes and numbers: about 32 bytes a row,
-    where a `BlobLocation` a row is some 250 of Python's objects. `rows` locates rows by position;
-    `of` locates groups of sha256s, each by its first row in `keys` (the table's sha256 column as
-    a list: its strings are shared, not copied), and only when `keys` are given."""
+    where a `BlobLocation` a row is some 250 of Python's objects. `rows` locates rows by position,
+    `of_rows` groups of them."""
 
-    def __init__(self, table: pd.DataFrame, keys: Sequence[str] = ()) -> None:
-        self.first: dict[str, int] = {}
-        for position, key in enumerate(keys):
-            self.first.setdefault(key, position)
+    def __init__(self, table: pd.DataFrame) -> None:
         self.source, sources = pd.factorize(table["source"].astype(str))
         self.shard, shards = pd.factorize(table["shard"].astype(str))
         self.sources, self.shards = np.asarray(sources, dtype=object), np.asarray(shards, dtype=object)
         self.offset = table["offset"].to_numpy(np.int64)
         self.size = table["size"].to_numpy(np.int64)
 
-    def of(self, groups: Sequence[Sequence[str]]) -> Sequence[list[BlobLocation]]:
-        """The locations of each group of sha256s, made when the group is asked for."""
-        return parallel.LazyGroups(self.locations, groups)
-
     def of_rows(self, groups: Sequence[np.ndarray]) -> Sequence[list[BlobLocation]]:
         """The locations of each group of row positions, made when the group is asked for."""
         return parallel.LazyGroups(self.rows, groups)
-
-    def locations(self, group: Sequence[str]) -> list[BlobLocation]:
-        return self.rows(np.fromiter((self.first[key] for key in group), np.int64, len(group)))
 
     def rows(self, positions: np.ndarray | Sequence[int]) -> list[BlobLocation]:
         at = np.asarray(positions, dtype=np.int64)
@@ -135,11 +124,13 @@ def decode_missing(
     return cache
 
 
+@parallel.in_threads
 def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> np.ndarray:
-    """The batch's pixels as one array, made in the worker: the stage's process receives one
-    buffer a batch, not a small array an image, whose holes in its heap outlived them (with
-    the array the bucket stage's process tree peaked at 294 MB at 2,000 photos and 314 at
-    20,000, against 303 and 327; this 2-core AMD)."""
+    """The batch's pixels as one array, in a thread of the stage's process under joblib: Pillow
+    decodes and resizes with the GIL released, and a worker process would hold its own copy of
+    numpy, Pillow and photoprep (about 90 MB each). At 20,200 photos (this 2-core AMD) the
+    bucket stage took 6.8 and 7.0 s of wall in two threads against 7.2 and 7.5 in two processes,
+    and its process tree peaked at 119 and 121 MB against 296 and 301."""
     out = np.empty((len(located), *spec.size, 3), dtype=np.uint8)
     for row, data in enumerate(read_blobs(root, located)):
         out[row] = resize.resized_rgb(data, spec.size, spec.fit, spec.limits)
@@ -202,13 +193,20 @@ def write_pixels(
     new_rows = sum(len(c) for c in chunks if not cache.holds_part(c))
     out_bytes = chunked.copy_bytes(cache.directory, path, len(keys) * row_bytes)
     require_space([(cache.directory, new_rows * row_bytes), (path, out_bytes)])
-    where = Located(table, keys)
+    where = Located(table)
     root = blob_root(raw_dir, compute)
 
-    def decode(groups: list[list[str]]) -> Any:
+    def decode(groups: list[np.ndarray]) -> Any:  # groups of rows: the chunks are slices of `keys`
         total = sum(len(group) for group in groups)
         return parallel.imap_groups(
-            job.task, where.of(groups), compute, root, *job.args, desc=job.desc, total=total, local_first=True
+            job.task,
+            where.of_rows(groups),
+            compute,
+            root,
+            *job.args,
+            desc=job.desc,
+            total=total,
+            local_first=True,
         )
 
     decoded = cache.fill_chunks(chunks, decode, compute.batch_size)
