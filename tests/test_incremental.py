@@ -249,3 +249,39 @@ def test_images_written_in_chunks_equal_the_in_memory_array(tmp_path, monkeypatc
     streamed = chunked.ChunkedArray(tmp_path / "streamed")
     assert streamed.chunks > 2 and np.asarray(streamed).tobytes() == in_memory.tobytes()
     assert in_memory.shape == (25, 24, 32, 3) and in_memory.std() > 0
+
+
+def test_the_pixels_are_resized_in_threads_of_the_stages_process_not_in_worker_processes(
+    tmp_path, monkeypatch
+):
+    """Under joblib the bucket stage's resize runs in `compute.n_jobs` threads: no worker process
+    with its own copy of numpy, Pillow and photoprep (photoprep.core.parallel's notes)."""
+    import threading
+
+    from photoprep.core import parallel
+    from photoprep.core.params import ComputeParams
+    from photoprep.images import resize, stored
+    from photoprep.images.decode import DecodeLimits
+    from photoprep.images.resize import PixelSpec
+
+    psutil = pytest.importorskip("psutil")
+    project = make_project(tmp_path / "p", 23)
+    run_stage(project, "download", monkeypatch, "syn")
+    table = pd.read_parquet(project / "data" / "raw" / "syn.parquet")
+    monkeypatch.setenv("PHOTOPREP_CACHE", str(tmp_path / "cache"))
+    parallel.release_workers()
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    ran_in: set[int] = set()
+    resized = resize.resized_rgb
+
+    def spy(*args, **kwargs):
+        ran_in.add(threading.get_ident())
+        return resized(*args, **kwargs)
+
+    monkeypatch.setattr(resize, "resized_rgb", spy)  # a worker process would run the real one
+    spec = PixelSpec((24, 32), "pad", DecodeLimits(10**8))
+    stored.write_pixels(
+        table, project / "data" / "raw", spec, ComputeParams(n_jobs=2, batch_size=5), tmp_path / "out"
+    )
+    assert not {child.pid for child in psutil.Process().children(recursive=True)} - before
+    assert ran_in and threading.get_ident() not in ran_in
