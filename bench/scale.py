@@ -222,7 +222,8 @@ def make_project(root: Path, url: str, n_jobs: int) -> Path:
 class Run:
     wall_s: float
     cpu_s: float
-    peak_heap_mb: float
+    peak_heap_mb: float  # the process tree's: the stage's process and its workers
+    own_heap_mb: float = 0.0  # the stage's process alone: a worker start shows apart from a growth
 
 
 def _rss_anon_kb(pid: int) -> int:
@@ -251,10 +252,10 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
     child = subprocess.Popen(
         command, cwd=cwd, env=env or _env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    peak_kb, cpu_seen, done = 0, {}, threading.Event()
+    peak_kb, own_kb, cpu_seen, done = 0, 0, {}, threading.Event()
 
     def sample() -> None:
-        nonlocal peak_kb
+        nonlocal peak_kb, own_kb
         root = psutil.Process(child.pid)
         while not done.is_set():
             try:
@@ -263,7 +264,10 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
                 break
             total = 0
             for proc in tree:
-                total += _rss_anon_kb(proc.pid)
+                kb = _rss_anon_kb(proc.pid)
+                total += kb
+                if proc.pid == child.pid:
+                    own_kb = max(own_kb, kb)
                 try:
                     times = proc.cpu_times()
                     cpu_seen[proc.pid] = times.user + times.system
@@ -282,7 +286,8 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({child.returncode}):\n{stderr.decode()[-3000:]}")
     reaped = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return Run(round(wall, 3), round(max(reaped, sum(cpu_seen.values())), 3), round(peak_kb / 1024, 1))
+    cpu = round(max(reaped, sum(cpu_seen.values())), 3)
+    return Run(round(wall, 3), cpu, round(peak_kb / 1024, 1), round(own_kb / 1024, 1))
 
 
 def run_stage(project: Path, stage: str) -> Run:
@@ -374,6 +379,10 @@ def summarise(result: dict) -> dict:
             row["heap_kb_per_photo"] = round(
                 (full["peak_heap_mb"] - low["peak_heap_mb"]) * 1024 / (large - small), 3
             )
+            if "own_heap_mb" in full and "own_heap_mb" in low:  # reports before it lack it
+                row["own_heap_kb_per_photo"] = round(
+                    (full["own_heap_mb"] - low["own_heap_mb"]) * 1024 / (large - small), 3
+                )
             prev = result["runs"][str(below)][stage]
             slope_cpu = max(0.0, (full["cpu_s"] - prev["cpu_s"]) / (large - below))
             slope_heap = max(0.0, (full["peak_heap_mb"] - prev["peak_heap_mb"]) / (large - below))
@@ -645,6 +654,7 @@ def print_table(report: dict) -> None:
     print(f"source at {large}: {data['source'][str(large)]}; re-run after adding {data['added']}")
     header = (
         f"{'stage':9s} {'wall s':>7s} {'CPU s':>7s} {'ms/photo':>8s} {'heap MB':>8s} {'KB/photo':>8s} "
+        f"{'own KB':>6s} "
         f"{'rerun s':>7s} {'rerun/full':>10s} {'target':>6s} {'start CPU s':>11s} {'torch':>5s}"
     )
     print(header)
@@ -652,6 +662,7 @@ def print_table(report: dict) -> None:
         print(
             f"{stage:9s} {row['wall_s']:7.2f} {row['cpu_s']:7.2f} {row['cpu_ms_per_photo']:8.3f} "
             f"{row['peak_heap_mb']:8.1f} {row.get('heap_kb_per_photo', float('nan')):8.2f} "
+            f"{row.get('own_heap_kb_per_photo', float('nan')):6.2f} "
             f"{row['rerun_cpu_s']:7.2f} {row['rerun_fraction'] or 0:10.3f} "
             f"{'ok' if row['rerun_within_target'] else 'MISS':>6s} {row['start_s']:11.2f} "
             f"{'yes' if row['imports_torch'] else 'no':>5s}"
