@@ -511,8 +511,11 @@ class Memo:
         """
         starts = np.cumsum([0, *map(len, chunks)], dtype=np.int64)
         todo = [index for index, keys in enumerate(chunks) if not self.holds_part(keys)]
+        # The positions of the chunks to fill, end to end; the first row of each key no part holds.
+        rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in todo] or [np.empty(0, np.int64)])
         found, _ = self.missing_rows(itertools.chain.from_iterable(chunks[index] for index in todo))
-        fresh = self._end_to_end(found, todo, starts)
+        fresh = rows[found]
+        del rows
         # The new rows of every chunk end to end, in batches: a few new photos over several
         # chunks are one batch (no worker started for them), a large chunk several.
         step = max(1, batch)
@@ -538,16 +541,6 @@ class Memo:
                 close()
         self.write_catalog()
         return len(fresh)
-
-    @staticmethod
-    def _end_to_end(found: np.ndarray, todo: list[int], starts: np.ndarray) -> np.ndarray:
-        """Positions `found` in the chunks `todo` end to end, as positions in all the chunks end
-        to end; `starts`: each chunk's first position."""
-        chosen = np.asarray(todo, dtype=np.int64)
-        lengths = (starts[1:] - starts[:-1])[chosen]
-        ends = np.cumsum(lengths)  # of each chosen chunk, among the chosen ones laid end to end
-        which = np.searchsorted(ends, found, side="right")
-        return starts[chosen[which]] + found - (ends - lengths)[which]
 
     @staticmethod
     def _take_rows(

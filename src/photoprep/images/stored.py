@@ -126,11 +126,8 @@ def decode_missing(
 
 @parallel.in_threads
 def _pixels_batch(located: Sequence[BlobLocation], root: str | Path, spec: PixelSpec) -> np.ndarray:
-    """The batch's pixels as one array, in a thread of the stage's process under joblib: Pillow
-    decodes and resizes with the GIL released, and a worker process would hold its own copy of
-    numpy, Pillow and photoprep (about 90 MB each). At 20,200 photos (this 2-core AMD) the
-    bucket stage took 6.8 and 7.0 s of wall in two threads against 7.2 and 7.5 in two processes,
-    and its process tree peaked at 119 and 121 MB against 296 and 301."""
+    """The batch's pixels as one array, made in a thread of the stage's process under joblib
+    (Pillow decodes and resizes with the GIL released: photoprep.core.parallel's notes)."""
     out = np.empty((len(located), *spec.size, 3), dtype=np.uint8)
     for row, data in enumerate(read_blobs(root, located)):
         out[row] = resize.resized_rgb(data, spec.size, spec.fit, spec.limits)
