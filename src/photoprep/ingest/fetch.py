@@ -43,14 +43,7 @@ from photoprep.core.io import write_table
 from photoprep.core.params import DownloadParams
 from photoprep.ingest.client import Client, HostDown
 from photoprep.ingest.journal import Journal, read_journal, remove_journal
-from photoprep.ingest.rows import (
-    KEY,
-    FetchRow,
-    check_records,
-    earlier_rows,
-    journal_values,
-    table_of,
-)
+from photoprep.ingest.rows import KEY, Results, check_records, earlier_frame, journal_values
 from photoprep.ingest.sink import Sink, SinkThread, Targets
 from photoprep.ingest.store import ShardWriter
 
@@ -111,36 +104,28 @@ class FetchResult:
 
 @dataclass
 class _Resume:
-    """What a run starts from: the records sorted by key, the rows it keeps from earlier runs (by
-    position), the positions it fetches, and the store's writer and journal opened for them."""
+    """What a run starts from: the records sorted by key, a result row each (`Results`: those kept
+    from earlier runs filled in, the others as they are fetched), the positions of the rows kept,
+    the targets fetched, and the store's writer and journal opened for them."""
 
     records: pd.DataFrame
-    reused: dict[int, FetchRow]
-    positions: np.ndarray
-    keys: Targets  # (source, id, url) of each position fetched, in order
+    results: Results
+    reused: np.ndarray  # positions of the rows kept from earlier runs
+    keys: Targets  # (source, id, url) and position of each record fetched, in order
     writer: ShardWriter
     journal: Journal
 
-    def kept(self, rows: dict[int, FetchRow], committed: int) -> pd.DataFrame:
-        """The table of the rows an interrupted run keeps: reused, and committed ok."""
-        kept = dict(self.reused)
-        kept.update({self.positions[i]: rows[i] for i in range(committed) if rows[i].status == "ok"})
-        order = sorted(kept)
-        return table_of(self.records.iloc[order].reset_index(drop=True), [kept[i] for i in order])
+    def kept(self, committed: int) -> pd.DataFrame:
+        """The table of the rows an interrupted run keeps: reused, and the first `committed`
+        targets' ok rows."""
+        fetched = self.keys.positions[:committed]
+        order = np.sort(np.concatenate([self.reused, fetched[self.results.ok(fetched)]]))
+        return self.results.take(order).table(self.records.iloc[order])
 
-    def finished(self, rows: dict[int, FetchRow]) -> pd.DataFrame:
+    def finished(self) -> pd.DataFrame:
         """The table of a finished run: every record's row, placed in the shards just flushed."""
-        refs = self.writer.flush()
-        ordered: list[Any] = [None] * len(self.records)  # every record's row, by position
-        for position, row in self.reused.items():
-            ordered[position] = row
-        for index, row in rows.items():
-            ordered[self.positions[index]] = row
-        for row in ordered:
-            if row.sha256:
-                ref = refs[row.sha256]
-                row.shard, row.offset = ref.shard, ref.offset
-        return table_of(self.records, ordered)
+        self.results.place(self.writer.flush())
+        return self.results.table(self.records)
 
 
 def _resume(
@@ -149,28 +134,35 @@ def _resume(
     """Open the store of `store_dir` for a run over `records`, keeping what earlier runs hold."""
     committed = read_journal(store_dir)
     writer = ShardWriter(store_dir, p.shard_mb * _MIB, resume=committed.open_shard)
-    earlier = earlier_rows(previous, committed.rows)
-    reused: dict[int, FetchRow] = {}
+    results = Results(len(records))
+    matched = _reusable(records, earlier_frame(previous, committed.rows), writer)
+    reused = matched["position"].to_numpy(dtype=np.int64)
+    results.fill(reused, matched)
     # Rows an interrupted run committed and this run keeps open the new journal, so a kill now
     # loses none of them.
-    carried = []
-    if earlier:
-        columns = (records[name].tolist() for name in ("source", "id", "url"))
-        for position, key in enumerate(zip(*columns, strict=True)):
-            row = earlier.get(key[:2])
-            if row is None or row["status"] != "ok" or row["url"] != key[2]:
-                continue
-            if writer.holds(str(row["sha256"])):
-                reused[position] = FetchRow.from_mapping(row)
-                if key[:2] in committed.rows:
-                    carried.append(journal_values(key, reused[position]))
+    carried = [
+        journal_values((row.source, row.id, row.url), results.row(row.position))
+        for row in matched[matched["journal"]].itertuples()
+    ]
     journal = Journal(store_dir, carried, writer.commit())
     fetched = np.ones(len(records), dtype=bool)
-    fetched[list(reused)] = False
+    fetched[reused] = False
     positions = np.flatnonzero(fetched)
     # The records' columns at the positions fetched, kept as they are (Arrow), not as a tuple a record.
-    keys = Targets(*(records[name].array.take(positions) for name in ("source", "id", "url")))
-    return _Resume(records, reused, positions, keys, writer, journal)
+    sources, ids, urls = (records[name].array.take(positions) for name in ("source", "id", "url"))
+    return _Resume(records, results, reused, Targets(sources, ids, urls, positions), writer, journal)
+
+
+def _reusable(records: pd.DataFrame, earlier: pd.DataFrame, writer: ShardWriter) -> pd.DataFrame:
+    """The earlier rows (`rows.earlier_frame`) that hold for `records`: the same key and url, and a
+    blob the store holds; with the ``position`` of their record, in position order."""
+    if earlier.empty:
+        return earlier.assign(position=pd.Series([], dtype=np.int64))
+    keys = records[[*KEY, "url"]].assign(position=np.arange(len(records)))
+    matched = keys.merge(earlier.rename(columns={"url": "earlier_url"}), on=list(KEY), sort=False)
+    matched = matched[matched["url"] == matched["earlier_url"]]
+    held = np.fromiter((writer.holds(sha256) for sha256 in matched["sha256"]), bool, len(matched))
+    return matched[held].sort_values("position", kind="mergesort").reset_index(drop=True)
 
 
 async def _fetch_rows(
@@ -292,7 +284,7 @@ def download(
     store_dir.mkdir(parents=True, exist_ok=True)
     start = _resume(records, store_dir, p, previous)
     notes = list(start.writer.notes)
-    sink = Sink(start.writer, start.journal, start.keys, p, p.shard_mb * _MIB)
+    sink = Sink(start.writer, start.journal, start.keys, p, p.shard_mb * _MIB, start.results)
     urls = start.keys.urls
     sources = records["source"].unique()
     desc = f"fetch {sources[0]}" if len(sources) == 1 else "fetch"
@@ -314,16 +306,16 @@ def download(
         start.journal.close()
         if fault is None:
             raise
-        kept = len(start.kept(sink.rows, sink.committed))
+        kept = len(start.kept(sink.committed))
         raise fault.keeping(kept_phrase(kept, len(records))) from exc
     sink.close()
     counts = (len(urls), len(start.reused))
     if stopped:
         start.writer.abandon()
         start.journal.close()
-        partial = start.kept(sink.rows, sink.committed)
+        partial = start.kept(sink.committed)
         return FetchResult(partial, *counts, down, notes, stopped, len(partial))
-    table = start.finished(sink.rows)
+    table = start.finished()
     start.journal.close()
     if place.table_path is not None:
         write_table(table, place.table_path, durable=True)

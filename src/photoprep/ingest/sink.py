@@ -29,19 +29,25 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from photoprep.core.params import DownloadParams
 from photoprep.ingest.journal import Journal
-from photoprep.ingest.rows import FetchRow, journal_values
+from photoprep.ingest.rows import FetchRow, Results, journal_values
 from photoprep.ingest.store import ShardWriter
 
 
 class Targets:
-    """(source, id, url) of each target, in target order, made when one is asked for. The three
-    columns stay as they came (Arrow arrays: the bytes of the texts and an offset each), where a
-    tuple of three Python strings a target held about 300 bytes for the whole run."""
+    """(source, id, url) of each target, in target order, made when one is asked for, and the
+    position of its record (its row in `Results`). The three columns stay as they came (Arrow
+    arrays: the bytes of the texts and an offset each), where a tuple of three Python strings a
+    target held about 300 bytes for the whole run."""
 
-    def __init__(self, sources: Sequence[str], ids: Sequence[str], urls: Sequence[str]) -> None:
+    def __init__(
+        self, sources: Sequence[str], ids: Sequence[str], urls: Sequence[str], positions: np.ndarray
+    ) -> None:
         self.columns = (sources, ids, urls)
+        self.positions = positions
 
     @property
     def urls(self) -> Sequence[str]:
@@ -66,11 +72,12 @@ class Sink:
         keys: Targets,
         p: DownloadParams,
         memory_bytes: int,
+        results: Results,
     ):
         self.writer = writer
         self.journal = journal
         self.keys = keys  # (source, id, url) of each target, in target order
-        self.rows: dict[int, FetchRow] = {}  # by target index
+        self.results = results  # a row a record: target i's at keys.positions[i]
         self.every = p.commit_every
         self.seconds = p.commit_seconds
         self.memory_bytes = memory_bytes
@@ -103,7 +110,7 @@ class Sink:
             raise
 
     def _put(self, index: int, row: FetchRow, body: bytes | None) -> None:
-        self.rows[index] = row
+        self.results.record(self.keys.positions[index], row)
         self.bodies += body is not None
         if index == self.stored:
             if body is not None:
@@ -145,11 +152,10 @@ class Sink:
     def _commit(self, upto: int, now: float) -> None:
         state = self.writer.commit()
         # A failed row is fetched again anyway: only stored bodies need committing.
-        values = [
-            journal_values(key, self.rows[index])
-            for index, key in enumerate(self.keys.between(self.committed, upto), self.committed)
-            if self.rows[index].status == "ok"
-        ]
+        positions = self.keys.positions[self.committed : upto]
+        keys = self.keys.between(self.committed, upto)
+        ok = np.flatnonzero(self.results.ok(positions))
+        values = [journal_values(keys[i], self.results.row(positions[i])) for i in ok]
         self.journal.commit(values, state)
         self.committed = upto
         self.bodies = 0

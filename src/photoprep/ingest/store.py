@@ -42,9 +42,10 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 
 from photoprep.core.io import fsync_directory
+from photoprep.ingest.blobindex import BlobIndex, BlobRef
 
 SHARD_GLOB = "shard-*.tar"
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")
@@ -59,23 +60,19 @@ _TMP_PREFIX = ".tmp-"
 DAMAGED_PREFIX = ".damaged-"
 
 
-@dataclass(frozen=True)
-class BlobRef:
-    """Where a blob's bytes lie: shard file name, offset of the data in it, and size."""
-
-    shard: str
-    offset: int
-    size: int
-
-
-def index_shards(directory: Path) -> dict[str, BlobRef]:
+def index_shards(directory: Path) -> BlobIndex:
     """sha256 -> BlobRef of every blob in the sound, finished shards of `directory` (damaged ones skipped)."""
-    refs: dict[str, BlobRef] = {}
+    refs = BlobIndex()
     for path in _shard_paths(directory):
         members, _problem = verify_shard(path)
-        for sha256, (offset, size) in (members or {}).items():
-            refs.setdefault(sha256, BlobRef(path.name, offset, size))
+        _index_members(refs, path.name, members or {})
     return refs
+
+
+def _index_members(refs: BlobIndex, name: str, members: dict[str, tuple[int, int]]) -> None:
+    code = refs.shard_code(name)
+    for sha256, (offset, size) in members.items():
+        refs.add(sha256, code, offset, size)
 
 
 def _shard_paths(directory: Path) -> list[Path]:
@@ -176,11 +173,11 @@ def set_aside_damaged(directory: Path) -> list[str]:
     return check_shards(directory)[0]
 
 
-def check_shards(directory: Path) -> tuple[list[str], dict[str, BlobRef]]:
+def check_shards(directory: Path) -> tuple[list[str], BlobIndex]:
     """Each shard of `directory` verified once: the damaged ones set aside (a line each), and
     the index (sha256 -> BlobRef) of the blobs in the sound ones."""
     lines: list[str] = []
-    refs: dict[str, BlobRef] = {}
+    refs = BlobIndex()
     for path in _shard_paths(directory):
         members, problem = verify_shard(path)
         if members is None:
@@ -189,8 +186,7 @@ def check_shards(directory: Path) -> tuple[list[str], dict[str, BlobRef]]:
                 f"shard {path.name} is damaged ({problem}): set aside as {DAMAGED_PREFIX}{path.name}"
             )
             continue
-        for sha256, (offset, size) in members.items():
-            refs.setdefault(sha256, BlobRef(path.name, offset, size))
+        _index_members(refs, path.name, members)
     if lines:
         fsync_directory(Path(directory))
     return lines, refs
@@ -242,14 +238,18 @@ class OpenState:
 
 
 class _OpenShard:
-    """A shard being written: a temporary file in the store folder, renamed when closed."""
+    """A shard being written: a temporary file in the store folder, renamed when closed. Its blobs
+    go into the writer's index (`refs`) as they are written, under a code of their own."""
 
-    def __init__(self, directory: Path, resume: OpenState | None = None):
+    def __init__(self, directory: Path, refs: BlobIndex, resume: OpenState | None = None):
         self.directory = directory
+        self.refs = refs
+        self.code = refs.shard_code()
         self.position = 0
         self.payload = 0
+        self.count = 0  # blobs written
+        self.listing = hashlib.sha256()  # of the member list, as `_listing_hash` has it
         self.synced = 0  # bytes made durable by `sync`: a journal may name this length, never more
-        self.members: dict[str, tuple[int, int]] = {}  # sha256 -> (data offset, size), in order
         if resume is None:
             self.fd, self.tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".tar", dir=directory)
             return
@@ -274,9 +274,9 @@ class _OpenShard:
                 raise ValueError(f"blob {sha256[:12]}... does not hash to its name")
         os.ftruncate(self.fd, length)
         os.lseek(self.fd, length, os.SEEK_SET)  # appending goes on where the commit ended
-        self.members = members
+        for sha256, (offset, n) in members.items():
+            self._member(sha256, offset, n)
         self.position = self.synced = length
-        self.payload = sum(n for _, n in members.values())
 
     def sync(self) -> OpenState:
         """Make every blob appended so far durable; what a journal needs to pick the shard up again."""
@@ -288,8 +288,13 @@ class _OpenShard:
         header = member_header(sha256, len(data))
         at = self.position + len(header)
         self._write(header, data, _padding(len(data), _BLOCK))
-        self.members[sha256] = (at, len(data))  # once whole: a failed write adds no member
-        self.payload += len(data)
+        self._member(sha256, at, len(data))  # once whole: a failed write adds no member
+
+    def _member(self, sha256: str, offset: int, size: int) -> None:
+        self.refs.add(sha256, self.code, offset, size)
+        self.listing.update(f"{sha256} {size}\n".encode())
+        self.count += 1
+        self.payload += size
 
     def rewind(self, end: int) -> bool:
         """Cut the file back to `end`, where its last whole blob ends, after a failed write; False
@@ -322,6 +327,7 @@ class _OpenShard:
         return name
 
     def discard(self) -> None:
+        self.refs.forget(self.code)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -332,6 +338,7 @@ class _OpenShard:
         """After a write that could not be undone: remove the file if no journal can name it (never
         synced), else leave it to `ShardWriter.cut_back` or the next run's take-up. Best effort:
         the error that brought us here is the one to report."""
+        self.refs.forget(self.code)
         with contextlib.suppress(OSError):
             if self.fd >= 0:
                 fd, self.fd = self.fd, -1
@@ -343,8 +350,7 @@ class _OpenShard:
         # The archive's bytes are a function of its member list (names, sizes, order), and each
         # name is the sha256 of the data: hashing that list names the content without reading
         # hundreds of MB again.
-        listing = "".join(f"{sha256} {size}\n" for sha256, (_, size) in self.members.items())
-        return hashlib.sha256(listing.encode()).hexdigest()
+        return self.listing.hexdigest()
 
     def _write(self, *chunks: bytes) -> None:
         total = sum(len(c) for c in chunks)
@@ -377,7 +383,7 @@ class ShardWriter:
         self,
         directory: Path,
         shard_bytes: int,
-        known: dict[str, BlobRef] | None = None,
+        known: BlobIndex | None = None,
         resume: OpenState | None = None,
     ):
         if shard_bytes < 1:
@@ -393,12 +399,12 @@ class ShardWriter:
         if known is None:
             damaged, known = check_shards(self.directory)
             self.notes.extend(damaged)
-        self._refs: dict[str, BlobRef] = dict(known)
+        self._refs = known
         self._open: _OpenShard | None = None
         self.broken = False  # a failed write could not be undone: the shard in progress was given up
         if resume is not None and resume.length > 0:
             try:
-                self._open = _OpenShard(self.directory, resume)
+                self._open = _OpenShard(self.directory, self._refs, resume)
             except FileNotFoundError:
                 pass  # closed after that commit: its blobs are in a finished shard, indexed above
             except (OSError, ValueError) as exc:
@@ -426,13 +432,13 @@ class ShardWriter:
         if sha256 is None:
             sha256 = hashlib.sha256(data).hexdigest()
         shard = self._open
-        if sha256 in self._refs or (shard is not None and sha256 in shard.members):
+        if sha256 in self._refs:
             return sha256
-        if shard is not None and shard.members and shard.payload + len(data) > self.shard_bytes:
+        if shard is not None and shard.count and shard.payload + len(data) > self.shard_bytes:
             self._close_shard()
             shard = None
         if shard is None:
-            shard = self._open = _OpenShard(self.directory)
+            shard = self._open = _OpenShard(self.directory, self._refs)
         end = shard.position
         try:
             shard.append(sha256, data)
@@ -443,23 +449,24 @@ class ShardWriter:
 
     def holds(self, sha256: str) -> bool:
         """True when the store holds the blob: in a finished shard or in the one being written."""
-        return sha256 in self._refs or (self._open is not None and sha256 in self._open.members)
+        return sha256 in self._refs
 
     def commit(self) -> OpenState | None:
         """Make every blob added so far durable; the shard in progress to resume from (None if none)."""
         return None if self._open is None else self._open.sync()
 
     def flush(self) -> Mapping[str, BlobRef]:
-        """Close the shard being written; the refs of every blob the store holds (a read-only view,
-        not a copy: a copy was a second dict of every blob)."""
+        """Close the shard being written; the refs of every blob the store holds (the writer's own
+        index, not a copy: a copy was a second table of every blob)."""
         if self._open is not None:
             self._close_shard()
-        return MappingProxyType(self._refs)
+        return self._refs
 
     def abandon(self) -> None:
         """Stop writing, leaving the shard in progress on disk as its last commit made it (a stop)."""
         if self._open is not None:
             shard, self._open = self._open, None
+            self._refs.forget(shard.code)  # not stored, as far as this writer can tell
             if shard.fd >= 0:
                 os.close(shard.fd)
                 shard.fd = -1
@@ -504,8 +511,7 @@ class ShardWriter:
             self._after_failure(shard, end)
             raise
         self._open = None
-        for sha256, (offset, size) in shard.members.items():
-            self._refs[sha256] = BlobRef(name, offset, size)
+        self._refs.name(shard.code, name)
 
 
 def pread_exact(fd: int, offset: int, size: int) -> bytes:
