@@ -26,10 +26,10 @@ def main() -> str:
     p = params.load()
     source = sources.load_source(name)
     listed = manifest.read_manifest(source)
-    memory.release()  # the parse's temporaries: the fetch's peak stands on the records alone
+    labels = sources.load_labels(source)  # read first: a bad labels file stops the stage before any request
+    memory.release()  # the parses' temporaries: the fetch's peak stands on the records alone
     if targets.reads_files(listed.records["url"]):
         memory.map_large_blocks()  # each body from a file mapped on its own: photoprep.core.memory says why
-    labels = sources.load_labels(source)
     table_path = PATHS.raw_table(name)
     previous = pd.read_parquet(table_path) if table_path.exists() else None
     place = fetch.Place(PATHS.shards_dir(name), source.directory, table_path)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from photoprep.core.errors import UserError
+from photoprep.ingest import manifest as manifest_module
 from photoprep.ingest.manifest import (
     MALFORMED_COLUMNS,
     RECORD_COLUMNS,
@@ -225,6 +227,28 @@ def test_large_manifest_parses_in_one_pass(tmp_path: Path) -> None:
     assert m.malformed["line_no"].tolist() == [1235]
     assert set(m.records["n_lines"]) == {2}
     assert titles(m, "00000007-dbdf-11e6-95fd-d746d863c3eb") == {"fra": "Titre 7", "vie": "Tiêu đề 7"}
+    assert_counts_add_up(m)
+
+
+def test_an_ids_lines_far_apart_and_across_chunks_merge_as_one_record_read_in_order(tmp_path, monkeypatch):
+    # The lines go into Arrow columns a chunk at a time and are merged a run of lines an id after
+    # a sort: small chunks put an id's lines in different chunks, runs across chunk ends.
+    monkeypatch.setattr(manifest_module, "_CHUNK", 7)
+    rng = random.Random(3)
+    titles_, langs = ["", "T", "Été | x"], ["eng", "fra", "deu"]
+    lines = [f"id-{rng.randrange(40)} | {rng.choice(titles_)}{i} | {rng.choice(langs)}" for i in range(500)]
+    expected: dict[str, list] = {}  # id -> [first line, lines, {lang: first title}]: a dict merge
+    for line_no, line in enumerate(lines, 1):
+        id_, rest = line.split(" | ", 1)
+        title, lang = rest.rsplit(" | ", 1)
+        record = expected.setdefault(id_, [line_no, 0, {}])
+        record[1] += 1
+        if title:
+            record[2].setdefault(lang, title)
+    m = read_manifest(source(tmp_path, "heobs", "\n".join(lines)))
+    assert m.records["id"].tolist() == sorted(expected)
+    got = {row.id: [row.first_line, row.n_lines, json.loads(row.titles)] for row in m.records.itertuples()}
+    assert got == expected
     assert_counts_add_up(m)
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from photoprep.core.console import Progress, count
 from photoprep.core.errors import ACTIONABLE, StorageError, UserError
@@ -148,9 +150,24 @@ def _resume(
     fetched = np.ones(len(records), dtype=bool)
     fetched[reused] = False
     positions = np.flatnonzero(fetched)
-    # The records' columns at the positions fetched, kept as they are (Arrow), not as a tuple a record.
-    sources, ids, urls = (records[name].array.take(positions) for name in ("source", "id", "url"))
+    # The records' columns at the positions fetched, kept as they are (Arrow), not as a tuple a
+    # record; the records' own when every record is fetched.
+    every = len(positions) == len(records)
+    sources, ids, urls = (
+        records[name].array if every else records[name].array.take(positions)
+        for name in ("source", "id", "url")
+    )
     return _Resume(records, results, reused, Targets(sources, ids, urls, positions), writer, journal)
+
+
+def _sorted_by_key(records: pd.DataFrame) -> pd.DataFrame:
+    """`records` sorted by (source, id), with positions for an index; not copied when they are
+    in that order already (a manifest's records are, by id)."""
+    keys = pa.table({name: pa.array(records[name]) for name in KEY})
+    order = pc.sort_indices(keys, [(name, "ascending") for name in KEY]).to_numpy()
+    if not np.array_equal(order, np.arange(len(records))):
+        records = records.take(order)
+    return records.reset_index(drop=True)
 
 
 def _reusable(records: pd.DataFrame, earlier: pd.DataFrame, writer: ShardWriter) -> pd.DataFrame:
@@ -279,7 +296,7 @@ def download(
     """
     check_records(records)
     # Sorted first: rows come out by key, and bodies are stored in this order (deterministic shards).
-    records = records.sort_values(list(KEY), kind="mergesort").reset_index(drop=True)
+    records = _sorted_by_key(records)
     store_dir = Path(place.store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     start = _resume(records, store_dir, p, previous)
@@ -317,6 +334,7 @@ def download(
         return FetchResult(partial, *counts, down, notes, stopped, len(partial))
     table = start.finished()
     start.journal.close()
+    del start, sink  # the rows' columns and the store's index, in the table now: not held while it is written
     if place.table_path is not None:
         write_table(table, place.table_path, durable=True)
     remove_journal(store_dir)

@@ -27,8 +27,11 @@ an id may unquote to ``../..``, a local path must be checked to stay where it is
 A UTF-8 BOM, CRLF line ends and blank lines are tolerated. A malformed line (wrong number
 of fields, empty id, an id with whitespace or control characters, a url that is not a URL,
 bytes that are not UTF-8) becomes a row of `Manifest.malformed` with its line number and
-reason; it never stops the run. Parsing is one pass over the lines with a dict keyed by id,
-so the 144,564-line heobs manifest takes about a second.
+reason; it never stops the run. Parsing is one pass over the lines. The heobs reader puts the
+good lines in Arrow columns as it goes and merges each id's lines after a sort by id (`_Runs`),
+a thousand lines at a time, so its heap follows the Arrow columns, not a Python object a line:
+144,564 lines in 0.48 s with 36 MB at its peak, against 0.68 s and 87 MB for a dict keyed by id
+(this 2-core AMD). The other formats, far smaller in practice, merge in a dict keyed by id.
 
 Counting rule: ``lines_read == records.n_lines.sum() + len(malformed)``; ``lines_read``
 counts non-blank data lines (not a CSV header, not a comment line; files for ``folder``).
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import itertools
 import json
 import os
 import re
@@ -49,11 +53,13 @@ import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from photoprep.core.errors import UserError
 from photoprep.ingest.sources import URL_SCHEMES, SourceConfig
@@ -71,6 +77,10 @@ _NOT_UTF8 = "not valid UTF-8"
 _BAD_ID = "id contains whitespace or control characters"
 _DOT_IDS = frozenset({".", ".."})  # in a url template they would name the folder or its parent
 _DOT_ID = "id is '.' or '..'"
+_CHUNK = 1024  # lines or ids made Arrow columns at a time: so many Python objects at most
+_TEXT = pa.large_string()
+_LINE_TYPES = {"line_no": pa.int64(), "id": _TEXT, "title": _TEXT, "lang": _TEXT}
+_RUN_TYPES = {"id": _TEXT, "url": _TEXT, "titles": _TEXT, "first_line": pa.int64(), "n_lines": pa.int64()}
 
 
 @dataclass
@@ -107,6 +117,17 @@ def _split_lines(text: str) -> list[str]:
     return lines
 
 
+def _iter_lines(text: str) -> Iterator[str]:
+    """The lines of `_split_lines`, one at a time: no list of every line."""
+    start, end = (1 if text.startswith("\ufeff") else 0), len(text)
+    while start < end:
+        stop = text.find("\n", start)
+        if stop < 0:
+            stop = end
+        yield text[start:stop]
+        start = stop + 1
+
+
 def _shown(line: str) -> str:
     """A malformed line as it goes in a report: valid text, not too long."""
     line = line.rstrip("\r")
@@ -125,7 +146,7 @@ def heobs_lines(text: str, bad: list[tuple[int, str, str]]) -> Iterator[tuple[in
     """(line_no, id, title, lang) of each good `id | title | lang` line, one at a time (no list of
     every line is made); each bad line's (line_no, line, reason) is added to `bad`."""
     check_utf8 = _SURROGATE.search(text) is not None
-    for line_no, line in enumerate(_split_lines(text), 1):
+    for line_no, line in enumerate(_iter_lines(text), 1):
         s = line.strip()
         if not s:
             continue
@@ -225,12 +246,75 @@ class _Records:
             "first_line": np.array([r[0] for r in recs], np.int64),
             "n_lines": np.array([r[1] for r in recs], np.int64),
         }
-        count = len(ids)
         del ids, recs, urls
         self.by_id.clear()
-        columns = {name: pd.Series(values, dtype=str) for name, values in texts.items()}
-        columns["source"] = pd.Series([source] * count, dtype=str)
-        return pd.DataFrame({**columns, **numbers}, columns=RECORD_COLUMNS)
+        return _records_frame(source, texts, numbers)
+
+
+def _records_frame(source: str, texts: dict[str, pa.Array], numbers: dict[str, np.ndarray]) -> pd.DataFrame:
+    """The record table of its text columns (Arrow) and its number columns."""
+    columns = {name: pd.Series(values, dtype=str) for name, values in texts.items()}
+    columns["source"] = pd.Series([source] * len(numbers["first_line"]), dtype=str)
+    return pd.DataFrame({**columns, **numbers}, columns=RECORD_COLUMNS)
+
+
+class _Runs:
+    """Records of good heobs lines sorted by id, then line: one run of lines an id, merged as
+    `_Records` merges them (the first line, the line count, the first title of each language).
+    The finished ids' values become Arrow arrays `_CHUNK` ids at a time."""
+
+    def __init__(self, template: str | None) -> None:
+        self.template = template
+        self.values: dict[str, list[Any]] = {name: [] for name in _RUN_TYPES}
+        self.arrays: dict[str, list[pa.Array]] = {name: [] for name in _RUN_TYPES}
+        self.id: str | None = None
+        self.first = self.lines = 0
+        self.titles: dict[str, str] = {}
+
+    def add(self, line_no: int, id_: str, title: str, lang: str) -> None:
+        if id_ != self.id:
+            self._end_run()
+            self.id, self.first, self.lines, self.titles = id_, line_no, 0, {}
+        self.lines += 1
+        if title and lang not in self.titles:
+            self.titles[lang] = title
+
+    def _end_run(self) -> None:
+        if self.id is None:
+            return
+        url = url_for(self.template, self.id) if self.template is not None else None
+        titles = _TITLES_JSON(self.titles) if self.titles else "{}"
+        for name, value in zip(_RUN_TYPES, (self.id, url, titles, self.first, self.lines), strict=True):
+            self.values[name].append(value)
+        if len(self.values["id"]) >= _CHUNK:
+            self._to_arrow()
+
+    def _to_arrow(self) -> None:
+        for name, values in self.values.items():
+            self.arrays[name].append(pa.array(values, _RUN_TYPES[name]))
+            values.clear()
+
+    def frame(self, source: str) -> pd.DataFrame:
+        self._end_run()
+        self.id = None
+        self._to_arrow()
+        done = {name: pa.concat_arrays(arrays) for name, arrays in self.arrays.items()}
+        texts = {name: done[name] for name in ("id", "url", "titles")}
+        texts["label"] = pa.nulls(len(done["id"]), _TEXT)
+        numbers = {name: done[name].to_numpy() for name in ("first_line", "n_lines")}
+        return _records_frame(source, texts, numbers)
+
+
+def _line_table(lines: Iterable[tuple[int, str, str, str]]) -> pa.Table:
+    """(line_no, id, title, lang) of each line as Arrow columns, made `_CHUNK` lines at a time."""
+    chunks = []
+    rest = iter(lines)
+    while batch := list(itertools.islice(rest, _CHUNK)):
+        columns = zip(_LINE_TYPES.items(), zip(*batch, strict=True), strict=True)
+        chunks.append(pa.table({name: pa.array(values, kind) for (name, kind), values in columns}))
+    if not chunks:
+        return pa.table({name: pa.array([], kind) for name, kind in _LINE_TYPES.items()})
+    return pa.concat_tables(chunks)
 
 
 def _malformed_frame(source: str, bad: list[tuple[int, str, str]]) -> pd.DataFrame:
@@ -267,21 +351,18 @@ def _read_text(cfg: SourceConfig) -> str:
 
 
 def _read_heobs(cfg: SourceConfig, text: str) -> Manifest:
+    """The good lines go into Arrow columns as they are parsed, are sorted by id there, and are
+    merged a run of lines an id, `_CHUNK` lines at a time: a dict of every id held a list, a
+    dict and texts an id (about 530 bytes; 11 MB at 20,200 ids, this 2-core AMD)."""
     bad: list[tuple[int, str, str]] = []
-    records = _Records()
-    by_id = records.by_id
-    good = 0
-    # _Records.add inlined: this loop sees every line of the largest manifests
-    for line_no, id_, title, lang in heobs_lines(text, bad):
-        good += 1
-        rec = by_id.get(id_)
-        if rec is None:
-            by_id[id_] = [line_no, 1, None, None, {lang: title} if title else {}]
-        else:
-            rec[1] += 1
-            if title and lang not in rec[4]:
-                rec[4][lang] = title
-    return Manifest(records.frame(cfg.name, cfg.url), _malformed_frame(cfg.name, bad), good + len(bad))
+    lines = _line_table(heobs_lines(text, bad))
+    lines = lines.take(pc.sort_indices(lines, [("id", "ascending"), ("line_no", "ascending")]))
+    runs = _Runs(cfg.url)
+    for start in range(0, lines.num_rows, _CHUNK):
+        part = lines.slice(start, _CHUNK)
+        for line in zip(*(part[name].to_pylist() for name in _LINE_TYPES), strict=True):
+            runs.add(*line)
+    return Manifest(runs.frame(cfg.name), _malformed_frame(cfg.name, bad), lines.num_rows + len(bad))
 
 
 def _read_urls(cfg: SourceConfig, text: str) -> Manifest:
