@@ -10,7 +10,9 @@ stage:
   never less than the sum of what sampling /proc saw);
 - peak heap: the largest sum over the process tree of RssAnon (anonymous resident memory,
   /proc/<pid>/status), sampled every 20 ms; memory-mapped files and the page cache do not count;
-- heap growth per photo between the smallest and the largest size;
+- heap growth per photo between the smallest and the largest size (with --repeats K, each stage
+  runs K times from scratch at each size, its outputs and memos removed first, and the peak heap
+  is the median of the K: one run's peak moves by a few MB with the timing of its threads);
 - after adding 1% photos to the largest size: each stage's re-run CPU as a fraction of its full
   run's, against the target "2 s + 10% of the full run";
 - the start of each stage (a fresh interpreter importing the stage script) and whether it
@@ -28,6 +30,7 @@ with --img2dataset (default: `img2dataset` on PATH); without it that row is skip
 
     python bench/scale.py --sizes 2000,10000                    # a table on stdout
     python bench/scale.py --sizes 2000,20000 --json             # one JSON object of the figures
+    python bench/scale.py --sizes 2000,20000 --download-n 0 --repeats 3 --json   # heap: medians of 3
     python bench/scale.py --sizes 500 --download-n 500 --img2dataset /opt/i2d/bin/img2dataset
     python bench/scale.py --backends --sizes 2000 --json        # joblib against Dask, images/s per stage
     python bench/scale.py --download-only --download-n 20000 --repeats 3   # the download alone
@@ -79,6 +82,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -321,17 +325,59 @@ def stage_start(project: Path, stage: str) -> dict:
 # -- the data stages ---------------------------------------------------------------------------
 
 
-def data_stages(work: Path, sizes: list[int], seed: int, n_jobs: int) -> dict:
+# What each data stage writes and the memos it fills: removed before it runs again from scratch.
+_CACHE = ".photoprep/cache"
+FROM_SCRATCH = {
+    "download": [f"data/raw/{SOURCE}", f"data/raw/{SOURCE}.parquet"],
+    "dedup": [
+        *(f"{_CACHE}/{memo}" for memo in ("probe", "fine", "provenance", "thumbs")),
+        "data/interim/dedup.parquet",
+    ],
+    "validate": ["data/interim/valid.parquet"],
+    "bucket": [f"{_CACHE}/pixels", "data/processed/images", "data/processed/images.parquet"],
+    "features": [f"{_CACHE}/features", "data/features/features", "data/features/features.parquet"],
+    "split": ["data/splits"],
+}
+
+
+def from_scratch(project: Path, stage: str) -> Run:
+    """`stage` run again with its outputs and memos removed first (its inputs stay)."""
+    for relative in FROM_SCRATCH[stage]:
+        path = project / relative
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return run_stage(project, stage)
+
+
+def median_heap(runs: list[Run]) -> Run:
+    """The first run's wall and CPU, with the median peak heaps of all of `runs`."""
+    first = runs[0]
+    tree = statistics.median(r.peak_heap_mb for r in runs)
+    own = statistics.median(r.own_heap_mb for r in runs)
+    return Run(first.wall_s, first.cpu_s, round(tree, 1), round(own, 1))
+
+
+def data_stages(work: Path, sizes: list[int], seed: int, n_jobs: int, repeats: int = 1) -> dict:
     runs: dict[int, dict[str, Run]] = {}
+    peaks: dict[int, dict[str, list[float]]] = {}
     kinds: dict[int, dict[str, int]] = {}
     for n in sizes:
         project = make_project(work / f"n{n}", "cdn/{id}", n_jobs)
         log(f"size {n}: writing the source ...")
         kinds[n] = write_photos(project / "pipeline" / "sources" / SOURCE, 0, n, seed)
-        runs[n] = {}
+        every: dict[str, list[Run]] = {}
         for stage in DATA_STAGES:
-            runs[n][stage] = run_stage(project, stage)
-            log(f"  {stage:9s} {runs[n][stage]}")
+            every[stage] = [run_stage(project, stage)]
+            log(f"  {stage:9s} {every[stage][0]}")
+        for repeat in range(1, repeats):
+            log(f"size {n}: each stage again from scratch ({repeat + 1} of {repeats})")
+            for stage in DATA_STAGES:
+                every[stage].append(from_scratch(project, stage))
+                log(f"  {stage:9s} {every[stage][-1]}")
+        runs[n] = {stage: median_heap(done) for stage, done in every.items()}
+        peaks[n] = {stage: [r.peak_heap_mb for r in done] for stage, done in every.items()}
     largest = max(sizes)
     project = work / f"n{largest}"
     added = max(1, largest // 100)
@@ -349,6 +395,8 @@ def data_stages(work: Path, sizes: list[int], seed: int, n_jobs: int) -> dict:
         "sizes": sizes,
         "source": {str(n): k for n, k in kinds.items()},
         "runs": {str(n): {s: asdict(r) for s, r in per.items()} for n, per in runs.items()},
+        "repeats": repeats,
+        "peak_heap_mb_runs": {str(n): per for n, per in peaks.items()},
         "added": added,
         "rerun": {s: asdict(r) for s, r in rerun.items()},
         "rerun_decodes": decodes[-4:],
@@ -758,7 +806,10 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=2)
     parser.add_argument("--train-model", default="convnet")
     parser.add_argument(
-        "--repeats", type=int, default=None, help="runs of each, median shown (--backends: 1, --train: 3)"
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of each, median shown (--backends: 1, --train: 3; the data stages' peak heap: 1)",
     )
     args = parser.parse_args()
     SERVER[0] = args.server
@@ -832,7 +883,7 @@ def main() -> None:
         return
 
     def data_and_download(work: Path) -> dict:
-        data = data_stages(work, sizes, args.seed, args.n_jobs)
+        data = data_stages(work, sizes, args.seed, args.n_jobs, args.repeats or 1)
         out: dict = {"data": data, "summary": summarise(data)}
         if args.download_n:
             source = work / f"n{max(sizes)}" / "pipeline" / "sources" / SOURCE
