@@ -7,6 +7,7 @@ import hashlib
 import random
 import tracemalloc
 
+import numpy as np
 import pytest
 
 from photoprep.ingest import blobindex
@@ -73,3 +74,21 @@ def test_a_blob_costs_well_under_a_hundred_bytes_where_a_dict_of_refs_cost_about
     finally:
         tracemalloc.stop()
     assert held < 100, held
+
+
+def test_many_blobs_are_located_in_one_search_as_one_at_a_time_and_a_missing_one_is_named(monkeypatch):
+    monkeypatch.setattr(blobindex, "_MERGE_AT", 16)
+    index = BlobIndex()
+    codes = [index.shard_code(f"shard-{k}.tar") for k in range(2)]
+    keys = [*digests(300), "ab" + "00" * 31]
+    for i, sha256 in enumerate(keys):
+        index.add(sha256, codes[i % 2], 512 * i, i)
+    asked = np.array(keys[::-1], "S64")
+    found_codes, offsets = index.locate(asked)
+    one_at_a_time = [index[k] for k in keys[::-1]]
+    assert [index.names[c] for c in found_codes] == [ref.shard for ref in one_at_a_time]
+    assert offsets.tolist() == [ref.offset for ref in one_at_a_time]
+    assert [len(a) for a in index.locate(np.array([], "S64"))] == [0, 0]
+    missing = digests(1, seed=9)[0]
+    with pytest.raises(KeyError, match=missing):
+        index.locate(np.array([keys[0], missing], "S64"))

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from photoprep.ingest import store
+from photoprep.ingest.blobindex import BlobRef
 from photoprep.ingest.blobs import BlobReader, read_blobs
-from photoprep.ingest.store import BlobRef, ShardWriter, index_shards
+from photoprep.ingest.store import ShardWriter, index_shards
 
 
 def blobs(n: int, size: int = 1000, seed: int = 0) -> list[bytes]:

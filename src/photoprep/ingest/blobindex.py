@@ -69,6 +69,19 @@ class BlobIndex(Mapping[str, BlobRef]):
         self._digests, self._codes = self._digests[keep], self._codes[keep]
         self._offsets, self._sizes = self._offsets[keep], self._sizes[keep]
 
+    def locate(self, sha256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shard code and the offset of each blob of `sha256` (hex digests as numpy bytes),
+        in one search of the arrays; KeyError for the first the index does not hold."""
+        self._merge()
+        digests = np.frombuffer(bytes.fromhex(sha256.astype("S64").tobytes().decode("ascii")), "S32")
+        if not len(digests):
+            return np.empty(0, np.int32), np.empty(0, np.int64)
+        at = np.minimum(np.searchsorted(self._digests, digests), max(0, len(self._digests) - 1))
+        found = self._digests[at] == digests if len(self._digests) else np.zeros(len(digests), bool)
+        if not found.all():
+            raise KeyError(sha256[~found][0].decode("ascii"))
+        return self._codes[at], self._offsets[at]
+
     def __getitem__(self, sha256: str) -> BlobRef:
         found = self._find(bytes.fromhex(sha256)) if len(sha256) == 64 else None
         if found is None:

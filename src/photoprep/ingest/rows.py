@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from photoprep.ingest.blobindex import BlobIndex
 from photoprep.ingest.sniff import sniff_mime
 
 KEY = ("source", "id")
@@ -131,13 +132,14 @@ class Results:
             else:
                 column[positions] = values.to_numpy(dtype=np.int64)
 
-    def place(self, refs: Mapping[str, Any]) -> None:
-        """Set `shard` and `offset` of every ok row from `refs` (sha256 -> a ref with both)."""
-        shard, offset, sha256 = (self.columns[name] for name in ("shard", "offset", "sha256"))
+    def place(self, index: BlobIndex) -> None:
+        """Set `shard` and `offset` of every ok row from the store's `index`, in one search."""
+        ok = np.flatnonzero(self.ok())
+        codes, offsets = index.locate(self.columns["sha256"][ok])
         names = self.texts["shard"]
-        for position in np.flatnonzero(self.ok()):
-            ref = refs[sha256[position].decode("ascii")]
-            shard[position], offset[position] = names.code(ref.shard), ref.offset
+        shard_of = np.asarray([names.code(name) for name in index.names], np.int32)
+        self.columns["shard"][ok] = shard_of[codes] if len(ok) else 0
+        self.columns["offset"][ok] = offsets
 
     def take(self, positions: np.ndarray) -> Results:
         taken = Results(0, self.texts)

@@ -39,13 +39,12 @@ import os
 import re
 import tarfile
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from photoprep.core.io import fsync_directory
-from photoprep.ingest.blobindex import BlobIndex, BlobRef
+from photoprep.ingest.blobindex import BlobIndex
 
 SHARD_GLOB = "shard-*.tar"
 SHARD_NAME = re.compile(r"shard-[0-9a-f]{16}\.tar")
@@ -455,7 +454,7 @@ class ShardWriter:
         """Make every blob added so far durable; the shard in progress to resume from (None if none)."""
         return None if self._open is None else self._open.sync()
 
-    def flush(self) -> Mapping[str, BlobRef]:
+    def flush(self) -> BlobIndex:
         """Close the shard being written; the refs of every blob the store holds (the writer's own
         index, not a copy: a copy was a second table of every blob)."""
         if self._open is not None:
