@@ -138,7 +138,7 @@ class Results:
         codes, offsets = index.locate(self.columns["sha256"][ok])
         names = self.texts["shard"]
         shard_of = np.asarray([names.code(name) for name in index.names], np.int32)
-        self.columns["shard"][ok] = shard_of[codes] if len(ok) else 0
+        self.columns["shard"][ok] = shard_of[codes]
         self.columns["offset"][ok] = offsets
 
     def take(self, positions: np.ndarray) -> Results:
