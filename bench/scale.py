@@ -11,7 +11,7 @@ stage:
 - peak heap: the largest sum over the process tree of RssAnon (anonymous resident memory,
   /proc/<pid>/status), sampled every 20 ms; memory-mapped files and the page cache do not count;
 - heap growth per photo between the smallest and the largest size (with --repeats K, each stage
-  runs K times from scratch at each size, its outputs and memos removed first, and the peak heap
+  runs K times from scratch at each size, its outputs removed and its memos empty, and the peak heap
   is the median of the K: one run's peak moves by a few MB with the timing of its threads);
 - after adding 1% photos to the largest size: each stage's re-run CPU as a fraction of its full
   run's, against the target "2 s + 10% of the full run";
@@ -118,6 +118,8 @@ from scale_tables import (  # noqa: E402  (bench/scale_tables.py)
     tables_in_file,
 )
 from scale_train import print_train, train_scaling  # noqa: E402  (bench/scale_train.py)
+
+from photoprep.core.layout import PATHS  # noqa: E402
 
 RESOLUTIONS = [(320, 240), (240, 320), (400, 300), (200, 150), (256, 256), (480, 360)]  # width, height
 DATA_STAGES = ["download", "dedup", "validate", "bucket", "features", "split"]
@@ -294,9 +296,9 @@ def measure(command: list[str], cwd: Path, env: dict[str, str] | None = None) ->
     return Run(round(wall, 3), cpu, round(peak_kb / 1024, 1), round(own_kb / 1024, 1))
 
 
-def run_stage(project: Path, stage: str) -> Run:
+def run_stage(project: Path, stage: str, env: dict[str, str] | None = None) -> Run:
     args = [SOURCE] if stage == "download" else []
-    return measure([sys.executable, f"stages/{stage}.py", *args], project)
+    return measure([sys.executable, f"stages/{stage}.py", *args], project, env)
 
 
 def stage_start(project: Path, stage: str) -> dict:
@@ -325,30 +327,29 @@ def stage_start(project: Path, stage: str) -> dict:
 # -- the data stages ---------------------------------------------------------------------------
 
 
-# What each data stage writes and the memos it fills: removed before it runs again from scratch.
-_CACHE = ".photoprep/cache"
-FROM_SCRATCH = {
-    "download": [f"data/raw/{SOURCE}", f"data/raw/{SOURCE}.parquet"],
-    "dedup": [
-        *(f"{_CACHE}/{memo}" for memo in ("probe", "fine", "provenance", "thumbs")),
-        "data/interim/dedup.parquet",
-    ],
-    "validate": ["data/interim/valid.parquet"],
-    "bucket": [f"{_CACHE}/pixels", "data/processed/images", "data/processed/images.parquet"],
-    "features": [f"{_CACHE}/features", "data/features/features", "data/features/features.parquet"],
-    "split": ["data/splits"],
+# What each data stage writes (the layout's paths): removed before it runs again from scratch.
+OUTPUTS = {
+    "download": [PATHS.raw_table(SOURCE), PATHS.shards_dir(SOURCE)],
+    "dedup": [PATHS.dedup_table],
+    "validate": [PATHS.valid_table],
+    "bucket": [PATHS.images_array, PATHS.images_table],
+    "features": [PATHS.features_array, PATHS.features_table],
+    "split": [PATHS.splits_dir],
 }
 
 
-def from_scratch(project: Path, stage: str) -> Run:
-    """`stage` run again with its outputs and memos removed first (its inputs stay)."""
-    for relative in FROM_SCRATCH[stage]:
+def from_scratch(project: Path, stage: str, cache: Path) -> Run:
+    """`stage` run again with its outputs removed first (its inputs stay) and its memos in
+    `cache` (``PHOTOPREP_CACHE``), a folder that holds none of them yet."""
+    for relative in OUTPUTS[stage]:
         path = project / relative
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
-    return run_stage(project, stage)
+    env = _env()
+    env["PHOTOPREP_CACHE"] = str(cache)
+    return run_stage(project, stage, env)
 
 
 def median_heap(runs: list[Run]) -> Run:
@@ -373,9 +374,11 @@ def data_stages(work: Path, sizes: list[int], seed: int, n_jobs: int, repeats: i
             log(f"  {stage:9s} {every[stage][0]}")
         for repeat in range(1, repeats):
             log(f"size {n}: each stage again from scratch ({repeat + 1} of {repeats})")
+            cache = work / f"cache-n{n}-{repeat}"  # each memo empty: its stage computes it all
             for stage in DATA_STAGES:
-                every[stage].append(from_scratch(project, stage))
+                every[stage].append(from_scratch(project, stage, cache))
                 log(f"  {stage:9s} {every[stage][-1]}")
+            shutil.rmtree(cache, ignore_errors=True)
         runs[n] = {stage: median_heap(done) for stage, done in every.items()}
         peaks[n] = {stage: [r.peak_heap_mb for r in done] for stage, done in every.items()}
     largest = max(sizes)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+_ROW = np.dtype([("code", np.int32), ("offset", np.int64), ("size", np.int64)])  # packed: 20 bytes
 _MERGE_AT = 4096  # the dict of latest blobs is merged once it holds this many, or an eighth of the arrays
 
 
@@ -40,10 +41,9 @@ class BlobIndex(Mapping[str, BlobRef]):
 
     def __init__(self) -> None:
         self.names: list[str] = []  # shard name by code ('' while its shard is being written)
-        self._digests = np.empty(0, "S32")  # sorted; compared as arrays, never as numpy scalars,
-        self._codes = np.empty(0, np.int32)  # which drop trailing zero bytes
-        self._offsets = np.empty(0, np.int64)
-        self._sizes = np.empty(0, np.int64)
+        # Sorted; compared as arrays, never as numpy scalars, which drop trailing zero bytes.
+        self._digests = np.empty(0, "S32")
+        self._rows = np.empty(0, _ROW)  # where each of `_digests` lies
         self._latest: dict[bytes, tuple[int, int, int]] = {}
 
     def shard_code(self, name: str = "") -> int:
@@ -65,22 +65,19 @@ class BlobIndex(Mapping[str, BlobRef]):
     def forget(self, code: int) -> None:
         """Drop every blob of shard `code` (a shard given up before it was finished)."""
         self._merge()
-        keep = self._codes != code
-        self._digests, self._codes = self._digests[keep], self._codes[keep]
-        self._offsets, self._sizes = self._offsets[keep], self._sizes[keep]
+        keep = self._rows["code"] != code
+        self._digests, self._rows = self._digests[keep], self._rows[keep]
 
     def locate(self, sha256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The shard code and the offset of each blob of `sha256` (hex digests as numpy bytes),
         in one search of the arrays; KeyError for the first the index does not hold."""
         self._merge()
         digests = np.frombuffer(bytes.fromhex(sha256.astype("S64").tobytes().decode("ascii")), "S32")
-        if not len(digests):
-            return np.empty(0, np.int32), np.empty(0, np.int64)
-        at = np.minimum(np.searchsorted(self._digests, digests), max(0, len(self._digests) - 1))
-        found = self._digests[at] == digests if len(self._digests) else np.zeros(len(digests), bool)
+        at, found = self._search(digests)
         if not found.all():
             raise KeyError(sha256[~found][0].decode("ascii"))
-        return self._codes[at], self._offsets[at]
+        rows = self._rows[at]
+        return rows["code"], rows["offset"]
 
     def __getitem__(self, sha256: str) -> BlobRef:
         found = self._find(bytes.fromhex(sha256)) if len(sha256) == 64 else None
@@ -103,25 +100,29 @@ class BlobIndex(Mapping[str, BlobRef]):
         yield from (row.tobytes().hex() for row in rows)
 
     def _find(self, digest: bytes) -> tuple[int, int, int] | None:
-        found = self._latest.get(digest)
-        if found is not None or not len(self._digests):
-            return found
-        key = np.array([digest], "S32")
-        at = int(np.searchsorted(self._digests, key)[0])
-        if at < len(self._digests) and self._digests[at : at + 1] == key:
-            return int(self._codes[at]), int(self._offsets[at]), int(self._sizes[at])
-        return None
+        latest = self._latest.get(digest)
+        if latest is not None:
+            return latest
+        at, found = self._search(np.array([digest], "S32"))
+        if not found[0]:
+            return None
+        code, offset, size = self._rows[at[0]].tolist()
+        return code, offset, size
+
+    def _search(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each of `digests` would lie in the sorted arrays (a valid row when there is one),
+        and whether it is there."""
+        if not len(self._digests):
+            return np.zeros(len(digests), np.intp), np.zeros(len(digests), bool)
+        at = np.minimum(np.searchsorted(self._digests, digests), len(self._digests) - 1)
+        return at, self._digests[at] == digests
 
     def _merge(self) -> None:
         if not self._latest:
             return
         digests = np.array(list(self._latest), "S32")
-        values = np.array(list(self._latest.values()), np.int64).reshape(-1, 3)
         order = np.argsort(digests, kind="stable")
-        digests, values = digests[order], values[order]
+        digests, rows = digests[order], np.array(list(self._latest.values()), _ROW)[order]
         at = np.searchsorted(self._digests, digests)
-        self._digests = np.insert(self._digests, at, digests)
-        self._codes = np.insert(self._codes, at, values[:, 0].astype(np.int32))
-        self._offsets = np.insert(self._offsets, at, values[:, 1])
-        self._sizes = np.insert(self._sizes, at, values[:, 2])
+        self._digests, self._rows = np.insert(self._digests, at, digests), np.insert(self._rows, at, rows)
         self._latest = {}
