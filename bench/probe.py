@@ -1,5 +1,6 @@
-"""Benchmark: CPU ms a photo of the dedup stage's probe, and of its hashes and colour test against
-the reference (imagehash one view at a time, numpy's float32 hypot).
+"""Benchmark: CPU ms a photo of the dedup stage's probe, of its hashes and colour test against
+the reference (imagehash one view at a time, numpy's float32 hypot), and of what one decode
+shared with the bucket would save.
 
     python bench/probe.py [--photos 2000] [--repeats 5] [--probe-only] [--against-rev REV] [--json]
 
@@ -19,7 +20,14 @@ medians over the repeats, the paths interleaved:
     and whether every value is the same;
 (d) what any probe with imagehash's hashes pays: libjpeg's decode at the draft scale (open,
     draft, load), and Pillow's LANCZOS resize of the six views (crop and resize, as imagehash
-    does before its DCT).
+    does before its DCT);
+(e) one decode for the probe and the bucket, costed before it is built: the bucket's 64 x 64
+    pixels as the bucket stage makes them (`resize.resized_rgb`: libjpeg's decode at the draft
+    scale 64 x 64 needs, then Lanczos) against what the probe would add to make them from the
+    picture it has already decoded (YCbCr at the hash's draft scale: box-reduced by a whole
+    factor, Lanczos, then RGB at 64 x 64, the cheapest of the ways tried), and how many of
+    those pixels differ from the bucket's (a shared decode changes them: the pixels come
+    from another scale).
 
 With ``--against-rev REV`` (a git revision, e.g. main) (a) is timed for REV's `src/` too, for a
 before/after on the same photos: two worker processes, one importing each tree, probe the same
@@ -62,9 +70,10 @@ def cpu_ms_each(run: Callable[[], object], n: int) -> float:
     return (time.process_time() - start) * 1e3 / n
 
 
-def greys_and_colours(blobs: list[bytes]) -> tuple[list[Image.Image], list[Image.Image]]:
-    """Each decodable photo's grey at the probe's draft scale, and its YCbCr for the colour test."""
-    greys, colours = [], []
+def greys_and_colours(blobs: list[bytes]) -> tuple[list[Image.Image], list[Image.Image], list[bytes]]:
+    """Each decodable photo's grey at the probe's draft scale, its YCbCr for the colour test,
+    and its bytes."""
+    greys, colours, decodable = [], [], []
     for blob in blobs:
         im = Image.open(io.BytesIO(blob))
         im.draft("YCbCr", (HASH_SIDE, HASH_SIDE))
@@ -74,7 +83,8 @@ def greys_and_colours(blobs: list[bytes]) -> tuple[list[Image.Image], list[Image
             continue  # the truncated ones
         greys.append(im.getchannel(0))
         colours.append(im)
-    return greys, colours
+        decodable.append(blob)
+    return greys, colours, decodable
 
 
 def views_of(grey: Image.Image, trims: tuple[float, ...]) -> list[Image.Image]:
@@ -117,6 +127,29 @@ def resized(views: list[list[Image.Image]]) -> None:
                 view.resize((4 * size, 4 * size), lanczos)
 
 
+PIXELS = (64, 64)  # bucket.size's default, (H, W)
+
+
+def bucket_pixels(blobs: list[bytes]) -> list[np.ndarray]:
+    """The bucket stage's pixels: each photo decoded on its own at the scale `PIXELS` needs."""
+    from photoprep.images.resize import resized_rgb
+
+    return [resized_rgb(blob, PIXELS) for blob in blobs]
+
+
+def pixels_from_probe_picture(colours: list[Image.Image]) -> list[np.ndarray]:
+    """The same pixels made from the probe's picture (YCbCr at the hash's draft scale), as a
+    shared decode would: box-reduced by the largest whole factor that keeps `PIXELS`, Lanczos
+    to `PIXELS`, then RGB (converting 64 x 64 pixels, not the picture)."""
+    height, width = PIXELS
+    out = []
+    for im in colours:
+        factor = max(1, min(im.width // width, im.height // height))
+        small = im.reduce(factor) if factor > 1 else im
+        out.append(np.asarray(small.resize((width, height), Image.Resampling.LANCZOS).convert("RGB")))
+    return out
+
+
 def fast_chroma(colours: list[Image.Image]) -> list[float]:
     from photoprep.images.fingerprint import mean_chroma
 
@@ -131,10 +164,11 @@ def measure(photos: int, repeats: int, probe_only: bool) -> dict:
     counts = {"probe": len(blobs)}
     same: dict[str, bool] = {}
     if not probe_only:
-        greys, colours = greys_and_colours(blobs)
+        greys, colours, decodable = greys_and_colours(blobs)
         views = [views_of(g, spec.trims) for g in greys]
         same["hashes"] = reference_hashes(views) == fast_hashes(views)
         same["colour"] = reference_chroma(colours) == fast_chroma(colours)
+        shared = pixels_difference(bucket_pixels(decodable), pixels_from_probe_picture(colours))
         paths |= {
             "hashes_imagehash": lambda: reference_hashes(views),
             "hashes_view_hashes": lambda: fast_hashes(views),
@@ -142,6 +176,8 @@ def measure(photos: int, repeats: int, probe_only: bool) -> dict:
             "colour_mean_chroma": lambda: fast_chroma(colours),
             "decode_alone": lambda: decoded(blobs),
             "lanczos_resizes_alone": lambda: resized(views),
+            "bucket_pixels": lambda: bucket_pixels(decodable),
+            "pixels_from_probe_picture": lambda: pixels_from_probe_picture(colours),
         }
         counts |= dict.fromkeys(list(paths)[1:], len(greys)) | {"decode_alone": len(blobs)}
     times: dict[str, list[float]] = {name: [] for name in paths}
@@ -161,7 +197,19 @@ def measure(photos: int, repeats: int, probe_only: bool) -> dict:
             "hashes": round(ms["hashes_imagehash"] / ms["hashes_view_hashes"], 2),
             "colour": round(ms["colour_hypot"] / ms["colour_mean_chroma"], 2),
         }
+        saved = ms["bucket_pixels"] - ms["pixels_from_probe_picture"]
+        figures["shared_decode"] = shared | {"cpu_ms_saved_a_photo": round(saved, 4)}
     return figures
+
+
+def pixels_difference(own: list[np.ndarray], shared: list[np.ndarray]) -> dict:
+    """How far the pixels a shared decode makes lie from the bucket's own."""
+    gaps = [np.abs(a.astype(np.int16) - b.astype(np.int16)) for a, b in zip(own, shared, strict=True)]
+    return {
+        "photos_with_other_pixels": sum(bool(gap.any()) for gap in gaps),
+        "photos_compared": len(gaps),
+        "mean_abs_difference": round(float(np.mean([gap.mean() for gap in gaps])), 3),
+    }
 
 
 CHUNK = 250  # photos a worker probes per turn
@@ -240,6 +288,13 @@ def main() -> None:
         print(f"  {name:22s} {value:7.3f} CPU ms a photo")
     if not args.probe_only:
         print(f"  identical: {figures['identical']}  speedup: {figures['speedup']}")
+        shared = figures["shared_decode"]
+        saved, changed = shared["cpu_ms_saved_a_photo"], shared["photos_with_other_pixels"]
+        print(
+            f"  one decode for the probe and the bucket would save {saved:.3f} CPU ms a photo and change "
+            f"the pixels of {changed} of {shared['photos_compared']} photos "
+            f"(mean |difference| {shared['mean_abs_difference']} levels)"
+        )
     if args.against_rev:
         pair = figures["against"]
         ms = pair["cpu_ms_a_photo"]
