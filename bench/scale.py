@@ -62,6 +62,10 @@ on the memory param.
 
     python bench/scale.py --tables-in-file --table-sizes 10000000 --memory-mb 4096,2048
 
+``--tables-backends joblib,dask`` runs them once more per memory param with dedup in a session of
+a LocalCluster of two workers, where the near search's keys are Dask tasks; the outputs' sha256
+must not depend on the backend either.
+
 ``--set compute.memory_mb=16`` sets a param of every project the bench makes (repeatable).
 
 With ``--train`` it measures training instead (bench/scale_train.py): train images/s of one
@@ -802,6 +806,11 @@ def main() -> None:
     parser.add_argument(
         "--memory-mb", default="4096", help="memory params of --tables-in-file (comma-separated)"
     )
+    parser.add_argument(
+        "--tables-backends",
+        default="joblib",
+        help="backends of --tables-in-file (joblib,dask: dedup also in a session of a 2-worker LocalCluster)",
+    )
     parser.add_argument("--train", action="store_true", help="training throughput, 1 process vs DDP ranks")
     parser.add_argument("--train-n", type=int, default=2000, help="photos of the training dataset")
     parser.add_argument("--train-nproc", type=int, default=2, help="DDP ranks (train.nproc)")
@@ -842,6 +851,7 @@ def main() -> None:
                 [int(m) for m in args.memory_mb.split(",")],
                 work / "tables",
                 _env(),
+                tuple(args.tables_backends.split(",")),
             ),
             print_in_file,
         ),

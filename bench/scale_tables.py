@@ -217,23 +217,25 @@ FILE_STEPS = ["rows", "dedup", "validate", "bucket", "split"]
 SLICE = 1_000_000  # synthetic rows made and written at a time
 
 
-def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
+def run_in_file(n: int, seed: int, budget: int, work: Path, backend: str = "joblib") -> dict:
     """The table steps that stream (dedup's grouping and keep rule, validate, bucket's two passes,
     split's passes) over n rows that live in a Parquet file (made first if `work` lacks it),
     within memory param `budget`: each step's wall seconds, the process's peak heap (RssAnon) and
-    the outputs' sha256."""
+    the outputs' sha256. With `backend` "dask", dedup runs in a session of a LocalCluster of two
+    workers (its near search's keys are tasks there), started before it is timed."""
+    import contextlib
     import hashlib
 
     import pandas as pd
 
-    from photoprep.core import memory, tables
+    from photoprep.core import memory, parallel, tables
     from photoprep.core.layout import SPLITS
-    from photoprep.core.params import BucketParams, DedupParams, SplitParams, ValidateParams
+    from photoprep.core.params import BucketParams, ComputeParams, DedupParams, SplitParams, ValidateParams
     from photoprep.dataset import split_file
     from photoprep.images import bucket, dedup, validate
 
     work.mkdir(parents=True, exist_ok=True)
-    source, out = work / "probed.parquet", {"n": n, "memory_mb": budget, "start_mb": round(_anon_mb(), 1)}
+    source, out = work / "probed.parquet", {"n": n, "memory_mb": budget, "backend": backend}
     if not source.exists():
         with _Peak() as step, tables.TableWriter(source) as writer:
             for start in range(0, n, SLICE):
@@ -243,9 +245,18 @@ def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
         return out
     out["file_mb"] = round(source.stat().st_size / 2**20, 1)
     deduped = work / f"dedup-{budget}.parquet"
-    with _Peak() as step:
-        out["groups"] = dedup.find_duplicates_in_file(source, deduped, DedupParams(), budget, ["syn"], None)
-    out["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+    cluster = ComputeParams(backend="dask", scheduler="local", n_jobs=2)
+    with parallel.session(cluster) if backend == "dask" else contextlib.nullcontext():
+        out["start_mb"] = round(_anon_mb(), 1)
+        with _Peak() as step:
+            out["groups"] = dedup.find_duplicates_in_file(
+                source, deduped, DedupParams(), budget, ["syn"], None
+            )
+        out["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
+        if backend == "dask":
+            with parallel.dask_client(cluster) as client:
+                peaks = client.run(lambda: __import__("resource").getrusage(0).ru_maxrss / 1024)
+            out["dedup"]["workers_peak_rss_mb"] = [round(mb, 1) for mb in peaks.values()]
     memory.release()
     valid = work / f"valid-{budget}.parquet"
     with _Peak() as step, tables.TableWriter(valid) as writer:
@@ -286,14 +297,24 @@ def run_in_file(n: int, seed: int, budget: int, work: Path) -> dict:
     return out
 
 
-def tables_in_file(n: int, seed: int, memory_mb: list[int], work: Path, env: dict[str, str]) -> dict:
+def tables_in_file(
+    n: int,
+    seed: int,
+    memory_mb: list[int],
+    work: Path,
+    env: dict[str, str],
+    backends: tuple[str, ...] = ("joblib",),
+) -> dict:
     """The rows made in one fresh interpreter, then `run_in_file` in a fresh one per memory param
-    (each from the same heap)."""
+    and backend (each from the same heap)."""
     runs = []
-    for budget in [0, *memory_mb]:  # 0: make the rows
-        what = "making the rows" if not budget else f"memory_mb {budget}"
+    for budget, backend in [
+        (0, "joblib"),
+        *((m, b) for m in memory_mb for b in backends),
+    ]:  # 0: make the rows
+        what = "making the rows" if not budget else f"memory_mb {budget}, {backend}"
         print(f"tables in a file: {n:,} rows, {what} ...", file=sys.stderr, flush=True)
-        args = [sys.executable, __file__, "--child-file", str(n), str(seed), str(budget), str(work)]
+        args = [sys.executable, __file__, "--child-file", str(n), str(seed), str(budget), str(work), backend]
         done = subprocess.run(args, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"the table steps in a file at {n} rows failed:\n{done.stderr[-3000:]}")
@@ -309,16 +330,17 @@ def print_in_file(report: dict) -> None:
         f"\n{report['n']:,} synthetic probe rows in a Parquet file "
         f"({rows['file_mb']} MB, made in {rows['wall_s']} s)"
     )
-    print("table steps streamed, a fresh process per memory param: wall s / the process's peak heap MB")
-    print(
-        f"{'memory_mb':>10s} {'dedup':>16s} {'validate':>16s} {'bucket':>16s} {'split':>16s}  "
-        "output sha256 (dedup, valid, images, splits)"
-    )
+    print("table steps streamed, a fresh process per memory param and backend:")
+    print("wall s / the process's peak heap MB")
+    steps = " ".join(f"{step:>16s}" for step in FILE_STEPS[1:])
+    print(f"{'memory_mb':>10s} {'backend':>8s} {steps}  output sha256 (dedup, valid, images, splits)")
     for run in report["runs"]:
         cells = " ".join(f"{run[s]['wall_s']:7.1f} {run[s]['peak_mb']:8.1f}" for s in FILE_STEPS[1:])
-        print(f"{run['memory_mb']:>10d} {cells}  " + " ".join(run["sha256"].values()))
+        print(f"{run['memory_mb']:>10d} {run['backend']:>8s} {cells}  " + " ".join(run["sha256"].values()))
+        if "workers_peak_rss_mb" in run["dedup"]:
+            print(f"{'':>19s} dedup's Dask workers, peak RSS MB each: {run['dedup']['workers_peak_rss_mb']}")
     under = all(run[s]["peak_mb"] <= run["memory_mb"] for run in report["runs"] for s in FILE_STEPS[1:])
-    print(f"outputs byte-identical whatever the memory param: {report['same_bytes']}")
+    print(f"outputs byte-identical whatever the memory param and backend: {report['same_bytes']}")
     print(f"every step's peak heap under its memory param: {under}")
 
 
@@ -359,7 +381,11 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("--child", "
     memory.arrow_from_malloc()  # as the stages do, before pyarrow loads
     if sys.argv[1] == "--child-file":
         print(
-            json.dumps(run_in_file(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])))
+            json.dumps(
+                run_in_file(
+                    int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]), sys.argv[6]
+                )
+            )
         )
     else:
         _child()

@@ -26,6 +26,7 @@ import photoprep
 from photoprep.core import parallel
 from photoprep.core.errors import UserError
 from photoprep.core.params import ComputeParams, load
+from photoprep.images import hamming
 from photoprep.images.probe import ProbeSpec, probe_images
 from photoprep.ingest.blobs import RemoteBlobReader, open_reader
 from photoprep.ingest.fetch import Place
@@ -172,6 +173,26 @@ def test_workers_running_other_photoprep_code_are_refused(tmp_path):
         compute = ComputeParams(backend="dask", scheduler=other.address)
         with pytest.raises(UserError, match=r"1 worker.* run other photoprep code"):
             list(parallel.imap_batches(operator.mul, [1, 2], compute, 2))
+
+
+def test_the_near_search_runs_its_keys_as_tasks_on_both_workers_and_finds_what_threads_find(cluster):
+    rng = np.random.default_rng(3)
+    hashes = rng.integers(0, 256, (3000, 8), dtype=np.uint8)
+    copies = hashes[rng.integers(0, 3000, 400)].copy()
+    copies[np.arange(400), rng.integers(0, 8, 400)] ^= np.uint8(1) << rng.integers(0, 8, 400).astype(np.uint8)
+    hashes = np.concatenate([hashes, copies])
+    others = hashes[rng.integers(0, len(hashes), 500)]
+    others[:, 0] ^= np.uint8(6)  # each 2 bits from a hash
+    in_threads, stats = hamming.near_duplicate_search(hashes, 4, others)
+    since = time.time()
+    with parallel.session(ComputeParams(backend="dask", scheduler=cluster)):
+        on_dask, dask_stats = hamming.near_duplicate_search(hashes, 4, others)
+    assert len(in_threads.pairs) >= 400 and len(in_threads.across) >= 500
+    for name in ("unique", "inverse", "pairs", "other_unique", "other_inverse", "across"):
+        assert np.array_equal(getattr(on_dask, name), getattr(in_threads, name)), name
+    assert dask_stats == stats and stats.n_keys > 1
+    per_worker = _tasks_per_worker(cluster, "photoprep-key_pass-", since)
+    assert sum(per_worker.values()) == stats.n_keys and len(per_worker) == 2, per_worker
 
 
 # -- shards through fsspec -----------------------------------------------------------------------

@@ -29,6 +29,14 @@ stage's process tree peaked at 109 MB against 290; the bucket stage 6.8 s agains
 MB against 298. The dedup stage's probe stays in processes: in threads it took 10 % more wall
 (19.6 s against 17.7 at 20,200 photos), its workers' memory being given back before its table
 steps anyway (`release_workers`).
+
+`map_shared` runs the parts of a table step that all read one large array (the near search's
+keys): in threads of the stage's process, or as Dask tasks, the array sent to each worker once.
+
+Why one module
+    joblib's and Dask's paths share the batches, the order results come back in, the bound on
+    what is in flight and the one session a stage opens; apart, each would need the other's
+    rules for the outputs to stay the same bytes.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -92,6 +101,14 @@ def code_fingerprint() -> str:
 def _quiet_dask_logs() -> None:
     for name in _DASK_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _local_workers(compute: ComputeParams) -> int:
@@ -189,29 +206,58 @@ def _on_dask(
 ) -> Iterator[R]:
     """`work(chunk, *args)` of each chunk as a Dask task; results in input order, bounded in flight."""
     with dask_client(compute) as client:
-        window = max(2, 2 * sum(client.nthreads().values()))
-        prefix = f"photoprep-{work.__name__.strip('_')}-{uuid.uuid4().hex[:8]}"
-        pending: deque[Any] = deque()
-        todo = iter(enumerate(chunks))
+        yield from _tasks(client, work, chunks, args)
 
-        def submit(index: int, chunk: S) -> None:
-            payload: Any = chunk
-            if isinstance(chunk, np.ndarray) and chunk.nbytes > SCATTER_BYTES:
-                payload = client.scatter(chunk, direct=True, hash=False)
-            pending.append(client.submit(work, payload, *args, key=f"{prefix}-{index}", pure=False))
 
-        try:
-            for index, chunk in itertools.islice(todo, window):
+def _tasks(client: Any, work: Callable[..., R], chunks: Sequence[Any], args: tuple[Any, ...]) -> Iterator[R]:
+    """`work(chunk, *args)` of each chunk as a task of `client`, at most twice its threads in
+    flight; results in input order."""
+    window = max(2, 2 * sum(client.nthreads().values()))
+    prefix = f"photoprep-{work.__name__.strip('_')}-{uuid.uuid4().hex[:8]}"
+    pending: deque[Any] = deque()
+    todo = iter(enumerate(chunks))
+
+    def submit(index: int, chunk: Any) -> None:
+        payload: Any = chunk
+        if isinstance(chunk, np.ndarray) and chunk.nbytes > SCATTER_BYTES:
+            payload = client.scatter(chunk, direct=True, hash=False)
+        pending.append(client.submit(work, payload, *args, key=f"{prefix}-{index}", pure=False))
+
+    try:
+        for index, chunk in itertools.islice(todo, window):
+            submit(index, chunk)
+        while pending:
+            result = pending.popleft().result()
+            for index, chunk in itertools.islice(todo, 1):
                 submit(index, chunk)
-            while pending:
-                result = pending.popleft().result()
-                for index, chunk in itertools.islice(todo, 1):
-                    submit(index, chunk)
-                yield result
-        finally:
-            if pending:
-                client.cancel(list(pending))
-                pending.clear()
+            yield result
+    finally:
+        if pending:
+            client.cancel(list(pending))
+            pending.clear()
+
+
+def map_shared(
+    work: Callable[..., R], items: Sequence[T], shared: Any, *args: Any, threads: int = 1
+) -> list[R]:
+    """`work(item, shared, *args)` of each item, in input order: as Dask tasks on the cluster of
+    the `session` open in this process, `shared` sent to every worker once
+    (`Client.scatter(broadcast=True)`), else in `threads` threads of this process, which share it.
+
+    For steps of a stage's tables whose parts read one large array (the near search's keys read
+    every hash): the results are the same either way. `work` must be a module-level function and
+    should release the GIL for most of its time (numpy's sorts and array operations do)."""
+    if not _OPEN:
+        if threads <= 1 or len(items) <= 1:
+            return [work(item, shared, *args) for item in items]
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            return list(pool.map(lambda item: work(item, shared, *args), items))
+    client = next(iter(_OPEN.values()))
+    [on_workers] = client.scatter([shared], broadcast=True, hash=False)
+    try:
+        return list(_tasks(client, work, items, (on_workers, *args)))
+    finally:
+        client.cancel([on_workers])
 
 
 def imap_batches(

@@ -31,13 +31,13 @@ Why one module
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
+
+from photoprep.core import parallel
 
 __all__ = [
     "NearPairs",
@@ -214,10 +214,8 @@ def near_duplicate_search(
 
 
 def brute_force_pairs(hashes: np.ndarray, threshold: int) -> np.ndarray:
-    """Reference: (i, j, distance) for all i < j within threshold, by comparing every pair.
-
-    Vectorised over blocks of rows; sorted by (i, j). Quadratic: for tests and benchmarks.
-    """
+    """Reference: (i, j, distance) for all i < j within threshold, by comparing every pair,
+    vectorised over blocks of rows; sorted by (i, j). Quadratic: for tests and benchmarks."""
     hashes = _check_hashes(hashes, threshold)
     columns = _to_columns(hashes)
     n = columns.shape[1]
@@ -257,10 +255,8 @@ def _check_hashes(hashes: np.ndarray, threshold: int) -> np.ndarray:
 
 def _to_columns(hashes: np.ndarray) -> np.ndarray:
     """uint8 N x B -> uint64 W x N: word w of every hash is the contiguous row w (fast 1-D gathers).
-
     Words are big-endian and zero-padded on the right, so numeric word order is lexicographic byte
-    order (unique rows sort as np.unique's do) and padding bits never differ.
-    """
+    order (unique rows sort as np.unique's do) and padding bits never differ."""
     n, n_bytes = hashes.shape
     n_words = max(1, -(-n_bytes // 8))
     padded = np.zeros((n, n_words * 8), dtype=np.uint8)
@@ -323,11 +319,9 @@ def _unique_rows(columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _chunk_masks(n_bits: int, n_words: int, n_chunks: int) -> np.ndarray:
-    """uint64 m x W masks dealing bit i (MSB-first) to chunk i % m.
-
-    Dealing rather than cutting contiguous runs spreads bits of each region of the hash (e.g. the low
-    DCT frequencies of a phash, which are more predictable) over all chunks.
-    """
+    """uint64 m x W masks dealing bit i (MSB-first) to chunk i % m. Dealing rather than cutting
+    contiguous runs spreads bits of each region of the hash (e.g. the low DCT frequencies of a
+    phash, which are more predictable) over all chunks."""
     masks = np.zeros((n_chunks, n_words), dtype=_U64)
     for bit in range(n_bits):
         word, offset = divmod(bit, 64)
@@ -336,10 +330,8 @@ def _chunk_masks(n_bits: int, n_words: int, n_chunks: int) -> np.ndarray:
 
 
 def _key_values(columns: np.ndarray, key_mask: np.ndarray) -> np.ndarray:
-    """uint64 per hash: a hash of its bits under `key_mask` (equal bits -> equal value).
-
-    Different bits can collide, which only adds candidates that verification rejects.
-    """
+    """uint64 per hash: a hash of its bits under `key_mask` (equal bits -> equal value). Different
+    bits can collide, which only adds candidates that verification rejects."""
     value = np.zeros(columns.shape[1], dtype=_U64)
     for w in np.flatnonzero(key_mask):
         # Multiplying by an odd constant is a bijection whose top bits depend on every input bit, and
@@ -413,19 +405,12 @@ def _estimate_key_candidates(
     return max(measured, uniform)
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 # --- the search -----------------------------------------------------------------------------------
 
 
 def _passes(n: int, n_keys: int, memory_mb: int | None) -> tuple[int, int]:
     """(keys at once, hash partitions of a key's values) within `memory_mb`; a bucket is in one."""
-    workers = max(1, min(n_keys, _SEARCH_THREADS, _cpus()))
+    workers = max(1, min(n_keys, _SEARCH_THREADS, parallel.usable_cpus()))
     if memory_mb is None:
         return workers, 1
     budget = max(1, memory_mb) << 20
@@ -445,36 +430,16 @@ def _search(
     first n_first and among the rest); and the candidate count."""
     n = columns.shape[1]
     workers, parts = _passes(n, len(plan.keys), memory_mb)
-    index_bits = max(1, (n - 1).bit_length())
-    rows = np.arange(n, dtype=_U64)
     # Found pairs are kept as one int64 code each, (u * n + v) * (t + 1) + d, when that fits: a third
     # of the memory of M x 3 rows, and a plain sort orders them. Each pair comes from exactly one key,
     # so sorting is the only post-processing needed.
     span = threshold + 1
     packable = n * n * span < _PACK_LIMIT
-
-    def one_key(key_number: int) -> tuple[list[np.ndarray], int]:
-        values = _key_values(columns, _key_mask(plan.chunk_masks, plan.keys[key_number]))
-        found, candidates = [], 0
-        for part in range(parts):  # the top bits choose the partition: they are part of the bucket
-            mine = rows if parts == 1 else np.flatnonzero((values >> _U64(48)) % _U64(parts) == part)
-            mine_values = values[mine] if parts > 1 else values
-            packed, positions, counts = _buckets(mine_values, mine.astype(_U64, copy=False), index_bits)
-            if n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
-                starts = _unpack_rows(packed[positions], index_bits) < n_first
-                positions, counts = positions[starts], counts[starts]
-            for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
-                candidates += len(a)
-                row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
-                u, v, d = _verify(columns, row_a, row_b, threshold, plan, key_number)
-                found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
-            del packed, positions, counts, mine_values
-        return found, candidates
-
-    # Keys are independent passes, and numpy's sorts and array operations release the GIL: threads
-    # share the columns, and the pairs are sorted at the end, so the result is the same for any count.
-    with ThreadPoolExecutor(workers) as pool:
-        per_key = list(pool.map(one_key, range(len(plan.keys))))
+    # Keys are independent passes over the same columns (numpy's sorts release the GIL): threads
+    # share them, or in a Dask session the workers each get them once. The pairs are sorted at the
+    # end, so the result is the same for any count of threads or workers.
+    job = _KeyJob(plan, threshold, n_first, parts)
+    per_key = parallel.map_shared(_key_pass, range(len(plan.keys)), columns, job, threads=workers)
     found = [block for blocks, _ in per_key for block in blocks]
     candidates = sum(count for _, count in per_key)
     del per_key
@@ -489,6 +454,40 @@ def _search(
     codes //= span
     pairs[:, 0], pairs[:, 1] = np.divmod(codes, n)
     return pairs, candidates
+
+
+@dataclass(frozen=True)
+class _KeyJob:
+    """What every key's pass (`_key_pass`) shares besides the columns."""
+
+    plan: _Plan
+    threshold: int
+    n_first: int  # rows that start pairs
+    parts: int  # hash partitions of a key's values (`_passes`)
+
+
+def _key_pass(key_number: int, columns: np.ndarray, job: _KeyJob) -> tuple[list[np.ndarray], int]:
+    """The pairs key `key_number` owns (as codes, or (u, v, d) rows when they do not pack) and its
+    candidate count."""
+    n, span = columns.shape[1], job.threshold + 1
+    index_bits, packable = max(1, (n - 1).bit_length()), n * n * span < _PACK_LIMIT
+    rows = np.arange(n, dtype=_U64)
+    values = _key_values(columns, _key_mask(job.plan.chunk_masks, job.plan.keys[key_number]))
+    found, candidates = [], 0
+    for part in range(job.parts):  # the top bits choose the partition: they are part of the bucket
+        mine = rows if job.parts == 1 else np.flatnonzero((values >> _U64(48)) % _U64(job.parts) == part)
+        mine_values = values[mine] if job.parts > 1 else values
+        packed, positions, counts = _buckets(mine_values, mine.astype(_U64, copy=False), index_bits)
+        if job.n_first < n:  # rows ascend within a bucket: a later row has only later rows after it
+            starts = _unpack_rows(packed[positions], index_bits) < job.n_first
+            positions, counts = positions[starts], counts[starts]
+        for a, b in _run_pairs(positions, counts, _BATCH_PAIRS):
+            candidates += len(a)
+            row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
+            u, v, d = _verify(columns, row_a, row_b, job.threshold, job.plan, key_number)
+            found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+        del packed, positions, counts, mine_values
+    return found, candidates
 
 
 def _buckets(values: np.ndarray, rows: np.ndarray, index_bits: int) -> tuple[np.ndarray, ...]:
