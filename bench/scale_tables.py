@@ -55,6 +55,13 @@ class _Peak:
         self.peak = max(self.peak, _anon_mb())
 
 
+def _peak_rss_mb() -> float:
+    """The largest resident set this process has had (a Dask worker's, asked with `Client.run`)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _mix(x, salt: int):
     """splitmix64 of each number (uint64) with `salt`: a row's random draws from its own number,
     so that any slice of rows is made alone and the same whatever the slices."""
@@ -255,7 +262,7 @@ def run_in_file(n: int, seed: int, budget: int, work: Path, backend: str = "jobl
         out["dedup"] = {"wall_s": round(step.wall, 2), "peak_mb": round(step.peak, 1)}
         if backend == "dask":
             with parallel.dask_client(cluster) as client:
-                peaks = client.run(lambda: __import__("resource").getrusage(0).ru_maxrss / 1024)
+                peaks = client.run(_peak_rss_mb)
             out["dedup"]["workers_peak_rss_mb"] = [round(mb, 1) for mb in peaks.values()]
     memory.release()
     valid = work / f"valid-{budget}.parquet"

@@ -438,7 +438,7 @@ def _search(
     # Keys are independent passes over the same columns (numpy's sorts release the GIL): threads
     # share them, or in a Dask session the workers each get them once. The pairs are sorted at the
     # end, so the result is the same for any count of threads or workers.
-    job = _KeyJob(plan, threshold, n_first, parts)
+    job = _KeyJob(plan, threshold, n_first, parts, packable)
     per_key = parallel.map_shared(_key_pass, range(len(plan.keys)), columns, job, threads=workers)
     found = [block for blocks, _ in per_key for block in blocks]
     candidates = sum(count for _, count in per_key)
@@ -464,13 +464,14 @@ class _KeyJob:
     threshold: int
     n_first: int  # rows that start pairs
     parts: int  # hash partitions of a key's values (`_passes`)
+    packable: bool  # pairs as one int64 code each (`_search` decodes them)
 
 
 def _key_pass(key_number: int, columns: np.ndarray, job: _KeyJob) -> tuple[list[np.ndarray], int]:
     """The pairs key `key_number` owns (as codes, or (u, v, d) rows when they do not pack) and its
     candidate count."""
     n, span = columns.shape[1], job.threshold + 1
-    index_bits, packable = max(1, (n - 1).bit_length()), n * n * span < _PACK_LIMIT
+    index_bits = max(1, (n - 1).bit_length())
     rows = np.arange(n, dtype=_U64)
     values = _key_values(columns, _key_mask(job.plan.chunk_masks, job.plan.keys[key_number]))
     found, candidates = [], 0
@@ -485,7 +486,7 @@ def _key_pass(key_number: int, columns: np.ndarray, job: _KeyJob) -> tuple[list[
             candidates += len(a)
             row_a, row_b = _unpack_rows(packed[a], index_bits), _unpack_rows(packed[b], index_bits)
             u, v, d = _verify(columns, row_a, row_b, job.threshold, job.plan, key_number)
-            found.append((u * n + v) * span + d if packable else np.stack([u, v, d], axis=1))
+            found.append((u * n + v) * span + d if job.packable else np.stack([u, v, d], axis=1))
         del packed, positions, counts, mine_values
     return found, candidates
 
